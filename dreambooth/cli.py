@@ -1,0 +1,34 @@
+"""What every script's entry point shares: logging set-up and error printing."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Callable, Sequence
+
+from .errors import DreamBoothError
+
+
+def setup_logging(verbose: bool = True) -> None:
+    """Our warnings as ``warning: ...`` lines; the libraries' chatter kept to real problems."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    package = logging.getLogger("dreambooth")
+    package.handlers[:] = [handler]
+    package.setLevel(logging.INFO if verbose else logging.WARNING)
+    package.propagate = False
+    # transformers warns on every import that torchvision is absent; the PIL fallback is what we want.
+    logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
+
+
+def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
+    """Run a script's ``main``; a DreamBoothError becomes one ``error: ...`` line and exit status 1."""
+    try:
+        main(argv)
+    except DreamBoothError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 0

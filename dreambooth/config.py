@@ -1,0 +1,242 @@
+"""Typed configuration: dataclasses filled from CLI flags and an optional YAML file.
+
+Each script has one dataclass. ``parse_config`` reads ``--config FILE.yaml`` first,
+turns its keys into flags placed before the command line (so the command line wins),
+and parses both with transformers' HfArgumentParser. Unknown flags, unknown YAML
+keys and values of the wrong type fail at start with a one-line error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tempfile
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence, TypeVar
+
+import yaml
+from transformers import HfArgumentParser
+
+from .errors import DreamBoothError
+
+ConfigT = TypeVar("ConfigT")
+
+# Keys whose values must never be written to disk or logs.
+SECRET_FIELDS = ("hub_token",)
+
+
+class _Parser(HfArgumentParser):
+    """HfArgumentParser that raises instead of printing usage and exiting."""
+
+    def error(self, message: str):
+        raise DreamBoothError(message)
+
+
+def build_parser(config_class: type, description: str | None = None) -> HfArgumentParser:
+    parser = _Parser(config_class, description=description, allow_abbrev=False)
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of flag values; flags given on the command line win")
+    return parser
+
+
+def _yaml_to_flags(path: str, config_class: type) -> list[str]:
+    """Turn ``key: value`` pairs into ``--key value`` tokens, rejecting unknown keys."""
+    file = Path(path)
+    if not file.is_file():
+        raise DreamBoothError(f"--config {path}: file not found")
+    try:
+        values = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise DreamBoothError(f"--config {path}: not valid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise DreamBoothError(f"--config {path}: expected a mapping of flag names to values")
+    known = {field.name for field in dataclasses.fields(config_class)}
+    flags: list[str] = []
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise DreamBoothError(f"--config {path}: unknown key '{key}'")
+        if value is None:
+            continue
+        items = value if isinstance(value, list) else [value]
+        if not items:
+            continue
+        flags.append(f"--{name}")
+        flags.extend(str(item).lower() if isinstance(item, bool) else str(item) for item in items)
+    return flags
+
+
+def parse_config(config_class: type[ConfigT], argv: Sequence[str] | None, description: str | None = None) -> ConfigT:
+    """Parse ``argv`` (and the YAML file it names with --config) into ``config_class``."""
+    parser = build_parser(config_class, description)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    yaml_flags: list[str] = []
+    if known.config:
+        yaml_flags = _yaml_to_flags(known.config, config_class)
+        try:
+            parser.parse_args(yaml_flags)
+        except DreamBoothError as error:
+            raise DreamBoothError(f"--config {known.config}: {error}") from None
+    namespace = parser.parse_args(yaml_flags + list(argv if argv is not None else _sys_argv()))
+    values = {field.name: getattr(namespace, field.name) for field in dataclasses.fields(config_class)}
+    return config_class(**values)
+
+
+def _sys_argv() -> list[str]:
+    import sys
+
+    return sys.argv[1:]
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """The config as plain data, secrets redacted, ready for YAML, trackers and model cards."""
+    values = dataclasses.asdict(config)
+    for key in SECRET_FIELDS:
+        if values.get(key):
+            values[key] = "<redacted>"
+    return values
+
+
+def save_config(config: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False), encoding="utf-8")
+    return path
+
+
+def _field(default: Any, help: str, **metadata: Any) -> Any:
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help, **metadata})
+    return dataclasses.field(default=default, metadata={"help": help, **metadata})
+
+
+MixedPrecision = Literal["no", "fp16", "bf16"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Flags of train_dreambooth.py; names and meanings follow diffusers' train_dreambooth.py."""
+
+    # Model
+    pretrained_model_name_or_path: Optional[str] = _field(None, "Base model: a diffusers folder or a Hub id (required).")
+    revision: Optional[str] = _field(None, "Revision (branch, tag or commit) of the base model on the Hub.")
+    variant: Optional[str] = _field(None, "Weight file variant of the base model, e.g. fp16.")
+    tokenizer_name: Optional[str] = _field(None, "Tokenizer folder or Hub id, if not the base model's.")
+    # Data
+    instance_data_dir: Optional[str] = _field(None, "Folder of subject images (required).")
+    instance_prompt: Optional[str] = _field(None, "Prompt with the identifier for the subject, e.g. 'a photo of sks dog' (required).")
+    class_data_dir: Optional[str] = _field(None, "Folder of class images for prior preservation; topped up to --num_class_images.")
+    class_prompt: Optional[str] = _field(None, "Prompt for the class, e.g. 'a photo of a dog'.")
+    with_prior_preservation: bool = _field(False, "Add the prior-preservation loss on class images.")
+    prior_loss_weight: float = _field(1.0, "Weight of the prior-preservation loss.")
+    num_class_images: int = _field(100, "Class images wanted in --class_data_dir; missing ones are generated.")
+    sample_batch_size: int = _field(4, "Batch size when generating class images.")
+    prior_generation_precision: Optional[Literal["no", "fp32", "fp16", "bf16"]] = _field(
+        None, "Precision for generating class images (default: fp16 on GPU, fp32 on CPU)."
+    )
+    resolution: int = _field(512, "Training resolution in pixels (multiple of 8).")
+    center_crop: bool = _field(False, "Center-crop images after resizing (default: random crop).")
+    random_flip: bool = _field(False, "Flip images horizontally at random.")
+    tokenizer_max_length: Optional[int] = _field(None, "Token length of prompts (default: the tokenizer's maximum).")
+    text_encoder_use_attention_mask: bool = _field(False, "Pass the attention mask to the text encoder.")
+    dataloader_num_workers: int = _field(0, "Data loading worker processes (0: in the main process).")
+    # Output and logging
+    output_dir: str = _field("dreambooth-model", "Folder for the trained pipeline, checkpoints and logs.")
+    logging_dir: str = _field("logs", "Tracker log folder, relative to --output_dir.")
+    report_to: str = _field("tensorboard", "Trackers: tensorboard, wandb, all or none.")
+    seed: Optional[int] = _field(None, "Random seed for a reproducible run.")
+    # Training
+    train_text_encoder: bool = _field(False, "Train the text encoder as well as the UNet.")
+    train_batch_size: int = _field(4, "Instance images per batch and process (class images are added on top).")
+    num_train_epochs: int = _field(1, "Epochs; ignored when --max_train_steps is set.")
+    max_train_steps: Optional[int] = _field(None, "Optimizer steps in total; overrides --num_train_epochs.")
+    gradient_accumulation_steps: int = _field(1, "Batches accumulated per optimizer step.")
+    gradient_checkpointing: bool = _field(False, "Recompute activations in backward to save memory.")
+    learning_rate: float = _field(5e-6, "Peak learning rate.")
+    scale_lr: bool = _field(False, "Multiply the learning rate by batch size x processes x accumulation steps.")
+    lr_scheduler: str = _field(
+        "constant",
+        "Schedule: linear, cosine, cosine_with_restarts, polynomial, constant, constant_with_warmup.",
+    )
+    lr_warmup_steps: int = _field(500, "Warm-up steps of the schedule.")
+    lr_num_cycles: int = _field(1, "Hard restarts for cosine_with_restarts.")
+    lr_power: float = _field(1.0, "Power of the polynomial schedule.")
+    use_8bit_adam: bool = _field(False, "8-bit AdamW from bitsandbytes (CUDA).")
+    adam_beta1: float = _field(0.9, "AdamW beta1.")
+    adam_beta2: float = _field(0.999, "AdamW beta2.")
+    adam_weight_decay: float = _field(1e-2, "AdamW weight decay.")
+    adam_epsilon: float = _field(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = _field(1.0, "Gradient clipping norm (0 turns clipping off).")
+    mixed_precision: Optional[MixedPrecision] = _field(
+        None, "no, fp16 or bf16 (default: the accelerate config's). Trainable weights stay in fp32."
+    )
+    allow_tf32: bool = _field(False, "Allow TF32 matmuls on Ampere and newer GPUs.")
+    enable_xformers_memory_efficient_attention: bool = _field(False, "Use xformers attention instead of PyTorch SDPA.")
+    set_grads_to_none: bool = _field(False, "Set gradients to None instead of zero between steps.")
+    offset_noise: bool = _field(False, "Add offset noise (0.1 x per-channel noise) to the training noise.")
+    snr_gamma: Optional[float] = _field(None, "Min-SNR loss weighting gamma (5.0 is recommended); off by default.")
+    pre_compute_text_embeddings: bool = _field(
+        False, "Encode the prompts once before training and free the text encoder (frozen text encoder only)."
+    )
+    local_rank: int = _field(-1, "Set by torch.distributed launchers; not needed with accelerate launch.")
+
+    def validate(self) -> None:
+        """Every check that needs no model: one-line errors naming the flag or file."""
+        from .data import check_image_folder
+        from .models import check_model_source
+
+        if not self.pretrained_model_name_or_path:
+            raise DreamBoothError("--pretrained_model_name_or_path is required")
+        check_model_source(self.pretrained_model_name_or_path, "--pretrained_model_name_or_path")
+        if not self.instance_data_dir:
+            raise DreamBoothError("--instance_data_dir is required")
+        if not self.instance_prompt or not self.instance_prompt.strip():
+            raise DreamBoothError("--instance_prompt is required and must not be empty")
+        if self.resolution <= 0 or self.resolution % 8:
+            raise DreamBoothError(f"--resolution {self.resolution}: must be a positive multiple of 8")
+        for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "sample_batch_size"):
+            if getattr(self, name) < 1:
+                raise DreamBoothError(f"--{name} {getattr(self, name)}: must be at least 1")
+        if self.max_train_steps is not None and self.max_train_steps < 1:
+            raise DreamBoothError(f"--max_train_steps {self.max_train_steps}: must be at least 1")
+        if self.learning_rate <= 0:
+            raise DreamBoothError(f"--learning_rate {self.learning_rate}: must be positive")
+        if self.lr_warmup_steps < 0 or self.dataloader_num_workers < 0 or self.max_grad_norm < 0:
+            raise DreamBoothError("--lr_warmup_steps, --dataloader_num_workers and --max_grad_norm must not be negative")
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise DreamBoothError(f"--snr_gamma {self.snr_gamma}: must be positive")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise DreamBoothError(f"--lr_scheduler {self.lr_scheduler}: choose one of {', '.join(LR_SCHEDULERS)}")
+        if self.report_to not in ("tensorboard", "wandb", "all", "none"):
+            raise DreamBoothError(f"--report_to {self.report_to}: choose tensorboard, wandb, all or none")
+        if self.pre_compute_text_embeddings and self.train_text_encoder:
+            raise DreamBoothError("--pre_compute_text_embeddings needs a frozen text encoder; drop --train_text_encoder")
+        check_image_folder(self.instance_data_dir, "--instance_data_dir", self.resolution)
+        if self.with_prior_preservation:
+            if self.prior_loss_weight < 0:
+                raise DreamBoothError(f"--prior_loss_weight {self.prior_loss_weight}: must not be negative")
+            if not self.class_data_dir:
+                raise DreamBoothError("--with_prior_preservation needs --class_data_dir")
+            if not self.class_prompt or not self.class_prompt.strip():
+                raise DreamBoothError("--with_prior_preservation needs --class_prompt")
+            if self.num_class_images < 1:
+                raise DreamBoothError(f"--num_class_images {self.num_class_images}: must be at least 1")
+        check_writable_dir(self.output_dir, "--output_dir")
+
+
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+
+
+def check_writable_dir(path: str, flag: str) -> Path:
+    """Create ``path`` if needed and prove that a file can be written in it."""
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise DreamBoothError(f"{flag} {path}: exists and is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise DreamBoothError(f"{flag} {path}: not writable ({error.strerror or error})") from None
+    return folder

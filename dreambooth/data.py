@@ -1,0 +1,178 @@
+"""Images in, training batches out: folder scanning, robust decoding, transforms, batching."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from .errors import DreamBoothError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+def list_image_files(folder: str | Path, flag: str) -> list[Path]:
+    """Image files of ``folder`` in name order; other files are skipped with a warning."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DreamBoothError(f"{flag} {folder}: folder not found")
+    images, skipped = [], []
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or path.is_dir():
+            continue
+        (images if path.suffix.lower() in IMAGE_EXTENSIONS else skipped).append(path)
+    if skipped:
+        names = ", ".join(path.name for path in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
+        logger.warning("%s %s: skipping %d non-image file(s): %s", flag, folder, len(skipped), names)
+    return images
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Decode an image fully, apply its EXIF orientation and convert it to 8-bit RGB.
+
+    Transparent images are composited on white; 16-bit and float images are rescaled.
+    A zero-byte, truncated or undecodable file is a DreamBoothError naming the file.
+    """
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise DreamBoothError(f"{path}: empty file (0 bytes); remove or replace it")
+    try:
+        with Image.open(path) as opened:
+            opened.load()
+            image = ImageOps.exif_transpose(opened)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise DreamBoothError(f"{path}: corrupt or truncated image ({error}); remove or replace it") from None
+    return _to_rgb(image)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        pixels = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if pixels.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(pixels / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def check_image_folder(folder: str | Path | None, flag: str, resolution: int, allow_empty: bool = False) -> list[Path]:
+    """Decode every image of ``folder`` once, so that a bad file stops the run before any model loads."""
+    images = list_image_files(folder, flag)
+    if not images and not allow_empty:
+        raise DreamBoothError(f"{flag} {folder}: no images found ({', '.join(IMAGE_EXTENSIONS)})")
+    small = []
+    for path in images:
+        width, height = load_image(path).size
+        if min(width, height) < resolution:
+            small.append(f"{path.name} ({width}x{height})")
+    if small:
+        logger.warning(
+            "%s: %d image(s) smaller than --resolution %d will be upscaled: %s",
+            flag, len(small), resolution, ", ".join(small[:5]) + (" ..." if len(small) > 5 else ""),
+        )
+    return images
+
+
+def image_to_tensor(
+    image: Image.Image, resolution: int, center_crop: bool, random_flip: bool, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Resize the shorter side to ``resolution``, crop a square, maybe flip; CHW float in [-1, 1]."""
+    width, height = image.size
+    scale = resolution / min(width, height)
+    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    image = image.resize(size, Image.Resampling.BILINEAR)
+    spare_x, spare_y = size[0] - resolution, size[1] - resolution
+    if center_crop:
+        left, top = spare_x // 2, spare_y // 2
+    else:
+        left = int(torch.randint(0, spare_x + 1, (1,), generator=generator))
+        top = int(torch.randint(0, spare_y + 1, (1,), generator=generator))
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if random_flip and float(torch.rand(1, generator=generator)) < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
+    return pixels / 127.5 - 1.0
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Images that share a prompt: the subject's, or the class's for prior preservation."""
+
+    paths: tuple[Path, ...]
+    prompt: str
+
+
+class DreamBoothDataset(Dataset):
+    """Item ``i`` pairs instance image ``i mod n`` with class image ``i mod m`` (when prior
+    preservation is on), as in the paper and diffusers; an epoch covers the larger set."""
+
+    def __init__(
+        self,
+        instance: ImageSet,
+        resolution: int,
+        center_crop: bool = False,
+        random_flip: bool = False,
+        prior: ImageSet | None = None,
+    ):
+        if not instance.paths:
+            raise DreamBoothError("no instance images")
+        if prior is not None and not prior.paths:
+            raise DreamBoothError("prior preservation is on but there are no class images")
+        self.instance, self.prior = instance, prior
+        self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
+
+    def __len__(self) -> int:
+        return max(len(self.instance.paths), len(self.prior.paths) if self.prior else 0)
+
+    def _example(self, images: ImageSet, index: int) -> dict:
+        image = load_image(images.paths[index % len(images.paths)])
+        pixels = image_to_tensor(image, self.resolution, self.center_crop, self.random_flip)
+        return {"pixel_values": pixels, "prompt": images.prompt}
+
+    def __getitem__(self, index: int) -> dict:
+        example = {"instance": self._example(self.instance, index)}
+        if self.prior is not None:
+            example["class"] = self._example(self.prior, index)
+        return example
+
+
+def tokenize_prompts(tokenizer, prompts: Sequence[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
+    tokens = tokenizer(
+        list(prompts),
+        truncation=True,
+        padding="max_length",
+        max_length=max_length or tokenizer.model_max_length,
+        return_tensors="pt",
+    )
+    return {"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask}
+
+
+class DreamBoothCollator:
+    """Stack a batch instance-first, then class: the loss splits it in these two halves."""
+
+    def __init__(self, tokenizer, max_length: int | None = None):
+        self.tokenizer, self.max_length = tokenizer, max_length
+
+    def __call__(self, examples: list[dict]) -> dict:
+        parts = [example["instance"] for example in examples]
+        parts += [example["class"] for example in examples if "class" in example]
+        prompts = [part["prompt"] for part in parts]
+        batch = {
+            "pixel_values": torch.stack([part["pixel_values"] for part in parts]).contiguous(),
+            "prompts": prompts,
+            "num_instance": len(examples),
+        }
+        batch.update(tokenize_prompts(self.tokenizer, prompts, self.max_length))
+        return batch

@@ -1,0 +1,234 @@
+"""The DreamBooth objective and the Accelerate training loop."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .errors import DreamBoothError
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- objective
+
+
+def diffusion_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to predict: the noise (epsilon) or the velocity (v, SD 2.x 768-v)."""
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    raise DreamBoothError(f"scheduler prediction_type '{prediction_type}' is not supported (epsilon or v_prediction)")
+
+
+def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023, eq. 9): min(SNR, gamma) / SNR for epsilon
+    prediction and min(SNR, gamma) / (SNR + 1) for v prediction."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(noise_scheduler, timesteps)
+    clipped = torch.clamp(snr, max=gamma)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped / snr
+
+
+def dreambooth_loss(model_pred: torch.Tensor, target: torch.Tensor, num_instance: int,
+                    prior_loss_weight: float = 1.0, weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The DreamBooth loss (Ruiz et al. 2023, eq. 2): MSE on the instance part of the batch plus
+    ``prior_loss_weight`` x MSE on the class part that follows it. ``weights`` (one per sample)
+    weights each sample's MSE, as Min-SNR does."""
+    per_sample = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if weights is not None:
+        per_sample = per_sample * weights
+    instance_loss = per_sample[:num_instance].mean()
+    losses = {"instance_loss": instance_loss, "loss": instance_loss}
+    if num_instance < len(per_sample):
+        prior_loss = per_sample[num_instance:].mean()
+        losses["prior_loss"] = prior_loss
+        losses["loss"] = instance_loss + prior_loss_weight * prior_loss
+    return losses
+
+
+class PromptEncoder:
+    """Text conditioning for a batch. A frozen text encoder gives the same embedding for the
+    same prompt every time, so each prompt is encoded once and cached."""
+
+    def __init__(self, text_encoder: torch.nn.Module, trainable: bool, use_attention_mask: bool = False):
+        self.text_encoder, self.trainable, self.use_attention_mask = text_encoder, trainable, use_attention_mask
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def _encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        mask = attention_mask if self.use_attention_mask else None
+        return self.text_encoder(input_ids, attention_mask=mask, return_dict=False)[0]
+
+    def __call__(self, batch: dict) -> torch.Tensor:
+        if self.trainable:
+            return self._encode(batch["input_ids"], batch["attention_mask"])
+        missing = [i for i, prompt in enumerate(batch["prompts"]) if prompt not in self._cache]
+        if missing:
+            if self.text_encoder is None:
+                raise DreamBoothError(f"prompt {batch['prompts'][missing[0]]!r} was not pre-computed")
+            with torch.no_grad():
+                encoded = self._encode(batch["input_ids"][missing], batch["attention_mask"][missing])
+            for i, embedding in zip(missing, encoded):
+                self._cache.setdefault(batch["prompts"][i], embedding)
+        return torch.stack([self._cache[prompt] for prompt in batch["prompts"]])
+
+    def precompute(self, batches: Iterable[dict]) -> None:
+        """Encode every prompt of ``batches`` now and drop the text encoder (frees its memory)."""
+        for batch in batches:
+            self(batch)
+        self.text_encoder = None
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    prior_loss_weight: float = 1.0
+    snr_gamma: float | None = None
+    offset_noise: bool = False
+
+
+def training_loss(batch: dict, unet, vae, noise_scheduler, encode_prompts: Callable[[dict], torch.Tensor],
+                  settings: LossSettings) -> dict[str, torch.Tensor]:
+    """One forward pass of the objective on a batch (instance images first, then class images).
+
+    Random draws, in this order from the default generator: VAE posterior sample, noise,
+    (offset noise), timesteps.
+    """
+    pixel_values = batch["pixel_values"].to(device=vae.device, dtype=vae.dtype)
+    with torch.no_grad():
+        latents = vae.encode(pixel_values).latent_dist.sample() * vae.config.scaling_factor
+    latents = latents.float()
+    noise = torch.randn_like(latents)
+    if settings.offset_noise:
+        # Offset noise (Guttenberg 2023) lets the model learn very dark and very bright images.
+        noise = noise + 0.1 * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=latents.device)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    encoder_hidden_states = encode_prompts(batch)
+    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+    target = diffusion_target(noise_scheduler, latents, noise, timesteps)
+    weights = None if settings.snr_gamma is None else min_snr_weights(noise_scheduler, timesteps, settings.snr_gamma)
+    return dreambooth_loss(model_pred, target, batch["num_instance"], settings.prior_loss_weight, weights)
+
+
+# ---------------------------------------------------------------- optimisation
+
+
+def build_optimizer(parameters: Sequence[torch.nn.Parameter], learning_rate: float, betas: tuple[float, float],
+                    weight_decay: float, eps: float, use_8bit_adam: bool, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW: bitsandbytes' 8-bit version when asked (CUDA only), else torch's, fused on CUDA."""
+    kwargs = dict(lr=learning_rate, betas=betas, weight_decay=weight_decay, eps=eps)
+    if use_8bit_adam:
+        if device.type != "cuda":
+            logger.warning("--use_8bit_adam needs a CUDA GPU; using torch.optim.AdamW on %s instead", device.type)
+        else:
+            try:
+                import bitsandbytes as bnb
+            except ImportError:
+                raise DreamBoothError("--use_8bit_adam: bitsandbytes is not installed (pip install bitsandbytes)") from None
+            return bnb.optim.AdamW8bit(parameters, **kwargs)
+    return torch.optim.AdamW(parameters, fused=device.type == "cuda", **kwargs)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How long the run is, derived once from the config and the prepared dataloader."""
+
+    total_batch_size: int
+    steps_per_epoch: int
+    max_train_steps: int
+    num_epochs: int
+
+    @classmethod
+    def derive(cls, batches_per_epoch: int, batch_size: int, num_processes: int, accumulation: int,
+               max_train_steps: int | None, num_train_epochs: int) -> "Schedule":
+        steps_per_epoch = max(1, math.ceil(batches_per_epoch / accumulation))
+        max_steps = max_train_steps or num_train_epochs * steps_per_epoch
+        return cls(
+            total_batch_size=batch_size * num_processes * accumulation,
+            steps_per_epoch=steps_per_epoch,
+            max_train_steps=max_steps,
+            num_epochs=math.ceil(max_steps / steps_per_epoch),
+        )
+
+
+# ---------------------------------------------------------------- loop
+
+
+@dataclass
+class TrainState:
+    global_step: int = 0
+    epoch: int = 0
+    last_loss: float = float("nan")
+
+
+class Trainer:
+    """Runs the optimisation: one ``accelerator.accumulate`` block per batch over every trained model."""
+
+    def __init__(self, accelerator, trained: list[torch.nn.Module], optimizer, lr_scheduler, dataloader,
+                 schedule: Schedule, loss_fn: Callable[[dict], dict[str, torch.Tensor]],
+                 max_grad_norm: float = 1.0, set_grads_to_none: bool = False):
+        self.accelerator, self.trained = accelerator, trained
+        self.optimizer, self.lr_scheduler, self.dataloader = optimizer, lr_scheduler, dataloader
+        self.schedule, self.loss_fn = schedule, loss_fn
+        self.max_grad_norm, self.set_grads_to_none = max_grad_norm, set_grads_to_none
+        self.state = TrainState()
+        self.step_callbacks: list[Callable[[TrainState], None]] = []
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for module in self.trained for p in module.parameters() if p.requires_grad]
+
+    def _optimizer_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        accelerator = self.accelerator
+        with accelerator.accumulate(*self.trained):
+            losses = self.loss_fn(batch)
+            accelerator.backward(losses["loss"])
+            if accelerator.sync_gradients and self.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(self.parameters(), self.max_grad_norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=self.set_grads_to_none)
+        return losses
+
+    def train(self) -> TrainState:
+        accelerator, state, schedule = self.accelerator, self.state, self.schedule
+        progress = tqdm(
+            total=schedule.max_train_steps, initial=state.global_step, desc="Steps",
+            disable=not accelerator.is_local_main_process,
+        )
+        for epoch in range(state.epoch, schedule.num_epochs):
+            state.epoch = epoch
+            for batch in self.dataloader:
+                losses = self._optimizer_step(batch)
+                if not accelerator.sync_gradients:
+                    continue
+                state.global_step += 1
+                logs = {name: value.detach().item() for name, value in losses.items()}
+                logs["lr"] = self.lr_scheduler.get_last_lr()[0]
+                state.last_loss = logs["loss"]
+                progress.update(1)
+                progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+                accelerator.log(logs, step=state.global_step)
+                for callback in self.step_callbacks:
+                    callback(state)
+                if state.global_step >= schedule.max_train_steps:
+                    break
+            if state.global_step >= schedule.max_train_steps:
+                break
+        progress.close()
+        return state
+
+
+def tracker_config(values: dict[str, Any]) -> dict[str, Any]:
+    """Trackers (TensorBoard hparams) take only scalars and strings."""
+    return {key: value for key, value in values.items() if isinstance(value, (int, float, str, bool))}

@@ -1,0 +1,173 @@
+"""DreamBooth fine-tuning of a Stable Diffusion 1.x/2.x model (Ruiz et al., CVPR 2023).
+
+Single GPU or CPU:
+    python train_dreambooth.py --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
+        --instance_data_dir photos/ --instance_prompt "a photo of sks dog" --output_dir sks-dog \
+        --with_prior_preservation --class_data_dir class-dog/ --class_prompt "a photo of a dog" \
+        --resolution 512 --train_batch_size 1 --learning_rate 5e-6 --max_train_steps 400
+
+With Accelerate (one or several GPUs, see accelerate_config.yaml and examples/):
+    accelerate launch --config_file accelerate_config.yaml train_dreambooth.py --config examples/sd15_full.yaml
+
+Every flag can also come from a YAML file (--config); flags on the command line win.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+from typing import Sequence
+
+import torch
+from torch.utils.data import DataLoader
+
+from dreambooth.cli import run_cli, setup_logging
+from dreambooth.config import TrainConfig, config_to_dict, parse_config, save_config
+from dreambooth.data import DreamBoothCollator, DreamBoothDataset, ImageSet, list_image_files
+from dreambooth.errors import DreamBoothError
+from dreambooth.models import (
+    Components,
+    check_precision_supported,
+    load_components,
+    mixed_precision_dtype,
+    prepare_for_training,
+    save_pipeline,
+)
+from dreambooth.training import (
+    LossSettings,
+    PromptEncoder,
+    Schedule,
+    Trainer,
+    build_optimizer,
+    tracker_config,
+    training_loss,
+)
+
+logger = logging.getLogger("dreambooth.train")
+
+
+def create_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration
+
+    check_precision_supported(cfg.mixed_precision)
+    trackers = {"none": None, "all": "all"}.get(cfg.report_to, cfg.report_to)
+    if cfg.report_to in ("wandb",) and not _importable("wandb"):
+        raise DreamBoothError("--report_to wandb: wandb is not installed (pip install wandb), or use --report_to tensorboard")
+    project = ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=os.path.join(cfg.output_dir, cfg.logging_dir))
+    return Accelerator(
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        mixed_precision=cfg.mixed_precision,
+        log_with=trackers,
+        project_config=project,
+    )
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def build_dataloader(cfg: TrainConfig, tokenizer) -> DataLoader:
+    instance = ImageSet(tuple(list_image_files(cfg.instance_data_dir, "--instance_data_dir")), cfg.instance_prompt)
+    prior = None
+    if cfg.with_prior_preservation:
+        prior = ImageSet(tuple(list_image_files(cfg.class_data_dir, "--class_data_dir")), cfg.class_prompt)
+    dataset = DreamBoothDataset(instance, cfg.resolution, cfg.center_crop, cfg.random_flip, prior)
+    return DataLoader(
+        dataset,
+        batch_size=cfg.train_batch_size,
+        shuffle=True,
+        collate_fn=DreamBoothCollator(tokenizer, cfg.tokenizer_max_length),
+        num_workers=cfg.dataloader_num_workers,
+    )
+
+
+def build_trainer(cfg: TrainConfig, accelerator, components: Components, dataloader: DataLoader) -> Trainer:
+    """Trainable modules, optimizer and lr schedule, all through one ``accelerator.prepare``."""
+    from diffusers.optimization import get_scheduler
+
+    trained = prepare_for_training(
+        components, cfg.train_text_encoder, accelerator.device,
+        cfg.gradient_checkpointing, cfg.enable_xformers_memory_efficient_attention,
+    )
+    schedule = Schedule.derive(
+        math.ceil(len(dataloader) / accelerator.num_processes), cfg.train_batch_size, accelerator.num_processes,
+        cfg.gradient_accumulation_steps, cfg.max_train_steps, cfg.num_train_epochs,
+    )
+    learning_rate = cfg.learning_rate * (schedule.total_batch_size if cfg.scale_lr else 1)
+    parameters = [p for module in trained for p in module.parameters() if p.requires_grad]
+    optimizer = build_optimizer(
+        parameters, learning_rate, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_weight_decay, cfg.adam_epsilon,
+        cfg.use_8bit_adam, accelerator.device,
+    )
+    # Accelerate steps the schedule once per process for each optimizer step.
+    lr_scheduler = get_scheduler(
+        cfg.lr_scheduler, optimizer,
+        num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=schedule.max_train_steps * accelerator.num_processes,
+        num_cycles=cfg.lr_num_cycles, power=cfg.lr_power,
+    )
+    *trained, optimizer, dataloader, lr_scheduler = accelerator.prepare(*trained, optimizer, dataloader, lr_scheduler)
+    unet = trained[0]
+    encoder = PromptEncoder(trained[1] if cfg.train_text_encoder else components.text_encoder,
+                            cfg.train_text_encoder, cfg.text_encoder_use_attention_mask)
+    if cfg.pre_compute_text_embeddings:
+        encoder.precompute(dataloader)
+        components.text_encoder.to("cpu")
+    settings = LossSettings(cfg.prior_loss_weight, cfg.snr_gamma, cfg.offset_noise)
+
+    def loss_fn(batch: dict) -> dict[str, torch.Tensor]:
+        return training_loss(batch, unet, components.vae, components.noise_scheduler, encoder, settings)
+
+    logger.info(
+        "training %s: %d steps, %d epoch(s), batch %d (x%d processes x%d accumulation), lr %.3g",
+        "UNet + text encoder" if cfg.train_text_encoder else "UNet", schedule.max_train_steps, schedule.num_epochs,
+        cfg.train_batch_size, accelerator.num_processes, cfg.gradient_accumulation_steps, learning_rate,
+    )
+    return Trainer(accelerator, trained, optimizer, lr_scheduler, dataloader, schedule, loss_fn,
+                   cfg.max_grad_norm, cfg.set_grads_to_none)
+
+
+def save_result(cfg: TrainConfig, accelerator, trainer: Trainer, components: Components) -> None:
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
+    unet = accelerator.unwrap_model(trainer.trained[0])
+    text_encoder = accelerator.unwrap_model(trainer.trained[1]) if cfg.train_text_encoder else None
+    save_pipeline(cfg.output_dir, cfg.pretrained_model_name_or_path, unet, text_encoder, components.tokenizer,
+                  cfg.revision, cfg.variant)
+    logger.info("saved the trained pipeline to %s", cfg.output_dir)
+
+
+def main(argv: Sequence[str] | None = None) -> Trainer:
+    setup_logging()
+    cfg = parse_config(TrainConfig, argv, __doc__)
+    cfg.validate()
+    accelerator = create_accelerator(cfg)
+    if cfg.seed is not None:
+        from accelerate.utils import set_seed
+
+        set_seed(cfg.seed)
+    if cfg.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    components = load_components(
+        cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant, cfg.tokenizer_name,
+        mixed_precision_dtype(accelerator.mixed_precision), cfg.train_text_encoder,
+    )
+    dataloader = build_dataloader(cfg, components.tokenizer)
+    trainer = build_trainer(cfg, accelerator, components, dataloader)
+    if accelerator.is_main_process:
+        save_config(cfg, os.path.join(cfg.output_dir, "train_config.yaml"))
+    accelerator.init_trackers("dreambooth", config=tracker_config(config_to_dict(cfg)))
+    trainer.train()
+    save_result(cfg, accelerator, trainer, components)
+    accelerator.end_training()
+    return trainer
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
