@@ -27,6 +27,7 @@ from dreambooth.cli import run_cli, setup_logging
 from dreambooth.config import TrainConfig, config_to_dict, parse_config, save_config
 from dreambooth.data import DreamBoothCollator, DreamBoothDataset, ImageSet, list_image_files
 from dreambooth.errors import DreamBoothError
+from dreambooth.generation import ClassImageJob, generate_class_images
 from dreambooth.models import (
     Components,
     check_precision_supported,
@@ -69,6 +70,16 @@ def _importable(module: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(module) is not None
+
+
+def top_up_class_images(cfg: TrainConfig, accelerator) -> None:
+    """Generate the class images missing from --class_data_dir, split across processes."""
+    job = ClassImageJob(
+        model=cfg.pretrained_model_name_or_path, class_prompt=cfg.class_prompt, class_data_dir=cfg.class_data_dir,
+        num_class_images=cfg.num_class_images, resolution=cfg.resolution, sample_batch_size=cfg.sample_batch_size,
+        precision=cfg.prior_generation_precision, seed=cfg.seed or 0, revision=cfg.revision, variant=cfg.variant,
+    )
+    generate_class_images(job, accelerator.state)
 
 
 def build_dataloader(cfg: TrainConfig, tokenizer) -> DataLoader:
@@ -154,6 +165,8 @@ def main(argv: Sequence[str] | None = None) -> Trainer:
         set_seed(cfg.seed)
     if cfg.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
+    if cfg.with_prior_preservation:
+        top_up_class_images(cfg, accelerator)
     components = load_components(
         cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant, cfg.tokenizer_name,
         mixed_precision_dtype(accelerator.mixed_precision), cfg.train_text_encoder,

@@ -222,6 +222,8 @@ class TrainConfig:
                 raise DreamBoothError("--with_prior_preservation needs --class_prompt")
             if self.num_class_images < 1:
                 raise DreamBoothError(f"--num_class_images {self.num_class_images}: must be at least 1")
+            if Path(self.class_data_dir).exists() and not Path(self.class_data_dir).is_dir():
+                raise DreamBoothError(f"--class_data_dir {self.class_data_dir}: exists and is not a folder")
         check_writable_dir(self.output_dir, "--output_dir")
 
 
@@ -240,3 +242,108 @@ def check_writable_dir(path: str, flag: str) -> Path:
     except OSError as error:
         raise DreamBoothError(f"{flag} {path}: not writable ({error.strerror or error})") from None
     return folder
+
+
+SCHEDULER_NAMES = ("dpm++", "unipc", "ddim", "euler", "euler_a", "pndm", "ddpm")
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateClassImagesConfig:
+    """Flags of generate_class_images.py."""
+
+    pretrained_model_name_or_path: Optional[str] = _field(None, "Base model: a diffusers folder or a Hub id (required).")
+    revision: Optional[str] = _field(None, "Revision of the base model on the Hub.")
+    variant: Optional[str] = _field(None, "Weight file variant of the base model, e.g. fp16.")
+    class_prompt: Optional[str] = _field(None, "Prompt for the class, e.g. 'a photo of a dog' (required).")
+    class_data_dir: Optional[str] = _field(None, "Folder to fill with class images (required).")
+    num_class_images: int = _field(100, "Images wanted in the folder; only the missing ones are generated.")
+    sample_batch_size: int = _field(4, "Images per pipeline call.")
+    resolution: int = _field(512, "Image size in pixels (multiple of 8).")
+    num_inference_steps: int = _field(25, "Denoising steps.")
+    guidance_scale: float = _field(7.5, "Classifier-free guidance scale.")
+    scheduler: str = _field("dpm++", f"Sampler: {', '.join(SCHEDULER_NAMES)}.")
+    prior_generation_precision: Optional[Literal["no", "fp32", "fp16", "bf16"]] = _field(
+        None, "Precision (default: fp16 on GPU, fp32 on CPU)."
+    )
+    seed: int = _field(0, "Base seed; image i uses a seed derived from (seed, i).")
+
+    def validate(self) -> None:
+        from .models import check_model_source
+
+        for flag in ("pretrained_model_name_or_path", "class_prompt", "class_data_dir"):
+            if not getattr(self, flag) or not str(getattr(self, flag)).strip():
+                raise DreamBoothError(f"--{flag} is required")
+        check_model_source(self.pretrained_model_name_or_path, "--pretrained_model_name_or_path")
+        _check_generation_numbers(self.resolution, self.num_inference_steps, self.scheduler)
+        for name in ("num_class_images", "sample_batch_size"):
+            if getattr(self, name) < 1:
+                raise DreamBoothError(f"--{name} {getattr(self, name)}: must be at least 1")
+        check_writable_dir(self.class_data_dir, "--class_data_dir")
+
+
+def _check_generation_numbers(resolution: int, steps: int, scheduler: str, flag: str = "--resolution") -> None:
+    if resolution <= 0 or resolution % 8:
+        raise DreamBoothError(f"{flag} {resolution}: must be a positive multiple of 8")
+    if steps < 1:
+        raise DreamBoothError(f"--num_inference_steps {steps}: must be at least 1")
+    if scheduler not in SCHEDULER_NAMES:
+        raise DreamBoothError(f"--scheduler {scheduler}: choose one of {', '.join(SCHEDULER_NAMES)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class InferConfig:
+    """Flags of infer.py."""
+
+    pretrained_model_name_or_path: Optional[str] = _field(None, "Trained output folder or Hub id (required).")
+    revision: Optional[str] = _field(None, "Revision of the model on the Hub.")
+    variant: Optional[str] = _field(None, "Weight file variant, e.g. fp16.")
+    prompt: list[str] = _field([], "Prompt; repeat the flag for several.", action="extend")
+    prompts_file: Optional[str] = _field(None, "Text file with one prompt a line.")
+    negative_prompt: Optional[str] = _field(None, "What the images should not show.")
+    num_images_per_prompt: int = _field(4, "Images per prompt.")
+    seed: Optional[int] = _field(None, "Seed of the first image of each prompt; image j uses seed + j (default: random).")
+    guidance_scale: float = _field(7.5, "Classifier-free guidance scale.")
+    num_inference_steps: int = _field(25, "Denoising steps.")
+    scheduler: str = _field("dpm++", f"Sampler: {', '.join(SCHEDULER_NAMES)}.")
+    height: Optional[int] = _field(None, "Image height (default: the model's).")
+    width: Optional[int] = _field(None, "Image width (default: the model's).")
+    batch_size: int = _field(4, "Images per pipeline call.")
+    output_dir: str = _field("samples", "Folder for the images and grids.")
+    device: str = _field("auto", "cuda, mps, cpu or auto (CUDA, else MPS, else CPU).")
+    dtype: str = _field("auto", "fp32, fp16, bf16 or auto (fp16 on GPU, fp32 on CPU).")
+
+    def validate(self) -> None:
+        from .models import check_model_source
+
+        if not self.pretrained_model_name_or_path:
+            raise DreamBoothError("--pretrained_model_name_or_path is required")
+        check_model_source(self.pretrained_model_name_or_path, "--pretrained_model_name_or_path")
+        if not self.prompt and not self.prompts_file:
+            raise DreamBoothError("give --prompt (repeatable) or --prompts_file")
+        if self.prompts_file and not Path(self.prompts_file).is_file():
+            raise DreamBoothError(f"--prompts_file {self.prompts_file}: file not found")
+        if self.num_images_per_prompt < 1:
+            raise DreamBoothError(f"--num_images_per_prompt {self.num_images_per_prompt}: must be at least 1")
+        if self.batch_size < 1:
+            raise DreamBoothError(f"--batch_size {self.batch_size}: must be at least 1")
+        _check_generation_numbers(8, self.num_inference_steps, self.scheduler)
+        for flag in ("height", "width"):
+            value = getattr(self, flag)
+            if value is not None and (value <= 0 or value % 8):
+                raise DreamBoothError(f"--{flag} {value}: must be a positive multiple of 8")
+        if self.dtype not in ("auto", "fp32", "fp16", "bf16"):
+            raise DreamBoothError(f"--dtype {self.dtype}: choose auto, fp32, fp16 or bf16")
+        check_writable_dir(self.output_dir, "--output_dir")
+
+    def prompts(self) -> list[str]:
+        prompts = list(self.prompt)
+        if self.prompts_file:
+            try:
+                lines = Path(self.prompts_file).read_text(encoding="utf-8").splitlines()
+            except (OSError, UnicodeDecodeError) as error:
+                raise DreamBoothError(f"--prompts_file {self.prompts_file}: cannot read ({error})") from None
+            from_file = [line.strip() for line in lines if line.strip()]
+            if not from_file:
+                raise DreamBoothError(f"--prompts_file {self.prompts_file}: no prompts in the file")
+            prompts += from_file
+        return prompts

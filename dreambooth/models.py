@@ -84,9 +84,9 @@ def load_components(model: str, revision: str | None = None, variant: str | None
         tokenizer=tokenizer,
         text_encoder=_load("text encoder", CLIPTextModel.from_pretrained, model, subfolder="text_encoder",
                            dtype=text_dtype, **weights),
-        vae=_load("VAE", AutoencoderKL.from_pretrained, model, subfolder="vae", torch_dtype=frozen_dtype, **weights),
+        vae=_load("VAE", AutoencoderKL.from_pretrained, model, subfolder="vae", dtype=frozen_dtype, **weights),
         unet=_load("UNet", UNet2DConditionModel.from_pretrained, model, subfolder="unet",
-                   torch_dtype=torch.float32, **weights),
+                   dtype=torch.float32, **weights),
         noise_scheduler=_load("scheduler", DDPMScheduler.from_pretrained, model, subfolder="scheduler", revision=revision),
     )
 

@@ -97,7 +97,8 @@ def draw_body(draw):
 def draw_head(draw):
     draw.line((256, 40, 256, 95), fill=TEAL, width=12)
     draw.ellipse((233, 18, 279, 64), fill=RED, outline=DARK_ORANGE, width=4)
-    draw.rounded_rectangle((170, 85, 342, 210), radius=24, fill=ORANGE, outline=DARK_ORANGE, width=8)
+    head_box = (170, 85, 342, 210)
+    draw.rounded_rectangle(head_box, radius=24, fill=ORANGE, outline=DARK_ORANGE, width=8)
     for eye_center_x in (218, 294):
         draw.ellipse((eye_center_x - 25, 115, eye_center_x + 25, 165), fill=EYE_WHITE)
         draw.ellipse((eye_center_x - 13, 127, eye_center_x + 13, 153), fill=EYE_BLACK)
@@ -161,15 +162,22 @@ def render_view(sprite, view, image_size):
     left = round(view.center_x * image_size - robot.width / 2)
     top = round(view.center_y * image_size - robot.height / 2)
     scene.paste(robot, (left, top), robot)
-    lit = apply_directional_light(np.asarray(scene, dtype=np.float64), view.light_angle_degrees, view.light_strength)
+    pixels = np.asarray(scene, dtype=np.float64)
+    lit = apply_directional_light(pixels, view.light_angle_degrees, view.light_strength)
     return Image.fromarray(lit.astype(np.uint8), "RGB")
 
 
 def parse_arguments(argv):
     default_output_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy_subject")
-    parser = argparse.ArgumentParser(description="Draw five photos of a toy robot for DreamBooth examples.")
-    parser.add_argument("--output_dir", default=default_output_dir, help="folder the PNG files are written to")
-    parser.add_argument("--size", type=int, default=256, help="width and height of each image in pixels")
+    parser = argparse.ArgumentParser(
+        description="Draw five photos of a toy robot for DreamBooth examples."
+    )
+    parser.add_argument(
+        "--output_dir", default=default_output_dir, help="folder the PNG files are written to"
+    )
+    parser.add_argument(
+        "--size", type=int, default=256, help="width and height of each image in pixels"
+    )
     return parser.parse_args(argv)
 
 

@@ -1,0 +1,231 @@
+"""Image generation shared by class-image top-up, infer.py and sampling during training."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import io
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .data import list_image_files, load_image
+from .errors import DreamBoothError
+
+logger = logging.getLogger(__name__)
+
+# Sampler names users know (A1111's in the metadata), mapped to diffusers schedulers.
+SCHEDULERS = {
+    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}, "DPM++ 2M"),
+    "unipc": ("UniPCMultistepScheduler", {}, "UniPC"),
+    "ddim": ("DDIMScheduler", {}, "DDIM"),
+    "euler": ("EulerDiscreteScheduler", {}, "Euler"),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
+    "pndm": ("PNDMScheduler", {}, "PLMS"),
+    "ddpm": ("DDPMScheduler", {}, "DDPM"),
+}
+PRECISIONS = {"fp32": torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """The requested device, or the best one present: CUDA, then MPS, then CPU."""
+    if device and device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(device: torch.device, precision: str | None = None) -> torch.dtype:
+    """The requested precision, or fp16 on a GPU and fp32 on the CPU (where half is slow)."""
+    if precision and precision != "auto":
+        if precision not in PRECISIONS:
+            raise DreamBoothError(f"unknown precision '{precision}': choose fp32, fp16 or bf16")
+        return PRECISIONS[precision]
+    return torch.float32 if device.type == "cpu" else torch.float16
+
+
+def set_scheduler(pipeline, name: str) -> None:
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise DreamBoothError(f"--scheduler {name}: choose one of {', '.join(SCHEDULERS)}")
+    class_name, options, _ = SCHEDULERS[name]
+    pipeline.scheduler = getattr(diffusers, class_name).from_config(pipeline.scheduler.config, **options)
+
+
+def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, scheduler: str = "dpm++",
+                  revision: str | None = None, variant: str | None = None, **components):
+    """A Stable Diffusion pipeline ready to sample: no safety checker, quiet progress bar."""
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        pipeline = StableDiffusionPipeline.from_pretrained(
+            model, dtype=dtype, revision=revision, variant=variant,
+            safety_checker=None, requires_safety_checker=False, **components,
+        )
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DreamBoothError(f"could not load the pipeline {model}: {first_line}") from None
+    set_scheduler(pipeline, scheduler)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(device)
+
+
+def release(pipeline) -> None:
+    """Free a pipeline's memory (GPU memory included) before training starts."""
+    pipeline.to("cpu")
+    del pipeline
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def derived_seed(seed: int, index: int) -> int:
+    """A seed for image ``index`` that depends only on (seed, index), whatever the process count."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def generate(pipeline, prompt: str, seeds: Sequence[int], height: int, width: int, num_inference_steps: int = 25,
+             guidance_scale: float = 7.5, negative_prompt: str | None = None) -> list[Image.Image]:
+    """One image per seed, each from its own generator, so an image depends on its seed alone."""
+    generator_device = "cpu" if pipeline.device.type == "mps" else pipeline.device
+    generators = [torch.Generator(generator_device).manual_seed(int(seed)) for seed in seeds]
+    return pipeline(
+        [prompt] * len(seeds),
+        negative_prompt=[negative_prompt] * len(seeds) if negative_prompt else None,
+        height=height, width=width, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+        generator=generators,
+    ).images
+
+
+def make_grid(images: Sequence[Image.Image], columns: int | None = None) -> Image.Image:
+    columns = columns or math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    width, height = images[0].size
+    grid = Image.new("RGB", (columns * width, rows * height), "white")
+    for index, image in enumerate(images):
+        grid.paste(image, ((index % columns) * width, (index // columns) * height))
+    return grid
+
+
+# ---------------------------------------------------------------- class images
+
+
+_CLASS_IMAGE_NAME = re.compile(r"^(\d+)-[0-9a-f]{12}\.png$")
+
+
+@dataclass(frozen=True)
+class ClassImageJob:
+    """Top ``class_data_dir`` up to ``num_class_images`` images of ``class_prompt``."""
+
+    model: str
+    class_prompt: str
+    class_data_dir: str
+    num_class_images: int
+    resolution: int = 512
+    sample_batch_size: int = 4
+    num_inference_steps: int = 25
+    guidance_scale: float = 7.5
+    scheduler: str = "dpm++"
+    precision: str | None = None
+    seed: int = 0
+    revision: str | None = None
+    variant: str | None = None
+
+
+def _scan_class_folder(folder: Path, remove_corrupt: bool) -> tuple[int, set[int]]:
+    """Count the valid images; return them with the indices our own file names already use."""
+    valid, used = 0, set()
+    for path in list_image_files(folder, "--class_data_dir"):
+        try:
+            load_image(path)
+        except DreamBoothError as error:
+            if remove_corrupt:
+                logger.warning("%s; removing it, a new class image replaces it", error)
+                path.unlink(missing_ok=True)
+            continue
+        valid += 1
+        match = _CLASS_IMAGE_NAME.match(path.name)
+        if match:
+            used.add(int(match.group(1)))
+    return valid, used
+
+
+def missing_class_indices(job: ClassImageJob, remove_corrupt: bool = False) -> list[int]:
+    """Indices of the images still to generate: the lowest ones no existing file uses."""
+    folder = Path(job.class_data_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    valid, used = _scan_class_folder(folder, remove_corrupt)
+    missing, index = [], 0
+    while len(missing) < job.num_class_images - valid:
+        if index not in used:
+            missing.append(index)
+        index += 1
+    return missing
+
+
+def save_png_atomically(image: Image.Image, folder: Path, name_for_hash, pnginfo=None) -> Path:
+    """Write a PNG under a temporary name, then rename: a kill never leaves half a file behind."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=pnginfo)
+    data = buffer.getvalue()
+    path = folder / name_for_hash(hashlib.sha1(data).hexdigest()[:12])
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_bytes(data)
+    temporary.replace(path)
+    return path
+
+
+def generate_class_images(job: ClassImageJob, state=None) -> int:
+    """Generate the missing class images, split across the processes of ``state``
+    (an accelerate PartialState). Returns how many this process wrote."""
+    from accelerate import PartialState
+
+    state = state or PartialState()
+    if state.is_main_process:
+        missing_class_indices(job, remove_corrupt=True)
+    state.wait_for_everyone()
+    missing = missing_class_indices(job)
+    if not missing:
+        return 0
+    # Batches are cut from the global list before being dealt out, so each image is made in the
+    # same batch (and so bitwise the same) whatever the number of processes.
+    batches = [missing[i:i + job.sample_batch_size] for i in range(0, len(missing), job.sample_batch_size)]
+    mine = batches[state.process_index::state.num_processes]
+    if state.is_main_process:
+        logger.info("generating %d class image(s) of %r in %s", len(missing), job.class_prompt, job.class_data_dir)
+    written = 0
+    if mine:
+        written = _run_class_batches(job, mine, state)
+    state.wait_for_everyone()
+    return written
+
+
+def _run_class_batches(job: ClassImageJob, batches: list[list[int]], state) -> int:
+    device = state.device
+    pipeline = load_pipeline(job.model, device, pick_dtype(device, job.precision), job.scheduler,
+                             job.revision, job.variant)
+    folder = Path(job.class_data_dir)
+    progress = tqdm(total=sum(map(len, batches)), desc="Class images", unit="img",
+                    disable=not state.is_local_main_process)
+    for batch in batches:
+        seeds = [derived_seed(job.seed, index) for index in batch]
+        images = generate(pipeline, job.class_prompt, seeds, job.resolution, job.resolution,
+                          job.num_inference_steps, job.guidance_scale)
+        for index, image in zip(batch, images):
+            save_png_atomically(image, folder, lambda digest, index=index: f"{index:05d}-{digest}.png")
+        progress.update(len(batch))
+    progress.close()
+    release(pipeline)
+    return sum(map(len, batches))

@@ -1,0 +1,42 @@
+"""Generate class images for DreamBooth's prior-preservation loss.
+
+Only the images missing to reach --num_class_images are made: existing valid images count,
+corrupt ones are replaced, and a rerun after a kill continues where it stopped. Image i is
+drawn from a seed derived from (--seed, i), so the same command gives the same images on
+any number of processes.
+
+Single GPU or CPU:
+    python generate_class_images.py --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
+        --class_prompt "a photo of a dog" --class_data_dir class-dog --num_class_images 200
+
+Several GPUs (each process makes its own share):
+    accelerate launch --num_processes 4 generate_class_images.py --class_prompt "a photo of a dog" ...
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+from dreambooth.cli import run_cli, setup_logging
+from dreambooth.config import GenerateClassImagesConfig, parse_config
+from dreambooth.generation import ClassImageJob, generate_class_images
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    setup_logging()
+    cfg = parse_config(GenerateClassImagesConfig, argv, __doc__)
+    cfg.validate()
+    job = ClassImageJob(
+        model=cfg.pretrained_model_name_or_path, class_prompt=cfg.class_prompt, class_data_dir=cfg.class_data_dir,
+        num_class_images=cfg.num_class_images, resolution=cfg.resolution, sample_batch_size=cfg.sample_batch_size,
+        num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale, scheduler=cfg.scheduler,
+        precision=cfg.prior_generation_precision, seed=cfg.seed, revision=cfg.revision, variant=cfg.variant,
+    )
+    written = generate_class_images(job)
+    print(f"{cfg.class_data_dir}: {written} new class image(s) from this process, {cfg.num_class_images} wanted")
+    return written
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,75 @@
+"""Generate images with a trained DreamBooth model (an output folder or a Hub id).
+
+    python infer.py --pretrained_model_name_or_path sks-dog --prompt "a photo of sks dog on the moon" --seed 0
+
+Writes one PNG per image, with the prompt, seed and settings in its text metadata (the
+'parameters' field that Stable Diffusion web UIs read), and one grid per prompt.
+On several GPUs, `accelerate launch infer.py ...` works too, but one process is enough.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from PIL.PngImagePlugin import PngInfo
+
+from dreambooth.cli import run_cli, setup_logging
+from dreambooth.config import InferConfig, parse_config
+from dreambooth.generation import SCHEDULERS, generate, load_pipeline, make_grid, pick_device, pick_dtype, save_png_atomically
+
+
+def png_metadata(cfg: InferConfig, prompt: str, seed: int, width: int, height: int) -> PngInfo:
+    info = PngInfo()
+    settings = (
+        f"Steps: {cfg.num_inference_steps}, Sampler: {SCHEDULERS[cfg.scheduler][2]}, CFG scale: {cfg.guidance_scale}, "
+        f"Seed: {seed}, Size: {width}x{height}, Model: {Path(cfg.pretrained_model_name_or_path).name}"
+    )
+    negative = f"\nNegative prompt: {cfg.negative_prompt}" if cfg.negative_prompt else ""
+    info.add_text("parameters", f"{prompt}{negative}\n{settings}")
+    fields = {"prompt": prompt, "negative_prompt": cfg.negative_prompt or "", "seed": seed,
+              "steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale, "scheduler": cfg.scheduler,
+              "model": cfg.pretrained_model_name_or_path}
+    for key, value in fields.items():
+        info.add_text(key, str(value))
+    return info
+
+
+def slug(prompt: str, length: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:length] or "prompt"
+
+
+def main(argv: Sequence[str] | None = None) -> list[Path]:
+    setup_logging()
+    cfg = parse_config(InferConfig, argv, __doc__)
+    cfg.validate()
+    prompts = cfg.prompts()
+    device = pick_device(cfg.device)
+    pipeline = load_pipeline(cfg.pretrained_model_name_or_path, device, pick_dtype(device, cfg.dtype), cfg.scheduler,
+                             cfg.revision, cfg.variant)
+    height = cfg.height or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    width = cfg.width or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    base_seed = cfg.seed if cfg.seed is not None else random.randrange(2**31)
+    output_dir, written = Path(cfg.output_dir), []
+    for number, prompt in enumerate(prompts):
+        seeds = [base_seed + j for j in range(cfg.num_images_per_prompt)]
+        images = []
+        for start in range(0, len(seeds), cfg.batch_size):
+            batch = seeds[start:start + cfg.batch_size]
+            images += generate(pipeline, prompt, batch, height, width, cfg.num_inference_steps,
+                               cfg.guidance_scale, cfg.negative_prompt)
+        stem = f"{number:03d}-{slug(prompt)}"
+        for seed, image in zip(seeds, images):
+            metadata = png_metadata(cfg, prompt, seed, width, height)
+            written.append(save_png_atomically(image, output_dir, lambda _, seed=seed: f"{stem}-seed{seed}.png", metadata))
+        grid = save_png_atomically(make_grid(images), output_dir, lambda _: f"{stem}-grid.png")
+        print(f"{prompt!r}: {len(images)} image(s) and {grid}")
+    print(f"wrote {len(written)} image(s) to {output_dir} (seeds from {base_seed})")
+    return written
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
