@@ -101,6 +101,8 @@ def build_trainer(cfg: TrainConfig, accelerator, components: Components, dataloa
     """Trainable modules, optimizer and lr schedule, all through one ``accelerator.prepare``."""
     from diffusers.optimization import get_scheduler
 
+    dataset = dataloader.dataset
+
     trained = prepare_for_training(
         components, cfg.train_text_encoder, accelerator.device,
         cfg.gradient_checkpointing, cfg.enable_xformers_memory_efficient_attention,
@@ -127,7 +129,7 @@ def build_trainer(cfg: TrainConfig, accelerator, components: Components, dataloa
     encoder = PromptEncoder(trained[1] if cfg.train_text_encoder else components.text_encoder,
                             cfg.train_text_encoder, cfg.text_encoder_use_attention_mask)
     if cfg.pre_compute_text_embeddings:
-        encoder.precompute(dataloader)
+        encoder.precompute(dataset.prompts(), components.tokenizer, cfg.tokenizer_max_length)
         components.text_encoder.to("cpu")
     settings = LossSettings(cfg.prior_loss_weight, cfg.snr_gamma, cfg.offset_noise)
 

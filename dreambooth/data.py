@@ -56,7 +56,9 @@ def load_image(path: str | Path) -> Image.Image:
 def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         pixels = np.asarray(image, dtype=np.float64)
-        peak = 65535.0 if pixels.max() > 255 else 255.0
+        # An I;16 file is 16-bit even when every value fits in 8 bits (a dark scan); the
+        # 32-bit and float modes carry no depth, so their range is guessed from the values.
+        peak = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
         image = Image.fromarray(np.clip(pixels / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
     if image.mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
@@ -132,6 +134,9 @@ class DreamBoothDataset(Dataset):
             raise DreamBoothError("prior preservation is on but there are no class images")
         self.instance, self.prior = instance, prior
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
+
+    def prompts(self) -> list[str]:
+        return [self.instance.prompt] + ([self.prior.prompt] if self.prior else [])
 
     def __len__(self) -> int:
         return max(len(self.instance.paths), len(self.prior.paths) if self.prior else 0)

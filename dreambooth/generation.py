@@ -187,12 +187,25 @@ def save_png_atomically(image: Image.Image, folder: Path, name_for_hash, pnginfo
     return path
 
 
+def launch_state():
+    """accelerate's PartialState for this launch, on the CPU when no accelerator is present.
+
+    PartialState() alone stays single-process on a CPU-only machine even under torchrun or
+    ``accelerate launch --multi_gpu``: every process would then make every image. With
+    ``cpu=True`` it joins the launch through gloo. ``accelerate launch --cpu`` sets
+    ACCELERATE_USE_CPU but starts one process unless given an mpirun hostfile.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    no_accelerator = not (hasattr(torch, "accelerator") and torch.accelerator.is_available())
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or no_accelerator)
+
+
 def generate_class_images(job: ClassImageJob, state=None) -> int:
     """Generate the missing class images, split across the processes of ``state``
     (an accelerate PartialState). Returns how many this process wrote."""
-    from accelerate import PartialState
-
-    state = state or PartialState()
+    state = state or launch_state()
     if state.is_main_process:
         missing_class_indices(job, remove_corrupt=True)
     state.wait_for_everyone()

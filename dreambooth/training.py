@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -73,20 +73,24 @@ class PromptEncoder:
     def __call__(self, batch: dict) -> torch.Tensor:
         if self.trainable:
             return self._encode(batch["input_ids"], batch["attention_mask"])
-        missing = [i for i, prompt in enumerate(batch["prompts"]) if prompt not in self._cache]
+        prompts = batch["prompts"]
+        missing = [prompts.index(prompt) for prompt in dict.fromkeys(prompts) if prompt not in self._cache]
         if missing:
             if self.text_encoder is None:
-                raise DreamBoothError(f"prompt {batch['prompts'][missing[0]]!r} was not pre-computed")
+                raise DreamBoothError(f"prompt {prompts[missing[0]]!r} was not pre-computed")
             with torch.no_grad():
                 encoded = self._encode(batch["input_ids"][missing], batch["attention_mask"][missing])
             for i, embedding in zip(missing, encoded):
-                self._cache.setdefault(batch["prompts"][i], embedding)
-        return torch.stack([self._cache[prompt] for prompt in batch["prompts"]])
+                self._cache[prompts[i]] = embedding
+        return torch.stack([self._cache[prompt] for prompt in prompts])
 
-    def precompute(self, batches: Iterable[dict]) -> None:
-        """Encode every prompt of ``batches`` now and drop the text encoder (frees its memory)."""
-        for batch in batches:
-            self(batch)
+    def precompute(self, prompts: Sequence[str], tokenizer, max_length: int | None = None) -> None:
+        """Encode ``prompts`` now and drop the text encoder, whose memory can then be freed."""
+        from .data import tokenize_prompts
+
+        tokens = tokenize_prompts(tokenizer, prompts, max_length)
+        device = self.text_encoder.device
+        self({"prompts": list(prompts), **{name: value.to(device) for name, value in tokens.items()}})
         self.text_encoder = None
 
 

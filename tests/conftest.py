@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny random-weight pipelines built once per session, offline."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dreambooth.tiny_model import make_tiny_pipeline  # noqa: E402
+
+TOY_SUBJECT = ROOT / "examples" / "toy_subject"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    return str(make_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_v(tmp_path_factory) -> str:
+    return str(make_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd-v", prediction_type="v_prediction"))
+
+
+@pytest.fixture
+def instance_dir(tmp_path) -> Path:
+    folder = tmp_path / "instance"
+    shutil.copytree(TOY_SUBJECT, folder)
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each in-process run builds its own Accelerator, as a fresh process would."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def train_args(model: str, instance: Path, output: Path, *extra: str) -> list[str]:
+    """A fast tiny-model training command line; ``extra`` flags override."""
+    return [
+        "--pretrained_model_name_or_path", model,
+        "--instance_data_dir", str(instance),
+        "--instance_prompt", "a photo of sks toy",
+        "--output_dir", str(output),
+        "--resolution", "32",
+        "--train_batch_size", "1",
+        "--max_train_steps", "2",
+        "--learning_rate", "1e-4",
+        "--lr_warmup_steps", "0",
+        "--report_to", "none",
+        "--seed", "0",
+        *extra,
+    ]

@@ -1,0 +1,83 @@
+"""Configuration: YAML + CLI precedence, unknown keys, wrong types, the saved config."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+
+from dreambooth.config import TrainConfig, config_to_dict, parse_config
+from dreambooth.errors import DreamBoothError
+
+
+def write_yaml(path, values) -> str:
+    path.write_text(yaml.safe_dump(values))
+    return str(path)
+
+
+def test_cli_wins_over_yaml(tmp_path):
+    config = write_yaml(tmp_path / "run.yaml", {
+        "learning_rate": 1e-3, "max_train_steps": 7, "with_prior_preservation": True, "instance_prompt": "a sks toy",
+    })
+    cfg = parse_config(TrainConfig, ["--config", config, "--max_train_steps", "3"])
+    assert cfg.learning_rate == 1e-3
+    assert cfg.max_train_steps == 3
+    assert cfg.with_prior_preservation is True
+    assert cfg.instance_prompt == "a sks toy"
+    assert cfg.train_batch_size == TrainConfig().train_batch_size
+
+
+def test_yaml_booleans_can_be_turned_off_from_the_cli(tmp_path):
+    config = write_yaml(tmp_path / "run.yaml", {"center_crop": True})
+    assert parse_config(TrainConfig, ["--config", config]).center_crop is True
+    assert parse_config(TrainConfig, ["--config", config, "--center_crop", "false"]).center_crop is False
+
+
+def test_unknown_yaml_key_is_named(tmp_path):
+    config = write_yaml(tmp_path / "run.yaml", {"learning_rate": 1e-4, "learning_rat": 1e-4})
+    with pytest.raises(DreamBoothError, match="unknown key 'learning_rat'"):
+        parse_config(TrainConfig, ["--config", config])
+
+
+def test_wrong_type_in_yaml_names_file_and_flag(tmp_path):
+    config = write_yaml(tmp_path / "run.yaml", {"max_train_steps": "many"})
+    with pytest.raises(DreamBoothError, match=r"run\.yaml.*--max_train_steps"):
+        parse_config(TrainConfig, ["--config", config])
+
+
+def test_unknown_flag_is_named():
+    with pytest.raises(DreamBoothError, match="--learning_rat"):
+        parse_config(TrainConfig, ["--learning_rat", "1e-4"])
+
+
+def test_missing_and_invalid_yaml_files(tmp_path):
+    with pytest.raises(DreamBoothError, match="file not found"):
+        parse_config(TrainConfig, ["--config", str(tmp_path / "nope.yaml")])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rate: [1, 2\n")
+    with pytest.raises(DreamBoothError, match="not valid YAML"):
+        parse_config(TrainConfig, ["--config", str(bad)])
+
+
+def test_diffusers_flag_spellings_parse_unchanged():
+    # The arguments of diffusers' examples/dreambooth/test_dreambooth.py, both spellings.
+    argv = """--pretrained_model_name_or_path hf-internal-testing/tiny-stable-diffusion-pipe
+        --instance_data_dir docs/source/en/imgs --instance_prompt photo --resolution 64
+        --train_batch_size 1 --gradient_accumulation_steps 1 --max_train_steps 2 --learning_rate 5.0e-04
+        --scale_lr --lr_scheduler constant --lr_warmup_steps 0 --output_dir out --seed=0
+        --pre_compute_text_embeddings --tokenizer_max_length=77 --text_encoder_use_attention_mask""".split()
+    cfg = parse_config(TrainConfig, argv)
+    assert (cfg.learning_rate, cfg.scale_lr, cfg.seed, cfg.tokenizer_max_length) == (5e-4, True, 0, 77)
+
+
+def test_config_is_frozen_and_dumps_to_plain_yaml():
+    cfg = parse_config(TrainConfig, ["--instance_prompt", "a sks toy"])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.learning_rate = 1.0
+    assert yaml.safe_load(yaml.safe_dump(config_to_dict(cfg)))["instance_prompt"] == "a sks toy"
+
+
+def test_every_flag_has_help():
+    for field in dataclasses.fields(TrainConfig):
+        assert field.metadata.get("help"), field.name

@@ -1,0 +1,404 @@
+"""dreambooth/data.py: what a folder of user images turns into, down to the pixel."""
+
+from __future__ import annotations
+
+import logging
+import re
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dreambooth.data import (
+    DreamBoothCollator,
+    DreamBoothDataset,
+    ImageSet,
+    check_image_folder,
+    image_to_tensor,
+    list_image_files,
+    load_image,
+)
+from dreambooth.errors import DreamBoothError
+
+RED, GREEN, BLUE, WHITE, BLACK = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255), (0, 0, 0)
+EXIF_ORIENTATION = 0x0112
+
+
+def solid(path: Path, colour=RED, size=(16, 16)) -> Path:
+    Image.new("RGB", size, colour).save(path)
+    return path
+
+
+def halves(width: int, height: int, left=RED, right=BLUE) -> Image.Image:
+    pixels = np.zeros((height, width, 3), np.uint8)
+    pixels[:, : width // 2] = left
+    pixels[:, width // 2 :] = right
+    return Image.fromarray(pixels)
+
+
+def pixel(image: Image.Image, x: int, y: int) -> np.ndarray:
+    return np.asarray(image)[y, x].astype(int)
+
+
+def assert_close(actual, expected, tolerance=0):
+    assert np.abs(np.asarray(actual, int) - np.asarray(expected, int)).max() <= tolerance, (actual, expected)
+
+
+# load_image
+
+
+@pytest.mark.parametrize("orientation, top, bottom", [(6, RED, BLUE), (8, BLUE, RED)])
+def test_load_image_applies_exif_orientation(tmp_path, orientation, top, bottom):
+    # Stored 32 wide, 16 high, red left, blue right. Orientation 6 is displayed turned 90
+    # degrees clockwise (left edge goes to the top), 8 counter-clockwise (left goes to the bottom).
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = orientation
+    path = tmp_path / "phone.jpg"
+    halves(32, 16).save(path, quality=95, exif=exif.tobytes())
+
+    image = load_image(path)
+
+    assert image.mode == "RGB" and image.size == (16, 32)
+    assert_close(pixel(image, 8, 4), top, tolerance=40)
+    assert_close(pixel(image, 8, 27), bottom, tolerance=40)
+
+
+def test_load_image_composites_transparency_on_white(tmp_path):
+    pixels = np.zeros((8, 8, 4), np.uint8)
+    pixels[:, :4] = (0, 0, 0, 0)  # fully transparent black
+    pixels[:, 4:6] = (0, 0, 255, 255)  # opaque blue
+    pixels[:, 6:] = (255, 0, 0, 128)  # half-transparent red
+    path = tmp_path / "cutout.png"
+    Image.fromarray(pixels, "RGBA").save(path)
+
+    image = load_image(path)
+
+    assert image.mode == "RGB"
+    assert_close(pixel(image, 1, 1), WHITE)
+    assert_close(pixel(image, 4, 1), BLUE)
+    assert_close(pixel(image, 7, 1), (255, 127, 127), tolerance=1)
+
+
+def test_load_image_grayscale(tmp_path):
+    path = tmp_path / "gray.png"
+    Image.new("L", (8, 8), 100).save(path)
+
+    image = load_image(path)
+
+    assert image.mode == "RGB"
+    assert np.array_equal(np.asarray(image), np.full((8, 8, 3), 100, np.uint8))
+
+
+def palette_image() -> Image.Image:
+    image = Image.new("P", (8, 8), 0)
+    image.putpalette([*RED, *GREEN, *BLUE] + [0] * (256 - 3) * 3)
+    image.paste(1, (0, 0, 4, 8))
+    image.paste(2, (4, 0, 8, 8))
+    return image
+
+
+def test_load_image_palette(tmp_path):
+    path = tmp_path / "palette.png"
+    palette_image().save(path)
+
+    image = load_image(path)
+
+    assert image.mode == "RGB"
+    assert_close(pixel(image, 0, 0), GREEN)
+    assert_close(pixel(image, 7, 7), BLUE)
+
+
+def test_load_image_palette_with_transparent_index_becomes_white(tmp_path):
+    path = tmp_path / "palette.png"
+    palette_image().save(path, transparency=1)
+
+    image = load_image(path)
+
+    assert image.mode == "RGB"
+    assert_close(pixel(image, 0, 0), WHITE)
+    assert_close(pixel(image, 7, 7), BLUE)
+
+
+def test_load_image_cmyk_jpeg(tmp_path):
+    path = tmp_path / "print.jpg"
+    Image.new("CMYK", (16, 16), (0, 255, 255, 0)).save(path, quality=95)
+    assert Image.open(path).mode == "CMYK"
+
+    image = load_image(path)
+
+    assert image.mode == "RGB"
+    assert_close(pixel(image, 8, 8), RED, tolerance=10)
+
+
+def test_load_image_16_bit_grayscale_is_rescaled_to_8_bit(tmp_path):
+    values = np.array([[65535, 32768, 257, 200, 0]], np.uint16).repeat(4, axis=0)
+    path = tmp_path / "scan16.png"
+    Image.fromarray(values).save(path)
+    assert Image.open(path).mode.startswith("I")
+
+    image = load_image(path)
+
+    assert image.mode == "RGB"
+    assert np.asarray(image)[0, :, 0].tolist() == [255, 128, 1, 1, 0]
+    assert np.array_equal(np.asarray(image)[..., 0], np.asarray(image)[..., 2])
+
+
+def test_load_image_dark_16_bit_image_stays_dark(tmp_path):
+    # Every value is at most 255 here, yet the file is 16-bit: 255 of 65535 is near black.
+    path = tmp_path / "dark16.png"
+    Image.fromarray(np.full((4, 4), 255, np.uint16)).save(path)
+
+    assert np.asarray(load_image(path)).max() == 1
+
+
+def encoded(image_format: str) -> bytes:
+    buffer = BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8)).save(buffer, image_format)
+    return buffer.getvalue()
+
+
+def first_half(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("empty.png", lambda: b""),
+        ("half.png", lambda: first_half(encoded("PNG"))),
+        ("half.jpg", lambda: first_half(encoded("JPEG"))),
+        ("noise.png", lambda: np.random.default_rng(0).integers(0, 256, 512, np.uint8).tobytes()),
+    ],
+)
+def test_load_image_bad_file_is_a_user_error_naming_it(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content())
+
+    with pytest.raises(DreamBoothError, match=re.escape(name)):
+        load_image(path)
+
+
+# list_image_files
+
+
+def test_list_image_files_accepts_extensions_in_any_case_sorted(tmp_path, caplog):
+    names = ["a.jpg", "b.JPEG", "c.png", "D.PNG", "e.webp", "f.Bmp", "g.jpeg"]
+    for name in names + ["notes.txt", ".hidden.png"]:
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "album.png").mkdir()
+    solid(tmp_path / "album.png" / "inner.png")
+
+    with caplog.at_level(logging.WARNING, logger="dreambooth.data"):
+        images = list_image_files(tmp_path, "--instance_data_dir")
+
+    assert [path.name for path in images] == sorted(names)
+    assert all(path.parent == tmp_path for path in images)
+    warnings = [record for record in caplog.records if record.name == "dreambooth.data"]
+    assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
+    message = warnings[0].getMessage()
+    assert "notes.txt" in message and "--instance_data_dir" in message
+    assert "hidden" not in message and "album" not in message
+
+
+def test_list_image_files_without_strays_logs_nothing(tmp_path, caplog):
+    solid(tmp_path / "a.png")
+    with caplog.at_level(logging.WARNING, logger="dreambooth.data"):
+        assert list_image_files(tmp_path, "--instance_data_dir") == [tmp_path / "a.png"]
+    assert not caplog.records
+
+
+def test_list_image_files_missing_folder_names_the_flag(tmp_path):
+    with pytest.raises(DreamBoothError, match="--class_data_dir"):
+        list_image_files(tmp_path / "missing", "--class_data_dir")
+
+
+# check_image_folder
+
+
+def test_check_image_folder_empty_is_an_error(tmp_path):
+    (tmp_path / "readme.txt").write_text("no pictures here")
+    with pytest.raises(DreamBoothError, match="--instance_data_dir.*no images"):
+        check_image_folder(tmp_path, "--instance_data_dir", 16)
+
+
+def test_check_image_folder_empty_is_allowed_when_asked(tmp_path):
+    assert check_image_folder(tmp_path, "--class_data_dir", 16, allow_empty=True) == []
+
+
+def test_check_image_folder_names_the_corrupt_file(tmp_path):
+    solid(tmp_path / "good.png")
+    (tmp_path / "broken.jpg").write_bytes(encoded("JPEG")[:100])
+
+    with pytest.raises(DreamBoothError, match=re.escape("broken.jpg")):
+        check_image_folder(tmp_path, "--instance_data_dir", 16)
+
+
+def test_check_image_folder_warns_about_small_images(tmp_path, caplog):
+    solid(tmp_path / "big.png", size=(32, 40))
+    solid(tmp_path / "thin.png", size=(64, 20))
+    solid(tmp_path / "tiny.png", size=(8, 8))
+
+    with caplog.at_level(logging.WARNING, logger="dreambooth.data"):
+        images = check_image_folder(tmp_path, "--instance_data_dir", 32)
+
+    assert [path.name for path in images] == ["big.png", "thin.png", "tiny.png"]
+    message = " ".join(record.getMessage() for record in caplog.records if record.name == "dreambooth.data")
+    assert "thin.png" in message and "tiny.png" in message and "big.png" not in message
+
+
+# image_to_tensor
+
+
+@pytest.mark.parametrize("size", [(32, 32), (40, 24), (24, 50)])
+def test_image_to_tensor_shape_dtype_and_range(size):
+    rgb = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), np.uint8)
+    tensor = image_to_tensor(Image.fromarray(rgb), 16, center_crop=False, random_flip=True)
+
+    assert tensor.shape == (3, 16, 16) and tensor.dtype == torch.float32
+    assert tensor.min() >= -1.0 and tensor.max() <= 1.0
+
+
+@pytest.mark.parametrize("colour, value", [(WHITE, 1.0), (BLACK, -1.0)])
+def test_image_to_tensor_maps_white_to_one_and_black_to_minus_one(colour, value):
+    tensor = image_to_tensor(Image.new("RGB", (24, 20), colour), 16, center_crop=True, random_flip=False)
+    assert torch.equal(tensor, torch.full((3, 16, 16), value))
+
+
+def test_image_to_tensor_center_crop_keeps_the_middle():
+    # 96x32 at resolution 32: no resize, the center crop is exactly the green middle third.
+    pixels = np.zeros((32, 96, 3), np.uint8)
+    pixels[:] = RED
+    pixels[:, 32:64] = GREEN
+    tensor = image_to_tensor(Image.fromarray(pixels), 32, center_crop=True, random_flip=False)
+
+    green = torch.tensor([-1.0, 1.0, -1.0]).view(3, 1, 1).expand(3, 32, 32)
+    assert torch.equal(tensor, green)
+
+
+def gradient_image(width=64, height=48) -> Image.Image:
+    x = np.linspace(0, 255, width, dtype=np.float32)[None, :].repeat(height, 0)
+    y = np.linspace(0, 255, height, dtype=np.float32)[:, None].repeat(width, 1)
+    return Image.fromarray(np.stack([x, y, 255 - x], axis=-1).astype(np.uint8))
+
+
+def test_image_to_tensor_random_crop_is_reproducible_for_a_seed():
+    def crop(seed):
+        generator = torch.Generator().manual_seed(seed)
+        return image_to_tensor(gradient_image(), 16, center_crop=False, random_flip=False, generator=generator)
+
+    assert torch.equal(crop(7), crop(7))
+    assert any(not torch.equal(crop(0), crop(seed)) for seed in range(1, 10))
+
+
+def test_image_to_tensor_random_flip_mirrors_along_width():
+    results = [
+        image_to_tensor(gradient_image(), 16, center_crop=True, random_flip=True,
+                        generator=torch.Generator().manual_seed(seed))
+        for seed in range(20)
+    ]
+    unflipped = image_to_tensor(gradient_image(), 16, center_crop=True, random_flip=False)
+    flipped = torch.flip(unflipped, dims=[2])
+
+    assert any(torch.equal(result, unflipped) for result in results)
+    assert any(torch.equal(result, flipped) for result in results)
+    assert all(torch.equal(result, unflipped) or torch.equal(result, flipped) for result in results)
+
+
+# DreamBoothDataset + DreamBoothCollator
+
+RESOLUTION = 16
+INSTANCE_PROMPT, CLASS_PROMPT = "a photo of sks dog", "a photo of a dog"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model, subfolder="tokenizer")
+
+
+def image_set(folder: Path, colours, prompt: str) -> ImageSet:
+    folder.mkdir()
+    for index, colour in enumerate(colours):
+        solid(folder / f"{index:02d}.png", colour, size=(24, 20))
+    return ImageSet(tuple(list_image_files(folder, "--data_dir")), prompt)
+
+
+def expected_pixels(path: Path) -> torch.Tensor:
+    return image_to_tensor(load_image(path), RESOLUTION, center_crop=True, random_flip=False)
+
+
+@pytest.mark.parametrize("instances, classes", [(3, 5), (4, 2), (3, 0)])
+def test_dataset_length_is_the_larger_set(tmp_path, instances, classes):
+    instance = image_set(tmp_path / "instance", [RED] * instances, INSTANCE_PROMPT)
+    prior = image_set(tmp_path / "class", [BLUE] * classes, CLASS_PROMPT) if classes else None
+
+    assert len(DreamBoothDataset(instance, RESOLUTION, prior=prior)) == max(instances, classes)
+
+
+def test_dataset_item_cycles_the_smaller_set(tmp_path):
+    instance = image_set(tmp_path / "instance", [RED, GREEN, BLUE], INSTANCE_PROMPT)
+    prior = image_set(tmp_path / "class", [BLACK, WHITE, (10, 20, 30), (40, 50, 60), (70, 80, 90)], CLASS_PROMPT)
+    dataset = DreamBoothDataset(instance, RESOLUTION, center_crop=True, prior=prior)
+
+    item = dataset[4]
+
+    assert torch.equal(item["instance"]["pixel_values"], expected_pixels(instance.paths[1]))
+    assert torch.equal(item["class"]["pixel_values"], expected_pixels(prior.paths[4]))
+    assert item["instance"]["prompt"] == INSTANCE_PROMPT and item["class"]["prompt"] == CLASS_PROMPT
+
+
+def test_dataset_rejects_empty_image_sets(tmp_path):
+    instance = image_set(tmp_path / "instance", [RED], INSTANCE_PROMPT)
+    with pytest.raises(DreamBoothError, match="instance"):
+        DreamBoothDataset(ImageSet((), INSTANCE_PROMPT), RESOLUTION)
+    with pytest.raises(DreamBoothError, match="class images"):
+        DreamBoothDataset(instance, RESOLUTION, prior=ImageSet((), CLASS_PROMPT))
+
+
+def expected_ids(tokenizer, prompts) -> torch.Tensor:
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
+    return torch.tensor(ids)
+
+
+def test_prior_preservation_batch_is_instance_then_class(tmp_path, tokenizer):
+    instance = image_set(tmp_path / "instance", [RED, GREEN], INSTANCE_PROMPT)
+    prior = image_set(tmp_path / "class", [BLUE, WHITE, BLACK], CLASS_PROMPT)
+    dataset = DreamBoothDataset(instance, RESOLUTION, center_crop=True, prior=prior)
+
+    batch = DreamBoothCollator(tokenizer)([dataset[0], dataset[1]])
+
+    assert batch["pixel_values"].shape == (4, 3, RESOLUTION, RESOLUTION)
+    expected = [instance.paths[0], instance.paths[1], prior.paths[0], prior.paths[1]]
+    for row, path in zip(batch["pixel_values"], expected):
+        assert torch.equal(row, expected_pixels(path))
+    assert batch["prompts"] == [INSTANCE_PROMPT, INSTANCE_PROMPT, CLASS_PROMPT, CLASS_PROMPT]
+    assert batch["num_instance"] == 2
+    assert batch["input_ids"].shape == (4, tokenizer.model_max_length)
+    assert torch.equal(batch["input_ids"], expected_ids(tokenizer, batch["prompts"]))
+    assert torch.equal(batch["input_ids"][0], batch["input_ids"][1])
+    assert not torch.equal(batch["input_ids"][1], batch["input_ids"][2])
+    assert batch["attention_mask"].shape == batch["input_ids"].shape
+
+
+def test_batch_without_prior_is_only_the_instance_part(tmp_path, tokenizer):
+    instance = image_set(tmp_path / "instance", [RED, GREEN], INSTANCE_PROMPT)
+    dataset = DreamBoothDataset(instance, RESOLUTION, center_crop=True)
+
+    batch = DreamBoothCollator(tokenizer)([dataset[0], dataset[1]])
+
+    assert batch["pixel_values"].shape == (2, 3, RESOLUTION, RESOLUTION)
+    assert torch.equal(batch["pixel_values"][1], expected_pixels(instance.paths[1]))
+    assert batch["prompts"] == [INSTANCE_PROMPT, INSTANCE_PROMPT]
+    assert batch["num_instance"] == 2
+    assert torch.equal(batch["input_ids"], expected_ids(tokenizer, batch["prompts"]))
+
+
+def test_collator_max_length_overrides_the_tokenizer(tmp_path, tokenizer):
+    instance = image_set(tmp_path / "instance", [RED], INSTANCE_PROMPT)
+    batch = DreamBoothCollator(tokenizer, max_length=8)([DreamBoothDataset(instance, RESOLUTION)[0]])
+
+    assert batch["input_ids"].shape == (1, 8)

@@ -1,0 +1,117 @@
+"""The objective against hand computations: DreamBooth loss, targets, Min-SNR weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dreambooth.data import tokenize_prompts
+from dreambooth.models import load_components
+from dreambooth.training import (
+    LossSettings,
+    PromptEncoder,
+    diffusion_target,
+    dreambooth_loss,
+    min_snr_weights,
+    training_loss,
+)
+
+
+def scaled_linear_alphas_cumprod(steps: int = 1000) -> torch.Tensor:
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, steps, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+@pytest.fixture(scope="module")
+def components(tiny_model):
+    return load_components(tiny_model)
+
+
+def prior_batch(tokenizer, resolution: int = 32) -> dict:
+    generator = torch.Generator().manual_seed(3)
+    prompts = ["a photo of sks toy", "a photo of sks toy", "a photo of a toy", "a photo of a toy"]
+    batch = {"pixel_values": torch.rand(4, 3, resolution, resolution, generator=generator) * 2 - 1,
+             "prompts": prompts, "num_instance": 2}
+    batch.update(tokenize_prompts(tokenizer, prompts))
+    return batch
+
+
+def test_one_step_loss_matches_hand_computation(components):
+    batch = prior_batch(components.tokenizer)
+    encoder = PromptEncoder(components.text_encoder, trainable=False)
+    torch.manual_seed(11)
+    with torch.no_grad():
+        losses = training_loss(batch, components.unet, components.vae, components.noise_scheduler, encoder,
+                               LossSettings(prior_loss_weight=0.7))
+
+    # By hand, drawing the same random numbers in the same order.
+    torch.manual_seed(11)
+    with torch.no_grad():
+        latents = components.vae.encode(batch["pixel_values"]).latent_dist.sample() * components.vae.config.scaling_factor
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, 1000, (4,))
+        alpha_bar = scaled_linear_alphas_cumprod()[timesteps].float().view(4, 1, 1, 1)
+        noisy = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * noise
+        text = components.text_encoder(batch["input_ids"])[0]
+        prediction = components.unet(noisy, timesteps, text).sample
+    instance_mse = ((prediction[:2] - noise[:2]) ** 2).mean()
+    class_mse = ((prediction[2:] - noise[2:]) ** 2).mean()
+
+    torch.testing.assert_close(losses["instance_loss"], instance_mse, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses["prior_loss"], class_mse, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses["loss"], instance_mse + 0.7 * class_mse, rtol=1e-5, atol=1e-6)
+
+
+def test_loss_without_prior_is_the_plain_mse():
+    prediction, target = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    losses = dreambooth_loss(prediction, target, num_instance=3, prior_loss_weight=5.0)
+    torch.testing.assert_close(losses["loss"], ((prediction - target) ** 2).mean())
+    assert "prior_loss" not in losses
+
+
+def test_instance_then_class_split_and_prior_weight():
+    prediction = torch.zeros(4, 1, 2, 2)
+    target = torch.tensor([1.0, 1.0, 2.0, 2.0]).view(4, 1, 1, 1).expand(4, 1, 2, 2)
+    losses = dreambooth_loss(prediction, target, num_instance=2, prior_loss_weight=0.5)
+    assert losses["instance_loss"].item() == pytest.approx(1.0)
+    assert losses["prior_loss"].item() == pytest.approx(4.0)
+    assert losses["loss"].item() == pytest.approx(1.0 + 0.5 * 4.0)
+
+
+def test_v_prediction_target(tiny_model_v):
+    scheduler = load_components(tiny_model_v).noise_scheduler
+    latents, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    timesteps = torch.tensor([10, 500, 990])
+    alpha_bar = scaled_linear_alphas_cumprod()[timesteps].float().view(3, 1, 1, 1)
+    expected = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents
+    torch.testing.assert_close(diffusion_target(scheduler, latents, noise, timesteps), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_epsilon_target_is_the_noise(components):
+    noise = torch.randn(2, 4, 8, 8)
+    assert diffusion_target(components.noise_scheduler, torch.randn(2, 4, 8, 8), noise, torch.tensor([1, 2])) is noise
+
+
+def test_min_snr_weights(components, tiny_model_v):
+    timesteps = torch.tensor([0, 100, 500, 999])
+    alpha_bar = scaled_linear_alphas_cumprod()[timesteps]
+    snr = alpha_bar / (1 - alpha_bar)
+    gamma = 5.0
+    epsilon = min_snr_weights(components.noise_scheduler, timesteps, gamma)
+    torch.testing.assert_close(epsilon.double(), torch.clamp(snr, max=gamma) / snr, rtol=1e-4, atol=0)
+    velocity = min_snr_weights(load_components(tiny_model_v).noise_scheduler, timesteps, gamma)
+    torch.testing.assert_close(velocity.double(), torch.clamp(snr, max=gamma) / (snr + 1), rtol=1e-4, atol=0)
+
+
+def test_frozen_prompt_encoder_caches_each_prompt_once(components):
+    calls = []
+    text_encoder = components.text_encoder
+    encoder = PromptEncoder(text_encoder, trainable=False)
+    original = encoder._encode
+    encoder._encode = lambda ids, mask: calls.append(len(ids)) or original(ids, mask)
+    batch = prior_batch(components.tokenizer)
+    first, second = encoder(batch), encoder(batch)
+    assert calls == [2]  # two distinct prompts, encoded on first sight only
+    torch.testing.assert_close(first, second)
+    with torch.no_grad():
+        torch.testing.assert_close(first, text_encoder(batch["input_ids"])[0])

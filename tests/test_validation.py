@@ -1,0 +1,109 @@
+"""Bad input to train_dreambooth.py: one-line errors naming the problem, before any model loads."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import train_dreambooth
+from conftest import ROOT, train_args
+from dreambooth.errors import DreamBoothError
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Validation must fail before any weights are read."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before validation finished")
+
+    monkeypatch.setattr(train_dreambooth, "load_components", refuse)
+    monkeypatch.setattr(train_dreambooth, "top_up_class_images", refuse)
+
+
+def run_expecting_error(argv, pattern):
+    with pytest.raises(DreamBoothError, match=pattern) as caught:
+        train_dreambooth.main(argv)
+    assert "\n" not in str(caught.value)
+
+
+def test_missing_instance_dir(tiny_model, tmp_path, no_model_loading):
+    run_expecting_error(train_args(tiny_model, tmp_path / "nope", tmp_path / "out"), r"--instance_data_dir .*not found")
+
+
+def test_empty_instance_dir(tiny_model, tmp_path, no_model_loading):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("no pictures here")
+    run_expecting_error(train_args(tiny_model, tmp_path / "empty", tmp_path / "out"), "no images")
+
+
+def test_resolution_not_a_multiple_of_8(tiny_model, instance_dir, tmp_path, no_model_loading):
+    run_expecting_error(train_args(tiny_model, instance_dir, tmp_path / "out", "--resolution", "30"),
+                        r"--resolution 30: must be a positive multiple of 8")
+
+
+@pytest.mark.parametrize("missing, pattern", [
+    (["--class_prompt", "a photo of a toy"], "needs --class_data_dir"),
+    (["--class_data_dir", "classes"], "needs --class_prompt"),
+])
+def test_prior_preservation_needs_class_prompt_and_dir(tiny_model, instance_dir, tmp_path, no_model_loading,
+                                                       missing, pattern):
+    run_expecting_error(train_args(tiny_model, instance_dir, tmp_path / "out", "--with_prior_preservation", *missing),
+                        pattern)
+
+
+def test_empty_instance_prompt(tiny_model, instance_dir, tmp_path, no_model_loading):
+    run_expecting_error(train_args(tiny_model, instance_dir, tmp_path / "out", "--instance_prompt", "  "),
+                        "--instance_prompt")
+
+
+def test_output_dir_not_writable(tiny_model, instance_dir, tmp_path, no_model_loading):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    run_expecting_error(train_args(tiny_model, instance_dir, blocker / "out"), r"--output_dir .*not writable")
+    run_expecting_error(train_args(tiny_model, instance_dir, blocker), r"--output_dir .*not a folder")
+
+
+@pytest.mark.parametrize("model, pattern", [
+    ("{tmp}", "no model_index.json"),
+    ("./no/such/folder", "no such folder"),
+    ("not a hub id!", "not a Hub id"),
+])
+def test_model_that_is_neither_folder_nor_hub_id(instance_dir, tmp_path, no_model_loading, model, pattern):
+    run_expecting_error(train_args(model.format(tmp=tmp_path), instance_dir, tmp_path / "out"), pattern)
+
+
+@pytest.mark.parametrize("content", [b"", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, b"not an image at all"])
+def test_bad_image_is_named(tiny_model, instance_dir, tmp_path, no_model_loading, content):
+    (instance_dir / "broken.png").write_bytes(content)
+    run_expecting_error(train_args(tiny_model, instance_dir, tmp_path / "out"), "broken.png")
+
+
+def test_truncated_image_is_named(tiny_model, instance_dir, tmp_path, no_model_loading):
+    data = (instance_dir / "toy_01.png").read_bytes()
+    (instance_dir / "toy_01.png").write_bytes(data[: len(data) // 2])
+    run_expecting_error(train_args(tiny_model, instance_dir, tmp_path / "out"), "toy_01.png")
+
+
+def test_fp16_on_cpu_is_refused(tiny_model, instance_dir, tmp_path, no_model_loading):
+    run_expecting_error(train_args(tiny_model, instance_dir, tmp_path / "out", "--mixed_precision", "fp16"),
+                        "fp16 needs a GPU")
+
+
+def test_non_image_files_are_skipped_with_a_warning(tiny_model, instance_dir, tmp_path, capfd):
+    (instance_dir / "notes.txt").write_text("shot on a sunny day")
+    train_dreambooth.main(train_args(tiny_model, instance_dir, tmp_path / "out", "--max_train_steps", "1"))
+    assert "WARNING: --instance_data_dir" in capfd.readouterr().err
+    assert (tmp_path / "out" / "unet").is_dir()
+
+
+def test_command_line_error_is_one_line_without_traceback(tiny_model, instance_dir, tmp_path):
+    command = [sys.executable, str(ROOT / "train_dreambooth.py"),
+               *train_args(tiny_model, instance_dir, tmp_path / "out", "--resolution", "30")]
+    result = subprocess.run(command, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "error: --resolution 30: must be a positive multiple of 8"
