@@ -19,6 +19,8 @@ def setup_logging(verbose: bool = True) -> None:
     package.propagate = False
     # transformers warns on every import that torchvision is absent; the PIL fallback is what we want.
     logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
+    # bitsandbytes, imported by diffusers when installed, warns on CPU-only machines about optional kernels.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
 def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:

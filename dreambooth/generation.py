@@ -210,6 +210,8 @@ def generate_class_images(job: ClassImageJob, state=None) -> int:
         missing_class_indices(job, remove_corrupt=True)
     state.wait_for_everyone()
     missing = missing_class_indices(job)
+    # Every process reads the folder before any of them writes to it, so all agree on the list.
+    state.wait_for_everyone()
     if not missing:
         return 0
     # Batches are cut from the global list before being dealt out, so each image is made in the

@@ -126,6 +126,9 @@ def make_tiny_pipeline(output_dir: str | Path, prediction_type: str = "epsilon",
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
+    from .cli import setup_logging
+
+    setup_logging()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output_dir", help="folder to write the pipeline to")
     parser.add_argument("--prediction_type", choices=["epsilon", "v_prediction"], default="epsilon")

@@ -125,7 +125,8 @@ def test_load_image_palette_with_transparent_index_becomes_white(tmp_path):
 def test_load_image_cmyk_jpeg(tmp_path):
     path = tmp_path / "print.jpg"
     Image.new("CMYK", (16, 16), (0, 255, 255, 0)).save(path, quality=95)
-    assert Image.open(path).mode == "CMYK"
+    with Image.open(path) as stored:
+        assert stored.mode == "CMYK"
 
     image = load_image(path)
 
@@ -137,7 +138,8 @@ def test_load_image_16_bit_grayscale_is_rescaled_to_8_bit(tmp_path):
     values = np.array([[65535, 32768, 257, 200, 0]], np.uint16).repeat(4, axis=0)
     path = tmp_path / "scan16.png"
     Image.fromarray(values).save(path)
-    assert Image.open(path).mode.startswith("I")
+    with Image.open(path) as stored:
+        assert stored.mode.startswith("I;16")
 
     image = load_image(path)
 

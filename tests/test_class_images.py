@@ -1,0 +1,194 @@
+"""Class-image top-up: only the missing images, resumable, deterministic, split across processes."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import generate_class_images
+from conftest import ROOT
+from dreambooth.data import load_image
+from dreambooth.errors import DreamBoothError
+
+CLASS_IMAGE_NAME = re.compile(r"(\d{5})-([0-9a-f]{12})\.png")
+
+
+def class_args(model: str, folder: Path, *extra: str) -> list[str]:
+    """A fast tiny-model command line for 4 images in batches of 2; ``extra`` flags override."""
+    return [
+        "--pretrained_model_name_or_path", model,
+        "--class_prompt", "a photo of a toy",
+        "--class_data_dir", str(folder),
+        "--num_class_images", "4",
+        "--resolution", "32",
+        "--num_inference_steps", "2",
+        "--sample_batch_size", "2",
+        "--seed", "0",
+        *extra,
+    ]
+
+
+def contents(folder: Path) -> dict[str, bytes]:
+    """Every file of ``folder``, hidden ones included, by name."""
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+def generated_indices(names) -> list[int]:
+    """Indices of our class images, after checking each name against its content hash."""
+    indices = []
+    for name in names:
+        match = CLASS_IMAGE_NAME.fullmatch(name)
+        assert match, f"unexpected file {name}"
+        indices.append(int(match.group(1)))
+    return indices
+
+
+def assert_names_match_hashes(folder: Path) -> None:
+    for path in folder.iterdir():
+        match = CLASS_IMAGE_NAME.fullmatch(path.name)
+        if match:
+            assert hashlib.sha1(path.read_bytes()).hexdigest()[:12] == match.group(2), path.name
+
+
+def write_user_image(path: Path, color: tuple[int, int, int]) -> bytes:
+    Image.new("RGB", (40, 40), color).save(path)
+    return path.read_bytes()
+
+
+@pytest.fixture
+def generation_log(caplog):
+    """caplog for 'dreambooth.generation': setup_logging stops our records before the root logger."""
+    logger = logging.getLogger("dreambooth.generation")
+    logger.addHandler(caplog.handler)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
+def test_top_up_generates_only_the_missing_images(tiny_model, tmp_path):
+    folder = tmp_path / "class"
+    folder.mkdir()
+    user_images = {
+        "mine1.png": write_user_image(folder / "mine1.png", (200, 30, 30)),
+        "mine2.png": write_user_image(folder / "mine2.png", (30, 30, 200)),
+    }
+
+    written = generate_class_images.main(class_args(tiny_model, folder, "--num_class_images", "5"))
+
+    after = contents(folder)
+    new_names = sorted(set(after) - set(user_images))
+    assert written == 3
+    assert len(new_names) == 3
+    assert sorted(generated_indices(new_names)) == [0, 1, 2]
+    assert {name: after[name] for name in user_images} == user_images
+    assert_names_match_hashes(folder)
+    assert all(load_image(folder / name).size == (32, 32) for name in new_names)
+
+
+def test_rerun_generates_nothing(tiny_model, tmp_path):
+    folder = tmp_path / "class"
+    generate_class_images.main(class_args(tiny_model, folder))
+    before = {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in folder.iterdir()}
+
+    written = generate_class_images.main(class_args(tiny_model, folder))
+
+    assert written == 0
+    assert {path.name: (path.read_bytes(), path.stat().st_mtime_ns) for path in folder.iterdir()} == before
+
+
+def test_corrupt_image_is_reported_and_replaced(tiny_model, tmp_path, generation_log):
+    folder = tmp_path / "class"
+    generate_class_images.main(class_args(tiny_model, folder, "--num_class_images", "3"))
+    original = contents(folder)
+    # Image 2 was made alone (batches of 2); remade alone, it comes out bit for bit the same.
+    truncated = next(folder.glob("00002-*.png"))
+    truncated.write_bytes(original[truncated.name][:40])
+    (folder / "junk.png").write_bytes(b"not a png at all")
+
+    written = generate_class_images.main(class_args(tiny_model, folder, "--num_class_images", "3"))
+
+    warnings = [record.getMessage() for record in generation_log.records
+                if record.name == "dreambooth.generation" and record.levelno == logging.WARNING]
+    assert any(truncated.name in message for message in warnings)
+    assert any("junk.png" in message for message in warnings)
+    assert written == 1
+    assert sorted(generated_indices(contents(folder))) == [0, 1, 2]
+    assert all(load_image(path) for path in folder.iterdir())
+    assert contents(folder) == original
+
+
+def test_resume_after_interruption_matches_one_uninterrupted_run(tiny_model, tmp_path):
+    generate_class_images.main(class_args(tiny_model, tmp_path / "a", "--num_class_images", "4"))
+    generate_class_images.main(class_args(tiny_model, tmp_path / "b", "--num_class_images", "2"))
+    written = generate_class_images.main(class_args(tiny_model, tmp_path / "b", "--num_class_images", "4"))
+
+    assert written == 2
+    assert contents(tmp_path / "b") == contents(tmp_path / "a")
+    assert sorted(generated_indices(contents(tmp_path / "a"))) == [0, 1, 2, 3]
+
+
+def test_same_command_gives_identical_files_and_another_seed_does_not(tiny_model, tmp_path):
+    for name, seed in (("first", "0"), ("second", "0"), ("other-seed", "1")):
+        generate_class_images.main(class_args(tiny_model, tmp_path / name, "--num_class_images", "2", "--seed", seed))
+
+    assert contents(tmp_path / "first") == contents(tmp_path / "second")
+    assert not set(contents(tmp_path / "first")) & set(contents(tmp_path / "other-seed"))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_make_the_same_set_as_one(tiny_model, tmp_path):
+    # `accelerate launch --cpu --num_processes 2` starts a single process unless given an mpirun
+    # hostfile; --multi_gpu launches through torchrun, and with no GPU visible the processes meet
+    # over gloo on the CPU.
+    folder = tmp_path / "two"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()),
+               str(ROOT / "generate_class_images.py"), *class_args(tiny_model, folder, "--num_class_images", "5")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    # Each process reports its own share; together they are the 5 images, each made once.
+    shares = [int(count) for count in re.findall(r"(\d+) new class image\(s\) from this process", result.stdout)]
+    assert sorted(shares) == [2, 3]
+    generate_class_images.main(class_args(tiny_model, tmp_path / "one", "--num_class_images", "5"))
+    two = contents(folder)
+    assert sorted(generated_indices(two)) == [0, 1, 2, 3, 4]
+    assert two == contents(tmp_path / "one")
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--class_prompt", ""], "--class_prompt is required"),
+    (["--num_class_images", "0"], "--num_class_images 0"),
+    (["--pretrained_model_name_or_path", "{empty}"], "model_index.json"),
+])
+def test_bad_input_is_a_one_line_error(tiny_model, tmp_path, change, message):
+    empty_model = tmp_path / "not-a-model"
+    empty_model.mkdir()
+    extra = [value.format(empty=empty_model) for value in change]
+
+    with pytest.raises(DreamBoothError, match=re.escape(message)):
+        generate_class_images.main(class_args(tiny_model, tmp_path / "class", *extra))
+
+
+def test_missing_class_prompt_flag_is_an_error(tiny_model, tmp_path):
+    argv = class_args(tiny_model, tmp_path / "class")
+    del argv[argv.index("--class_prompt"):argv.index("--class_prompt") + 2]
+
+    with pytest.raises(DreamBoothError, match="--class_prompt is required"):
+        generate_class_images.main(argv)

@@ -1,0 +1,134 @@
+"""infer.py: files, grids and metadata written; images deterministic for a seed; bad input named."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import infer
+from conftest import ROOT
+from dreambooth.errors import DreamBoothError
+
+
+def infer_args(model: str, output: Path, *extra: str, size: int | None = 32) -> list[str]:
+    """A fast tiny-model command line for one image a prompt (``size`` None: the model's size);
+    ``extra`` flags override."""
+    return [
+        "--pretrained_model_name_or_path", model,
+        "--output_dir", str(output),
+        "--num_images_per_prompt", "1",
+        "--num_inference_steps", "2",
+        "--seed", "7",
+        *(["--height", str(size), "--width", str(size)] if size else []),
+        *extra,
+    ]
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def images_by_seed(paths) -> dict[int, np.ndarray]:
+    return {int(Image.open(path).text["seed"]): pixels(path) for path in paths}
+
+
+def test_writes_images_with_metadata_and_one_grid_per_prompt(tiny_model, tmp_path):
+    prompts = ["a photo of sks toy", "a sks toy on the moon"]
+    written = infer.main(infer_args(tiny_model, tmp_path, "--prompt", prompts[0], "--prompt", prompts[1],
+                                    "--num_images_per_prompt", "2", "--seed", "11", size=None))
+
+    assert len(written) == 4
+    assert sorted(path.name for path in tmp_path.glob("*-grid.png")) == ["000-a-photo-of-sks-toy-grid.png",
+                                                                          "001-a-sks-toy-on-the-moon-grid.png"]
+    assert len(list(tmp_path.iterdir())) == 6
+    for number, prompt in enumerate(prompts):
+        mine = sorted(path for path in written if path.name.startswith(f"{number:03d}-"))
+        assert len(mine) == 2
+        for seed, path in zip((11, 12), mine):
+            with Image.open(path) as image:
+                assert image.format == "PNG" and image.size == (64, 64)
+                assert image.text["prompt"] == prompt
+                assert image.text["seed"] == str(seed)
+                parameters = image.text["parameters"]
+            assert parameters.startswith(prompt + "\n")
+            assert f"Seed: {seed}" in parameters and "Steps: 2" in parameters and "Size: 64x64" in parameters
+        grid_path = next(tmp_path.glob(f"{number:03d}-*-grid.png"))
+        grid = pixels(grid_path)
+        assert grid.shape == (64, 128, 3)
+        assert np.array_equal(grid[:, :64], pixels(mine[0])) and np.array_equal(grid[:, 64:], pixels(mine[1]))
+
+
+def test_images_are_deterministic_for_a_seed(tiny_model, tmp_path):
+    two = ["--num_images_per_prompt", "2", "--prompt", "a sks toy"]
+    batched = images_by_seed(infer.main(infer_args(tiny_model, tmp_path / "batched", *two, "--batch_size", "2")))
+    again = images_by_seed(infer.main(infer_args(tiny_model, tmp_path / "again", *two, "--batch_size", "2")))
+    one_by_one = images_by_seed(infer.main(infer_args(tiny_model, tmp_path / "single", *two, "--batch_size", "1")))
+    # Image j of a prompt uses seed + j: seed 8 alone is the second image of the seed-7 run.
+    seed_8 = images_by_seed(infer.main(infer_args(tiny_model, tmp_path / "seed8", "--prompt", "a sks toy",
+                                                  "--seed", "8")))
+
+    assert sorted(batched) == [7, 8]
+    assert all(np.array_equal(batched[seed], again[seed]) for seed in (7, 8))
+    assert np.array_equal(seed_8[8], one_by_one[8])
+    assert np.abs(batched[7].astype(int) - batched[8].astype(int)).mean() > 5
+    # Each image has its own generator, so the batch changes only float rounding: on the CPU a
+    # batch of 2 and a batch of 1 differ by at most one level in a few pixels.
+    for seed in (7, 8):
+        assert np.abs(batched[seed].astype(int) - one_by_one[seed].astype(int)).max() <= 1
+
+
+def test_prompts_file_is_read_one_prompt_a_line(tiny_model, tmp_path):
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("a photo of sks toy\n\n   \n  a sks toy in the snow  \n\n", encoding="utf-8")
+
+    written = infer.main(infer_args(tiny_model, tmp_path / "out", "--prompts_file", str(prompts_file)))
+
+    assert [Image.open(path).text["prompt"] for path in written] == ["a photo of sks toy", "a sks toy in the snow"]
+    assert len(list((tmp_path / "out").glob("*-grid.png"))) == 2
+
+
+@pytest.fixture
+def bad_inputs(tmp_path) -> dict[str, Path]:
+    empty_prompts = tmp_path / "empty.txt"
+    empty_prompts.write_text("\n  \n", encoding="utf-8")
+    not_a_model = tmp_path / "not-a-model"
+    not_a_model.mkdir()
+    regular_file = tmp_path / "file.txt"
+    regular_file.write_text("x")
+    return {"empty": empty_prompts, "missing": tmp_path / "missing.txt", "not_a_model": not_a_model,
+            "under_a_file": regular_file / "samples"}
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--prompts_file", "{empty}"], r"--prompts_file .*empty\.txt: no prompts"),
+    (["--prompts_file", "{missing}"], r"--prompts_file .*missing\.txt: file not found"),
+    (["--prompt", "a toy", "--pretrained_model_name_or_path", "{not_a_model}"], r"not-a-model: .*model_index\.json"),
+    (["--prompt", "a toy", "--num_images_per_prompt", "0"], r"--num_images_per_prompt 0"),
+    (["--prompt", "a toy", "--output_dir", "{under_a_file}"], r"--output_dir .*file\.txt.*not writable"),
+    ([], r"--prompt .*--prompts_file"),
+])
+def test_bad_input_is_a_one_line_error_naming_the_flag(tiny_model, tmp_path, bad_inputs, change, message):
+    extra = [value.format(**bad_inputs) for value in change]
+
+    with pytest.raises(DreamBoothError, match=message) as error:
+        infer.main(infer_args(tiny_model, tmp_path / "out", *extra))
+    assert "\n" not in str(error.value)
+
+
+def test_bad_flag_prints_one_error_line_and_exits_1(tiny_model, tmp_path):
+    command = [sys.executable, str(ROOT / "infer.py"), *infer_args(tiny_model, tmp_path, "--prompt", "a toy"),
+               "--num_images_per_promt", "2"]
+    result = subprocess.run(command, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            capture_output=True, text=True, timeout=120)
+
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == ["error: unrecognized arguments: --num_images_per_promt 2"]
+    assert not list(tmp_path.iterdir())
