@@ -17,23 +17,29 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 import sys
+from pathlib import Path
 from typing import Sequence
 
 import torch
 from torch.utils.data import DataLoader
 
+from dreambooth.checkpoints import Checkpointer, TrainState, all_finite, read_state, resolve_resume
 from dreambooth.cli import run_cli, setup_logging
 from dreambooth.config import TrainConfig, config_to_dict, parse_config, save_config
-from dreambooth.data import DreamBoothCollator, DreamBoothDataset, ImageSet, list_image_files
+from dreambooth.data import DreamBoothCollator, DreamBoothDataset, EpochShuffleSampler, ImageSet, list_image_files
 from dreambooth.errors import DreamBoothError
 from dreambooth.generation import ClassImageJob, generate_class_images
 from dreambooth.models import (
     Components,
     check_precision_supported,
+    cpu_only,
     load_components,
+    load_model_into,
     mixed_precision_dtype,
     prepare_for_training,
+    save_model,
     save_pipeline,
 )
 from dreambooth.training import (
@@ -59,6 +65,7 @@ def create_accelerator(cfg: TrainConfig):
         raise DreamBoothError("--report_to wandb: wandb is not installed (pip install wandb), or use --report_to tensorboard")
     project = ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=os.path.join(cfg.output_dir, cfg.logging_dir))
     return Accelerator(
+        cpu=cpu_only(),
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=cfg.mixed_precision,
         log_with=trackers,
@@ -82,22 +89,25 @@ def top_up_class_images(cfg: TrainConfig, accelerator) -> None:
     generate_class_images(job, accelerator.state)
 
 
-def build_dataloader(cfg: TrainConfig, tokenizer) -> DataLoader:
+def build_dataloader(cfg: TrainConfig, tokenizer, data_seed: int) -> DataLoader:
     instance = ImageSet(tuple(list_image_files(cfg.instance_data_dir, "--instance_data_dir")), cfg.instance_prompt)
     prior = None
     if cfg.with_prior_preservation:
         prior = ImageSet(tuple(list_image_files(cfg.class_data_dir, "--class_data_dir")), cfg.class_prompt)
-    dataset = DreamBoothDataset(instance, cfg.resolution, cfg.center_crop, cfg.random_flip, prior)
+    dataset = DreamBoothDataset(instance, cfg.resolution, cfg.center_crop, cfg.random_flip, prior, seed=data_seed)
     return DataLoader(
         dataset,
         batch_size=cfg.train_batch_size,
-        shuffle=True,
+        sampler=EpochShuffleSampler(len(dataset), data_seed),
         collate_fn=DreamBoothCollator(tokenizer, cfg.tokenizer_max_length),
         num_workers=cfg.dataloader_num_workers,
+        # The loader draws its workers' base seed from this generator, not from the global one.
+        generator=torch.Generator().manual_seed(data_seed),
     )
 
 
-def build_trainer(cfg: TrainConfig, accelerator, components: Components, dataloader: DataLoader) -> Trainer:
+def build_trainer(cfg: TrainConfig, accelerator, components: Components, dataloader: DataLoader,
+                  state: TrainState) -> Trainer:
     """Trainable modules, optimizer and lr schedule, all through one ``accelerator.prepare``."""
     from diffusers.optimization import get_scheduler
 
@@ -141,16 +151,37 @@ def build_trainer(cfg: TrainConfig, accelerator, components: Components, dataloa
         "UNet + text encoder" if cfg.train_text_encoder else "UNet", schedule.max_train_steps, schedule.num_epochs,
         cfg.train_batch_size, accelerator.num_processes, cfg.gradient_accumulation_steps, learning_rate,
     )
+    names = ["unet", "text_encoder"][: len(trained)]
+    checkpointer = Checkpointer(accelerator, cfg.output_dir, names, save_model, load_model_into,
+                                cfg.checkpoints_total_limit)
     return Trainer(accelerator, trained, optimizer, lr_scheduler, dataloader, schedule, loss_fn,
-                   cfg.max_grad_norm, cfg.set_grads_to_none)
+                   cfg.max_grad_norm, cfg.set_grads_to_none, checkpointer, cfg.checkpointing_steps, state)
+
+
+def start_state(cfg: TrainConfig, accelerator) -> tuple[TrainState, Path | None]:
+    """Where the run starts: a checkpoint's position, or step 0 with a data seed."""
+    from accelerate.utils import broadcast_object_list
+
+    resume = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
+    if resume is not None:
+        return read_state(resume), resume
+    # Without --seed, the processes must still agree on one data order.
+    data_seed = [cfg.seed if cfg.seed is not None else random.randrange(2**31)]
+    return TrainState(data_seed=broadcast_object_list(data_seed)[0]), None
 
 
 def save_result(cfg: TrainConfig, accelerator, trainer: Trainer, components: Components) -> None:
     accelerator.wait_for_everyone()
+    if trainer.interrupted:
+        logger.info("stopped at step %d with a checkpoint; to continue, run the same command with "
+                    "--resume_from_checkpoint latest", trainer.state.global_step)
+        return
     if not accelerator.is_main_process:
         return
     unet = accelerator.unwrap_model(trainer.trained[0])
     text_encoder = accelerator.unwrap_model(trainer.trained[1]) if cfg.train_text_encoder else None
+    if not all_finite([unet] + ([text_encoder] if text_encoder is not None else [])):
+        raise DreamBoothError("the trained weights are not finite; not saving them (try a lower --learning_rate)")
     save_pipeline(cfg.output_dir, cfg.pretrained_model_name_or_path, unet, text_encoder, components.tokenizer,
                   cfg.revision, cfg.variant)
     logger.info("saved the trained pipeline to %s", cfg.output_dir)
@@ -161,6 +192,7 @@ def main(argv: Sequence[str] | None = None) -> Trainer:
     cfg = parse_config(TrainConfig, argv, __doc__)
     cfg.validate()
     accelerator = create_accelerator(cfg)
+    state, resume = start_state(cfg, accelerator)
     if cfg.seed is not None:
         from accelerate.utils import set_seed
 
@@ -173,8 +205,10 @@ def main(argv: Sequence[str] | None = None) -> Trainer:
         cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant, cfg.tokenizer_name,
         mixed_precision_dtype(accelerator.mixed_precision), cfg.train_text_encoder,
     )
-    dataloader = build_dataloader(cfg, components.tokenizer)
-    trainer = build_trainer(cfg, accelerator, components, dataloader)
+    dataloader = build_dataloader(cfg, components.tokenizer, state.data_seed)
+    trainer = build_trainer(cfg, accelerator, components, dataloader, state)
+    if resume is not None:
+        trainer.checkpointer.load(resume)
     if accelerator.is_main_process:
         save_config(cfg, os.path.join(cfg.output_dir, "train_config.yaml"))
     accelerator.init_trackers("dreambooth", config=tracker_config(config_to_dict(cfg)))

@@ -146,6 +146,13 @@ class TrainConfig:
     logging_dir: str = _field("logs", "Tracker log folder, relative to --output_dir.")
     report_to: str = _field("tensorboard", "Trackers: tensorboard, wandb, all or none.")
     seed: Optional[int] = _field(None, "Random seed for a reproducible run.")
+    # Checkpoints
+    checkpointing_steps: int = _field(500, "Save a resumable checkpoint every N optimizer steps.")
+    checkpoints_total_limit: Optional[int] = _field(None, "Keep only the newest N checkpoints.")
+    resume_from_checkpoint: Optional[str] = _field(
+        None, "Continue a run: 'latest', a checkpoint folder, or a checkpoint name inside --output_dir."
+    )
+    overwrite_output_dir: bool = _field(False, "Start afresh in an --output_dir that holds an earlier run.")
     # Training
     train_text_encoder: bool = _field(False, "Train the text encoder as well as the UNet.")
     train_batch_size: int = _field(4, "Instance images per batch and process (class images are added on top).")
@@ -224,7 +231,29 @@ class TrainConfig:
                 raise DreamBoothError(f"--num_class_images {self.num_class_images}: must be at least 1")
             if Path(self.class_data_dir).exists() and not Path(self.class_data_dir).is_dir():
                 raise DreamBoothError(f"--class_data_dir {self.class_data_dir}: exists and is not a folder")
+        if self.checkpointing_steps < 1:
+            raise DreamBoothError(f"--checkpointing_steps {self.checkpointing_steps}: must be at least 1")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise DreamBoothError(f"--checkpoints_total_limit {self.checkpoints_total_limit}: must be at least 1")
         check_writable_dir(self.output_dir, "--output_dir")
+        self._refuse_to_overwrite()
+
+    def _refuse_to_overwrite(self) -> None:
+        from .checkpoints import find_checkpoints
+
+        if self.resume_from_checkpoint or self.overwrite_output_dir:
+            return
+        output = Path(self.output_dir)
+        if (output / "model_index.json").is_file():
+            raise DreamBoothError(
+                f"--output_dir {output} already holds a trained model; choose another folder, or pass "
+                "--overwrite_output_dir to replace it"
+            )
+        if find_checkpoints(output):
+            raise DreamBoothError(
+                f"--output_dir {output} holds checkpoints of an earlier run; pass --resume_from_checkpoint latest "
+                "to continue it, or --overwrite_output_dir to start afresh"
+            )
 
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")

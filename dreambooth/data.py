@@ -10,7 +10,7 @@ from typing import Sequence
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from .errors import DreamBoothError
 
@@ -118,7 +118,11 @@ class ImageSet:
 
 class DreamBoothDataset(Dataset):
     """Item ``i`` pairs instance image ``i mod n`` with class image ``i mod m`` (when prior
-    preservation is on), as in the paper and diffusers; an epoch covers the larger set."""
+    preservation is on), as in the paper and diffusers; an epoch covers the larger set.
+
+    Random crops and flips draw from a generator seeded by (seed, epoch, item), never from
+    the global one: the same item looks the same in a resumed run, in any worker process.
+    """
 
     def __init__(
         self,
@@ -127,6 +131,7 @@ class DreamBoothDataset(Dataset):
         center_crop: bool = False,
         random_flip: bool = False,
         prior: ImageSet | None = None,
+        seed: int = 0,
     ):
         if not instance.paths:
             raise DreamBoothError("no instance images")
@@ -134,6 +139,10 @@ class DreamBoothDataset(Dataset):
             raise DreamBoothError("prior preservation is on but there are no class images")
         self.instance, self.prior = instance, prior
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def prompts(self) -> list[str]:
         return [self.instance.prompt] + ([self.prior.prompt] if self.prior else [])
@@ -141,16 +150,40 @@ class DreamBoothDataset(Dataset):
     def __len__(self) -> int:
         return max(len(self.instance.paths), len(self.prior.paths) if self.prior else 0)
 
-    def _example(self, images: ImageSet, index: int) -> dict:
+    def _example(self, images: ImageSet, index: int, generator: torch.Generator) -> dict:
         image = load_image(images.paths[index % len(images.paths)])
-        pixels = image_to_tensor(image, self.resolution, self.center_crop, self.random_flip)
+        pixels = image_to_tensor(image, self.resolution, self.center_crop, self.random_flip, generator)
         return {"pixel_values": pixels, "prompt": images.prompt}
 
     def __getitem__(self, index: int) -> dict:
-        example = {"instance": self._example(self.instance, index)}
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch, index))
+        example = {"instance": self._example(self.instance, index, generator)}
         if self.prior is not None:
-            example["class"] = self._example(self.prior, index)
+            example["class"] = self._example(self.prior, index, generator)
         return example
+
+
+def derived_seed(*numbers: int) -> int:
+    """A seed that depends only on ``numbers``: the same on every process and in every run."""
+    return int(np.random.SeedSequence(list(numbers)).generate_state(1)[0])
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A new permutation each epoch that depends on (seed, epoch) alone, so a resumed run
+    sees the same order; Accelerate shards it across processes and calls ``set_epoch``."""
+
+    def __init__(self, length: int, seed: int = 0):
+        self.length, self.seed, self.epoch = length, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch))
+        yield from torch.randperm(self.length, generator=generator).tolist()
 
 
 def tokenize_prompts(tokenizer, prompts: Sequence[str], max_length: int | None = None) -> dict[str, torch.Tensor]:

@@ -12,12 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .data import list_image_files, load_image
+from .data import derived_seed, list_image_files, load_image
 from .errors import DreamBoothError
 
 logger = logging.getLogger(__name__)
@@ -89,11 +88,6 @@ def release(pipeline) -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def derived_seed(seed: int, index: int) -> int:
-    """A seed for image ``index`` that depends only on (seed, index), whatever the process count."""
-    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
 def generate(pipeline, prompt: str, seeds: Sequence[int], height: int, width: int, num_inference_steps: int = 25,
@@ -196,10 +190,10 @@ def launch_state():
     ACCELERATE_USE_CPU but starts one process unless given an mpirun hostfile.
     """
     from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
 
-    no_accelerator = not (hasattr(torch, "accelerator") and torch.accelerator.is_available())
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or no_accelerator)
+    from .models import cpu_only
+
+    return PartialState(cpu=cpu_only())
 
 
 def generate_class_images(job: ClassImageJob, state=None) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,25 @@ def enable_xformers(unet: torch.nn.Module) -> None:
         raise DreamBoothError(f"--enable_xformers_memory_efficient_attention: {error}") from None
 
 
+def save_model(model: torch.nn.Module, folder: Path) -> None:
+    """One trained model in diffusers/transformers format (safetensors)."""
+    model.save_pretrained(folder)
+
+
+def load_model_into(model: torch.nn.Module, folder: Path) -> None:
+    """Load weights saved by ``save_model`` into ``model`` in place (its dtype and device kept)."""
+    loaded = type(model).from_pretrained(folder)
+    model.load_state_dict(loaded.state_dict())
+
+
+def cpu_only() -> bool:
+    """No GPU or other accelerator here: distributed runs must use the CPU (gloo) backend."""
+    from accelerate.utils import parse_flag_from_env
+
+    no_accelerator = not (hasattr(torch, "accelerator") and torch.accelerator.is_available())
+    return parse_flag_from_env("ACCELERATE_USE_CPU") or no_accelerator
+
+
 def save_pipeline(output_dir: str | Path, base_model: str, unet: torch.nn.Module,
                   text_encoder: torch.nn.Module | None, tokenizer, revision: str | None = None,
                   variant: str | None = None) -> Path:
@@ -133,5 +153,27 @@ def save_pipeline(output_dir: str | Path, base_model: str, unet: torch.nn.Module
         trained["text_encoder"] = text_encoder
     pipeline = _load("pipeline", DiffusionPipeline.from_pretrained, base_model,
                      revision=revision, variant=variant, **trained)
-    pipeline.save_pretrained(output_dir, safe_serialization=True)
-    return Path(output_dir)
+    output_dir = Path(output_dir)
+    staging = output_dir / ".pipeline.tmp"
+    try:
+        shutil.rmtree(staging, ignore_errors=True)
+        pipeline.save_pretrained(staging, safe_serialization=True)
+        _publish(staging, output_dir)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise DreamBoothError(f"could not save the pipeline to {output_dir} ({error.strerror or error})") from None
+    return output_dir
+
+
+def _publish(staging: Path, target: Path) -> None:
+    """Move a saved pipeline into ``target``, model_index.json last: with it, the folder is complete."""
+    (target / "model_index.json").unlink(missing_ok=True)
+    for entry in staging.iterdir():
+        if entry.name == "model_index.json":
+            continue
+        destination = target / entry.name
+        if destination.is_dir():
+            shutil.rmtree(destination)
+        entry.replace(destination)
+    (staging / "model_index.json").replace(target / "model_index.json")
+    staging.rmdir()

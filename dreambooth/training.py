@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
+import sys
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -11,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .checkpoints import Checkpointer, TrainState, find_checkpoints
 from .errors import DreamBoothError
 
 logger = logging.getLogger(__name__)
@@ -169,34 +173,79 @@ class Schedule:
 # ---------------------------------------------------------------- loop
 
 
-@dataclass
-class TrainState:
-    global_step: int = 0
-    epoch: int = 0
-    last_loss: float = float("nan")
+class GracefulStop:
+    """SIGINT/SIGTERM: finish the current step, save a checkpoint, exit. A second Ctrl-C aborts."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
+              "(press Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> "GracefulStop":
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 class Trainer:
-    """Runs the optimisation: one ``accelerator.accumulate`` block per batch over every trained model."""
+    """Runs the optimisation: one ``accelerator.accumulate`` block per batch over every trained
+    model, checkpoints every ``checkpointing_steps``, and stops cleanly on a signal."""
 
     def __init__(self, accelerator, trained: list[torch.nn.Module], optimizer, lr_scheduler, dataloader,
                  schedule: Schedule, loss_fn: Callable[[dict], dict[str, torch.Tensor]],
-                 max_grad_norm: float = 1.0, set_grads_to_none: bool = False):
+                 max_grad_norm: float = 1.0, set_grads_to_none: bool = False,
+                 checkpointer: Checkpointer | None = None, checkpointing_steps: int | None = None,
+                 state: TrainState | None = None, max_nonfinite_steps: int = 3):
         self.accelerator, self.trained = accelerator, trained
         self.optimizer, self.lr_scheduler, self.dataloader = optimizer, lr_scheduler, dataloader
         self.schedule, self.loss_fn = schedule, loss_fn
         self.max_grad_norm, self.set_grads_to_none = max_grad_norm, set_grads_to_none
-        self.state = TrainState()
-        self.step_callbacks: list[Callable[[TrainState], None]] = []
+        self.checkpointer, self.checkpointing_steps = checkpointer, checkpointing_steps
+        self.state = state or TrainState()
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.interrupted = False
+        self._nonfinite_in_window = False
+        self._nonfinite_streak = 0
+        self.step_callbacks: list[Callable[[TrainState, dict], None]] = []
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for module in self.trained for p in module.parameters() if p.requires_grad]
 
-    def _optimizer_step(self, batch: dict) -> dict[str, torch.Tensor]:
+    def _epoch_batches(self):
+        """This epoch's batches, skipping those a resumed run already trained on."""
+        state = self.state
+        if state.batches_in_epoch >= len(self.dataloader):
+            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+        self.dataloader.dataset.set_epoch(state.epoch)
+        batches = self.dataloader
+        if state.batches_in_epoch:
+            batches = self.accelerator.skip_first_batches(self.dataloader, state.batches_in_epoch)
+        batches.set_epoch(state.epoch)
+        return batches
+
+    def _optimizer_step(self, batch: dict) -> dict[str, torch.Tensor] | None:
+        """Forward and backward on one batch; at the end of an accumulation window, the update.
+        Returns the losses, or None when the window held a non-finite loss and was dropped."""
         accelerator = self.accelerator
         with accelerator.accumulate(*self.trained):
             losses = self.loss_fn(batch)
+            self._nonfinite_in_window |= not bool(torch.isfinite(losses["loss"]))
             accelerator.backward(losses["loss"])
+            if accelerator.sync_gradients and self._window_is_nonfinite():
+                self.optimizer.zero_grad(set_to_none=True)
+                return None
             if accelerator.sync_gradients and self.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(self.parameters(), self.max_grad_norm)
             self.optimizer.step()
@@ -204,33 +253,72 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=self.set_grads_to_none)
         return losses
 
+    def _window_is_nonfinite(self) -> bool:
+        """Whether any process saw a non-finite loss in this window (all processes agree)."""
+        flag = torch.tensor(float(self._nonfinite_in_window), device=self.accelerator.device)
+        self._nonfinite_in_window = False
+        return bool(self.accelerator.reduce(flag, reduction="sum") > 0)
+
+    def _skip_nonfinite_step(self) -> None:
+        self._nonfinite_streak += 1
+        step = self.state.global_step + 1
+        logger.warning("step %d: loss is not finite; the update was skipped", step)
+        if self._nonfinite_streak >= self.max_nonfinite_steps:
+            raise DreamBoothError(
+                f"step {step}: the loss was not finite for {self._nonfinite_streak} steps in a row; stopping "
+                "without saving. Likely causes: a learning rate too high (--learning_rate) or fp16 overflow "
+                "(try --mixed_precision bf16 or no); earlier checkpoints are intact"
+            )
+
+    def _after_step(self, losses: dict[str, torch.Tensor], progress) -> None:
+        state = self.state
+        self._nonfinite_streak = 0
+        state.global_step += 1
+        logs = {name: value.detach().item() for name, value in losses.items()}
+        logs["lr"] = self.lr_scheduler.get_last_lr()[0]
+        progress.update(1)
+        progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+        self.accelerator.log(logs, step=state.global_step)
+        for callback in self.step_callbacks:
+            callback(state, logs)
+        if self.checkpointer and self.checkpointing_steps and state.global_step % self.checkpointing_steps == 0:
+            self.checkpointer.save(state, self.trained)
+
+    def _stop_requested(self, stop: GracefulStop) -> bool:
+        if stop.requested:
+            self.accelerator.set_trigger()
+        return self.accelerator.check_trigger()
+
     def train(self) -> TrainState:
         accelerator, state, schedule = self.accelerator, self.state, self.schedule
-        progress = tqdm(
-            total=schedule.max_train_steps, initial=state.global_step, desc="Steps",
-            disable=not accelerator.is_local_main_process,
-        )
-        for epoch in range(state.epoch, schedule.num_epochs):
-            state.epoch = epoch
-            for batch in self.dataloader:
-                losses = self._optimizer_step(batch)
-                if not accelerator.sync_gradients:
-                    continue
-                state.global_step += 1
-                logs = {name: value.detach().item() for name, value in losses.items()}
-                logs["lr"] = self.lr_scheduler.get_last_lr()[0]
-                state.last_loss = logs["loss"]
-                progress.update(1)
-                progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
-                accelerator.log(logs, step=state.global_step)
-                for callback in self.step_callbacks:
-                    callback(state)
-                if state.global_step >= schedule.max_train_steps:
-                    break
-            if state.global_step >= schedule.max_train_steps:
-                break
+        progress = tqdm(total=schedule.max_train_steps, initial=state.global_step, desc="Steps",
+                        disable=not accelerator.is_local_main_process)
+        with GracefulStop() as stop:
+            while state.global_step < schedule.max_train_steps and not self.interrupted:
+                for batch in self._epoch_batches():
+                    state.batches_in_epoch += 1
+                    losses = self._optimizer_step(batch)
+                    if not accelerator.sync_gradients:
+                        continue
+                    if losses is None:
+                        self._skip_nonfinite_step()
+                    else:
+                        self._after_step(losses, progress)
+                    if self._stop_requested(stop):
+                        self._save_on_stop()
+                        break
+                    if state.global_step >= schedule.max_train_steps:
+                        break
         progress.close()
         return state
+
+    def _save_on_stop(self) -> None:
+        self.interrupted = True
+        if self.checkpointer is None:
+            return
+        saved = [path for step, path in find_checkpoints(self.checkpointer.output_dir) if step == self.state.global_step]
+        if not saved:
+            self.checkpointer.save(self.state, self.trained)
 
 
 def tracker_config(values: dict[str, Any]) -> dict[str, Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,8 +35,13 @@ def pixels(path: Path) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
+def text(path: Path) -> dict[str, str]:
+    with Image.open(path) as image:
+        return dict(image.text)
+
+
 def images_by_seed(paths) -> dict[int, np.ndarray]:
-    return {int(Image.open(path).text["seed"]): pixels(path) for path in paths}
+    return {int(text(path)["seed"]): pixels(path) for path in paths}
 
 
 def test_writes_images_with_metadata_and_one_grid_per_prompt(tiny_model, tmp_path):
@@ -91,7 +95,7 @@ def test_prompts_file_is_read_one_prompt_a_line(tiny_model, tmp_path):
 
     written = infer.main(infer_args(tiny_model, tmp_path / "out", "--prompts_file", str(prompts_file)))
 
-    assert [Image.open(path).text["prompt"] for path in written] == ["a photo of sks toy", "a sks toy in the snow"]
+    assert [text(path)["prompt"] for path in written] == ["a photo of sks toy", "a sks toy in the snow"]
     assert len(list((tmp_path / "out").glob("*-grid.png"))) == 2
 
 

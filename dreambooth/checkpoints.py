@@ -1,0 +1,163 @@
+"""Checkpoints that survive kills, and the exact resumption of a run from them.
+
+A checkpoint is Accelerate's ``save_state`` (optimizer, lr schedule, gradient scaler, every
+RNG state) plus the trained models in diffusers format (``unet/``, ``text_encoder/``, so
+``infer.py --checkpoint`` can sample it) and the loop's counters. It is written to a hidden
+temporary folder, marked complete, and only then renamed to ``checkpoint-<step>``; old ones
+are pruned after that. A folder without the marker (a kill mid-save) is never resumed from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .errors import DreamBoothError
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "checkpoint-"
+MARKER = "checkpoint_complete.json"
+_NAME = re.compile(rf"^{PREFIX}(\d+)$")
+
+
+@dataclass
+class TrainState:
+    """The loop's position: what a checkpoint needs besides Accelerate's state."""
+
+    global_step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    data_seed: int = 0
+
+
+def find_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints of ``output_dir`` as (step, path), oldest first. Incomplete ones are
+    skipped with a warning; other folders and files are ignored."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        match = _NAME.match(path.name)
+        if not match or not path.is_dir():
+            continue
+        if not (path / MARKER).is_file():
+            logger.warning("%s is incomplete (no %s, probably killed while saving); ignoring it", path, MARKER)
+            continue
+        found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def resolve_resume(output_dir: str | Path, resume_from: str | None) -> Path | None:
+    """The checkpoint folder to resume from: ``latest``, a path, or a name inside ``output_dir``."""
+    if not resume_from:
+        return None
+    if resume_from == "latest":
+        checkpoints = find_checkpoints(output_dir)
+        if not checkpoints:
+            logger.info("--resume_from_checkpoint latest: no checkpoint in %s yet; starting a fresh run", output_dir)
+            return None
+        return checkpoints[-1][1]
+    path = Path(resume_from)
+    if not path.exists() and (Path(output_dir) / resume_from).exists():
+        path = Path(output_dir) / resume_from
+    if not path.is_dir():
+        raise DreamBoothError(f"--resume_from_checkpoint {resume_from}: no such checkpoint folder")
+    if not (path / MARKER).is_file():
+        raise DreamBoothError(f"--resume_from_checkpoint {resume_from}: incomplete checkpoint (no {MARKER})")
+    return path
+
+
+def read_state(checkpoint: Path) -> TrainState:
+    return TrainState(**json.loads((checkpoint / MARKER).read_text())["train_state"])
+
+
+def all_finite(modules: list[torch.nn.Module]) -> bool:
+    return all(bool(torch.isfinite(p).all()) for module in modules for p in module.parameters())
+
+
+class Checkpointer:
+    """Saves and restores checkpoints through ``accelerator.save_state`` / ``load_state``.
+
+    ``save_model(model, folder)`` writes one trained model in diffusers format;
+    ``load_model(model, folder)`` loads it back in place. Accelerate's own copy of the weights
+    is skipped, so each checkpoint holds the weights once.
+    """
+
+    def __init__(self, accelerator, output_dir: str | Path, names: list[str],
+                 save_model: Callable[[torch.nn.Module, Path], None],
+                 load_model: Callable[[torch.nn.Module, Path], None],
+                 total_limit: int | None = None):
+        self.accelerator, self.output_dir, self.names = accelerator, Path(output_dir), names
+        self.total_limit = total_limit
+        self._save_model, self._load_model = save_model, load_model
+        accelerator.register_save_state_pre_hook(self._save_hook)
+        accelerator.register_load_state_pre_hook(self._load_hook)
+
+    def _save_hook(self, models, weights, folder) -> None:
+        if self.accelerator.is_main_process:
+            for name, model in zip(self.names, models):
+                self._save_model(self.accelerator.unwrap_model(model), Path(folder) / name)
+        weights.clear()
+
+    def _load_hook(self, models, folder) -> None:
+        for name, model in zip(self.names, list(models)):
+            self._load_model(self.accelerator.unwrap_model(model), Path(folder) / name)
+        models.clear()
+
+    def save(self, state: TrainState, trained: list[torch.nn.Module]) -> Path:
+        """Write ``checkpoint-<step>`` atomically, then prune the oldest beyond the limit."""
+        accelerator = self.accelerator
+        final = self.output_dir / f"{PREFIX}{state.global_step}"
+        temporary = self.output_dir / f".{final.name}.tmp"
+        if not all_finite([accelerator.unwrap_model(model) for model in trained]):
+            raise DreamBoothError(f"step {state.global_step}: weights are not finite; not saving a checkpoint")
+        try:
+            if accelerator.is_main_process:
+                shutil.rmtree(temporary, ignore_errors=True)
+                temporary.mkdir(parents=True)
+            accelerator.wait_for_everyone()
+            accelerator.save_state(str(temporary))
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                marker = {"step": state.global_step, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                          "train_state": asdict(state)}
+                (temporary / MARKER).write_text(json.dumps(marker, indent=1))
+                if final.exists():
+                    shutil.rmtree(final)
+                temporary.rename(final)
+        except OSError as error:
+            if accelerator.is_main_process:
+                shutil.rmtree(temporary, ignore_errors=True)
+            previous = find_checkpoints(self.output_dir)
+            kept = f"; {previous[-1][1]} is intact" if previous else ""
+            raise DreamBoothError(
+                f"could not write checkpoint {final} ({error.strerror or error}){kept}"
+            ) from None
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            self.prune()
+        return final
+
+    def prune(self) -> None:
+        if not self.total_limit:
+            return
+        checkpoints = find_checkpoints(self.output_dir)
+        for _, path in checkpoints[: max(0, len(checkpoints) - self.total_limit)]:
+            logger.info("removing old checkpoint %s (--checkpoints_total_limit %d)", path, self.total_limit)
+            shutil.rmtree(path)
+
+    def load(self, checkpoint: Path) -> TrainState:
+        self.accelerator.load_state(str(checkpoint))
+        state = read_state(checkpoint)
+        logger.info("resumed from %s at step %d", checkpoint, state.global_step)
+        return state
