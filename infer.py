@@ -2,6 +2,9 @@
 
     python infer.py --pretrained_model_name_or_path sks-dog --prompt "a photo of sks dog on the moon" --seed 0
 
+A training checkpoint, over the base model its run recorded:
+    python infer.py --checkpoint sks-dog/checkpoint-400 --prompt "a photo of sks dog" --seed 0
+
 Writes one PNG per image, with the prompt, seed and settings in its text metadata (the
 'parameters' field that Stable Diffusion web UIs read), and one grid per prompt.
 On several GPUs, `accelerate launch infer.py ...` works too, but one process is enough.
@@ -19,23 +22,36 @@ from PIL.PngImagePlugin import PngInfo
 
 from dreambooth.cli import run_cli, setup_logging
 from dreambooth.config import InferConfig, parse_config
-from dreambooth.generation import SCHEDULERS, generate, load_pipeline, make_grid, pick_device, pick_dtype, save_png_atomically
+from dreambooth.generation import (
+    SCHEDULERS,
+    checkpoint_components,
+    generate,
+    load_pipeline,
+    make_grid,
+    pick_device,
+    pick_dtype,
+    save_png_atomically,
+)
 
 
 def png_metadata(cfg: InferConfig, prompt: str, seed: int, width: int, height: int) -> PngInfo:
     info = PngInfo()
     settings = (
         f"Steps: {cfg.num_inference_steps}, Sampler: {SCHEDULERS[cfg.scheduler][2]}, CFG scale: {cfg.guidance_scale}, "
-        f"Seed: {seed}, Size: {width}x{height}, Model: {Path(cfg.pretrained_model_name_or_path).name}"
+        f"Seed: {seed}, Size: {width}x{height}, Model: {Path(model_name(cfg)).name}"
     )
     negative = f"\nNegative prompt: {cfg.negative_prompt}" if cfg.negative_prompt else ""
     info.add_text("parameters", f"{prompt}{negative}\n{settings}")
     fields = {"prompt": prompt, "negative_prompt": cfg.negative_prompt or "", "seed": seed,
               "steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale, "scheduler": cfg.scheduler,
-              "model": cfg.pretrained_model_name_or_path}
+              "model": model_name(cfg)}
     for key, value in fields.items():
         info.add_text(key, str(value))
     return info
+
+
+def model_name(cfg: InferConfig) -> str:
+    return cfg.checkpoint or cfg.base_model()
 
 
 def slug(prompt: str, length: int = 40) -> str:
@@ -48,8 +64,9 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     cfg.validate()
     prompts = cfg.prompts()
     device = pick_device(cfg.device)
-    pipeline = load_pipeline(cfg.pretrained_model_name_or_path, device, pick_dtype(device, cfg.dtype), cfg.scheduler,
-                             cfg.revision, cfg.variant)
+    dtype = pick_dtype(device, cfg.dtype)
+    trained = checkpoint_components(cfg.checkpoint, dtype) if cfg.checkpoint else {}
+    pipeline = load_pipeline(cfg.base_model(), device, dtype, cfg.scheduler, cfg.revision, cfg.variant, **trained)
     height = cfg.height or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     width = cfg.width or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     base_seed = cfg.seed if cfg.seed is not None else random.randrange(2**31)

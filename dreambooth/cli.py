@@ -11,12 +11,13 @@ from .errors import DreamBoothError
 
 def setup_logging(verbose: bool = True) -> None:
     """Our warnings as ``warning: ...`` lines; the libraries' chatter kept to real problems."""
+    root = logging.getLogger()
+    root.handlers[:] = [h for h in root.handlers if not getattr(h, "dreambooth", False)]
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-    package = logging.getLogger("dreambooth")
-    package.handlers[:] = [handler]
-    package.setLevel(logging.INFO if verbose else logging.WARNING)
-    package.propagate = False
+    handler.dreambooth = True
+    root.addHandler(handler)
+    logging.getLogger("dreambooth").setLevel(logging.INFO if verbose else logging.WARNING)
     # transformers warns on every import that torchvision is absent; the PIL fallback is what we want.
     logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
     # bitsandbytes, imported by diffusers when installed, warns on CPU-only machines about optional kernels.

@@ -323,7 +323,10 @@ def _check_generation_numbers(resolution: int, steps: int, scheduler: str, flag:
 class InferConfig:
     """Flags of infer.py."""
 
-    pretrained_model_name_or_path: Optional[str] = _field(None, "Trained output folder or Hub id (required).")
+    pretrained_model_name_or_path: Optional[str] = _field(
+        None, "Trained output folder or Hub id; with --checkpoint, the base model (default: the run's)."
+    )
+    checkpoint: Optional[str] = _field(None, "A checkpoint-<step> folder to sample, over the base model.")
     revision: Optional[str] = _field(None, "Revision of the model on the Hub.")
     variant: Optional[str] = _field(None, "Weight file variant, e.g. fp16.")
     prompt: list[str] = _field([], "Prompt; repeat the flag for several.", action="extend")
@@ -342,11 +345,14 @@ class InferConfig:
     dtype: str = _field("auto", "fp32, fp16, bf16 or auto (fp16 on GPU, fp32 on CPU).")
 
     def validate(self) -> None:
+        from .checkpoints import MARKER
         from .models import check_model_source
 
-        if not self.pretrained_model_name_or_path:
+        if self.checkpoint and not (Path(self.checkpoint) / MARKER).is_file():
+            raise DreamBoothError(f"--checkpoint {self.checkpoint}: not a complete checkpoint folder (no {MARKER})")
+        if not self.base_model():
             raise DreamBoothError("--pretrained_model_name_or_path is required")
-        check_model_source(self.pretrained_model_name_or_path, "--pretrained_model_name_or_path")
+        check_model_source(self.base_model(), "--pretrained_model_name_or_path")
         if not self.prompt and not self.prompts_file:
             raise DreamBoothError("give --prompt (repeatable) or --prompts_file")
         if self.prompts_file and not Path(self.prompts_file).is_file():
@@ -363,6 +369,15 @@ class InferConfig:
         if self.dtype not in ("auto", "fp32", "fp16", "bf16"):
             raise DreamBoothError(f"--dtype {self.dtype}: choose auto, fp32, fp16 or bf16")
         check_writable_dir(self.output_dir, "--output_dir")
+
+    def base_model(self) -> str | None:
+        """The model to load: the flag, or for a checkpoint the base model its run recorded."""
+        if self.pretrained_model_name_or_path or not self.checkpoint:
+            return self.pretrained_model_name_or_path
+        run_config = Path(self.checkpoint).parent / "train_config.yaml"
+        if run_config.is_file():
+            return yaml.safe_load(run_config.read_text(encoding="utf-8")).get("pretrained_model_name_or_path")
+        return None
 
     def prompts(self) -> list[str]:
         prompts = list(self.prompt)

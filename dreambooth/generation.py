@@ -81,6 +81,19 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, schedule
     return pipeline.to(device)
 
 
+def checkpoint_components(checkpoint: str | Path, dtype: torch.dtype) -> dict:
+    """The trained models of a training checkpoint (unet/, text_encoder/ when trained), to load a
+    pipeline with them over its base model."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    folder = Path(checkpoint)
+    components = {"unet": UNet2DConditionModel.from_pretrained(folder / "unet", dtype=dtype)}
+    if (folder / "text_encoder").is_dir():
+        components["text_encoder"] = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=dtype)
+    return components
+
+
 def release(pipeline) -> None:
     """Free a pipeline's memory (GPU memory included) before training starts."""
     pipeline.to("cpu")

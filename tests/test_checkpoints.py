@@ -1,0 +1,260 @@
+"""Checkpoints, exact resume and fault tolerance."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import infer
+import train_dreambooth
+from conftest import ROOT, TOY_SUBJECT, train_args
+from dreambooth.checkpoints import MARKER, find_checkpoints, resolve_resume
+from dreambooth.errors import DreamBoothError
+from dreambooth.training import Trainer
+
+
+def unet_weights(folder) -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    different = [key for key in a if not torch.equal(a[key], b[key])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def stop_after_step(monkeypatch, step: int, signum=signal.SIGTERM, times: int = 1) -> None:
+    """Deliver ``signum`` to this process right after optimizer step ``step``."""
+    original = Trainer._after_step
+
+    def after_step(self, losses, progress):
+        original(self, losses, progress)
+        if self.state.global_step == step:
+            for _ in range(times):
+                signal.raise_signal(signum)
+
+    monkeypatch.setattr(Trainer, "_after_step", after_step)
+
+
+def checkpoint_steps(output) -> list[int]:
+    return [step for step, _ in find_checkpoints(output)]
+
+
+@pytest.fixture
+def class_dir(tmp_path):
+    folder = tmp_path / "class"
+    shutil.copytree(TOY_SUBJECT, folder)
+    return folder
+
+
+RESUME_CASES = {
+    "plain": [],
+    "prior_preservation": ["--with_prior_preservation", "--class_prompt", "a photo of a toy", "--num_class_images", "5"],
+    "accumulation_flip_text_encoder": ["--gradient_accumulation_steps", "2", "--random_flip", "--train_text_encoder"],
+}
+
+
+@pytest.mark.parametrize("case", list(RESUME_CASES))
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny_model, instance_dir, class_dir, tmp_path,
+                                                                 monkeypatch, case):
+    extra = [*RESUME_CASES[case], "--class_data_dir", str(class_dir), "--max_train_steps", "6",
+             "--checkpointing_steps", "3", "--lr_scheduler", "cosine", "--lr_warmup_steps", "2"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    train_dreambooth.main(train_args(tiny_model, instance_dir, whole, *extra))
+
+    with monkeypatch.context() as patch:
+        stop_after_step(patch, 3)
+        stopped = train_dreambooth.main(train_args(tiny_model, instance_dir, parts, *extra))
+    assert stopped.interrupted and stopped.state.global_step == 3
+    assert not (parts / "model_index.json").exists()
+    resumed = train_dreambooth.main(train_args(tiny_model, instance_dir, parts, *extra,
+                                               "--resume_from_checkpoint", "latest"))
+    assert resumed.state.global_step == 6
+    assert_bitwise_equal(unet_weights(whole), unet_weights(parts))
+    if "--train_text_encoder" in extra:
+        assert_bitwise_equal(load_file(whole / "text_encoder" / "model.safetensors"),
+                             load_file(parts / "text_encoder" / "model.safetensors"))
+
+
+def test_sigterm_between_checkpoints_saves_the_current_step(tiny_model, instance_dir, tmp_path, monkeypatch, capfd):
+    output = tmp_path / "out"
+    stop_after_step(monkeypatch, 3)
+    trainer = train_dreambooth.main(train_args(tiny_model, instance_dir, output, "--max_train_steps", "8",
+                                               "--checkpointing_steps", "2"))
+    assert trainer.interrupted
+    assert checkpoint_steps(output) == [2, 3]
+    assert "--resume_from_checkpoint latest" in capfd.readouterr().err
+
+
+def test_second_ctrl_c_aborts_at_once(tiny_model, instance_dir, tmp_path, monkeypatch):
+    output = tmp_path / "out"
+    stop_after_step(monkeypatch, 1, signum=signal.SIGINT, times=2)
+    with pytest.raises(KeyboardInterrupt):
+        train_dreambooth.main(train_args(tiny_model, instance_dir, output, "--max_train_steps", "8",
+                                         "--checkpointing_steps", "5"))
+    assert checkpoint_steps(output) == []
+    assert not (output / "model_index.json").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_checkpoint_holds_diffusers_weights_and_samples_with_infer(tiny_model, instance_dir, tmp_path):
+    output = tmp_path / "out"
+    train_dreambooth.main(train_args(tiny_model, instance_dir, output, "--checkpointing_steps", "2"))
+    checkpoint = output / "checkpoint-2"
+    assert_bitwise_equal(unet_weights(checkpoint), unet_weights(output))
+    assert not list(checkpoint.glob("model*.safetensors")), "weights must be stored once, in unet/"
+    assert json.loads((checkpoint / MARKER).read_text())["train_state"]["global_step"] == 2
+    written = infer.main(["--checkpoint", str(checkpoint), "--prompt", "a photo of sks toy", "--num_images_per_prompt",
+                          "1", "--num_inference_steps", "2", "--seed", "0", "--output_dir", str(tmp_path / "samples")])
+    assert len(written) == 1 and written[0].is_file()
+
+
+def test_total_limit_keeps_the_newest(tiny_model, instance_dir, tmp_path):
+    output = tmp_path / "out"
+    args = train_args(tiny_model, instance_dir, output, "--max_train_steps", "6", "--checkpointing_steps", "2")
+    train_dreambooth.main(args + ["--checkpoints_total_limit", "2"])
+    assert checkpoint_steps(output) == [4, 6]
+    train_dreambooth.main(args + ["--max_train_steps", "10", "--checkpoints_total_limit", "3",
+                                  "--resume_from_checkpoint", "checkpoint-6"])
+    assert checkpoint_steps(output) == [6, 8, 10]
+
+
+def test_latest_skips_incomplete_and_stray_folders(tiny_model, instance_dir, tmp_path, caplog):
+    output = tmp_path / "out"
+    train_dreambooth.main(train_args(tiny_model, instance_dir, output, "--max_train_steps", "4",
+                                     "--checkpointing_steps", "2"))
+    (output / "checkpoint-4" / MARKER).unlink()
+    for stray in ("checkpoint-final", "checkpoint-", "checkpoints", ".checkpoint-6.tmp"):
+        (output / stray).mkdir()
+    (output / "checkpoint-9").write_text("a file, not a folder")
+    assert resolve_resume(output, "latest") == output / "checkpoint-2"
+    assert "checkpoint-4 is incomplete" in caplog.text
+    with pytest.raises(DreamBoothError, match="incomplete checkpoint"):
+        resolve_resume(output, "checkpoint-4")
+
+
+def test_latest_with_no_checkpoint_starts_fresh_and_missing_path_is_an_error(tiny_model, instance_dir, tmp_path):
+    trainer = train_dreambooth.main(train_args(tiny_model, instance_dir, tmp_path / "a",
+                                               "--resume_from_checkpoint", "latest"))
+    assert trainer.state.global_step == 2
+    with pytest.raises(DreamBoothError, match="--resume_from_checkpoint .*no such checkpoint"):
+        train_dreambooth.main(train_args(tiny_model, instance_dir, tmp_path / "b",
+                                         "--resume_from_checkpoint", str(tmp_path / "nope")))
+
+
+def test_nonfinite_loss_stops_the_run_without_saving_nonfinite_weights(tiny_model, instance_dir, tmp_path,
+                                                                      monkeypatch):
+    calls = {"n": 0}
+    original = train_dreambooth.training_loss
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        losses = original(*args, **kwargs)
+        if calls["n"] > 2:
+            losses["loss"] = losses["loss"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(train_dreambooth, "training_loss", poisoned)
+    output = tmp_path / "out"
+    with pytest.raises(DreamBoothError, match=r"step 3: the loss was not finite for 3 steps in a row"):
+        train_dreambooth.main(train_args(tiny_model, instance_dir, output, "--max_train_steps", "10",
+                                         "--checkpointing_steps", "2"))
+    assert checkpoint_steps(output) == [2]
+    assert all(torch.isfinite(t).all() for t in unet_weights(output / "checkpoint-2").values())
+    assert not (output / "model_index.json").exists()
+
+
+def test_write_failure_keeps_the_previous_checkpoint(tiny_model, instance_dir, tmp_path, monkeypatch):
+    output = tmp_path / "out"
+    saves = {"n": 0}
+    original = train_dreambooth.save_model
+
+    def disk_fills_up(model, folder):
+        saves["n"] += 1
+        if saves["n"] > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        original(model, folder)
+
+    args = train_args(tiny_model, instance_dir, output, "--max_train_steps", "6", "--checkpointing_steps", "2")
+    with monkeypatch.context() as patch:
+        patch.setattr(train_dreambooth, "save_model", disk_fills_up)
+        with pytest.raises(DreamBoothError, match=r"checkpoint-4 \(No space left on device\).*checkpoint-2 is intact"):
+            train_dreambooth.main(args)
+    assert checkpoint_steps(output) == [2]
+    assert [p.name for p in output.iterdir() if p.name.startswith(".")] == []
+    resumed = train_dreambooth.main(args + ["--resume_from_checkpoint", "latest"])
+    assert resumed.state.global_step == 6 and (output / "model_index.json").is_file()
+
+
+def test_finished_output_dir_is_not_overwritten(tiny_model, instance_dir, tmp_path):
+    output = tmp_path / "out"
+    train_dreambooth.main(train_args(tiny_model, instance_dir, output))
+    before = unet_weights(output)
+    with pytest.raises(DreamBoothError, match="already holds a trained model.*--overwrite_output_dir"):
+        train_dreambooth.main(train_args(tiny_model, instance_dir, output, "--seed", "1"))
+    assert_bitwise_equal(before, unet_weights(output))
+    train_dreambooth.main(train_args(tiny_model, instance_dir, output, "--seed", "1", "--overwrite_output_dir"))
+    assert any(not torch.equal(before[k], v) for k, v in unet_weights(output).items())
+
+
+def start_training(args, log):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen([sys.executable, str(ROOT / "train_dreambooth.py"), *args], cwd=ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_for_checkpoint(output, step: int, process, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while not (output / f"checkpoint-{step}" / MARKER).is_file():
+        assert process.poll() is None, "training ended before the checkpoint appeared"
+        assert time.time() < deadline, "no checkpoint in time"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_latest_finishes(tiny_model, instance_dir, tmp_path):
+    output = tmp_path / "out"
+    args = train_args(tiny_model, instance_dir, output, "--max_train_steps", "400", "--checkpointing_steps", "2")
+    with open(tmp_path / "log.txt", "w") as log:
+        process = start_training(args, log)
+        wait_for_checkpoint(output, 4, process)
+        process.kill()
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    killed_at = checkpoint_steps(output)[-1]
+    assert not (output / "model_index.json").exists()
+    resumed = train_dreambooth.main(args + ["--max_train_steps", str(killed_at + 2), "--resume_from_checkpoint",
+                                            "latest"])
+    assert resumed.state.global_step == killed_at + 2
+    assert (output / "model_index.json").is_file()
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_live_run_leaves_a_resumable_checkpoint(tiny_model, instance_dir, tmp_path):
+    output = tmp_path / "out"
+    args = train_args(tiny_model, instance_dir, output, "--max_train_steps", "400", "--checkpointing_steps", "50")
+    with open(tmp_path / "log.txt", "w") as log:
+        process = start_training(args, log)
+        deadline = time.time() + 240
+        while "Steps:" not in (tmp_path / "log.txt").read_text() or "it/s" not in (tmp_path / "log.txt").read_text():
+            assert process.poll() is None and time.time() < deadline
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 0
+    text = (tmp_path / "log.txt").read_text()
+    assert "SIGTERM: finishing this step" in text and "--resume_from_checkpoint latest" in text
+    steps = checkpoint_steps(output)
+    assert len(steps) >= 1 and not (output / "model_index.json").exists()
+    resumed = train_dreambooth.main(args + ["--max_train_steps", str(steps[-1] + 1),
+                                            "--resume_from_checkpoint", "latest"])
+    assert resumed.state.global_step == steps[-1] + 1
