@@ -61,8 +61,6 @@ def create_accelerator(cfg: TrainConfig):
 
     check_precision_supported(cfg.mixed_precision)
     trackers = {"none": None, "all": "all"}.get(cfg.report_to, cfg.report_to)
-    if cfg.report_to in ("wandb",) and not _importable("wandb"):
-        raise DreamBoothError("--report_to wandb: wandb is not installed (pip install wandb), or use --report_to tensorboard")
     project = ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=os.path.join(cfg.output_dir, cfg.logging_dir))
     return Accelerator(
         cpu=cpu_only(),
@@ -71,12 +69,6 @@ def create_accelerator(cfg: TrainConfig):
         log_with=trackers,
         project_config=project,
     )
-
-
-def _importable(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
 
 
 def top_up_class_images(cfg: TrainConfig, accelerator) -> None:

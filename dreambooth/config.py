@@ -217,6 +217,15 @@ class TrainConfig:
             raise DreamBoothError(f"--lr_scheduler {self.lr_scheduler}: choose one of {', '.join(LR_SCHEDULERS)}")
         if self.report_to not in ("tensorboard", "wandb", "all", "none"):
             raise DreamBoothError(f"--report_to {self.report_to}: choose tensorboard, wandb, all or none")
+        if self.enable_xformers_memory_efficient_attention and not _importable("xformers"):
+            raise DreamBoothError(
+                "--enable_xformers_memory_efficient_attention: xformers is not installed (pip install xformers, "
+                "matching your torch), or drop the flag to use PyTorch's SDPA attention"
+            )
+        if self.use_8bit_adam and not _importable("bitsandbytes"):
+            raise DreamBoothError("--use_8bit_adam: bitsandbytes is not installed (pip install bitsandbytes)")
+        if self.report_to in ("wandb", "all") and not _importable("wandb"):
+            raise DreamBoothError(f"--report_to {self.report_to}: wandb is not installed (pip install wandb)")
         if self.pre_compute_text_embeddings and self.train_text_encoder:
             raise DreamBoothError("--pre_compute_text_embeddings needs a frozen text encoder; drop --train_text_encoder")
         check_image_folder(self.instance_data_dir, "--instance_data_dir", self.resolution)
@@ -254,6 +263,12 @@ class TrainConfig:
                 f"--output_dir {output} holds checkpoints of an earlier run; pass --resume_from_checkpoint latest "
                 "to continue it, or --overwrite_output_dir to start afresh"
             )
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import re
 import shutil
@@ -112,11 +111,6 @@ def prepare_for_training(components: Components, train_text_encoder: bool, devic
 
 
 def enable_xformers(unet: torch.nn.Module) -> None:
-    if importlib.util.find_spec("xformers") is None:
-        raise DreamBoothError(
-            "--enable_xformers_memory_efficient_attention: xformers is not installed "
-            "(pip install xformers, matching your torch), or drop the flag to use PyTorch SDPA"
-        )
     try:
         unet.enable_xformers_memory_efficient_attention()
     except (ValueError, RuntimeError, ModuleNotFoundError) as error:

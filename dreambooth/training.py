@@ -140,10 +140,8 @@ def build_optimizer(parameters: Sequence[torch.nn.Parameter], learning_rate: flo
         if device.type != "cuda":
             logger.warning("--use_8bit_adam needs a CUDA GPU; using torch.optim.AdamW on %s instead", device.type)
         else:
-            try:
-                import bitsandbytes as bnb
-            except ImportError:
-                raise DreamBoothError("--use_8bit_adam: bitsandbytes is not installed (pip install bitsandbytes)") from None
+            import bitsandbytes as bnb
+
             return bnb.optim.AdamW8bit(parameters, **kwargs)
     return torch.optim.AdamW(parameters, fused=device.type == "cuda", **kwargs)
 

@@ -258,3 +258,20 @@ def test_sigterm_to_a_live_run_leaves_a_resumable_checkpoint(tiny_model, instanc
     resumed = train_dreambooth.main(args + ["--max_train_steps", str(steps[-1] + 1),
                                             "--resume_from_checkpoint", "latest"])
     assert resumed.state.global_step == steps[-1] + 1
+
+
+def test_failed_final_save_leaves_no_half_pipeline(tiny_model, instance_dir, tmp_path, monkeypatch):
+    from diffusers import DiffusionPipeline
+
+    def fails_midway(self, folder, **kwargs):
+        (folder / "unet").mkdir(parents=True)
+        (folder / "unet" / "config.json").write_text("{}")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(DiffusionPipeline, "save_pretrained", fails_midway)
+    output = tmp_path / "out"
+    with pytest.raises(DreamBoothError, match="could not save the pipeline.*No space left"):
+        train_dreambooth.main(train_args(tiny_model, instance_dir, output, "--checkpointing_steps", "2"))
+    assert not (output / "model_index.json").exists() and not (output / "unet").exists()
+    assert not (output / ".pipeline.tmp").exists()
+    assert checkpoint_steps(output) == [2]

@@ -60,15 +60,22 @@ def test_missing_and_invalid_yaml_files(tmp_path):
         parse_config(TrainConfig, ["--config", str(bad)])
 
 
-def test_diffusers_flag_spellings_parse_unchanged():
-    # The arguments of diffusers' examples/dreambooth/test_dreambooth.py, both spellings.
-    argv = """--pretrained_model_name_or_path hf-internal-testing/tiny-stable-diffusion-pipe
-        --instance_data_dir docs/source/en/imgs --instance_prompt photo --resolution 64
+def test_diffusers_test_flags_run_unchanged(tiny_model, instance_dir, tmp_path):
+    # The arguments of diffusers' examples/dreambooth/test_dreambooth.py (both spellings), with
+    # only the model and the image folder replaced by local ones.
+    import train_dreambooth
+
+    argv = f"""--pretrained_model_name_or_path {tiny_model}
+        --instance_data_dir {instance_dir} --instance_prompt photo --resolution 64
         --train_batch_size 1 --gradient_accumulation_steps 1 --max_train_steps 2 --learning_rate 5.0e-04
-        --scale_lr --lr_scheduler constant --lr_warmup_steps 0 --output_dir out --seed=0
-        --pre_compute_text_embeddings --tokenizer_max_length=77 --text_encoder_use_attention_mask""".split()
+        --scale_lr --lr_scheduler constant --lr_warmup_steps 0 --output_dir {tmp_path} --checkpointing_steps=2
+        --seed=0 --pre_compute_text_embeddings --tokenizer_max_length=77 --text_encoder_use_attention_mask""".split()
     cfg = parse_config(TrainConfig, argv)
     assert (cfg.learning_rate, cfg.scale_lr, cfg.seed, cfg.tokenizer_max_length) == (5e-4, True, 0, 77)
+    train_dreambooth.main(argv + ["--report_to", "none"])
+    assert (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (tmp_path / "scheduler" / "scheduler_config.json").is_file()
+    assert (tmp_path / "checkpoint-2").is_dir()
 
 
 def test_config_is_frozen_and_dumps_to_plain_yaml():

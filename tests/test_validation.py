@@ -107,3 +107,16 @@ def test_command_line_error_is_one_line_without_traceback(tiny_model, instance_d
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == "error: --resolution 30: must be a positive multiple of 8"
+
+
+@pytest.mark.parametrize("flag, module", [
+    ("--enable_xformers_memory_efficient_attention", "xformers"),
+    ("--use_8bit_adam", "bitsandbytes"),
+])
+def test_missing_optional_package_is_named(tiny_model, instance_dir, tmp_path, no_model_loading, monkeypatch,
+                                           flag, module):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else real_find_spec(name, *a))
+    run_expecting_error(train_args(tiny_model, instance_dir, tmp_path / "out", flag), f"{flag}: {module} is not installed")
