@@ -5,6 +5,10 @@
 A training checkpoint, over the base model its run recorded:
     python infer.py --checkpoint sks-dog/checkpoint-400 --prompt "a photo of sks dog" --seed 0
 
+LoRA adapters over a base model (repeat --lora to stack several):
+    python infer.py --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
+        --lora sks-dog-lora --lora_scale 0.8 --prompt "a photo of sks dog" --seed 0
+
 Writes one PNG per image, with the prompt, seed and settings in its text metadata (the
 'parameters' field that Stable Diffusion web UIs read), and one grid per prompt.
 On several GPUs, `accelerate launch infer.py ...` works too, but one process is enough.
@@ -24,6 +28,7 @@ from dreambooth.cli import run_cli, setup_logging
 from dreambooth.config import InferConfig, parse_config
 from dreambooth.generation import (
     SCHEDULERS,
+    apply_loras,
     checkpoint_components,
     generate,
     load_pipeline,
@@ -67,6 +72,8 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     dtype = pick_dtype(device, cfg.dtype)
     trained = checkpoint_components(cfg.checkpoint, dtype) if cfg.checkpoint else {}
     pipeline = load_pipeline(cfg.base_model(), device, dtype, cfg.scheduler, cfg.revision, cfg.variant, **trained)
+    lora_checkpoint = [cfg.checkpoint] if cfg.checkpoint and not trained else []
+    apply_loras(pipeline, lora_checkpoint + list(cfg.lora), cfg.lora_scale)
     height = cfg.height or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     width = cfg.width or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     base_seed = cfg.seed if cfg.seed is not None else random.randrange(2**31)

@@ -31,17 +31,21 @@ from dreambooth.config import TrainConfig, config_to_dict, parse_config, save_co
 from dreambooth.data import DreamBoothCollator, DreamBoothDataset, EpochShuffleSampler, ImageSet, list_image_files
 from dreambooth.errors import DreamBoothError
 from dreambooth.generation import ClassImageJob, generate_class_images
+from dreambooth.hub import card_info_from_config, push_output, write_model_card
+from dreambooth.lora import add_lora_adapters, load_lora_into, save_lora
 from dreambooth.models import (
     Components,
     check_precision_supported,
     cpu_only,
     load_components,
-    load_model_into,
+    load_models_into,
     mixed_precision_dtype,
     prepare_for_training,
-    save_model,
+    publish_file,
+    save_models,
     save_pipeline,
 )
+from dreambooth.monitor import SampleSettings, ValidationSampler, plot_loss_curve
 from dreambooth.training import (
     LossSettings,
     PromptEncoder,
@@ -98,56 +102,83 @@ def build_dataloader(cfg: TrainConfig, tokenizer, data_seed: int) -> DataLoader:
     )
 
 
-def build_trainer(cfg: TrainConfig, accelerator, components: Components, dataloader: DataLoader,
-                  state: TrainState) -> Trainer:
-    """Trainable modules, optimizer and lr schedule, all through one ``accelerator.prepare``."""
+def build_models(cfg: TrainConfig, accelerator) -> tuple[Components, list[torch.nn.Module]]:
+    """Load the base model; return it with the modules to train (LoRA adapters added if asked)."""
+    components = load_components(
+        cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant, cfg.tokenizer_name,
+        mixed_precision_dtype(accelerator.mixed_precision), cfg.train_text_encoder, cfg.use_lora,
+    )
+    if cfg.use_lora:
+        add_lora_adapters(components.unet, components.text_encoder if cfg.train_text_encoder else None, cfg.rank,
+                          cfg.lora_alpha or cfg.rank, cfg.lora_dropout, tuple(cfg.lora_target_modules))
+    trained = prepare_for_training(components, cfg.train_text_encoder, accelerator.device,
+                                   cfg.gradient_checkpointing, cfg.enable_xformers_memory_efficient_attention)
+    return components, trained
+
+
+def build_optimization(cfg: TrainConfig, accelerator, trained: list[torch.nn.Module], batches: int):
+    """Run length, AdamW over the trainable weights and the lr schedule."""
     from diffusers.optimization import get_scheduler
 
-    dataset = dataloader.dataset
-
-    trained = prepare_for_training(
-        components, cfg.train_text_encoder, accelerator.device,
-        cfg.gradient_checkpointing, cfg.enable_xformers_memory_efficient_attention,
-    )
     schedule = Schedule.derive(
-        math.ceil(len(dataloader) / accelerator.num_processes), cfg.train_batch_size, accelerator.num_processes,
+        math.ceil(batches / accelerator.num_processes), cfg.train_batch_size, accelerator.num_processes,
         cfg.gradient_accumulation_steps, cfg.max_train_steps, cfg.num_train_epochs,
     )
     learning_rate = cfg.learning_rate * (schedule.total_batch_size if cfg.scale_lr else 1)
     parameters = [p for module in trained for p in module.parameters() if p.requires_grad]
-    optimizer = build_optimizer(
-        parameters, learning_rate, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_weight_decay, cfg.adam_epsilon,
-        cfg.use_8bit_adam, accelerator.device,
-    )
+    optimizer = build_optimizer(parameters, learning_rate, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_weight_decay,
+                                cfg.adam_epsilon, cfg.use_8bit_adam, accelerator.device)
     # Accelerate steps the schedule once per process for each optimizer step.
     lr_scheduler = get_scheduler(
-        cfg.lr_scheduler, optimizer,
-        num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
+        cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=schedule.max_train_steps * accelerator.num_processes,
         num_cycles=cfg.lr_num_cycles, power=cfg.lr_power,
     )
+    logger.info(
+        "training %s%s: %d steps, %d epoch(s), batch %d (x%d processes x%d accumulation), lr %.3g",
+        "LoRA on " if cfg.use_lora else "", "UNet + text encoder" if cfg.train_text_encoder else "UNet",
+        schedule.max_train_steps, schedule.num_epochs, cfg.train_batch_size, accelerator.num_processes,
+        cfg.gradient_accumulation_steps, learning_rate,
+    )
+    return schedule, optimizer, lr_scheduler
+
+
+def build_trainer(cfg: TrainConfig, accelerator, components: Components, trained: list[torch.nn.Module],
+                  dataloader: DataLoader, state: TrainState) -> Trainer:
+    """Everything trained goes through one ``accelerator.prepare``."""
+    dataset = dataloader.dataset
+    schedule, optimizer, lr_scheduler = build_optimization(cfg, accelerator, trained, len(dataloader))
     *trained, optimizer, dataloader, lr_scheduler = accelerator.prepare(*trained, optimizer, dataloader, lr_scheduler)
-    unet = trained[0]
     encoder = PromptEncoder(trained[1] if cfg.train_text_encoder else components.text_encoder,
                             cfg.train_text_encoder, cfg.text_encoder_use_attention_mask)
     if cfg.pre_compute_text_embeddings:
         encoder.precompute(dataset.prompts(), components.tokenizer, cfg.tokenizer_max_length)
         components.text_encoder.to("cpu")
-    settings = LossSettings(cfg.prior_loss_weight, cfg.snr_gamma, cfg.offset_noise)
+    settings, unet = LossSettings(cfg.prior_loss_weight, cfg.snr_gamma, cfg.offset_noise), trained[0]
 
     def loss_fn(batch: dict) -> dict[str, torch.Tensor]:
         return training_loss(batch, unet, components.vae, components.noise_scheduler, encoder, settings)
 
-    logger.info(
-        "training %s: %d steps, %d epoch(s), batch %d (x%d processes x%d accumulation), lr %.3g",
-        "UNet + text encoder" if cfg.train_text_encoder else "UNet", schedule.max_train_steps, schedule.num_epochs,
-        cfg.train_batch_size, accelerator.num_processes, cfg.gradient_accumulation_steps, learning_rate,
-    )
-    names = ["unet", "text_encoder"][: len(trained)]
-    checkpointer = Checkpointer(accelerator, cfg.output_dir, names, save_model, load_model_into,
-                                cfg.checkpoints_total_limit)
-    return Trainer(accelerator, trained, optimizer, lr_scheduler, dataloader, schedule, loss_fn,
-                   cfg.max_grad_norm, cfg.set_grads_to_none, checkpointer, cfg.checkpointing_steps, state)
+    save, load = (save_lora, load_lora_into) if cfg.use_lora else (save_models, load_models_into)
+    checkpointer = Checkpointer(accelerator, cfg.output_dir, save, load, cfg.checkpoints_total_limit)
+    return Trainer(accelerator, trained, optimizer, lr_scheduler, dataloader, schedule, loss_fn, cfg.max_grad_norm,
+                   cfg.set_grads_to_none, checkpointer, cfg.checkpointing_steps, state, cfg.logging_steps)
+
+
+def add_validation(cfg: TrainConfig, accelerator, components: Components, trainer: Trainer) -> ValidationSampler | None:
+    """Sample grids every --validation_steps (and one at the end) from the weights being trained."""
+    if not cfg.num_validation_images:
+        return None
+    settings = SampleSettings(tuple(cfg.validation_prompts()), cfg.num_validation_images, cfg.validation_seed,
+                              cfg.validation_inference_steps, cfg.validation_scheduler, cfg.resolution)
+    sampler = ValidationSampler(accelerator, components, trainer.trained, settings, cfg.output_dir)
+
+    def every_validation_step(state: TrainState) -> None:
+        if state.global_step % cfg.validation_steps == 0:
+            sampler.sample(f"step_{state.global_step}")
+
+    trainer.step_callbacks.append(every_validation_step)
+    return sampler
 
 
 def start_state(cfg: TrainConfig, accelerator) -> tuple[TrainState, Path | None]:
@@ -162,21 +193,46 @@ def start_state(cfg: TrainConfig, accelerator) -> tuple[TrainState, Path | None]
     return TrainState(data_seed=broadcast_object_list(data_seed)[0]), None
 
 
-def save_result(cfg: TrainConfig, accelerator, trainer: Trainer, components: Components) -> None:
-    accelerator.wait_for_everyone()
+def save_trained(cfg: TrainConfig, accelerator, trainer: Trainer, components: Components) -> None:
+    """The final weights, on the main process: a complete pipeline, or the LoRA file."""
+    models = [accelerator.unwrap_model(model) for model in trainer.trained]
+    if not all_finite(models):
+        raise DreamBoothError("the trained weights are not finite; not saving them (try a lower --learning_rate)")
+    if cfg.use_lora:
+        publish_file(lambda folder: save_lora(models, folder, cfg.save_dtype()), Path(cfg.output_dir))
+    else:
+        save_pipeline(cfg.output_dir, cfg.pretrained_model_name_or_path, models[0],
+                      models[1] if len(models) > 1 else None, components.tokenizer, cfg.revision, cfg.variant,
+                      cfg.save_dtype())
+    logger.info("saved the trained %s to %s", "LoRA" if cfg.use_lora else "pipeline", cfg.output_dir)
+
+
+def hub_repo_id(cfg: TrainConfig) -> str:
+    return cfg.hub_model_id or Path(cfg.output_dir).resolve().name
+
+
+def finish(cfg: TrainConfig, accelerator, trainer: Trainer, components: Components,
+           sampler: ValidationSampler | None) -> None:
+    """Final samples, weights, loss curve, model card and Hub upload; or, after a signal, how to resume."""
     if trainer.interrupted:
         logger.info("stopped at step %d with a checkpoint; to continue, run the same command with "
                     "--resume_from_checkpoint latest", trainer.state.global_step)
         return
-    if not accelerator.is_main_process:
-        return
-    unet = accelerator.unwrap_model(trainer.trained[0])
-    text_encoder = accelerator.unwrap_model(trainer.trained[1]) if cfg.train_text_encoder else None
-    if not all_finite([unet] + ([text_encoder] if text_encoder is not None else [])):
-        raise DreamBoothError("the trained weights are not finite; not saving them (try a lower --learning_rate)")
-    save_pipeline(cfg.output_dir, cfg.pretrained_model_name_or_path, unet, text_encoder, components.tokenizer,
-                  cfg.revision, cfg.variant)
-    logger.info("saved the trained pipeline to %s", cfg.output_dir)
+    final_grid = sampler.sample("final") if sampler else None
+    if accelerator.is_main_process:
+        save_trained(cfg, accelerator, trainer, components)
+        plot_loss_curve(trainer.metrics.history, Path(cfg.output_dir) / "loss_curve.png")
+        samples = [final_grid.relative_to(cfg.output_dir).as_posix()] if final_grid else []
+        write_model_card(cfg.output_dir, card_info_from_config(
+            cfg, num_processes=accelerator.num_processes, mixed_precision=accelerator.mixed_precision,
+            max_train_steps=trainer.state.global_step, sample_images=samples,
+            rank=cfg.rank if cfg.use_lora else None, hub_model_id=hub_repo_id(cfg) if cfg.push_to_hub else None,
+        ))
+        if cfg.push_to_hub:
+            url = push_output(cfg.output_dir, hub_repo_id(cfg), cfg.hub_token, cfg.hub_private_repo,
+                              cfg.push_checkpoints)
+            logger.info("uploaded to %s", url)
+    accelerator.wait_for_everyone()
 
 
 def main(argv: Sequence[str] | None = None) -> Trainer:
@@ -193,19 +249,17 @@ def main(argv: Sequence[str] | None = None) -> Trainer:
         torch.backends.cuda.matmul.allow_tf32 = True
     if cfg.with_prior_preservation:
         top_up_class_images(cfg, accelerator)
-    components = load_components(
-        cfg.pretrained_model_name_or_path, cfg.revision, cfg.variant, cfg.tokenizer_name,
-        mixed_precision_dtype(accelerator.mixed_precision), cfg.train_text_encoder,
-    )
+    components, trained = build_models(cfg, accelerator)
     dataloader = build_dataloader(cfg, components.tokenizer, state.data_seed)
-    trainer = build_trainer(cfg, accelerator, components, dataloader, state)
+    trainer = build_trainer(cfg, accelerator, components, trained, dataloader, state)
     if resume is not None:
         trainer.checkpointer.load(resume)
+    sampler = add_validation(cfg, accelerator, components, trainer)
     if accelerator.is_main_process:
         save_config(cfg, os.path.join(cfg.output_dir, "train_config.yaml"))
     accelerator.init_trackers("dreambooth", config=tracker_config(config_to_dict(cfg)))
     trainer.train()
-    save_result(cfg, accelerator, trainer, components)
+    finish(cfg, accelerator, trainer, components, sampler)
     accelerator.end_training()
     return trainer
 

@@ -88,30 +88,27 @@ def all_finite(modules: list[torch.nn.Module]) -> bool:
 class Checkpointer:
     """Saves and restores checkpoints through ``accelerator.save_state`` / ``load_state``.
 
-    ``save_model(model, folder)`` writes one trained model in diffusers format;
-    ``load_model(model, folder)`` loads it back in place. Accelerate's own copy of the weights
-    is skipped, so each checkpoint holds the weights once.
+    ``save_models(models, folder)`` writes the trained models (full weights in diffusers
+    format, or LoRA adapters); ``load_models(models, folder)`` loads them back in place.
+    Accelerate's own copy of the weights is skipped, so a checkpoint holds them once.
     """
 
-    def __init__(self, accelerator, output_dir: str | Path, names: list[str],
-                 save_model: Callable[[torch.nn.Module, Path], None],
-                 load_model: Callable[[torch.nn.Module, Path], None],
+    def __init__(self, accelerator, output_dir: str | Path,
+                 save_models: Callable[[list[torch.nn.Module], Path], object],
+                 load_models: Callable[[list[torch.nn.Module], Path], None],
                  total_limit: int | None = None):
-        self.accelerator, self.output_dir, self.names = accelerator, Path(output_dir), names
-        self.total_limit = total_limit
-        self._save_model, self._load_model = save_model, load_model
+        self.accelerator, self.output_dir, self.total_limit = accelerator, Path(output_dir), total_limit
+        self._save_models, self._load_models = save_models, load_models
         accelerator.register_save_state_pre_hook(self._save_hook)
         accelerator.register_load_state_pre_hook(self._load_hook)
 
     def _save_hook(self, models, weights, folder) -> None:
         if self.accelerator.is_main_process:
-            for name, model in zip(self.names, models):
-                self._save_model(self.accelerator.unwrap_model(model), Path(folder) / name)
+            self._save_models([self.accelerator.unwrap_model(model) for model in models], Path(folder))
         weights.clear()
 
     def _load_hook(self, models, folder) -> None:
-        for name, model in zip(self.names, list(models)):
-            self._load_model(self.accelerator.unwrap_model(model), Path(folder) / name)
+        self._load_models([self.accelerator.unwrap_model(model) for model in models], Path(folder))
         models.clear()
 
     def save(self, state: TrainState, trained: list[torch.nn.Module]) -> Path:

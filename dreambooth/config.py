@@ -17,7 +17,7 @@ from typing import Any, Literal, Optional, Sequence, TypeVar
 import yaml
 from transformers import HfArgumentParser
 
-from .errors import DreamBoothError
+from .errors import DreamBoothError, redact
 
 ConfigT = TypeVar("ConfigT")
 
@@ -65,8 +65,44 @@ def _yaml_to_flags(path: str, config_class: type) -> list[str]:
     return flags
 
 
-def parse_config(config_class: type[ConfigT], argv: Sequence[str] | None, description: str | None = None) -> ConfigT:
-    """Parse ``argv`` (and the YAML file it names with --config) into ``config_class``."""
+def parse_config(config_class: type[ConfigT], argv: Sequence[str] | None, description: str | None = None,
+                 positional: str | None = None) -> ConfigT:
+    """Parse ``argv`` (and the YAML file it names with --config) into ``config_class``.
+
+    With ``positional``, a bare first argument is that flag's value (``export.py OUTPUT_DIR``).
+    Values of secret flags never appear in the errors.
+    """
+    argv = list(_sys_argv() if argv is None else argv)
+    if positional:
+        argv = _positional_to_flag(argv, positional)
+    try:
+        return _parse(config_class, argv, description)
+    except DreamBoothError as error:
+        message = str(error)
+        for secret in _possible_secrets(argv):
+            message = redact(message, secret)
+        raise DreamBoothError(message) from None
+
+
+def _positional_to_flag(argv: list[str], flag: str) -> list[str]:
+    if not argv or argv[0].startswith("-"):
+        return argv
+    if any(arg.split("=")[0] in (f"--{flag}", f"--{flag.replace('_', '-')}") for arg in argv[1:]):
+        raise DreamBoothError(f"give {flag.upper()} once: {argv[0]} or --{flag}, not both")
+    return [f"--{flag}", argv[0], *argv[1:]]
+
+
+def _possible_secrets(argv: Sequence[str]) -> list[str]:
+    """Values of flags named like a token (argparse echoes a mistyped '--hub_tokn VALUE')."""
+    secrets = []
+    for index, arg in enumerate(argv):
+        flag, sep, value = arg.partition("=")
+        if flag.startswith("-") and "tok" in flag.lower():
+            secrets.append(value if sep else (argv[index + 1] if index + 1 < len(argv) else ""))
+    return [secret for secret in secrets if secret]
+
+
+def _parse(config_class: type[ConfigT], argv: list[str], description: str | None) -> ConfigT:
     parser = build_parser(config_class, description)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
@@ -78,7 +114,7 @@ def parse_config(config_class: type[ConfigT], argv: Sequence[str] | None, descri
             parser.parse_args(yaml_flags)
         except DreamBoothError as error:
             raise DreamBoothError(f"--config {known.config}: {error}") from None
-    namespace = parser.parse_args(yaml_flags + list(argv if argv is not None else _sys_argv()))
+    namespace = parser.parse_args(yaml_flags + argv)
     values = {field.name: getattr(namespace, field.name) for field in dataclasses.fields(config_class)}
     return config_class(**values)
 
@@ -146,6 +182,38 @@ class TrainConfig:
     logging_dir: str = _field("logs", "Tracker log folder, relative to --output_dir.")
     report_to: str = _field("tensorboard", "Trackers: tensorboard, wandb, all or none.")
     seed: Optional[int] = _field(None, "Random seed for a reproducible run.")
+    # LoRA
+    use_lora: bool = _field(False, "Train LoRA adapters (peft) instead of the full weights; the base stays frozen.")
+    lora_target_modules: list[str] = _field(
+        ["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get adapters (with --use_lora)."
+    )
+    rank: int = _field(4, "LoRA rank.")
+    lora_alpha: Optional[float] = _field(None, "LoRA alpha; the update is scaled by alpha/rank (default: the rank).")
+    lora_dropout: float = _field(0.0, "Dropout on the LoRA adapters.")
+    save_precision: Optional[Literal["fp32", "fp16", "bf16"]] = _field(
+        None, "Precision of the saved weights (default: fp16 for full fine-tunes, fp32 for LoRA)."
+    )
+    # Validation samples and tracking
+    validation_prompt: list[str] = _field(
+        [], "Prompt for samples during training; repeat the flag for several "
+        "(default: the instance prompt and the instance prompt 'on the beach').", action="extend",
+    )
+    num_validation_images: int = _field(4, "Samples per validation prompt (0 turns sampling off).")
+    validation_steps: int = _field(100, "Sample every N steps; a final grid is always made.")
+    validation_seed: int = _field(0, "Seed of the validation samples (image j uses seed + j).")
+    validation_scheduler: str = _field("dpm++", "Sampler for validation samples.")
+    validation_inference_steps: int = _field(25, "Denoising steps of validation samples.")
+    logging_steps: int = _field(10, "Read the loss back and log it every N steps (each read waits for the GPU).")
+    # Hub
+    push_to_hub: bool = _field(False, "Upload the finished output (model, card, samples) to the Hugging Face Hub.")
+    hub_model_id: Optional[str] = _field(None, "Hub repo id, e.g. you/sks-dog (default: the output folder's name).")
+    # repr=False: the token stays out of reprs and tracebacks.
+    hub_token: Optional[str] = dataclasses.field(
+        default=None, repr=False,
+        metadata={"help": "Hub token (default: HF_TOKEN or the cached login); never logged or saved."},
+    )
+    hub_private_repo: bool = _field(False, "Create the Hub repo as private.")
+    push_checkpoints: bool = _field(False, "Upload the checkpoint folders too.")
     # Checkpoints
     checkpointing_steps: int = _field(500, "Save a resumable checkpoint every N optimizer steps.")
     checkpoints_total_limit: Optional[int] = _field(None, "Keep only the newest N checkpoints.")
@@ -226,6 +294,8 @@ class TrainConfig:
             raise DreamBoothError("--use_8bit_adam: bitsandbytes is not installed (pip install bitsandbytes)")
         if self.report_to in ("wandb", "all") and not _importable("wandb"):
             raise DreamBoothError(f"--report_to {self.report_to}: wandb is not installed (pip install wandb)")
+        if self.push_to_hub and not (self.hub_model_id or Path(self.output_dir).resolve().name):
+            raise DreamBoothError("--push_to_hub needs --hub_model_id")
         if self.pre_compute_text_embeddings and self.train_text_encoder:
             raise DreamBoothError("--pre_compute_text_embeddings needs a frozen text encoder; drop --train_text_encoder")
         check_image_folder(self.instance_data_dir, "--instance_data_dir", self.resolution)
@@ -240,6 +310,18 @@ class TrainConfig:
                 raise DreamBoothError(f"--num_class_images {self.num_class_images}: must be at least 1")
             if Path(self.class_data_dir).exists() and not Path(self.class_data_dir).is_dir():
                 raise DreamBoothError(f"--class_data_dir {self.class_data_dir}: exists and is not a folder")
+        if self.use_lora and self.rank < 1:
+            raise DreamBoothError(f"--rank {self.rank}: must be at least 1")
+        if self.use_lora and not self.lora_target_modules:
+            raise DreamBoothError("--lora_target_modules: name at least one module")
+        if not 0 <= self.lora_dropout < 1:
+            raise DreamBoothError(f"--lora_dropout {self.lora_dropout}: must be in [0, 1)")
+        if self.num_validation_images < 0 or self.validation_steps < 1 or self.logging_steps < 1:
+            raise DreamBoothError(
+                "--num_validation_images must not be negative; --validation_steps and --logging_steps must be at least 1"
+            )
+        if self.num_validation_images:
+            _check_generation_numbers(8, self.validation_inference_steps, self.validation_scheduler)
         if self.checkpointing_steps < 1:
             raise DreamBoothError(f"--checkpointing_steps {self.checkpointing_steps}: must be at least 1")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
@@ -247,13 +329,22 @@ class TrainConfig:
         check_writable_dir(self.output_dir, "--output_dir")
         self._refuse_to_overwrite()
 
+    def validation_prompts(self) -> list[str]:
+        return list(self.validation_prompt) or [self.instance_prompt, f"{self.instance_prompt} on the beach"]
+
+    def save_dtype(self):
+        import torch
+
+        default = "fp32" if self.use_lora else "fp16"
+        return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[self.save_precision or default]
+
     def _refuse_to_overwrite(self) -> None:
         from .checkpoints import find_checkpoints
 
         if self.resume_from_checkpoint or self.overwrite_output_dir:
             return
         output = Path(self.output_dir)
-        if (output / "model_index.json").is_file():
+        if (output / "model_index.json").is_file() or (output / "pytorch_lora_weights.safetensors").is_file():
             raise DreamBoothError(
                 f"--output_dir {output} already holds a trained model; choose another folder, or pass "
                 "--overwrite_output_dir to replace it"
@@ -271,6 +362,7 @@ def _importable(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+SCHEDULER_NAMES = ("dpm++", "unipc", "ddim", "euler", "euler_a", "pndm", "ddpm")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
@@ -286,9 +378,6 @@ def check_writable_dir(path: str, flag: str) -> Path:
     except OSError as error:
         raise DreamBoothError(f"{flag} {path}: not writable ({error.strerror or error})") from None
     return folder
-
-
-SCHEDULER_NAMES = ("dpm++", "unipc", "ddim", "euler", "euler_a", "pndm", "ddpm")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -342,6 +431,10 @@ class InferConfig:
         None, "Trained output folder or Hub id; with --checkpoint, the base model (default: the run's)."
     )
     checkpoint: Optional[str] = _field(None, "A checkpoint-<step> folder to sample, over the base model.")
+    lora: list[str] = _field([], "LoRA weights (a folder or .safetensors file) over the model; repeatable.",
+                             action="extend")
+    lora_scale: list[float] = _field([], "Strength of each --lora (one value for all, or one per --lora; default 1).",
+                                     action="extend")
     revision: Optional[str] = _field(None, "Revision of the model on the Hub.")
     variant: Optional[str] = _field(None, "Weight file variant, e.g. fp16.")
     prompt: list[str] = _field([], "Prompt; repeat the flag for several.", action="extend")
@@ -374,6 +467,11 @@ class InferConfig:
             raise DreamBoothError(f"--prompts_file {self.prompts_file}: file not found")
         if self.num_images_per_prompt < 1:
             raise DreamBoothError(f"--num_images_per_prompt {self.num_images_per_prompt}: must be at least 1")
+        for path in self.lora:
+            if not Path(path).exists():
+                raise DreamBoothError(f"--lora {path}: no such file or folder")
+        if len(self.lora_scale) not in (0, 1, len(self.lora)):
+            raise DreamBoothError(f"--lora_scale: give one value, or one per --lora ({len(self.lora)})")
         if self.batch_size < 1:
             raise DreamBoothError(f"--batch_size {self.batch_size}: must be at least 1")
         _check_generation_numbers(8, self.num_inference_steps, self.scheduler)
@@ -406,3 +504,79 @@ class InferConfig:
                 raise DreamBoothError(f"--prompts_file {self.prompts_file}: no prompts in the file")
             prompts += from_file
         return prompts
+
+
+@dataclasses.dataclass(frozen=True)
+class PushToHubConfig:
+    """Flags of push_to_hub.py (the output folder may also come first, without --output_dir)."""
+
+    output_dir: Optional[str] = _field(None, "Finished output folder of train_dreambooth.py (required).")
+    hub_model_id: Optional[str] = _field(None, "Repo to push to: 'owner/name', or 'name' in your account (required).")
+    # repr=False: the token stays out of reprs and tracebacks.
+    hub_token: Optional[str] = dataclasses.field(
+        default=None, repr=False,
+        metadata={"help": "Hugging Face token with write access (default: HF_TOKEN or `hf auth login`)."},
+    )
+    private: bool = _field(False, "Create a new repo as private (default: the account's default visibility).")
+    push_checkpoints: bool = _field(False, "Upload the checkpoint-* folders too.")
+
+    def validate(self) -> None:
+        from huggingface_hub.errors import HFValidationError
+        from huggingface_hub.utils import validate_repo_id
+
+        if not self.output_dir:
+            raise DreamBoothError("give the output folder: python push_to_hub.py OUTPUT_DIR --hub_model_id owner/name")
+        from .hub import check_finished_output
+
+        check_finished_output(self.output_dir)
+        if not self.hub_model_id:
+            raise DreamBoothError("--hub_model_id is required, e.g. --hub_model_id your-name/sks-dog")
+        try:
+            validate_repo_id(self.hub_model_id)
+        except HFValidationError:
+            raise DreamBoothError(
+                f"--hub_model_id {self.hub_model_id}: not a repo id like 'owner/name' (letters, digits, '-', '_', '.')"
+            ) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """Flags of export.py."""
+
+    output_dir: Optional[str] = _field(None, "The training run's output folder (or the positional OUTPUT_DIR).")
+    output: Optional[str] = _field(None, "The .safetensors file to write (required).")
+    format: Literal["auto", "sd", "kohya"] = _field(
+        "auto", "sd: one original-layout checkpoint of a full fine-tune; kohya: a LoRA run as a kohya/A1111 LoRA; "
+        "auto: sd for a pipeline folder, kohya for a LoRA run."
+    )
+    precision: Optional[Literal["fp32", "fp16", "bf16"]] = _field(
+        None, "Tensor precision (default: fp16 for --format sd, half the size and what web UIs load; "
+        "for kohya, the LoRA's own precision)."
+    )
+    overwrite: bool = _field(False, "Replace an existing --output file.")
+
+    def validate(self) -> None:
+        if not self.output_dir:
+            raise DreamBoothError("give the training output folder: export.py OUTPUT_DIR --output FILE.safetensors")
+        if not Path(self.output_dir).is_dir():
+            raise DreamBoothError(f"OUTPUT_DIR {self.output_dir}: no such folder")
+        if not self.output:
+            raise DreamBoothError("--output is required (the .safetensors file to write)")
+        output = Path(self.output)
+        if output.suffix != ".safetensors":
+            raise DreamBoothError(f"--output {self.output}: must end in .safetensors")
+        if output.is_dir():
+            raise DreamBoothError(f"--output {self.output}: is a folder; give a file name")
+        if output.exists() and not self.overwrite:
+            raise DreamBoothError(f"--output {self.output}: file exists; pass --overwrite to replace it")
+        if self.format not in ("auto", "sd", "kohya"):
+            raise DreamBoothError(f"--format {self.format}: choose auto, sd or kohya")
+        if self.precision is not None and self.precision not in ("fp32", "fp16", "bf16"):
+            raise DreamBoothError(f"--precision {self.precision}: choose fp32, fp16 or bf16")
+        self.resolved_format()
+
+    def resolved_format(self) -> str:
+        """``sd`` or ``kohya``: --format, or for auto what the output folder holds."""
+        from .export import resolve_format
+
+        return resolve_format(Path(self.output_dir), self.format)

@@ -1,4 +1,8 @@
-"""The project's user-facing error."""
+"""The project's user-facing error, and keeping secrets out of what users see."""
+
+import re
+
+_TOKEN_LIKE = re.compile(r"\bhf_[A-Za-z0-9]{30,}\b")
 
 
 class DreamBoothError(Exception):
@@ -7,3 +11,10 @@ class DreamBoothError(Exception):
     The message is one line naming the flag or file and what to do; the
     scripts' entry points print it without a traceback.
     """
+
+
+def redact(text: str, token: str | None) -> str:
+    """``text`` with ``token`` (and anything shaped like a Hugging Face token) hidden."""
+    if token:
+        text = text.replace(token, "<redacted>")
+    return _TOKEN_LIKE.sub("<redacted>", text)

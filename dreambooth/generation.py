@@ -82,16 +82,42 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, schedule
 
 
 def checkpoint_components(checkpoint: str | Path, dtype: torch.dtype) -> dict:
-    """The trained models of a training checkpoint (unet/, text_encoder/ when trained), to load a
-    pipeline with them over its base model."""
+    """The trained models of a full fine-tune's checkpoint (unet/, text_encoder/ when trained), to
+    load a pipeline with them over its base model. A LoRA checkpoint has none: load it as a LoRA."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
     folder = Path(checkpoint)
+    if not (folder / "unet").is_dir():
+        return {}
     components = {"unet": UNet2DConditionModel.from_pretrained(folder / "unet", dtype=dtype)}
     if (folder / "text_encoder").is_dir():
         components["text_encoder"] = CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=dtype)
     return components
+
+
+def apply_loras(pipeline, paths: Sequence[str | Path], scales: Sequence[float] = ()) -> None:
+    """Load LoRA weights over the pipeline, each as its own adapter with its strength."""
+    from .lora import LORA_WEIGHTS
+
+    names = []
+    for number, path in enumerate(paths):
+        path, name = Path(path), f"lora_{number}"
+        folder, weight_name = (path, LORA_WEIGHTS) if path.is_dir() else (path.parent, path.name)
+        try:
+            pipeline.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=name)
+        except (ValueError, KeyError, RuntimeError, OSError) as error:
+            raise DreamBoothError(f"--lora {path}: does not fit this base model ({_first_reason(error)})") from None
+        names.append(name)
+    if names:
+        weights = list(scales) * len(names) if len(scales) == 1 else list(scales) or [1.0] * len(names)
+        pipeline.set_adapters(names, adapter_weights=weights)
+
+
+def _first_reason(error: Exception, limit: int = 300) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reason = next((line for line in lines if "mismatch" in line), lines[0] if lines else type(error).__name__)
+    return reason if len(reason) <= limit else reason[:limit] + "..."
 
 
 def release(pipeline) -> None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -65,17 +66,19 @@ def _load(what: str, loader, source: str, **kwargs):
 
 def load_components(model: str, revision: str | None = None, variant: str | None = None,
                     tokenizer_name: str | None = None, frozen_dtype: torch.dtype = torch.float32,
-                    train_text_encoder: bool = False) -> Components:
+                    train_text_encoder: bool = False, use_lora: bool = False) -> Components:
     """Tokenizer, CLIP text encoder, VAE, UNet and the DDPM training scheduler of a pipeline.
 
-    Frozen models load directly in ``frozen_dtype``; trained ones in fp32, which keeps small
-    updates from vanishing in half precision (Accelerate's autocast sets the compute dtype).
+    Frozen weights load directly in ``frozen_dtype``; fully trained models in fp32, which keeps
+    small updates from vanishing in half precision (Accelerate's autocast sets the compute
+    dtype). With LoRA every base weight is frozen; the adapters are fp32.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
     weights = dict(revision=revision, variant=variant)
-    text_dtype = torch.float32 if train_text_encoder else frozen_dtype
+    text_dtype = torch.float32 if train_text_encoder and not use_lora else frozen_dtype
+    unet_dtype = frozen_dtype if use_lora else torch.float32
     if tokenizer_name:
         tokenizer = _load("tokenizer", AutoTokenizer.from_pretrained, tokenizer_name, revision=revision)
     else:
@@ -86,17 +89,19 @@ def load_components(model: str, revision: str | None = None, variant: str | None
                            dtype=text_dtype, **weights),
         vae=_load("VAE", AutoencoderKL.from_pretrained, model, subfolder="vae", dtype=frozen_dtype, **weights),
         unet=_load("UNet", UNet2DConditionModel.from_pretrained, model, subfolder="unet",
-                   dtype=torch.float32, **weights),
+                   dtype=unet_dtype, **weights),
         noise_scheduler=_load("scheduler", DDPMScheduler.from_pretrained, model, subfolder="scheduler", revision=revision),
     )
 
 
 def prepare_for_training(components: Components, train_text_encoder: bool, device: torch.device,
                          gradient_checkpointing: bool = False, xformers: bool = False) -> list[torch.nn.Module]:
-    """Freeze what is not trained and move everything to ``device``; returns the trained modules."""
+    """Freeze what is not trained and move everything to ``device``; returns the trained modules
+    (with LoRA adapters already added, only their weights require gradients)."""
     trained = [components.unet] + ([components.text_encoder] if train_text_encoder else [])
     components.vae.requires_grad_(False)
-    components.text_encoder.requires_grad_(train_text_encoder)
+    if not train_text_encoder:
+        components.text_encoder.requires_grad_(False)
     for module in (components.vae, components.text_encoder, components.unet):
         module.to(device)
     for module in trained:
@@ -117,15 +122,20 @@ def enable_xformers(unet: torch.nn.Module) -> None:
         raise DreamBoothError(f"--enable_xformers_memory_efficient_attention: {error}") from None
 
 
-def save_model(model: torch.nn.Module, folder: Path) -> None:
-    """One trained model in diffusers/transformers format (safetensors)."""
-    model.save_pretrained(folder)
+TRAINED_NAMES = ("unet", "text_encoder")
 
 
-def load_model_into(model: torch.nn.Module, folder: Path) -> None:
-    """Load weights saved by ``save_model`` into ``model`` in place (its dtype and device kept)."""
-    loaded = type(model).from_pretrained(folder)
-    model.load_state_dict(loaded.state_dict())
+def save_models(models: list[torch.nn.Module], folder: Path) -> None:
+    """The trained models (``[unet]`` or ``[unet, text_encoder]``) in diffusers format, one subfolder each."""
+    for name, model in zip(TRAINED_NAMES, models):
+        model.save_pretrained(Path(folder) / name)
+
+
+def load_models_into(models: list[torch.nn.Module], folder: Path) -> None:
+    """Load weights saved by ``save_models`` into ``models`` in place (dtype and device kept)."""
+    for name, model in zip(TRAINED_NAMES, models):
+        loaded = type(model).from_pretrained(Path(folder) / name)
+        model.load_state_dict(loaded.state_dict())
 
 
 def cpu_only() -> bool:
@@ -138,25 +148,57 @@ def cpu_only() -> bool:
 
 def save_pipeline(output_dir: str | Path, base_model: str, unet: torch.nn.Module,
                   text_encoder: torch.nn.Module | None, tokenizer, revision: str | None = None,
-                  variant: str | None = None) -> Path:
-    """Save a complete, standalone pipeline: the trained modules over the base's other parts."""
+                  variant: str | None = None, dtype: torch.dtype = torch.float16) -> Path:
+    """Save a complete, standalone pipeline in ``dtype``: the trained modules over the base's
+    other parts. The trained modules are cast to ``dtype`` in place."""
     from diffusers import DiffusionPipeline
 
     trained = {"unet": unet, "tokenizer": tokenizer}
     if text_encoder is not None:
         trained["text_encoder"] = text_encoder
+    for model in (unet, text_encoder):
+        if model is not None:
+            # torch's own Module.to: diffusers' override warns about fp32 modules even when there are none.
+            torch.nn.Module.to(model, dtype=dtype)
     pipeline = _load("pipeline", DiffusionPipeline.from_pretrained, base_model,
-                     revision=revision, variant=variant, **trained)
+                     revision=revision, variant=variant, dtype=dtype, **trained)
     output_dir = Path(output_dir)
     staging = output_dir / ".pipeline.tmp"
     try:
         shutil.rmtree(staging, ignore_errors=True)
         pipeline.save_pretrained(staging, safe_serialization=True)
+        _load_text_encoder_in_fp32_by_default(staging)
         _publish(staging, output_dir)
     except OSError as error:
         shutil.rmtree(staging, ignore_errors=True)
         raise DreamBoothError(f"could not save the pipeline to {output_dir} ({error.strerror or error})") from None
     return output_dir
+
+
+def _load_text_encoder_in_fp32_by_default(folder: Path) -> None:
+    """transformers loads a model in the dtype its config names, diffusers loads in fp32 unless
+    told otherwise: with fp16 weights, a plain ``from_pretrained(folder)`` would mix fp16 text
+    embeddings with an fp32 UNet and fail. Naming fp32 makes both agree; ``torch_dtype=`` wins."""
+    config_file = folder / "text_encoder" / "config.json"
+    if config_file.is_file():
+        config = json.loads(config_file.read_text())
+        config["dtype"] = config["torch_dtype"] = "float32"
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def publish_file(write: Callable[[Path], Path], target_dir: Path) -> Path:
+    """Run ``write(folder)`` in a hidden staging folder, then rename the file it returns into
+    ``target_dir``: readers never see half a file."""
+    staging = Path(target_dir) / ".staging.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir(parents=True)
+        written = Path(write(staging))
+        return written.replace(Path(target_dir) / written.name)
+    except OSError as error:
+        raise DreamBoothError(f"could not save to {target_dir} ({error.strerror or error})") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _publish(staging: Path, target: Path) -> None:

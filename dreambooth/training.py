@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from .checkpoints import Checkpointer, TrainState, find_checkpoints
 from .errors import DreamBoothError
+from .monitor import Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -205,18 +206,19 @@ class Trainer:
                  schedule: Schedule, loss_fn: Callable[[dict], dict[str, torch.Tensor]],
                  max_grad_norm: float = 1.0, set_grads_to_none: bool = False,
                  checkpointer: Checkpointer | None = None, checkpointing_steps: int | None = None,
-                 state: TrainState | None = None, max_nonfinite_steps: int = 3):
+                 state: TrainState | None = None, logging_steps: int = 10, max_nonfinite_steps: int = 3):
         self.accelerator, self.trained = accelerator, trained
         self.optimizer, self.lr_scheduler, self.dataloader = optimizer, lr_scheduler, dataloader
         self.schedule, self.loss_fn = schedule, loss_fn
         self.max_grad_norm, self.set_grads_to_none = max_grad_norm, set_grads_to_none
         self.checkpointer, self.checkpointing_steps = checkpointer, checkpointing_steps
         self.state = state or TrainState()
-        self.max_nonfinite_steps = max_nonfinite_steps
+        self.logging_steps, self.max_nonfinite_steps = logging_steps, max_nonfinite_steps
+        self.metrics = Metrics(images_per_step=schedule.total_batch_size)
         self.interrupted = False
         self._nonfinite_in_window = False
         self._nonfinite_streak = 0
-        self.step_callbacks: list[Callable[[TrainState, dict], None]] = []
+        self.step_callbacks: list[Callable[[TrainState], None]] = []
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for module in self.trained for p in module.parameters() if p.requires_grad]
@@ -272,15 +274,20 @@ class Trainer:
         state = self.state
         self._nonfinite_streak = 0
         state.global_step += 1
-        logs = {name: value.detach().item() for name, value in losses.items()}
-        logs["lr"] = self.lr_scheduler.get_last_lr()[0]
+        self.metrics.add(losses["loss"])
         progress.update(1)
-        progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
-        self.accelerator.log(logs, step=state.global_step)
+        if state.global_step % self.logging_steps == 0 or state.global_step == self.schedule.max_train_steps:
+            self._log(progress)
         for callback in self.step_callbacks:
-            callback(state, logs)
+            callback(state)
         if self.checkpointer and self.checkpointing_steps and state.global_step % self.checkpointing_steps == 0:
             self.checkpointer.save(state, self.trained)
+
+    def _log(self, progress) -> None:
+        logs = self.metrics.read(self.state.global_step)
+        logs["lr"] = self.lr_scheduler.get_last_lr()[0]
+        progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+        self.accelerator.log(logs, step=self.state.global_step)
 
     def _stop_requested(self, stop: GracefulStop) -> bool:
         if stop.requested:

@@ -63,5 +63,6 @@ def train_args(model: str, instance: Path, output: Path, *extra: str) -> list[st
         "--lr_warmup_steps", "0",
         "--report_to", "none",
         "--seed", "0",
+        "--num_validation_images", "0",
         *extra,
     ]

@@ -88,3 +88,20 @@ def test_config_is_frozen_and_dumps_to_plain_yaml():
 def test_every_flag_has_help():
     for field in dataclasses.fields(TrainConfig):
         assert field.metadata.get("help"), field.name
+
+
+def test_a_bare_first_argument_can_stand_for_a_flag():
+    from dreambooth.config import ExportConfig
+
+    cfg = parse_config(ExportConfig, ["run", "--output", "a.safetensors"], positional="output_dir")
+    assert (cfg.output_dir, cfg.output) == ("run", "a.safetensors")
+    assert parse_config(ExportConfig, ["--output_dir", "run"], positional="output_dir").output_dir == "run"
+    with pytest.raises(DreamBoothError, match="not both"):
+        parse_config(ExportConfig, ["run", "--output_dir", "other"], positional="output_dir")
+
+
+def test_secret_values_never_reach_parse_errors():
+    secret = "hf_PLANTEDsecret123"
+    with pytest.raises(DreamBoothError) as caught:
+        parse_config(TrainConfig, ["--hub_tokn", secret])
+    assert secret not in str(caught.value) and "--hub_tokn" in str(caught.value)

@@ -26,6 +26,10 @@ def weights(folder, component: str) -> dict[str, torch.Tensor]:
     return load_file(os.path.join(folder, component, name))
 
 
+def half(state: dict) -> dict:
+    return {key: value.half() if value.is_floating_point() else value for key, value in state.items()}
+
+
 def changed(before: dict, after: dict) -> bool:
     assert before.keys() == after.keys()
     return any(not torch.equal(before[key], after[key]) for key in before)
@@ -47,17 +51,20 @@ def test_full_fine_tune_output_loads_and_generates(tiny_model, instance_dir, tmp
     assert image.shape == (64, 64, 3) and np.isfinite(image).all()
     for part in ("model_index.json", "scheduler/scheduler_config.json", "tokenizer/tokenizer_config.json"):
         assert (output / part).is_file()
-    assert changed(weights(tiny_model, "unet"), weights(output, "unet"))
-    # Frozen models are saved exactly as they were.
-    assert not changed(weights(tiny_model, "vae"), weights(output, "vae"))
-    assert not changed(weights(tiny_model, "text_encoder"), weights(output, "text_encoder"))
+    assert changed(half(weights(tiny_model, "unet")), weights(output, "unet"))
+    # Frozen models are saved exactly as they were, in the default fp16 save precision.
+    for component in ("unet", "vae", "text_encoder"):
+        assert all(tensor.dtype == torch.float16 for tensor in weights(output, component).values())
+    assert not changed(half(weights(tiny_model, "vae")), weights(output, "vae"))
+    assert not changed(half(weights(tiny_model, "text_encoder")), weights(output, "text_encoder"))
     saved = yaml.safe_load((output / "train_config.yaml").read_text())
     assert saved["instance_prompt"] == "a photo of sks toy" and saved["max_train_steps"] == 2
 
 
 def test_train_text_encoder_changes_it_too(tiny_model, instance_dir, tmp_path):
     output = tmp_path / "out"
-    train_dreambooth.main(train_args(tiny_model, instance_dir, output, "--train_text_encoder"))
+    train_dreambooth.main(train_args(tiny_model, instance_dir, output, "--train_text_encoder", "--save_precision",
+                                     "fp32"))
     assert changed(weights(tiny_model, "text_encoder"), weights(output, "text_encoder"))
     assert not changed(weights(tiny_model, "vae"), weights(output, "vae"))
     assert np.isfinite(generate_one(output)).all()
@@ -133,7 +140,7 @@ def test_gradient_accumulation_checkpointing_and_bf16(tiny_model, instance_dir, 
     trainer = train_dreambooth.main(train_args(
         tiny_model, instance_dir, output, "--gradient_accumulation_steps", "2", "--gradient_checkpointing",
         "--mixed_precision", "bf16", "--max_train_steps", "3", "--lr_scheduler", "cosine", "--lr_warmup_steps", "1",
-        "--scale_lr",
+        "--scale_lr", "--save_precision", "fp32",
     ))
     assert trainer.state.global_step == 3
     # --scale_lr: 1e-4 x batch 1 x 1 process x 2 accumulation steps.
@@ -144,14 +151,15 @@ def test_gradient_accumulation_checkpointing_and_bf16(tiny_model, instance_dir, 
 
 
 def test_pre_computed_text_embeddings_match_a_live_encoder(tiny_model, instance_dir, tmp_path):
-    train_dreambooth.main(train_args(tiny_model, instance_dir, tmp_path / "a"))
-    train_dreambooth.main(train_args(tiny_model, instance_dir, tmp_path / "b", "--pre_compute_text_embeddings"))
+    train_dreambooth.main(train_args(tiny_model, instance_dir, tmp_path / "a", "--save_precision", "fp32"))
+    train_dreambooth.main(train_args(tiny_model, instance_dir, tmp_path / "b", "--pre_compute_text_embeddings",
+                                     "--save_precision", "fp32"))
     assert not changed(weights(tmp_path / "a", "unet"), weights(tmp_path / "b", "unet"))
 
 
 def test_same_seed_same_weights(tiny_model, instance_dir, tmp_path):
-    train_dreambooth.main(train_args(tiny_model, instance_dir, tmp_path / "a", "--random_flip"))
-    train_dreambooth.main(train_args(tiny_model, instance_dir, tmp_path / "b", "--random_flip"))
+    train_dreambooth.main(train_args(tiny_model, instance_dir, tmp_path / "a", "--random_flip", "--save_precision", "fp32"))
+    train_dreambooth.main(train_args(tiny_model, instance_dir, tmp_path / "b", "--random_flip", "--save_precision", "fp32"))
     assert not changed(weights(tmp_path / "a", "unet"), weights(tmp_path / "b", "unet"))
 
 

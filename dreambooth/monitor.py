@@ -1,0 +1,164 @@
+"""Watching a run: validation samples from the weights being trained, metrics, the loss curve."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from .generation import generate, make_grid, set_scheduler
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    prompts: tuple[str, ...]
+    num_images: int = 4
+    seed: int = 0
+    num_inference_steps: int = 25
+    scheduler: str = "dpm++"
+    resolution: int = 512
+
+
+def labelled_grid(rows: list[tuple[str, list[Image.Image]]]) -> Image.Image:
+    """One row of images per prompt, the prompt written above its row."""
+    label_height = 20
+    row_images = [make_grid(images, columns=len(images)) for _, images in rows]
+    width = max(image.width for image in row_images)
+    sheet = Image.new("RGB", (width, sum(image.height + label_height for image in row_images)), "white")
+    draw, top = ImageDraw.Draw(sheet), 0
+    for (prompt, _), image in zip(rows, row_images):
+        draw.text((4, top + 4), prompt, fill="black")
+        sheet.paste(image, (0, top + label_height))
+        top += image.height + label_height
+    return sheet
+
+
+class ValidationSampler:
+    """Draws validation samples from the models being trained, leaving training undisturbed:
+    every random number comes from the samples' own seeded generators (and the global RNG
+    state is restored regardless), and the models go back to train mode."""
+
+    def __init__(self, accelerator, components, trained: list[torch.nn.Module], settings: SampleSettings,
+                 output_dir: str | Path):
+        self.accelerator, self.components, self.trained = accelerator, components, trained
+        self.settings, self.samples_dir = settings, Path(output_dir) / "samples"
+
+    def _pipeline(self):
+        from diffusers import StableDiffusionPipeline
+
+        unwrap = self.accelerator.unwrap_model
+        pipeline = StableDiffusionPipeline(
+            vae=self.components.vae, text_encoder=unwrap(self.trained[1]) if len(self.trained) > 1 else
+            self.components.text_encoder, tokenizer=self.components.tokenizer, unet=unwrap(self.trained[0]),
+            scheduler=self.components.noise_scheduler, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        set_scheduler(pipeline, self.settings.scheduler)
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline
+
+    def sample(self, name: str) -> Path | None:
+        """Write ``samples/<name>.png`` (main process) and log it to the trackers; others wait."""
+        path = None
+        if self.accelerator.is_main_process:
+            path = self._sample_on_main(name)
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def _sample_on_main(self, name: str) -> Path:
+        settings, accelerator = self.settings, self.accelerator
+        devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+        modes = [module.training for module in self.trained]
+        pipeline = self._pipeline()
+        rows = []
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), accelerator.autocast():
+            for module in self.trained:
+                module.eval()
+            seeds = [settings.seed + j for j in range(settings.num_images)]
+            for prompt in settings.prompts:
+                rows.append((prompt, generate(pipeline, prompt, seeds, settings.resolution, settings.resolution,
+                                              settings.num_inference_steps)))
+        for module, mode in zip(self.trained, modes):
+            module.train(mode)
+        del pipeline
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self.samples_dir.mkdir(parents=True, exist_ok=True)
+        path = self.samples_dir / f"{name}.png"
+        labelled_grid(rows).save(path)
+        self._log(name, rows)
+        return path
+
+    def _log(self, name: str, rows) -> None:
+        step = int(name.split("_")[-1]) if name.startswith("step_") else None
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                images = np.stack([np.asarray(image) for _, images in rows for image in images])
+                tracker.writer.add_images(f"samples/{name}", images, step, dataformats="NHWC")
+            elif tracker.name == "wandb":
+                import wandb
+
+                tracker.log({"samples": [wandb.Image(image, caption=prompt) for prompt, images in rows
+                                         for image in images]}, step=step)
+
+
+@dataclass
+class Metrics:
+    """Per-interval training metrics; losses stay on the device until a logging step reads them."""
+
+    images_per_step: int
+    pending: list[torch.Tensor] = field(default_factory=list)
+    history: list[tuple[int, float]] = field(default_factory=list)
+    _last_time: float = field(default_factory=time.perf_counter)
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.pending.append(loss.detach().float())
+
+    def read(self, step: int) -> dict[str, float]:
+        """Average of the pending losses and the interval's speed; one device sync."""
+        losses = torch.stack(self.pending).tolist()
+        first = step - len(losses) + 1
+        self.history.extend(zip(range(first, step + 1), losses))
+        now = time.perf_counter()
+        seconds = (now - self._last_time) / len(losses)
+        self._last_time, self.pending = now, []
+        logs = {"loss": sum(losses) / len(losses), "seconds_per_step": seconds,
+                "images_per_second": self.images_per_step / seconds}
+        if torch.cuda.is_available():
+            logs["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            torch.cuda.reset_peak_memory_stats()
+        return logs
+
+
+def plot_loss_curve(history: list[tuple[int, float]], path: str | Path, smoothing: float = 0.9) -> Path | None:
+    """Raw per-step loss and its exponential moving average."""
+    if not history:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, losses = zip(*history)
+    smoothed, average = [], losses[0]
+    for value in losses:
+        average = smoothing * average + (1 - smoothing) * value
+        smoothed.append(average)
+    figure, axes = plt.subplots(figsize=(8, 4.5))
+    axes.plot(steps, losses, color="tab:blue", alpha=0.35, linewidth=1, label="loss")
+    axes.plot(steps, smoothed, color="tab:blue", linewidth=2, label=f"EMA ({smoothing})")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return Path(path)

@@ -1,0 +1,309 @@
+"""Model card and Hub upload: metadata that parses back, no paths or tokens leaked, a failed push
+leaves the output intact and says how to retry. The Hub is replaced by stand-ins for HfApi."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx2
+import pytest
+from huggingface_hub import HfApi, ModelCard
+from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.utils import filter_repo_objects
+
+import push_to_hub
+from conftest import ROOT
+from dreambooth.errors import DreamBoothError
+from dreambooth.errors import redact
+from dreambooth.hub import CardInfo, card_info_from_config, push_output, write_model_card
+
+TOKEN = "hf_PLANTEDsecret123"
+
+
+@pytest.fixture
+def finished_output(tmp_path) -> Path:
+    """A folder shaped like a finished full run, plus what a push must leave behind."""
+    output = tmp_path / "sks-dog"
+    (output / "unet").mkdir(parents=True)
+    (output / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    (output / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x00weights\x01")
+    (output / "samples").mkdir()
+    (output / "samples" / "final.png").write_bytes(b"\x89PNG fake")
+    (output / "train_config.yaml").write_text("instance_prompt: a photo of sks dog\nhub_token: <redacted>\n")
+    for skipped in ("checkpoint-200/unet/weights.bin", "class_images/00000.png", ".tmp-save/unet.bin",
+                    "logs/dreambooth/events.out", "unet/.partial"):
+        (output / skipped).parent.mkdir(parents=True, exist_ok=True)
+        (output / skipped).write_bytes(b"skip")
+    return output
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+def card_info(base_model: str, **overrides) -> CardInfo:
+    values = dict(base_model=base_model, instance_prompt="a photo of sks dog", class_prompt="a photo of a dog",
+                  max_train_steps=400, learning_rate=5e-6, train_batch_size=2, gradient_accumulation_steps=2,
+                  with_prior_preservation=True, prior_loss_weight=1.0, resolution=512, mixed_precision="fp16",
+                  num_processes=2, sample_images=["samples/final.png"])
+    values.update(overrides)
+    return CardInfo(**values)
+
+
+def local_base(tmp_path: Path, readme: str | None = None, recorded: str | None = None) -> Path:
+    base = tmp_path / "bases" / "my-base"
+    base.mkdir(parents=True)
+    index = {"_class_name": "StableDiffusionPipeline", **({"_name_or_path": recorded} if recorded else {})}
+    (base / "model_index.json").write_text(json.dumps(index))
+    if readme is not None:
+        (base / "README.md").write_text(readme)
+    return base
+
+
+def assert_no_local_path(text: str, tmp_path: Path) -> None:
+    assert str(tmp_path) not in text and str(tmp_path.resolve()) not in text
+    assert TOKEN not in text
+
+
+# --- Model card ---------------------------------------------------------------------------------
+
+
+def test_full_run_card_parses_back_with_metadata(finished_output, tmp_path):
+    info = card_info("runwayml/stable-diffusion-v1-5", hub_model_id="me/sks-dog")
+    path = write_model_card(finished_output, info)
+
+    assert path == finished_output / "README.md"
+    card = ModelCard.load(path)
+    meta = card.data.to_dict()
+    assert meta["license"] == "creativeml-openrail-m"
+    assert meta["base_model"] == "runwayml/stable-diffusion-v1-5"
+    assert meta["library_name"] == "diffusers"
+    assert meta["instance_prompt"] == "a photo of sks dog"
+    assert meta["tags"] == ["text-to-image", "diffusers", "dreambooth", "stable-diffusion",
+                            "stable-diffusion-diffusers", "diffusers-training"]
+    assert meta["widget"] == [{"text": "a photo of sks dog", "output": {"url": "samples/final.png"}}]
+    assert 'StableDiffusionPipeline.from_pretrained("me/sks-dog"' in card.text
+    assert "load_lora_weights" not in card.text
+    assert "full fine-tune" in card.text and "![final](samples/final.png)" in card.text
+    assert "| Batch size | 2 x 2 accumulation x 2 process(es) = 8 |" in card.text
+    assert_no_local_path(path.read_text(), tmp_path)
+
+
+def test_lora_card_loads_base_then_lora_and_inherits_license_from_local_base(finished_output, tmp_path):
+    base = local_base(tmp_path, readme="---\nlicense: mit\ntags: [x]\n---\n# My base\n",
+                      recorded="/root/.cache/huggingface/hub/models--someone--base-model/snapshots/0123abc")
+    path = write_model_card(finished_output, card_info(str(base), use_lora=True, rank=8, sample_images=[]))
+
+    card = ModelCard.load(path)
+    meta = card.data.to_dict()
+    assert meta["license"] == "mit"
+    assert meta["base_model"] == "someone/base-model"
+    assert "lora" in meta["tags"] and "dreambooth" in meta["tags"]
+    assert "widget" not in meta
+    # No hub_model_id: the snippet names the folder, never its absolute path.
+    assert 'from_pretrained("someone/base-model"' in card.text
+    assert 'pipe.load_lora_weights("sks-dog")' in card.text
+    assert "| LoRA rank | 8 |" in card.text
+    assert_no_local_path(path.read_text(), tmp_path)
+
+
+def test_local_base_without_hub_id_is_called_a_local_model(finished_output, tmp_path):
+    base = local_base(tmp_path, recorded=str(tmp_path / "bases" / "my-base"))
+    path = write_model_card(finished_output, card_info(str(base), use_lora=True))
+
+    meta = ModelCard.load(path).data.to_dict()
+    assert "base_model" not in meta and "license" not in meta
+    text = path.read_text()
+    assert "a local model" in text and "my-base" not in text
+    assert_no_local_path(text, tmp_path)
+
+
+@pytest.mark.parametrize("base_model, license_id", [
+    ("stable-diffusion-v1-5/stable-diffusion-v1-5", "creativeml-openrail-m"),
+    ("CompVis/stable-diffusion-v1-4", "creativeml-openrail-m"),
+    ("stabilityai/stable-diffusion-2-1-base", "openrail++"),
+    ("someone/unknown-model", None),
+])
+def test_license_from_known_base_ids(finished_output, base_model, license_id):
+    meta = ModelCard.load(write_model_card(finished_output, card_info(base_model))).data.to_dict()
+    assert meta.get("license") == license_id
+    assert meta["base_model"] == base_model
+
+
+def test_explicit_license_wins_and_missing_samples_are_left_out(finished_output):
+    info = card_info("runwayml/stable-diffusion-v1-5", license="other",
+                     sample_images=[str(finished_output / "samples" / "final.png"), "samples/gone.png"])
+    meta = ModelCard.load(write_model_card(finished_output, info)).data.to_dict()
+    assert meta["license"] == "other"
+    assert meta["widget"] == [{"text": "a photo of sks dog", "output": {"url": "samples/final.png"}}]
+
+
+def test_card_info_from_a_training_config_dict():
+    info = card_info_from_config({"pretrained_model_name_or_path": "runwayml/stable-diffusion-v1-5",
+                                  "instance_prompt": "a photo of sks dog", "hub_token": TOKEN, "max_train_steps": 9},
+                                 num_processes=4, sample_images=["samples/final.png"])
+    assert info.base_model == "runwayml/stable-diffusion-v1-5" and info.max_train_steps == 9
+    assert info.num_processes == 4 and TOKEN not in repr(info)
+
+
+# --- Upload -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def hub_calls(monkeypatch) -> list[tuple[str, dict]]:
+    """Stand-ins for the two HfApi calls a push makes, recording their arguments."""
+    calls: list[tuple[str, dict]] = []
+
+    def create_repo(self, repo_id, **kwargs):
+        calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, **kwargs):
+        calls.append(("upload_folder", kwargs))
+        return "commit"
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    return calls
+
+
+def uploaded_files(folder: Path, patterns: list[str]) -> set[str]:
+    """The files huggingface_hub's own filter keeps under ``patterns``."""
+    return set(filter_repo_objects(snapshot(folder), ignore_patterns=patterns))
+
+
+def test_push_creates_repo_and_uploads_the_finished_files(finished_output, hub_calls):
+    before = snapshot(finished_output)
+    url = push_output(finished_output, "me/sks-dog", token=TOKEN, private=True)
+
+    assert url == "https://huggingface.co/me/sks-dog"
+    (create_name, create), (upload_name, upload) = hub_calls
+    assert create_name == "create_repo" and upload_name == "upload_folder"
+    assert create == {"repo_id": "me/sks-dog", "token": TOKEN, "private": True, "exist_ok": True}
+    assert upload["repo_id"] == "me/sks-dog" and upload["token"] == TOKEN
+    assert Path(upload["folder_path"]) == finished_output
+    assert uploaded_files(finished_output, upload["ignore_patterns"]) == {
+        "model_index.json", "unet/diffusion_pytorch_model.safetensors", "samples/final.png", "train_config.yaml"}
+    assert snapshot(finished_output) == before
+
+
+def test_push_checkpoints_on_request_and_token_none_left_to_huggingface_hub(finished_output, hub_calls):
+    push_output(finished_output, "me/sks-dog", include_checkpoints=True)
+
+    (_, create), (_, upload) = hub_calls
+    assert create["token"] is None and upload["token"] is None and create["private"] is None
+    kept = uploaded_files(finished_output, upload["ignore_patterns"])
+    assert "checkpoint-200/unet/weights.bin" in kept
+    assert not {"class_images/00000.png", ".tmp-save/unet.bin", "unet/.partial"} & kept
+
+
+def http_error(status: int) -> HfHubHTTPError:
+    request = httpx2.Request("POST", "https://huggingface.co/api/repos/create",
+                             headers={"authorization": f"Bearer {TOKEN}"})
+    return HfHubHTTPError(f"{status} Client Error for token {TOKEN}\nsecond line {TOKEN}",
+                          response=httpx2.Response(status, request=request))
+
+
+@pytest.mark.parametrize("failing, error, expected", [
+    ("create_repo", http_error(401), "401"),
+    ("create_repo", http_error(403), "403"),
+    ("upload_folder", http_error(500), "500 Client Error"),
+    ("upload_folder", httpx2.ConnectError(f"cannot connect with {TOKEN}"), "ConnectError"),
+    ("create_repo", OSError(f"disk trouble {TOKEN}"), "disk trouble"),
+])
+def test_failed_push_names_the_repo_hides_the_token_and_keeps_the_output(finished_output, monkeypatch,
+                                                                        failing, error, expected):
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kwargs: f"https://huggingface.co/{repo_id}")
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kwargs: "commit")
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(HfApi, failing, fail)
+    before = snapshot(finished_output)
+    with pytest.raises(DreamBoothError) as raised:
+        push_output(finished_output, "me/sks-dog", token=TOKEN)
+
+    message = str(raised.value)
+    assert "\n" not in message and TOKEN not in message
+    assert "me/sks-dog" in message and expected in message
+    assert f"python push_to_hub.py {finished_output} --hub_model_id me/sks-dog" in message
+    assert snapshot(finished_output) == before
+
+
+def test_failed_push_hides_a_token_taken_from_the_environment(finished_output, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+
+    def fail(self, repo_id, **kwargs):
+        raise http_error(401)
+
+    monkeypatch.setattr(HfApi, "create_repo", fail)
+    with pytest.raises(DreamBoothError) as raised:
+        push_output(finished_output, "me/sks-dog", private=True)
+    assert TOKEN not in str(raised.value) and "401" in str(raised.value)
+    assert str(raised.value).endswith(f"--hub_model_id me/sks-dog --private")
+
+
+def test_redact_hides_the_given_token_and_token_shaped_strings():
+    long_token = "hf_" + "a1B2" * 9
+    assert redact(f"bad {TOKEN} and {long_token}", TOKEN) == "bad <redacted> and <redacted>"
+    assert redact("nothing secret", None) == "nothing secret"
+
+
+# --- push_to_hub.py -----------------------------------------------------------------------------
+
+
+def test_script_pushes_a_folder_given_first(finished_output, hub_calls, capsys):
+    url = push_to_hub.main([str(finished_output), "--hub_model_id", "me/sks-dog", "--hub_token", TOKEN,
+                            "--private", "--push_checkpoints"])
+
+    assert url == "https://huggingface.co/me/sks-dog"
+    (_, create), (_, upload) = hub_calls
+    assert create["private"] is True and create["token"] == TOKEN
+    assert not any(pattern.startswith("checkpoint") for pattern in upload["ignore_patterns"])
+    out, err = capsys.readouterr()
+    assert TOKEN not in out + err and "https://huggingface.co/me/sks-dog" in out
+
+
+def test_script_accepts_output_dir_flag(finished_output, hub_calls):
+    push_to_hub.main(["--hub_model_id", "me/sks-dog", "--output_dir", str(finished_output)])
+    assert Path(hub_calls[1][1]["folder_path"]) == finished_output
+
+
+@pytest.mark.parametrize("make_args, expected", [
+    (lambda out: [str(out / "unet"), "--hub_model_id", "me/x"], "not a finished output"),
+    (lambda out: [str(out / "nope"), "--hub_model_id", "me/x"], "no such folder"),
+    (lambda out: [str(out)], "--hub_model_id is required"),
+    (lambda out: [str(out), "--hub_model_id", "me/bad name"], "--hub_model_id me/bad name"),
+    (lambda out: ["--hub_model_id", "me/x"], "give the output folder"),
+    (lambda out: [str(out), "--output_dir", str(out), "--hub_model_id", "me/x"], "once"),
+    (lambda out: [str(out), "--hub_model_id", "me/x", "--hub_tokn", TOKEN], "unrecognized arguments"),
+    (lambda out: [str(out), "--hub_model_id", "me/x", f"--token={TOKEN}"], "unrecognized arguments"),
+])
+def test_script_refuses_bad_input_before_any_push(finished_output, hub_calls, make_args, expected):
+    with pytest.raises(DreamBoothError) as raised:
+        push_to_hub.main(make_args(finished_output))
+    assert expected in str(raised.value) and TOKEN not in str(raised.value)
+    assert hub_calls == []
+
+
+def test_script_offline_fails_with_one_line_and_no_token(finished_output, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
+    env.pop("HF_TOKEN", None)
+    before = snapshot(finished_output)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "push_to_hub.py"), str(finished_output), "--hub_model_id", "me/sks-dog",
+         "--hub_token", TOKEN],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )
+
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "me/sks-dog" in errors[0] and "HF_HUB_OFFLINE" in errors[0]
+    assert "Traceback" not in result.stderr
+    assert TOKEN not in result.stdout and TOKEN not in result.stderr
+    assert snapshot(finished_output) == before
