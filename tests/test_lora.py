@@ -1,0 +1,132 @@
+"""LoRA DreamBooth: frozen base, adapters trained and saved in diffusers' format, exact resume."""
+
+from __future__ import annotations
+
+import signal
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import infer
+import train_dreambooth
+from conftest import train_args
+from dreambooth.errors import DreamBoothError
+from dreambooth.lora import LORA_WEIGHTS
+from dreambooth.training import Trainer
+
+LORA = ["--use_lora", "--rank", "4", "--lora_alpha", "8", "--learning_rate", "1e-2"]
+
+
+def image(pipeline) -> np.ndarray:
+    return pipeline("a photo of sks toy", num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                    output_type="np").images[0]
+
+
+def test_lora_trains_only_adapters_and_loads_with_load_lora_weights(tiny_model, instance_dir, tmp_path, monkeypatch):
+    from diffusers import StableDiffusionPipeline
+
+    seen = {}
+    original_train = Trainer.train
+
+    def spy(self):
+        unet = self.accelerator.unwrap_model(self.trained[0])
+        text_encoder = self.accelerator.unwrap_model(self.trained[1])
+        seen["before"] = {name: p.detach().clone() for model in (unet, text_encoder)
+                          for name, p in model.named_parameters()}
+        seen["trainable"] = {name for model in (unet, text_encoder)
+                             for name, p in model.named_parameters() if p.requires_grad}
+        state = original_train(self)
+        seen["after"] = {name: p.detach().clone() for model in (unet, text_encoder)
+                         for name, p in model.named_parameters()}
+        return state
+
+    monkeypatch.setattr(Trainer, "train", spy)
+    output = tmp_path / "out"
+    train_dreambooth.main(train_args(tiny_model, instance_dir, output, *LORA, "--train_text_encoder",
+                                     "--max_train_steps", "3"))
+    assert seen["trainable"] and all("lora" in name for name in seen["trainable"])
+    base = [name for name in seen["before"] if "lora" not in name]
+    assert all(torch.equal(seen["before"][name], seen["after"][name]) for name in base)
+    assert all(not torch.equal(seen["before"][name], seen["after"][name])
+               for name in seen["trainable"] if "lora_B" in name)
+
+    weights = load_file(output / LORA_WEIGHTS)
+    assert any(key.startswith("unet.") for key in weights) and any(key.startswith("text_encoder.") for key in weights)
+    assert not (output / "model_index.json").exists()
+    assert (output / LORA_WEIGHTS).stat().st_size < 200_000
+
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
+    plain = image(pipeline)
+    pipeline.load_lora_weights(str(output))
+    with_lora = image(pipeline)
+    assert np.abs(with_lora - plain).max() > 1e-3
+
+
+def test_lora_resume_is_exact(tiny_model, instance_dir, tmp_path, monkeypatch):
+    args = [*LORA, "--max_train_steps", "6", "--checkpointing_steps", "3", "--gradient_accumulation_steps", "2"]
+    train_dreambooth.main(train_args(tiny_model, instance_dir, tmp_path / "whole", *args))
+    original = Trainer._after_step
+
+    def stop_at_three(self, losses, progress):
+        original(self, losses, progress)
+        if self.state.global_step == 3:
+            signal.raise_signal(signal.SIGTERM)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "_after_step", stop_at_three)
+        assert train_dreambooth.main(train_args(tiny_model, instance_dir, tmp_path / "parts", *args)).interrupted
+    checkpoint = tmp_path / "parts" / "checkpoint-3"
+    assert sorted(p.name for p in checkpoint.iterdir() if p.suffix == ".safetensors") == [LORA_WEIGHTS]
+    train_dreambooth.main(train_args(tiny_model, instance_dir, tmp_path / "parts", *args,
+                                     "--resume_from_checkpoint", "latest"))
+    whole, parts = load_file(tmp_path / "whole" / LORA_WEIGHTS), load_file(tmp_path / "parts" / LORA_WEIGHTS)
+    assert whole.keys() == parts.keys() and all(torch.equal(whole[key], parts[key]) for key in whole)
+
+
+def test_lora_records_rank_alpha_and_base(tiny_model, instance_dir, tmp_path):
+    import yaml
+
+    output = tmp_path / "out"
+    train_dreambooth.main(train_args(tiny_model, instance_dir, output, *LORA))
+    with safe_open(output / LORA_WEIGHTS, "pt") as handle:
+        assert '"unet.lora_alpha": 8' in handle.metadata()["lora_adapter_metadata"]
+    saved = yaml.safe_load((output / "train_config.yaml").read_text())
+    assert saved["pretrained_model_name_or_path"] == tiny_model and saved["use_lora"] is True
+
+
+def test_infer_with_lora_and_scale(tiny_model, instance_dir, tmp_path):
+    output = tmp_path / "out"
+    train_dreambooth.main(train_args(tiny_model, instance_dir, output, *LORA, "--max_train_steps", "3"))
+    common = ["--pretrained_model_name_or_path", tiny_model, "--prompt", "a photo of sks toy", "--seed", "0",
+              "--num_images_per_prompt", "1", "--num_inference_steps", "3"]
+
+    def pixels(*extra):
+        written = infer.main(common + ["--output_dir", str(tmp_path / "s" / str(len(extra)) / "_".join(extra)[-20:]),
+                                       *extra])
+        return np.asarray(Image.open(written[0]), dtype=np.int16)
+
+    plain, full, off = pixels(), pixels("--lora", str(output)), pixels("--lora", str(output), "--lora_scale", "0")
+    assert np.abs(full - plain).max() > 0
+    assert np.abs(off - plain).max() <= 1
+
+
+def test_lora_bad_inputs(tiny_model, instance_dir, tmp_path):
+    with pytest.raises(DreamBoothError, match="--rank 0: must be at least 1"):
+        train_dreambooth.main(train_args(tiny_model, instance_dir, tmp_path / "a", "--use_lora", "--rank", "0"))
+    with pytest.raises(DreamBoothError, match="--lora_target_modules no_such_module"):
+        train_dreambooth.main(train_args(tiny_model, instance_dir, tmp_path / "b", "--use_lora",
+                                         "--lora_target_modules", "no_such_module"))
+    mismatched = tmp_path / "mismatched"
+    mismatched.mkdir()
+    from safetensors.torch import save_file
+
+    save_file({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora.down.weight": torch.zeros(4, 7),
+               "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora.up.weight": torch.zeros(7, 4)},
+              mismatched / LORA_WEIGHTS)
+    with pytest.raises(DreamBoothError, match="--lora .*does not fit this base model"):
+        infer.main(["--pretrained_model_name_or_path", tiny_model, "--lora", str(mismatched), "--prompt", "x",
+                    "--num_images_per_prompt", "1", "--num_inference_steps", "2", "--output_dir", str(tmp_path / "s")])

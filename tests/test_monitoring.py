@@ -1,0 +1,116 @@
+"""Validation samples, tracking, the model card and the Hub push, as a finished run leaves them."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from huggingface_hub import HfApi, ModelCard
+from PIL import Image
+from safetensors.torch import load_file
+
+import train_dreambooth
+from conftest import train_args
+from dreambooth.errors import DreamBoothError
+
+TOKEN = "hf_PLANTEDsecretTOKEN1234567890abcdefXYZ"
+SAMPLES = ["--num_validation_images", "2", "--validation_inference_steps", "2"]
+
+
+def unet(folder):
+    return load_file(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"))
+
+
+def test_validation_does_not_change_the_training_result(tiny_model, instance_dir, tmp_path):
+    args = ["--max_train_steps", "4", "--save_precision", "fp32", "--random_flip"]
+    train_dreambooth.main(train_args(tiny_model, instance_dir, tmp_path / "plain", *args))
+    train_dreambooth.main(train_args(tiny_model, instance_dir, tmp_path / "sampled", *args, *SAMPLES,
+                                     "--validation_steps", "1"))
+    plain, sampled = unet(tmp_path / "plain"), unet(tmp_path / "sampled")
+    assert all(torch.equal(plain[key], sampled[key]) for key in plain)
+
+
+def test_sample_grids_at_the_validation_steps(tiny_model, instance_dir, tmp_path):
+    output = tmp_path / "out"
+    train_dreambooth.main(train_args(tiny_model, instance_dir, output, "--max_train_steps", "5", *SAMPLES,
+                                     "--validation_steps", "2", "--validation_prompt", "a photo of sks toy",
+                                     "--validation_prompt", "sks toy in the snow", "--validation_prompt", "a toy"))
+    assert sorted(path.name for path in (output / "samples").iterdir()) == ["final.png", "step_2.png", "step_4.png"]
+    grid = Image.open(output / "samples" / "final.png")
+    assert grid.size == (2 * 32, 3 * (32 + 20))  # 2 images a row, one labelled row per prompt
+
+
+def test_tracking_logs_interval_metrics_and_a_loss_curve(tiny_model, instance_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    output = tmp_path / "out"
+    train_dreambooth.main(train_args(tiny_model, instance_dir, output, "--max_train_steps", "6",
+                                     "--logging_steps", "2", "--report_to", "tensorboard"))
+    runs = [path.parent for path in (output / "logs").rglob("events.out.tfevents.*")]
+    events = EventAccumulator(str(runs[0])).Reload()
+    for tag in ("loss", "lr", "seconds_per_step", "images_per_second"):
+        assert [event.step for event in events.Scalars(tag)] == [2, 4, 6], tag
+    assert Image.open(output / "loss_curve.png").size[0] > 100
+
+
+def test_model_cards_of_full_and_lora_runs(tiny_model, instance_dir, tmp_path):
+    full, lora = tmp_path / "full", tmp_path / "lora"
+    train_dreambooth.main(train_args(tiny_model, instance_dir, full, *SAMPLES))
+    train_dreambooth.main(train_args(tiny_model, instance_dir, lora, *SAMPLES, "--use_lora"))
+    for output, is_lora in ((full, False), (lora, True)):
+        text = (output / "README.md").read_text()
+        card = ModelCard.load(output / "README.md")
+        assert card.data.instance_prompt == "a photo of sks toy"
+        assert ("lora" in card.data.tags) is is_lora and "dreambooth" in card.data.tags
+        assert card.data.widget[0]["output"]["url"] == "samples/final.png"
+        assert ("load_lora_weights" in text) is is_lora
+        assert str(tmp_path) not in text and "| Training steps | 2 |" in text
+
+
+@pytest.fixture
+def hub_calls(monkeypatch):
+    calls = []
+
+    def create_repo(self, repo_id, **kwargs):
+        calls.append(("create_repo", repo_id, kwargs))
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, **kwargs):
+        calls.append(("upload_folder", kwargs["repo_id"], kwargs))
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    return calls
+
+
+def test_push_to_hub_uploads_the_finished_output_and_the_token_leaks_nowhere(tiny_model, instance_dir, tmp_path,
+                                                                             hub_calls, capfd):
+    output = tmp_path / "out"
+    train_dreambooth.main(train_args(tiny_model, instance_dir, output, *SAMPLES, "--report_to", "tensorboard",
+                                     "--checkpointing_steps", "1", "--push_to_hub", "--hub_model_id", "me/sks-toy",
+                                     "--hub_token", TOKEN, "--hub_private_repo"))
+    (create, repo, create_args), (upload, upload_repo, upload_args) = hub_calls
+    assert (create, repo, upload, upload_repo) == ("create_repo", "me/sks-toy", "upload_folder", "me/sks-toy")
+    assert create_args["private"] is True and create_args["token"] == TOKEN and upload_args["token"] == TOKEN
+    assert upload_args["folder_path"] == str(output) and "checkpoint-*/**" in upload_args["ignore_patterns"]
+    captured = capfd.readouterr()
+    assert TOKEN not in captured.out + captured.err
+    for path in output.rglob("*"):
+        if path.is_file():
+            assert TOKEN.encode() not in path.read_bytes(), path
+    assert "me/sks-toy" in (output / "README.md").read_text()
+
+
+def test_failed_push_keeps_the_output_and_says_so(tiny_model, instance_dir, tmp_path, monkeypatch):
+    def refuse(self, repo_id, **kwargs):
+        raise OSError(f"connection refused while sending token {kwargs.get('token')}")
+
+    monkeypatch.setattr(HfApi, "create_repo", refuse)
+    output = tmp_path / "out"
+    with pytest.raises(DreamBoothError) as caught:
+        train_dreambooth.main(train_args(tiny_model, instance_dir, output, "--push_to_hub", "--hub_model_id",
+                                         "me/sks-toy", "--hub_token", TOKEN))
+    message = str(caught.value)
+    assert "me/sks-toy" in message and "complete" in message and TOKEN not in message
+    assert (output / "model_index.json").is_file() and (output / "README.md").is_file()
