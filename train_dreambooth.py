@@ -25,7 +25,14 @@ from typing import Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from dreambooth.checkpoints import Checkpointer, TrainState, all_finite, read_state, resolve_resume
+from dreambooth.checkpoints import (
+    Checkpointer,
+    TrainState,
+    adapt_to_process_count,
+    all_finite,
+    read_state,
+    resolve_resume,
+)
 from dreambooth.cli import run_cli, setup_logging
 from dreambooth.config import TrainConfig, config_to_dict, parse_config, save_config
 from dreambooth.data import DreamBoothCollator, DreamBoothDataset, EpochShuffleSampler, ImageSet, list_image_files
@@ -34,6 +41,7 @@ from dreambooth.generation import ClassImageJob, generate_class_images
 from dreambooth.hub import card_info_from_config, push_output, write_model_card
 from dreambooth.lora import add_lora_adapters, load_lora_into, save_lora
 from dreambooth.models import (
+    TRAINED_NAMES,
     Components,
     check_precision_supported,
     cpu_only,
@@ -66,13 +74,31 @@ def create_accelerator(cfg: TrainConfig):
     check_precision_supported(cfg.mixed_precision)
     trackers = {"none": None, "all": "all"}.get(cfg.report_to, cfg.report_to)
     project = ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=os.path.join(cfg.output_dir, cfg.logging_dir))
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=cpu_only(),
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=cfg.mixed_precision,
         log_with=trackers,
         project_config=project,
     )
+    if not accelerator.is_local_main_process:
+        logging.getLogger("dreambooth").setLevel(logging.WARNING)
+    check_engine_support(cfg, accelerator)
+    return accelerator
+
+
+def check_engine_support(cfg: TrainConfig, accelerator) -> None:
+    """What Accelerate's DeepSpeed engine cannot combine with this run, said before anything loads."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    if cfg.use_8bit_adam:
+        raise DreamBoothError("--use_8bit_adam cannot be combined with DeepSpeed, which manages the optimizer "
+                              "(and its CPU offload) itself; drop the flag, or use a DDP config")
+    if cfg.train_text_encoder:
+        raise DreamBoothError("--train_text_encoder trains two models, and Accelerate's DeepSpeed engine takes one; "
+                              "use a DDP or FSDP config, or train the UNet alone")
 
 
 def top_up_class_images(cfg: TrainConfig, accelerator) -> None:
@@ -187,23 +213,30 @@ def start_state(cfg: TrainConfig, accelerator) -> tuple[TrainState, Path | None]
 
     resume = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
     if resume is not None:
-        return read_state(resume), resume
+        return adapt_to_process_count(read_state(resume), accelerator.num_processes, resume), resume
     # Without --seed, the processes must still agree on one data order.
     data_seed = [cfg.seed if cfg.seed is not None else random.randrange(2**31)]
-    return TrainState(data_seed=broadcast_object_list(data_seed)[0]), None
+    return TrainState(data_seed=broadcast_object_list(data_seed)[0], num_processes=accelerator.num_processes), None
 
 
-def save_trained(cfg: TrainConfig, accelerator, trainer: Trainer, components: Components) -> None:
-    """The final weights, on the main process: a complete pipeline, or the LoRA file."""
-    models = [accelerator.unwrap_model(model) for model in trainer.trained]
-    if not all_finite(models):
+def trained_weights(cfg: TrainConfig, accelerator, trainer: Trainer) -> dict:
+    """The final weights, gathered on every process (ZeRO shards included): full state dicts by
+    model name, or for LoRA the unwrapped models themselves."""
+    if cfg.use_lora:
+        return {name: accelerator.unwrap_model(model) for name, model in zip(TRAINED_NAMES, trainer.trained)}
+    return {name: accelerator.get_state_dict(model) for name, model in zip(TRAINED_NAMES, trainer.trained)}
+
+
+def save_trained(cfg: TrainConfig, weights: dict, components: Components) -> None:
+    """On the main process: a complete pipeline, or the LoRA file."""
+    tensors = [t for w in weights.values() for t in (w.parameters() if cfg.use_lora else w.values())]
+    if not all_finite(tensors):
         raise DreamBoothError("the trained weights are not finite; not saving them (try a lower --learning_rate)")
     if cfg.use_lora:
-        publish_file(lambda folder: save_lora(models, folder, cfg.save_dtype()), Path(cfg.output_dir))
+        publish_file(lambda folder: save_lora(list(weights.values()), folder, cfg.save_dtype()), Path(cfg.output_dir))
     else:
-        save_pipeline(cfg.output_dir, cfg.pretrained_model_name_or_path, models[0],
-                      models[1] if len(models) > 1 else None, components.tokenizer, cfg.revision, cfg.variant,
-                      cfg.save_dtype())
+        save_pipeline(cfg.output_dir, cfg.pretrained_model_name_or_path, weights, components.tokenizer,
+                      cfg.revision, cfg.variant, cfg.save_dtype())
     logger.info("saved the trained %s to %s", "LoRA" if cfg.use_lora else "pipeline", cfg.output_dir)
 
 
@@ -219,8 +252,9 @@ def finish(cfg: TrainConfig, accelerator, trainer: Trainer, components: Componen
                     "--resume_from_checkpoint latest", trainer.state.global_step)
         return
     final_grid = sampler.sample("final") if sampler else None
+    weights = trained_weights(cfg, accelerator, trainer)
     if accelerator.is_main_process:
-        save_trained(cfg, accelerator, trainer, components)
+        save_trained(cfg, weights, components)
         plot_loss_curve(trainer.metrics.history, Path(cfg.output_dir) / "loss_curve.png")
         samples = [final_grid.relative_to(cfg.output_dir).as_posix()] if final_grid else []
         write_model_card(cfg.output_dir, card_info_from_config(
@@ -253,7 +287,7 @@ def main(argv: Sequence[str] | None = None) -> Trainer:
     dataloader = build_dataloader(cfg, components.tokenizer, state.data_seed)
     trainer = build_trainer(cfg, accelerator, components, trained, dataloader, state)
     if resume is not None:
-        trainer.checkpointer.load(resume)
+        trainer.checkpointer.load(resume, trainer.lr_scheduler)
     sampler = add_validation(cfg, accelerator, components, trainer)
     if accelerator.is_main_process:
         save_config(cfg, os.path.join(cfg.output_dir, "train_config.yaml"))

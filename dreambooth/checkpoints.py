@@ -35,8 +35,25 @@ class TrainState:
 
     global_step: int = 0
     epoch: int = 0
-    batches_in_epoch: int = 0
+    batches_in_epoch: int = 0  # per process
     data_seed: int = 0
+    num_processes: int = 1
+
+
+def adapt_to_process_count(state: TrainState, num_processes: int, checkpoint: Path) -> TrainState:
+    """A checkpoint's position for another number of processes: the same samples already seen
+    in this epoch, counted in batches of the new per-process shards."""
+    if state.num_processes == num_processes:
+        return state
+    seen = state.batches_in_epoch * state.num_processes
+    if seen % num_processes:
+        raise DreamBoothError(
+            f"{checkpoint} was saved by {state.num_processes} processes {state.batches_in_epoch} batches into an "
+            f"epoch; that position cannot be split evenly over {num_processes} processes. Resume with "
+            f"{state.num_processes} processes, or from a checkpoint at an epoch boundary"
+        )
+    logger.info("resuming a %d-process checkpoint on %d processes", state.num_processes, num_processes)
+    return TrainState(state.global_step, state.epoch, seen // num_processes, state.data_seed, num_processes)
 
 
 def find_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
@@ -81,8 +98,9 @@ def read_state(checkpoint: Path) -> TrainState:
     return TrainState(**json.loads((checkpoint / MARKER).read_text())["train_state"])
 
 
-def all_finite(modules: list[torch.nn.Module]) -> bool:
-    return all(bool(torch.isfinite(p).all()) for module in modules for p in module.parameters())
+def all_finite(tensors) -> bool:
+    """Whether every floating-point tensor of ``tensors`` is finite."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
 
 
 class Checkpointer:
@@ -116,7 +134,7 @@ class Checkpointer:
         accelerator = self.accelerator
         final = self.output_dir / f"{PREFIX}{state.global_step}"
         temporary = self.output_dir / f".{final.name}.tmp"
-        if not all_finite([accelerator.unwrap_model(model) for model in trained]):
+        if not all_finite(p for model in trained for p in accelerator.unwrap_model(model).parameters()):
             raise DreamBoothError(f"step {state.global_step}: weights are not finite; not saving a checkpoint")
         try:
             if accelerator.is_main_process:
@@ -153,8 +171,20 @@ class Checkpointer:
             logger.info("removing old checkpoint %s (--checkpoints_total_limit %d)", path, self.total_limit)
             shutil.rmtree(path)
 
-    def load(self, checkpoint: Path) -> TrainState:
+    def load(self, checkpoint: Path, lr_scheduler=None) -> None:
+        """Restore the models, optimizer, schedule and RNG states saved in ``checkpoint``."""
         self.accelerator.load_state(str(checkpoint))
         state = read_state(checkpoint)
+        if lr_scheduler is not None and state.num_processes != self.accelerator.num_processes:
+            _rescale_schedule(lr_scheduler, state.global_step * self.accelerator.num_processes)
         logger.info("resumed from %s at step %d", checkpoint, state.global_step)
-        return state
+
+
+def _rescale_schedule(lr_scheduler, last_epoch: int) -> None:
+    """Accelerate steps the schedule once per process per optimizer step, so a schedule saved by
+    another number of processes is at another count: move it to ``last_epoch``."""
+    scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)
+    scheduler.last_epoch = last_epoch
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_lr()):
+        group["lr"] = lr
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]

@@ -146,22 +146,17 @@ def cpu_only() -> bool:
     return parse_flag_from_env("ACCELERATE_USE_CPU") or no_accelerator
 
 
-def save_pipeline(output_dir: str | Path, base_model: str, unet: torch.nn.Module,
-                  text_encoder: torch.nn.Module | None, tokenizer, revision: str | None = None,
-                  variant: str | None = None, dtype: torch.dtype = torch.float16) -> Path:
-    """Save a complete, standalone pipeline in ``dtype``: the trained modules over the base's
-    other parts. The trained modules are cast to ``dtype`` in place."""
+def save_pipeline(output_dir: str | Path, base_model: str, trained_states: dict[str, dict], tokenizer,
+                  revision: str | None = None, variant: str | None = None,
+                  dtype: torch.dtype = torch.float16) -> Path:
+    """Save a complete, standalone pipeline in ``dtype``: the base model with the trained weights
+    (``{"unet": state_dict, ...}``, gathered from every process when they are sharded) loaded in."""
     from diffusers import DiffusionPipeline
 
-    trained = {"unet": unet, "tokenizer": tokenizer}
-    if text_encoder is not None:
-        trained["text_encoder"] = text_encoder
-    for model in (unet, text_encoder):
-        if model is not None:
-            # torch's own Module.to: diffusers' override warns about fp32 modules even when there are none.
-            torch.nn.Module.to(model, dtype=dtype)
-    pipeline = _load("pipeline", DiffusionPipeline.from_pretrained, base_model,
-                     revision=revision, variant=variant, dtype=dtype, **trained)
+    pipeline = _load("pipeline", DiffusionPipeline.from_pretrained, base_model, revision=revision, variant=variant,
+                     dtype=dtype, tokenizer=tokenizer)
+    for name, state in trained_states.items():
+        getattr(pipeline, name).load_state_dict(state)
     output_dir = Path(output_dir)
     staging = output_dir / ".pipeline.tmp"
     try:
