@@ -35,7 +35,9 @@ from dreambooth.checkpoints import (
 )
 from dreambooth.cli import run_cli, setup_logging
 from dreambooth.config import TrainConfig, config_to_dict, parse_config, save_config
-from dreambooth.data import DreamBoothCollator, DreamBoothDataset, EpochShuffleSampler, ImageSet, list_image_files
+from dreambooth.buckets import BucketBatchSampler, assign_buckets
+from dreambooth.concepts import dataset_examples, instance_examples
+from dreambooth.data import DreamBoothCollator, DreamBoothDataset, EpochShuffleSampler, examples_from_folder
 from dreambooth.errors import DreamBoothError
 from dreambooth.generation import ClassImageJob, generate_class_images
 from dreambooth.hub import card_info_from_config, push_output, write_model_card
@@ -60,6 +62,7 @@ from dreambooth.training import (
     Schedule,
     Trainer,
     build_optimizer,
+    freeze_module,
     tracker_config,
     training_loss,
 )
@@ -102,30 +105,47 @@ def check_engine_support(cfg: TrainConfig, accelerator) -> None:
 
 
 def top_up_class_images(cfg: TrainConfig, accelerator) -> None:
-    """Generate the class images missing from --class_data_dir, split across processes."""
-    job = ClassImageJob(
-        model=cfg.pretrained_model_name_or_path, class_prompt=cfg.class_prompt, class_data_dir=cfg.class_data_dir,
-        num_class_images=cfg.num_class_images, resolution=cfg.resolution, sample_batch_size=cfg.sample_batch_size,
-        precision=cfg.prior_generation_precision, seed=cfg.seed or 0, revision=cfg.revision, variant=cfg.variant,
-    )
-    generate_class_images(job, accelerator.state)
+    """Generate the class images missing from each concept's class folder, split across processes."""
+    for concept in cfg.concepts():
+        job = ClassImageJob(
+            model=cfg.pretrained_model_name_or_path, class_prompt=concept.class_prompt,
+            class_data_dir=concept.class_data_dir, num_class_images=concept.num_class_images,
+            resolution=cfg.resolution, sample_batch_size=cfg.sample_batch_size,
+            precision=cfg.prior_generation_precision, seed=cfg.seed or 0, revision=cfg.revision, variant=cfg.variant,
+        )
+        generate_class_images(job, accelerator.state)
+
+
+def build_dataset(cfg: TrainConfig, data_seed: int) -> DreamBoothDataset:
+    """Every concept's images with their prompts (captions applied), class images per concept."""
+    concepts = cfg.concepts()
+    if cfg.dataset_name:
+        instances = dataset_examples(cfg.dataset_name, cfg.image_column, cfg.caption_column, cfg.instance_prompt,
+                                     cfg.repeats)
+    else:
+        instances = [example for number, concept in enumerate(concepts) for example in
+                     instance_examples(concept, number, cfg.caption_extension, cfg.caption_column or "text")]
+    classes = None
+    if cfg.with_prior_preservation:
+        classes = [examples_from_folder(concept.class_data_dir, concept.class_prompt, number, "--class_data_dir")
+                   for number, concept in enumerate(concepts)]
+    if cfg.enable_bucket:
+        instances = assign_buckets(instances, cfg.resolution)
+        classes = [assign_buckets(examples, cfg.resolution) for examples in classes] if classes else None
+    return DreamBoothDataset(instances, cfg.resolution, cfg.center_crop, cfg.random_flip, classes, data_seed,
+                             cfg.caption_dropout)
 
 
 def build_dataloader(cfg: TrainConfig, tokenizer, data_seed: int) -> DataLoader:
-    instance = ImageSet(tuple(list_image_files(cfg.instance_data_dir, "--instance_data_dir")), cfg.instance_prompt)
-    prior = None
-    if cfg.with_prior_preservation:
-        prior = ImageSet(tuple(list_image_files(cfg.class_data_dir, "--class_data_dir")), cfg.class_prompt)
-    dataset = DreamBoothDataset(instance, cfg.resolution, cfg.center_crop, cfg.random_flip, prior, seed=data_seed)
-    return DataLoader(
-        dataset,
-        batch_size=cfg.train_batch_size,
-        sampler=EpochShuffleSampler(len(dataset), data_seed),
-        collate_fn=DreamBoothCollator(tokenizer, cfg.tokenizer_max_length),
-        num_workers=cfg.dataloader_num_workers,
-        # The loader draws its workers' base seed from this generator, not from the global one.
-        generator=torch.Generator().manual_seed(data_seed),
-    )
+    dataset = build_dataset(cfg, data_seed)
+    # The loader draws its workers' base seed from this generator, not from the global one.
+    common = dict(collate_fn=DreamBoothCollator(tokenizer, cfg.tokenizer_max_length),
+                  num_workers=cfg.dataloader_num_workers, generator=torch.Generator().manual_seed(data_seed))
+    if cfg.enable_bucket:
+        return DataLoader(dataset, batch_sampler=BucketBatchSampler(dataset.sizes(), cfg.train_batch_size, data_seed),
+                          **common)
+    return DataLoader(dataset, batch_size=cfg.train_batch_size, sampler=EpochShuffleSampler(len(dataset), data_seed),
+                      **common)
 
 
 def build_models(cfg: TrainConfig, accelerator) -> tuple[Components, list[torch.nn.Module]]:
@@ -150,9 +170,12 @@ def build_optimization(cfg: TrainConfig, accelerator, trained: list[torch.nn.Mod
         math.ceil(batches / accelerator.num_processes), cfg.train_batch_size, accelerator.num_processes,
         cfg.gradient_accumulation_steps, cfg.max_train_steps, cfg.num_train_epochs,
     )
-    learning_rate = cfg.learning_rate * (schedule.total_batch_size if cfg.scale_lr else 1)
-    parameters = [p for module in trained for p in module.parameters() if p.requires_grad]
-    optimizer = build_optimizer(parameters, learning_rate, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_weight_decay,
+    scale = schedule.total_batch_size if cfg.scale_lr else 1
+    learning_rate = cfg.learning_rate * scale
+    rates = [learning_rate, (cfg.text_encoder_lr or cfg.learning_rate) * scale]
+    groups = [{"params": [p for p in module.parameters() if p.requires_grad], "lr": rate}
+              for module, rate in zip(trained, rates)]
+    optimizer = build_optimizer(groups, learning_rate, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_weight_decay,
                                 cfg.adam_epsilon, cfg.use_8bit_adam, accelerator.device)
     # Accelerate steps the schedule once per process for each optimizer step.
     lr_scheduler = get_scheduler(
@@ -187,8 +210,22 @@ def build_trainer(cfg: TrainConfig, accelerator, components: Components, trained
 
     save, load = (save_lora, load_lora_into) if cfg.use_lora else (save_models, load_models_into)
     checkpointer = Checkpointer(accelerator, cfg.output_dir, save, load, cfg.checkpoints_total_limit)
-    return Trainer(accelerator, trained, optimizer, lr_scheduler, dataloader, schedule, loss_fn, cfg.max_grad_norm,
-                   cfg.set_grads_to_none, checkpointer, cfg.checkpointing_steps, state, cfg.logging_steps)
+    trainer = Trainer(accelerator, trained, optimizer, lr_scheduler, dataloader, schedule, loss_fn, cfg.max_grad_norm,
+                      cfg.set_grads_to_none, checkpointer, cfg.checkpointing_steps, state, cfg.logging_steps)
+    if cfg.stop_text_encoder_training is not None:
+        trainer.before_step_callbacks.append(lambda state: stop_text_encoder(cfg, accelerator, trainer, encoder))
+    return trainer
+
+
+def stop_text_encoder(cfg: TrainConfig, accelerator, trainer: Trainer, encoder: PromptEncoder) -> None:
+    """At --stop_text_encoder_training, freeze the text encoder and drop its optimizer state
+    (kohya-ss's schedule); from then on its embeddings are cached like a frozen encoder's."""
+    if not encoder.trainable or trainer.state.global_step < cfg.stop_text_encoder_training:
+        return
+    text_encoder = accelerator.unwrap_model(trainer.trained[1])
+    freeze_module(trainer.optimizer, text_encoder)
+    encoder.freeze(text_encoder)
+    logger.info("step %d: text encoder frozen (--stop_text_encoder_training)", trainer.state.global_step)
 
 
 def add_validation(cfg: TrainConfig, accelerator, components: Components, trainer: Trainer) -> ValidationSampler | None:
@@ -258,7 +295,8 @@ def finish(cfg: TrainConfig, accelerator, trainer: Trainer, components: Componen
         plot_loss_curve(trainer.metrics.history, Path(cfg.output_dir) / "loss_curve.png")
         samples = [final_grid.relative_to(cfg.output_dir).as_posix()] if final_grid else []
         write_model_card(cfg.output_dir, card_info_from_config(
-            cfg, num_processes=accelerator.num_processes, mixed_precision=accelerator.mixed_precision,
+            cfg, instance_prompt=cfg.concepts()[0].instance_prompt, num_processes=accelerator.num_processes,
+            mixed_precision=accelerator.mixed_precision,
             max_train_steps=trainer.state.global_step, sample_images=samples,
             rank=cfg.rank if cfg.use_lora else None, hub_model_id=hub_repo_id(cfg) if cfg.push_to_hub else None,
         ))

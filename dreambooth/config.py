@@ -171,6 +171,21 @@ class TrainConfig:
     prior_generation_precision: Optional[Literal["no", "fp32", "fp16", "bf16"]] = _field(
         None, "Precision for generating class images (default: fp16 on GPU, fp32 on CPU)."
     )
+    concepts_list: Optional[str] = _field(
+        None, "JSON or YAML list of concepts (instance_data_dir, instance_prompt, class_data_dir, class_prompt, "
+        "num_class_images, repeats) to train several subjects in one run, instead of the single-concept flags."
+    )
+    repeats: int = _field(1, "Times each instance image appears per epoch (weights small sets; per concept in a list).")
+    caption_extension: str = _field(".txt", "Extension of the caption file beside each image (photo1.jpg + photo1.txt).")
+    caption_column: Optional[str] = _field(
+        None, "Caption column of --dataset_name, or of metadata.jsonl in an image folder (default there: 'text')."
+    )
+    caption_dropout: float = _field(0.0, "Probability of training an instance image with an empty caption.")
+    dataset_name: Optional[str] = _field(
+        None, "A datasets dataset (Hub name, or local folder such as an imagefolder) instead of --instance_data_dir."
+    )
+    image_column: str = _field("image", "Image column of --dataset_name.")
+    enable_bucket: bool = _field(False, "Aspect-ratio buckets: train each image near its own shape, not a square crop.")
     resolution: int = _field(512, "Training resolution in pixels (multiple of 8).")
     center_crop: bool = _field(False, "Center-crop images after resizing (default: random crop).")
     random_flip: bool = _field(False, "Flip images horizontally at random.")
@@ -229,6 +244,10 @@ class TrainConfig:
     gradient_accumulation_steps: int = _field(1, "Batches accumulated per optimizer step.")
     gradient_checkpointing: bool = _field(False, "Recompute activations in backward to save memory.")
     learning_rate: float = _field(5e-6, "Peak learning rate.")
+    text_encoder_lr: Optional[float] = _field(None, "Learning rate of the text encoder (default: --learning_rate).")
+    stop_text_encoder_training: Optional[int] = _field(
+        None, "Freeze the text encoder after this many steps and free its optimizer state."
+    )
     scale_lr: bool = _field(False, "Multiply the learning rate by batch size x processes x accumulation steps.")
     lr_scheduler: str = _field(
         "constant",
@@ -264,10 +283,7 @@ class TrainConfig:
         if not self.pretrained_model_name_or_path:
             raise DreamBoothError("--pretrained_model_name_or_path is required")
         check_model_source(self.pretrained_model_name_or_path, "--pretrained_model_name_or_path")
-        if not self.instance_data_dir:
-            raise DreamBoothError("--instance_data_dir is required")
-        if not self.instance_prompt or not self.instance_prompt.strip():
-            raise DreamBoothError("--instance_prompt is required and must not be empty")
+        self._check_data_source()
         if self.resolution <= 0 or self.resolution % 8:
             raise DreamBoothError(f"--resolution {self.resolution}: must be a positive multiple of 8")
         for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "sample_batch_size"):
@@ -298,18 +314,15 @@ class TrainConfig:
             raise DreamBoothError("--push_to_hub needs --hub_model_id")
         if self.pre_compute_text_embeddings and self.train_text_encoder:
             raise DreamBoothError("--pre_compute_text_embeddings needs a frozen text encoder; drop --train_text_encoder")
-        check_image_folder(self.instance_data_dir, "--instance_data_dir", self.resolution)
-        if self.with_prior_preservation:
-            if self.prior_loss_weight < 0:
-                raise DreamBoothError(f"--prior_loss_weight {self.prior_loss_weight}: must not be negative")
-            if not self.class_data_dir:
-                raise DreamBoothError("--with_prior_preservation needs --class_data_dir")
-            if not self.class_prompt or not self.class_prompt.strip():
-                raise DreamBoothError("--with_prior_preservation needs --class_prompt")
-            if self.num_class_images < 1:
-                raise DreamBoothError(f"--num_class_images {self.num_class_images}: must be at least 1")
-            if Path(self.class_data_dir).exists() and not Path(self.class_data_dir).is_dir():
-                raise DreamBoothError(f"--class_data_dir {self.class_data_dir}: exists and is not a folder")
+        if self.with_prior_preservation and self.prior_loss_weight < 0:
+            raise DreamBoothError(f"--prior_loss_weight {self.prior_loss_weight}: must not be negative")
+        if not 0 <= self.caption_dropout < 1:
+            raise DreamBoothError(f"--caption_dropout {self.caption_dropout}: must be in [0, 1)")
+        if self.text_encoder_lr is not None and self.text_encoder_lr <= 0:
+            raise DreamBoothError(f"--text_encoder_lr {self.text_encoder_lr}: must be positive")
+        if self.stop_text_encoder_training is not None and not self.train_text_encoder:
+            raise DreamBoothError("--stop_text_encoder_training needs --train_text_encoder")
+        self._check_concepts()
         if self.use_lora and self.rank < 1:
             raise DreamBoothError(f"--rank {self.rank}: must be at least 1")
         if self.use_lora and not self.lora_target_modules:
@@ -329,8 +342,50 @@ class TrainConfig:
         check_writable_dir(self.output_dir, "--output_dir")
         self._refuse_to_overwrite()
 
+    def _check_data_source(self) -> None:
+        given = [flag for flag, value in (("--instance_data_dir", self.instance_data_dir),
+                                          ("--dataset_name", self.dataset_name),
+                                          ("--concepts_list", self.concepts_list)) if value]
+        if not given:
+            raise DreamBoothError("--instance_data_dir is required (or --dataset_name, or --concepts_list)")
+        if len(given) > 1:
+            raise DreamBoothError(f"give one of {' and '.join(given)}, not both")
+        if not self.concepts_list and (not self.instance_prompt or not self.instance_prompt.strip()):
+            raise DreamBoothError("--instance_prompt is required and must not be empty")
+        if self.repeats < 1:
+            raise DreamBoothError(f"--repeats {self.repeats}: must be at least 1")
+
+    def concepts(self) -> list:
+        """The concepts to learn: the --concepts_list file's, or the single-concept flags'."""
+        from .concepts import Concept, load_concepts_list
+
+        if self.concepts_list:
+            return load_concepts_list(self.concepts_list)
+        return [Concept(self.instance_prompt, self.instance_data_dir, self.class_data_dir, self.class_prompt,
+                        self.num_class_images, self.repeats)]
+
+    def _check_concepts(self) -> None:
+        """Every concept's folders, images and captions, read once before any model loads."""
+        from .concepts import check_concepts, dataset_examples, instance_examples
+        from .data import check_image_folder
+
+        concepts = self.concepts()
+        check_concepts(concepts, self.with_prior_preservation, self.concepts_list)
+        for number, concept in enumerate(concepts):
+            if concept.instance_data_dir:
+                check_image_folder(concept.instance_data_dir, "--instance_data_dir", self.resolution)
+                instance_examples(concept, number, self.caption_extension, self.caption_column or "text")
+            if concept.class_data_dir and Path(concept.class_data_dir).exists() and not Path(
+                    concept.class_data_dir).is_dir():
+                raise DreamBoothError(f"--class_data_dir {concept.class_data_dir}: exists and is not a folder")
+        if self.dataset_name:
+            dataset_examples(self.dataset_name, self.image_column, self.caption_column, self.instance_prompt)
+
     def validation_prompts(self) -> list[str]:
-        return list(self.validation_prompt) or [self.instance_prompt, f"{self.instance_prompt} on the beach"]
+        if self.validation_prompt:
+            return list(self.validation_prompt)
+        prompt = self.concepts()[0].instance_prompt.replace("[filewords]", "").strip()
+        return [prompt, f"{prompt} on the beach"]
 
     def save_dtype(self):
         import torch

@@ -88,20 +88,23 @@ def check_image_folder(folder: str | Path | None, flag: str, resolution: int, al
 
 
 def image_to_tensor(
-    image: Image.Image, resolution: int, center_crop: bool, random_flip: bool, generator: torch.Generator | None = None
+    image: Image.Image, size: int | tuple[int, int], center_crop: bool, random_flip: bool,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Resize the shorter side to ``resolution``, crop a square, maybe flip; CHW float in [-1, 1]."""
+    """Resize to cover ``size`` (a square side, or (width, height) of a bucket) keeping the aspect
+    ratio, crop it (centered or at random), maybe flip; CHW float in [-1, 1]."""
+    target_w, target_h = (size, size) if isinstance(size, int) else size
     width, height = image.size
-    scale = resolution / min(width, height)
-    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-    image = image.resize(size, Image.Resampling.BILINEAR)
-    spare_x, spare_y = size[0] - resolution, size[1] - resolution
+    scale = max(target_w / width, target_h / height)
+    resized = (max(target_w, round(width * scale)), max(target_h, round(height * scale)))
+    image = image.resize(resized, Image.Resampling.BILINEAR)
+    spare_x, spare_y = resized[0] - target_w, resized[1] - target_h
     if center_crop:
         left, top = spare_x // 2, spare_y // 2
     else:
         left = int(torch.randint(0, spare_x + 1, (1,), generator=generator))
         top = int(torch.randint(0, spare_y + 1, (1,), generator=generator))
-    image = image.crop((left, top, left + resolution, top + resolution))
+    image = image.crop((left, top, left + target_w, top + target_h))
     if random_flip and float(torch.rand(1, generator=generator)) < 0.5:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
@@ -109,58 +112,113 @@ def image_to_tensor(
 
 
 @dataclass(frozen=True)
-class ImageSet:
-    """Images that share a prompt: the subject's, or the class's for prior preservation."""
+class DatasetRow:
+    """An image inside a ``datasets`` dataset (``--dataset_name``)."""
 
-    paths: tuple[Path, ...]
+    dataset: object
+    row: int
+    column: str
+
+    @property
+    def name(self) -> str:
+        return f"row {self.row}"
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training image, its prompt, its concept and the (width, height) it trains at."""
+
+    source: Path | DatasetRow
     prompt: str
+    concept: int = 0
+    size: tuple[int, int] | None = None
+
+
+def load_source(source: Path | DatasetRow) -> Image.Image:
+    if isinstance(source, DatasetRow):
+        try:
+            image = source.dataset[source.row][source.column]
+            return _to_rgb(ImageOps.exif_transpose(image))
+        except (OSError, ValueError, AttributeError) as error:
+            raise DreamBoothError(f"--dataset_name {source.name}: cannot decode the image ({error})") from None
+    return load_image(source)
+
+
+def examples_from_folder(folder: str | Path, prompt: str, concept: int = 0, flag: str = "--instance_data_dir"):
+    """Every image of ``folder`` with the same prompt (class images, or uncaptioned instances)."""
+    return [Example(path, prompt, concept) for path in list_image_files(folder, flag)]
 
 
 class DreamBoothDataset(Dataset):
-    """Item ``i`` pairs instance image ``i mod n`` with class image ``i mod m`` (when prior
-    preservation is on), as in the paper and diffusers; an epoch covers the larger set.
+    """Item ``i`` pairs instance example ``i mod n`` with a class image of the same concept
+    (``i mod m``, from the same size bucket when there is one) when prior preservation is on, as
+    in the paper and diffusers; an epoch covers the larger of the two sets. Repeated concepts
+    simply appear several times in ``instances``.
 
-    Random crops and flips draw from a generator seeded by (seed, epoch, item), never from
-    the global one: the same item looks the same in a resumed run, in any worker process.
+    Random crops, flips and caption dropout draw from a generator seeded by (seed, epoch, item),
+    never from the global one: the same item looks the same in a resumed run, in any worker.
     """
 
     def __init__(
         self,
-        instance: ImageSet,
+        instances: Sequence[Example],
         resolution: int,
         center_crop: bool = False,
         random_flip: bool = False,
-        prior: ImageSet | None = None,
+        classes: Sequence[Sequence[Example]] | None = None,
         seed: int = 0,
+        caption_dropout: float = 0.0,
     ):
-        if not instance.paths:
+        if not instances:
             raise DreamBoothError("no instance images")
-        if prior is not None and not prior.paths:
-            raise DreamBoothError("prior preservation is on but there are no class images")
-        self.instance, self.prior = instance, prior
+        if classes is not None and not all(classes[example.concept] for example in instances):
+            raise DreamBoothError("prior preservation is on but a concept has no class images")
+        self.instances, self.classes = list(instances), classes
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
-        self.seed, self.epoch = seed, 0
+        self.seed, self.epoch, self.caption_dropout = seed, 0, caption_dropout
+        self._class_pools = self._pool_classes_by_size() if classes is not None else None
+
+    def _pool_classes_by_size(self) -> dict[tuple[int, tuple[int, int] | None], list[Example]]:
+        pools: dict = {}
+        for concept, examples in enumerate(self.classes):
+            for example in examples:
+                pools.setdefault((concept, example.size), []).append(example)
+        return pools
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def prompts(self) -> list[str]:
-        return [self.instance.prompt] + ([self.prior.prompt] if self.prior else [])
+        """Every prompt an item can carry (for pre-computing text embeddings)."""
+        prompts = [example.prompt for example in self.instances] + (["" if self.caption_dropout else None])
+        if self.classes is not None:
+            prompts += [example.prompt for examples in self.classes for example in examples]
+        return list(dict.fromkeys(prompt for prompt in prompts if prompt is not None))
+
+    def sizes(self) -> list[tuple[int, int]]:
+        """The (width, height) each item trains at."""
+        return [self.instances[i % len(self.instances)].size or (self.resolution,) * 2 for i in range(len(self))]
 
     def __len__(self) -> int:
-        return max(len(self.instance.paths), len(self.prior.paths) if self.prior else 0)
+        return max(len(self.instances), sum(map(len, self.classes)) if self.classes is not None else 0)
 
-    def _example(self, images: ImageSet, index: int, generator: torch.Generator) -> dict:
-        image = load_image(images.paths[index % len(images.paths)])
-        pixels = image_to_tensor(image, self.resolution, self.center_crop, self.random_flip, generator)
-        return {"pixel_values": pixels, "prompt": images.prompt}
+    def _class_for(self, index: int, instance: Example) -> Example:
+        pool = self._class_pools.get((instance.concept, instance.size)) or self.classes[instance.concept]
+        return pool[index % len(pool)]
+
+    def _load(self, example: Example, size: tuple[int, int], generator: torch.Generator, dropout: bool) -> dict:
+        pixels = image_to_tensor(load_source(example.source), size, self.center_crop, self.random_flip, generator)
+        drop = dropout and self.caption_dropout and float(torch.rand(1, generator=generator)) < self.caption_dropout
+        return {"pixel_values": pixels, "prompt": "" if drop else example.prompt}
 
     def __getitem__(self, index: int) -> dict:
         generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch, index))
-        example = {"instance": self._example(self.instance, index, generator)}
-        if self.prior is not None:
-            example["class"] = self._example(self.prior, index, generator)
-        return example
+        instance = self.instances[index % len(self.instances)]
+        size = instance.size or (self.resolution, self.resolution)
+        item = {"instance": self._load(instance, size, generator, dropout=True)}
+        if self.classes is not None:
+            item["class"] = self._load(self._class_for(index, instance), size, generator, dropout=False)
+        return item
 
 
 def derived_seed(*numbers: int) -> int:

@@ -89,6 +89,11 @@ class PromptEncoder:
                 self._cache[prompts[i]] = embedding
         return torch.stack([self._cache[prompt] for prompt in prompts])
 
+    def freeze(self, text_encoder: torch.nn.Module) -> None:
+        """From now on the text encoder is frozen: encode with ``text_encoder`` and cache."""
+        self.text_encoder, self.trainable = text_encoder.eval(), False
+        self._cache.clear()
+
     def precompute(self, prompts: Sequence[str], tokenizer, max_length: int | None = None) -> None:
         """Encode ``prompts`` now and drop the text encoder, whose memory can then be freed."""
         from .data import tokenize_prompts
@@ -133,7 +138,7 @@ def training_loss(batch: dict, unet, vae, noise_scheduler, encode_prompts: Calla
 # ---------------------------------------------------------------- optimisation
 
 
-def build_optimizer(parameters: Sequence[torch.nn.Parameter], learning_rate: float, betas: tuple[float, float],
+def build_optimizer(parameters: Sequence[torch.nn.Parameter] | Sequence[dict], learning_rate: float, betas: tuple[float, float],
                     weight_decay: float, eps: float, use_8bit_adam: bool, device: torch.device) -> torch.optim.Optimizer:
     """AdamW: bitsandbytes' 8-bit version when asked (CUDA only), else torch's, fused on CUDA."""
     kwargs = dict(lr=learning_rate, betas=betas, weight_decay=weight_decay, eps=eps)
@@ -145,6 +150,16 @@ def build_optimizer(parameters: Sequence[torch.nn.Parameter], learning_rate: flo
 
             return bnb.optim.AdamW8bit(parameters, **kwargs)
     return torch.optim.AdamW(parameters, fused=device.type == "cuda", **kwargs)
+
+
+def freeze_module(optimizer, module: torch.nn.Module) -> None:
+    """Stop training ``module`` mid-run: no gradients, and its optimizer state released."""
+    state = getattr(optimizer, "optimizer", optimizer).state
+    for parameter in module.parameters():
+        if parameter.requires_grad:
+            parameter.requires_grad_(False)
+            parameter.grad = None
+            state.pop(parameter, None)
 
 
 @dataclass(frozen=True)
@@ -218,7 +233,8 @@ class Trainer:
         self.interrupted = False
         self._nonfinite_in_window = False
         self._nonfinite_streak = 0
-        self.step_callbacks: list[Callable[[TrainState], None]] = []
+        self.step_callbacks: list[Callable[[TrainState], None]] = []  # after each optimizer step
+        self.before_step_callbacks: list[Callable[[TrainState], None]] = []  # before each batch
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for module in self.trained for p in module.parameters() if p.requires_grad]
@@ -301,6 +317,8 @@ class Trainer:
         with GracefulStop() as stop:
             while state.global_step < schedule.max_train_steps and not self.interrupted:
                 for batch in self._epoch_batches():
+                    for callback in self.before_step_callbacks:
+                        callback(state)
                     state.batches_in_epoch += 1
                     losses = self._optimizer_step(batch)
                     if not accelerator.sync_gradients:

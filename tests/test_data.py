@@ -15,8 +15,9 @@ from PIL import Image
 from dreambooth.data import (
     DreamBoothCollator,
     DreamBoothDataset,
-    ImageSet,
+    Example,
     check_image_folder,
+    examples_from_folder,
     image_to_tensor,
     list_image_files,
     load_image,
@@ -322,11 +323,11 @@ def tokenizer(tiny_model):
     return AutoTokenizer.from_pretrained(tiny_model, subfolder="tokenizer")
 
 
-def image_set(folder: Path, colours, prompt: str) -> ImageSet:
+def image_set(folder: Path, colours, prompt: str) -> list[Example]:
     folder.mkdir()
     for index, colour in enumerate(colours):
         solid(folder / f"{index:02d}.png", colour, size=(24, 20))
-    return ImageSet(tuple(list_image_files(folder, "--data_dir")), prompt)
+    return examples_from_folder(folder, prompt)
 
 
 def expected_pixels(path: Path) -> torch.Tensor:
@@ -338,27 +339,27 @@ def test_dataset_length_is_the_larger_set(tmp_path, instances, classes):
     instance = image_set(tmp_path / "instance", [RED] * instances, INSTANCE_PROMPT)
     prior = image_set(tmp_path / "class", [BLUE] * classes, CLASS_PROMPT) if classes else None
 
-    assert len(DreamBoothDataset(instance, RESOLUTION, prior=prior)) == max(instances, classes)
+    assert len(DreamBoothDataset(instance, RESOLUTION, classes=[prior] if prior else None)) == max(instances, classes)
 
 
 def test_dataset_item_cycles_the_smaller_set(tmp_path):
     instance = image_set(tmp_path / "instance", [RED, GREEN, BLUE], INSTANCE_PROMPT)
     prior = image_set(tmp_path / "class", [BLACK, WHITE, (10, 20, 30), (40, 50, 60), (70, 80, 90)], CLASS_PROMPT)
-    dataset = DreamBoothDataset(instance, RESOLUTION, center_crop=True, prior=prior)
+    dataset = DreamBoothDataset(instance, RESOLUTION, center_crop=True, classes=[prior])
 
     item = dataset[4]
 
-    assert torch.equal(item["instance"]["pixel_values"], expected_pixels(instance.paths[1]))
-    assert torch.equal(item["class"]["pixel_values"], expected_pixels(prior.paths[4]))
+    assert torch.equal(item["instance"]["pixel_values"], expected_pixels(instance[1].source))
+    assert torch.equal(item["class"]["pixel_values"], expected_pixels(prior[4].source))
     assert item["instance"]["prompt"] == INSTANCE_PROMPT and item["class"]["prompt"] == CLASS_PROMPT
 
 
 def test_dataset_rejects_empty_image_sets(tmp_path):
     instance = image_set(tmp_path / "instance", [RED], INSTANCE_PROMPT)
     with pytest.raises(DreamBoothError, match="instance"):
-        DreamBoothDataset(ImageSet((), INSTANCE_PROMPT), RESOLUTION)
+        DreamBoothDataset([], RESOLUTION)
     with pytest.raises(DreamBoothError, match="class images"):
-        DreamBoothDataset(instance, RESOLUTION, prior=ImageSet((), CLASS_PROMPT))
+        DreamBoothDataset(instance, RESOLUTION, classes=[[]])
 
 
 def expected_ids(tokenizer, prompts) -> torch.Tensor:
@@ -369,12 +370,12 @@ def expected_ids(tokenizer, prompts) -> torch.Tensor:
 def test_prior_preservation_batch_is_instance_then_class(tmp_path, tokenizer):
     instance = image_set(tmp_path / "instance", [RED, GREEN], INSTANCE_PROMPT)
     prior = image_set(tmp_path / "class", [BLUE, WHITE, BLACK], CLASS_PROMPT)
-    dataset = DreamBoothDataset(instance, RESOLUTION, center_crop=True, prior=prior)
+    dataset = DreamBoothDataset(instance, RESOLUTION, center_crop=True, classes=[prior])
 
     batch = DreamBoothCollator(tokenizer)([dataset[0], dataset[1]])
 
     assert batch["pixel_values"].shape == (4, 3, RESOLUTION, RESOLUTION)
-    expected = [instance.paths[0], instance.paths[1], prior.paths[0], prior.paths[1]]
+    expected = [instance[0].source, instance[1].source, prior[0].source, prior[1].source]
     for row, path in zip(batch["pixel_values"], expected):
         assert torch.equal(row, expected_pixels(path))
     assert batch["prompts"] == [INSTANCE_PROMPT, INSTANCE_PROMPT, CLASS_PROMPT, CLASS_PROMPT]
@@ -393,7 +394,7 @@ def test_batch_without_prior_is_only_the_instance_part(tmp_path, tokenizer):
     batch = DreamBoothCollator(tokenizer)([dataset[0], dataset[1]])
 
     assert batch["pixel_values"].shape == (2, 3, RESOLUTION, RESOLUTION)
-    assert torch.equal(batch["pixel_values"][1], expected_pixels(instance.paths[1]))
+    assert torch.equal(batch["pixel_values"][1], expected_pixels(instance[1].source))
     assert batch["prompts"] == [INSTANCE_PROMPT, INSTANCE_PROMPT]
     assert batch["num_instance"] == 2
     assert torch.equal(batch["input_ids"], expected_ids(tokenizer, batch["prompts"]))

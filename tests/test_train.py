@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 import train_dreambooth
 from conftest import ROOT, TOY_SUBJECT, train_args
-from dreambooth.data import DreamBoothCollator, DreamBoothDataset, ImageSet, list_image_files
+from dreambooth.data import DreamBoothCollator, DreamBoothDataset, examples_from_folder, list_image_files
 from dreambooth.models import load_components
 from dreambooth.training import LossSettings, PromptEncoder, training_loss
 
@@ -106,8 +106,7 @@ def test_prior_batches_reach_the_text_encoder_instance_then_class(tiny_model, in
 def fixed_evaluation_loss(model_folder, image_folder, repeats: int = 16) -> float:
     """The objective averaged over fixed noise draws: comparable before and after training."""
     components = load_components(str(model_folder))
-    dataset = DreamBoothDataset(ImageSet(tuple(list_image_files(image_folder, "images")), "a photo of sks toy"),
-                                32, center_crop=True)
+    dataset = DreamBoothDataset(examples_from_folder(image_folder, "a photo of sks toy"), 32, center_crop=True)
     batch = DreamBoothCollator(components.tokenizer)([dataset[0]] * repeats)
     encoder = PromptEncoder(components.text_encoder, trainable=False)
     torch.manual_seed(1234)

@@ -1,0 +1,170 @@
+"""What a run learns: one or several concepts, their images and their captions.
+
+The single-concept flags (--instance_data_dir, --instance_prompt, --class_data_dir, ...) are the
+one-concept case of --concepts_list. A caption comes from a sidecar file beside the image
+(``photo1.jpg`` + ``photo1.txt``) or from the folder's ``metadata.jsonl`` (the datasets
+imagefolder format); without one, the image trains with its concept's instance prompt.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+
+from .data import DatasetRow, Example, list_image_files
+from .errors import DreamBoothError
+
+PROMPT_PLACEHOLDER = "{instance_prompt}"
+FILEWORDS = "[filewords]"
+
+
+@dataclasses.dataclass(frozen=True)
+class Concept:
+    instance_prompt: str
+    instance_data_dir: Optional[str] = None
+    class_data_dir: Optional[str] = None
+    class_prompt: Optional[str] = None
+    num_class_images: int = 100
+    repeats: int = 1
+
+
+_REQUIRED = ("instance_data_dir", "instance_prompt")
+
+
+def load_concepts_list(path: str) -> list[Concept]:
+    """Parse and check a --concepts_list file (JSON or YAML: a list of mappings)."""
+    file = Path(path)
+    if not file.is_file():
+        raise DreamBoothError(f"--concepts_list {path}: file not found")
+    try:
+        entries = yaml.safe_load(file.read_text(encoding="utf-8"))  # JSON is YAML too
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise DreamBoothError(f"--concepts_list {path}: not valid JSON or YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(entries, list) or not entries:
+        raise DreamBoothError(f"--concepts_list {path}: expected a non-empty list of concepts")
+    known = {field.name for field in dataclasses.fields(Concept)}
+    concepts = []
+    for number, entry in enumerate(entries):
+        where = f"--concepts_list {path}, concept {number}"
+        if not isinstance(entry, dict):
+            raise DreamBoothError(f"{where}: expected a mapping of keys to values")
+        unknown = sorted(set(entry) - known)
+        if unknown:
+            raise DreamBoothError(f"{where}: unknown key '{unknown[0]}' (known: {', '.join(sorted(known))})")
+        missing = [key for key in _REQUIRED if not entry.get(key)]
+        if missing:
+            raise DreamBoothError(f"{where}: missing key '{missing[0]}'")
+        concepts.append(Concept(**entry))
+    return concepts
+
+
+def check_concepts(concepts: Sequence[Concept], with_prior_preservation: bool, concepts_list: str | None) -> None:
+    """Problems a concept can have before any image is read: missing folders, duplicates, bad numbers.
+    Errors name the flag for the single-concept flags, or the file and concept for a list."""
+    seen: dict[Path, int] = {}
+    for number, concept in enumerate(concepts):
+        def problem(key: str, value: Any, text: str) -> DreamBoothError:
+            if concepts_list is None:
+                return DreamBoothError(f"--{key} {value}: {text}")
+            return DreamBoothError(f"--concepts_list {concepts_list}, concept {number}: {key} {value}: {text}")
+
+        if not str(concept.instance_prompt).strip():
+            raise problem("instance_prompt", repr(concept.instance_prompt), "must not be empty")
+        if concept.repeats < 1:
+            raise problem("repeats", concept.repeats, "must be at least 1")
+        if concept.instance_data_dir is not None:
+            folder = Path(concept.instance_data_dir).resolve()
+            if not folder.is_dir():
+                raise problem("instance_data_dir", concept.instance_data_dir, "folder not found")
+            if folder in seen:
+                raise problem("instance_data_dir", concept.instance_data_dir,
+                              f"also concept {seen[folder]}'s; give each folder once (use repeats to weight it)")
+            seen[folder] = number
+        if not with_prior_preservation:
+            continue
+        for key in ("class_data_dir", "class_prompt"):
+            if not str(getattr(concept, key) or "").strip():
+                raise (DreamBoothError(f"--with_prior_preservation needs --{key}") if concepts_list is None
+                       else problem(key, "(missing)", "prior preservation needs it"))
+        if concept.num_class_images < 1:
+            raise problem("num_class_images", concept.num_class_images, "must be at least 1")
+
+
+def compose_prompt(instance_prompt: str, caption: str | None) -> str:
+    """The prompt of a captioned image. A caption holding ``{instance_prompt}`` gets the concept's
+    prompt put in; an instance prompt holding ``[filewords]`` gets the caption put in; otherwise
+    the caption replaces the instance prompt."""
+    if caption is None:
+        return instance_prompt
+    if PROMPT_PLACEHOLDER in caption:
+        return caption.replace(PROMPT_PLACEHOLDER, instance_prompt)
+    if FILEWORDS in instance_prompt:
+        return instance_prompt.replace(FILEWORDS, caption)
+    return caption
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except UnicodeDecodeError:
+        raise DreamBoothError(f"{path}: caption file is not UTF-8 text; re-save it as UTF-8") from None
+
+
+def metadata_captions(folder: Path, column: str) -> dict[str, str]:
+    """Captions of an imagefolder-style ``metadata.jsonl``: {"file_name": ..., column: ...} per line."""
+    file = folder / "metadata.jsonl"
+    if not file.is_file():
+        return {}
+    captions = {}
+    for number, line in enumerate(_read_text(file).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            captions[Path(record["file_name"]).name] = str(record[column])
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise DreamBoothError(f"{file}, line {number}: needs 'file_name' and '{column}' ({error})") from None
+    return captions
+
+
+def instance_examples(concept: Concept, number: int, caption_extension: str, caption_column: str) -> list[Example]:
+    """The concept's images with their prompts, repeated ``repeats`` times."""
+    folder = Path(concept.instance_data_dir)
+    from_metadata = metadata_captions(folder, caption_column)
+    examples = []
+    for path in list_image_files(folder, "--instance_data_dir"):
+        sidecar = path.with_suffix(caption_extension)
+        caption = _read_text(sidecar) if sidecar.is_file() else from_metadata.get(path.name)
+        examples.append(Example(path, compose_prompt(concept.instance_prompt, caption), number))
+    return examples * concept.repeats
+
+
+def dataset_examples(name: str, image_column: str, caption_column: Optional[str], instance_prompt: str,
+                     repeats: int = 1) -> list[Example]:
+    """The images of a ``datasets`` dataset (a Hub name or a local folder, e.g. an imagefolder)."""
+    dataset = load_image_dataset(name)
+    columns = list(dataset.column_names)
+    for flag, column in (("--image_column", image_column), ("--caption_column", caption_column)):
+        if column is not None and column not in columns:
+            raise DreamBoothError(f"--dataset_name {name}: no column '{column}' for {flag} "
+                                  f"(columns: {', '.join(columns)})")
+    captions = dataset[caption_column] if caption_column else [None] * len(dataset)
+    return [Example(DatasetRow(dataset, row, image_column), compose_prompt(instance_prompt, caption), 0)
+            for row, caption in enumerate(captions)] * repeats
+
+
+def load_image_dataset(name: str) -> Any:
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(name, split="train")
+    except (FileNotFoundError, ValueError, ConnectionError, OSError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DreamBoothError(f"--dataset_name {name}: cannot load it ({first})") from None
+    if len(loaded) == 0:
+        raise DreamBoothError(f"--dataset_name {name}: the train split is empty")
+    return loaded

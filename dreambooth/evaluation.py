@@ -1,0 +1,578 @@
+"""Subject and prompt fidelity of a DreamBooth model, measured as in the paper.
+
+Ruiz et al., "DreamBooth", CVPR 2023, section 4.1 and table 1:
+
+- DINO: mean pairwise cosine similarity of DINO ViT-S/16 embeddings between every generated
+  image and every real subject image (subject fidelity; the CLS token of the last hidden state).
+- CLIP-I: the same with CLIP image embeddings.
+- CLIP-T: mean cosine similarity of each generated image with its prompt in CLIP space (a plain
+  cosine, not CLIPScore's 2.5 x max(cos, 0) nor x100). The identifier is left out of the text:
+  'sks' is a rare token that means nothing to CLIP, so 'a sks dog in the snow' is read as
+  'a dog in the snow'.
+- PRES: prior preservation, the DINO similarity of class-prompt generations ('a dog in the snow',
+  no identifier) to the real subject images. Lower is better: the class prior is kept.
+- DIV: diversity, the mean pairwise DINO distance (1 - cosine) between the generations of one
+  prompt, averaged over prompts. The paper measures DIV with LPIPS; this is the DINO variant.
+
+The metric functions work on embeddings alone, so they can be checked against direct
+computations; the encoders and the generation around them are for evaluate.py and for a small
+fixed-seed evaluation during training (``evaluate_pipeline``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Literal, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageOps
+from PIL.PngImagePlugin import PngInfo
+from tqdm.auto import tqdm
+
+from .config import InferConfig, _check_generation_numbers, _field, check_writable_dir
+from .data import list_image_files, load_image
+from .errors import DreamBoothError
+
+logger = logging.getLogger(__name__)
+
+PROMPTS_DIR = Path(__file__).resolve().parents[1] / "examples" / "prompts"
+PROMPT_SETS = {"object": "dreambooth_object_prompts.txt", "live": "dreambooth_live_prompts.txt"}
+METRICS = ("dino", "clip_i", "clip_t", "pres", "div")
+METRIC_LABELS = {"dino": "DINO", "clip_i": "CLIP-I", "clip_t": "CLIP-T", "pres": "PRES", "div": "DIV"}
+# Table 1 of the paper (mean over its 30 subjects and 25 prompts x 4 images each).
+PAPER_REFERENCE = {
+    "paper: DreamBooth (SD)": {"dino": 0.668, "clip_i": 0.803, "clip_t": 0.305},
+    "paper: real images": {"dino": 0.774, "clip_i": 0.885},
+}
+DEFINITIONS = {
+    "dino": "mean pairwise cosine of DINO embeddings (CLS token), generated x real subject images",
+    "clip_i": "mean pairwise cosine of CLIP image embeddings, generated x real subject images",
+    "clip_t": "mean plain cosine (not x100, not CLIPScore) of CLIP image and prompt embeddings, identifier removed",
+    "pres": "mean pairwise DINO cosine, class-prompt generations x real subject images; lower is better",
+    "div": "mean pairwise DINO distance (1 - cosine) within each prompt's generations, averaged over prompts",
+}
+EMBED_BATCH_SIZE = 32
+SHEET_IMAGES_PER_PROMPT = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig:
+    """Flags of evaluate.py."""
+
+    pretrained_model_name_or_path: Optional[str] = _field(
+        None, "Trained output folder or Hub id; with --lora or --checkpoint, the base model."
+    )
+    checkpoint: Optional[str] = _field(None, "A checkpoint-<step> folder to evaluate, over the base model.")
+    lora: list[str] = _field([], "LoRA weights (a folder or .safetensors file) over the model; repeatable.",
+                             action="extend")
+    lora_scale: list[float] = _field([], "Strength of each --lora (one value for all, or one per --lora).",
+                                     action="extend")
+    revision: Optional[str] = _field(None, "Revision of the model on the Hub.")
+    variant: Optional[str] = _field(None, "Weight file variant, e.g. fp16.")
+    generated_dir: Optional[str] = _field(
+        None, "Score this folder of generated images instead of generating (prompts from prompts.json "
+        "or the PNGs' text metadata, as infer.py writes them)."
+    )
+    instance_data_dir: Optional[str] = _field(None, "Folder of real subject images (required).")
+    identifier: Optional[str] = _field(None, "The subject's identifier token, e.g. sks (required).")
+    class_noun: Optional[str] = _field(None, "The subject's class, e.g. dog (required when generating).")
+    prompt_set: Literal["object", "live"] = _field("object", "The paper's 25 prompts: object, or live for pets.")
+    prompts_file: Optional[str] = _field(
+        None, "Prompt templates, one a line, {} for the subject; overrides --prompt_set."
+    )
+    num_prompts: Optional[int] = _field(None, "Use only the first N prompts (a quick run).")
+    num_images_per_prompt: int = _field(4, "Images per prompt, for the subject and for the class prompts.")
+    seed: int = _field(0, "Image j of every prompt uses seed + j.")
+    num_inference_steps: int = _field(25, "Denoising steps.")
+    guidance_scale: float = _field(7.5, "Classifier-free guidance scale.")
+    scheduler: str = _field("dpm++", "Sampler: dpm++, unipc, ddim, euler, euler_a, pndm or ddpm.")
+    resolution: Optional[int] = _field(None, "Image size in pixels (default: the model's).")
+    batch_size: int = _field(4, "Images per pipeline call.")
+    dino_model: str = _field("facebook/dino-vits16", "DINO model (Hub id or local folder) for DINO, PRES and DIV.")
+    clip_model: str = _field(
+        "openai/clip-vit-base-patch32", "CLIP model (Hub id or local folder) for CLIP-I and CLIP-T."
+    )
+    output_dir: str = _field("eval", "Folder for metrics.json, the contact sheet and the generated images.")
+    device: str = _field("auto", "cuda, mps, cpu or auto (CUDA, else MPS, else CPU).")
+    dtype: str = _field("auto", "Pipeline precision: fp32, fp16, bf16 or auto (fp16 on GPU, fp32 on CPU).")
+
+    def validate(self) -> None:
+        if not self.instance_data_dir:
+            raise DreamBoothError("--instance_data_dir is required (the real subject images)")
+        if not list_image_files(self.instance_data_dir, "--instance_data_dir"):
+            raise DreamBoothError(f"--instance_data_dir {self.instance_data_dir}: no images found")
+        if not self.identifier or not self.identifier.strip():
+            raise DreamBoothError("--identifier is required, e.g. --identifier sks")
+        for flag in ("dino_model", "clip_model"):
+            check_encoder_source(getattr(self, flag), f"--{flag}")
+        if self.generated_dir:
+            if self.pretrained_model_name_or_path or self.checkpoint or self.lora:
+                raise DreamBoothError("give --generated_dir or a model to generate with, not both")
+            if not Path(self.generated_dir).is_dir():
+                raise DreamBoothError(f"--generated_dir {self.generated_dir}: folder not found")
+        else:
+            self._validate_generation()
+        check_writable_dir(self.output_dir, "--output_dir")
+
+    def _validate_generation(self) -> None:
+        if not self.class_noun or not self.class_noun.strip():
+            raise DreamBoothError("--class_noun is required to build the prompts, e.g. --class_noun dog")
+        for name in ("num_images_per_prompt", "batch_size"):
+            if getattr(self, name) < 1:
+                raise DreamBoothError(f"--{name} {getattr(self, name)}: must be at least 1")
+        if self.num_prompts is not None and self.num_prompts < 1:
+            raise DreamBoothError(f"--num_prompts {self.num_prompts}: must be at least 1")
+        if self.resolution is not None:
+            _check_generation_numbers(self.resolution, self.num_inference_steps, self.scheduler)
+        self.model_source().validate()
+        self.templates()
+
+    def model_source(self) -> InferConfig:
+        """The model and sampler settings as infer.py's config, so both check and load them alike."""
+        return InferConfig(
+            pretrained_model_name_or_path=self.pretrained_model_name_or_path, checkpoint=self.checkpoint,
+            lora=list(self.lora), lora_scale=list(self.lora_scale), revision=self.revision, variant=self.variant,
+            prompt=["(evaluation prompts)"], num_images_per_prompt=self.num_images_per_prompt, seed=self.seed,
+            guidance_scale=self.guidance_scale, num_inference_steps=self.num_inference_steps,
+            scheduler=self.scheduler, batch_size=self.batch_size, output_dir=self.output_dir,
+            device=self.device, dtype=self.dtype,
+        )
+
+    def templates(self) -> list[str]:
+        path = Path(self.prompts_file) if self.prompts_file else PROMPTS_DIR / PROMPT_SETS[self.prompt_set]
+        flag = f"--prompts_file {path}" if self.prompts_file else f"--prompt_set {self.prompt_set} ({path})"
+        return read_templates(path, flag)[: self.num_prompts]
+
+
+def read_templates(path: Path, flag: str) -> list[str]:
+    """Prompt templates, one a line, ``{}`` where the subject goes; blank and # lines skipped."""
+    if not path.is_file():
+        raise DreamBoothError(f"{flag}: file not found")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise DreamBoothError(f"{flag}: cannot read ({error})") from None
+    templates = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    if not templates:
+        raise DreamBoothError(f"{flag}: no prompts in the file")
+    for template in templates:
+        if "{}" not in template:
+            raise DreamBoothError(f"{flag}: prompt '{template}' has no {{}} where the subject goes")
+    return templates
+
+
+def check_encoder_source(name: str, flag: str) -> None:
+    path = Path(name).expanduser()
+    if path.exists() and not path.is_dir():
+        raise DreamBoothError(f"{flag} {name}: not a folder; give a model folder or a Hub id")
+    if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+        raise DreamBoothError(f"{flag} {name}: no such folder")
+
+
+# ---------------------------------------------------------------- metrics on embeddings
+
+
+def cosine_matrix(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of every row of ``a`` with every row of ``b``."""
+    return F.normalize(a.double(), dim=-1) @ F.normalize(b.double(), dim=-1).T
+
+
+def subject_fidelity(generated: torch.Tensor, real: torch.Tensor) -> float:
+    """DINO, CLIP-I and PRES: mean cosine over all (generated, real) pairs."""
+    return cosine_matrix(generated, real).mean().item()
+
+
+def prompt_fidelity(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> float:
+    """CLIP-T: mean cosine of image i with text i."""
+    return F.cosine_similarity(image_embeddings.double(), text_embeddings.double(), dim=-1).mean().item()
+
+
+def diversity(groups: Sequence[torch.Tensor]) -> float | None:
+    """DIV: mean pairwise distance (1 - cosine) within each group, averaged over the groups of
+    two or more; None when no group has two."""
+    per_group = []
+    for group in groups:
+        count = len(group)
+        if count < 2:
+            continue
+        distances = 1.0 - cosine_matrix(group, group)
+        per_group.append(distances.sum().item() / (count * (count - 1)))  # the diagonal is 0
+    return sum(per_group) / len(per_group) if per_group else None
+
+
+# ---------------------------------------------------------------- encoders
+
+
+def _batches(items: Sequence, size: int):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+class DinoEncoder:
+    """Image embeddings of a self-supervised ViT: the CLS token of the last hidden state (after the
+    final layer norm), as DINO's own evaluation uses it. DINO checkpoints carry no trained pooler."""
+
+    def __init__(self, name: str, device: torch.device):
+        from transformers import AutoImageProcessor, AutoModel
+
+        config = _load_config(name, "--dino_model")
+        if hasattr(config, "text_config"):
+            raise DreamBoothError(f"--dino_model {name}: a text-image model ({config.model_type}); give an image "
+                                  "model such as facebook/dino-vits16")
+        extra = {"add_pooling_layer": False} if config.model_type == "vit" else {}
+        self.name, self.device = name, device
+        self.model = _load(name, "--dino_model", AutoModel.from_pretrained, **extra).to(device).eval()
+        self.processor = _load(name, "--dino_model", AutoImageProcessor.from_pretrained)
+
+    @torch.no_grad()
+    def embed_images(self, images: Sequence[Image.Image], batch_size: int = EMBED_BATCH_SIZE) -> torch.Tensor:
+        rows = []
+        for batch in _batches(list(images), batch_size):
+            pixels = self.processor(images=list(batch), return_tensors="pt")["pixel_values"]
+            hidden = self.model(pixel_values=pixels.to(self.device, self.model.dtype)).last_hidden_state
+            rows.append(hidden[:, 0].float().cpu())
+        return F.normalize(torch.cat(rows), dim=-1)
+
+
+class ClipEncoder:
+    """CLIP's projected image and text features (get_image_features / get_text_features), L2-normalised."""
+
+    def __init__(self, name: str, device: torch.device):
+        from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
+        config = _load_config(name, "--clip_model")
+        if config.model_type != "clip":
+            raise DreamBoothError(f"--clip_model {name}: a '{config.model_type}' model, not CLIP; "
+                                  "give one such as openai/clip-vit-base-patch32")
+        self.name, self.device = name, device
+        self.model = _load(name, "--clip_model", CLIPModel.from_pretrained).to(device).eval()
+        # Without torchvision, transformers picks the PIL processor (CLIPImageProcessorPil) itself.
+        self.processor = _load(name, "--clip_model", AutoImageProcessor.from_pretrained)
+        self.tokenizer = _load(name, "--clip_model", AutoTokenizer.from_pretrained)
+        self.max_length = min(self.tokenizer.model_max_length, config.text_config.max_position_embeddings)
+
+    def variant(self) -> str:
+        vision = self.model.config.vision_config
+        return (f"{self.name} (ViT, patch {vision.patch_size}, {vision.image_size} px, "
+                f"{self.model.config.projection_dim}-d embeddings)")
+
+    @torch.no_grad()
+    def embed_images(self, images: Sequence[Image.Image], batch_size: int = EMBED_BATCH_SIZE) -> torch.Tensor:
+        rows = []
+        for batch in _batches(list(images), batch_size):
+            pixels = self.processor(images=list(batch), return_tensors="pt")["pixel_values"]
+            rows.append(_features(self.model.get_image_features(pixel_values=pixels.to(self.device))))
+        return F.normalize(torch.cat(rows), dim=-1)
+
+    @torch.no_grad()
+    def embed_texts(self, texts: Sequence[str], batch_size: int = EMBED_BATCH_SIZE) -> torch.Tensor:
+        rows = []
+        for batch in _batches(list(texts), batch_size):
+            tokens = self.tokenizer(list(batch), padding=True, truncation=True, max_length=self.max_length,
+                                    return_tensors="pt").to(self.device)
+            rows.append(_features(self.model.get_text_features(**tokens)))
+        return F.normalize(torch.cat(rows), dim=-1)
+
+
+def _features(output) -> torch.Tensor:
+    """transformers 4 returns the projected features; 5 wraps them in an output's pooler_output."""
+    if not torch.is_tensor(output):
+        output = output.pooler_output
+    return output.float().cpu()
+
+
+def _load_hint(name: str, flag: str) -> str:
+    if Path(name).expanduser().is_dir():
+        return f"give {flag} a transformers model folder (config.json and weights)"
+    return (f"the default models need one download with network access (then they are cached), "
+            f"or point {flag} at a local folder")
+
+
+def _load_config(name: str, flag: str):
+    from transformers import AutoConfig
+
+    return _load(name, flag, AutoConfig.from_pretrained)
+
+
+def _load(name: str, flag: str, loader, **kwargs):
+    try:
+        return loader(name, **kwargs)
+    except (OSError, ValueError, KeyError) as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        reason = lines[0] if lines else type(error).__name__
+        raise DreamBoothError(f"{flag} {name}: cannot be loaded ({reason}); {_load_hint(name, flag)}") from None
+
+
+@dataclasses.dataclass
+class Encoders:
+    dino: DinoEncoder
+    clip: ClipEncoder
+
+
+def load_encoders(dino_model: str, clip_model: str, device: torch.device) -> Encoders:
+    """The DINO and CLIP models, in fp32 (they are small, and the metrics are cosines)."""
+    return Encoders(DinoEncoder(dino_model, device), ClipEncoder(clip_model, device))
+
+
+# ---------------------------------------------------------------- generations
+
+
+@dataclasses.dataclass
+class Generation:
+    image: Image.Image
+    prompt: str
+    seed: Optional[int] = None
+    subject: bool = True  # False: a class prompt without the identifier, scored by PRES
+
+
+def mentions(prompt: str, identifier: str) -> bool:
+    return re.search(rf"(?<!\w){re.escape(identifier)}(?!\w)", prompt) is not None
+
+
+def without_identifier(prompt: str, identifier: str) -> str:
+    """The prompt CLIP-T scores against: 'a sks dog in the snow' -> 'a dog in the snow'."""
+    return " ".join(re.sub(rf"(?<!\w){re.escape(identifier)}(?!\w)", " ", prompt).split())
+
+
+def generate_evaluation_set(pipeline, templates: Sequence[str], identifier: str, class_noun: str,
+                            num_images_per_prompt: int = 4, seed: int = 0, resolution: int | None = None,
+                            num_inference_steps: int = 25, guidance_scale: float = 7.5, batch_size: int = 4,
+                            with_class_prompts: bool = True, progress: bool = True) -> list[Generation]:
+    """K images per subject prompt ('a sks dog in the snow') and, for PRES, per class prompt
+    ('a dog in the snow'), with the same seeds: image j of every prompt uses seed + j."""
+    from .generation import generate
+
+    size = resolution or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    jobs = [(template.replace("{}", f"{identifier} {class_noun}"), True) for template in templates]
+    if with_class_prompts:
+        jobs += [(template.replace("{}", class_noun), False) for template in templates]
+    seeds = [seed + j for j in range(num_images_per_prompt)]
+    bar = tqdm(total=len(jobs) * len(seeds), desc="Generating", unit="img", disable=not progress)
+    generations = []
+    for prompt, subject in jobs:
+        for batch in _batches(seeds, batch_size):
+            images = generate(pipeline, prompt, batch, size, size, num_inference_steps, guidance_scale)
+            generations += [Generation(image, prompt, s, subject) for s, image in zip(batch, images)]
+            bar.update(len(batch))
+    bar.close()
+    return generations
+
+
+def load_model_under_test(cfg: InferConfig):
+    """The pipeline infer.py would sample: a trained folder, a checkpoint over its base, LoRAs."""
+    from .generation import apply_loras, checkpoint_components, load_pipeline, pick_device, pick_dtype
+
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(device, cfg.dtype)
+    trained = checkpoint_components(cfg.checkpoint, dtype) if cfg.checkpoint else {}
+    pipeline = load_pipeline(cfg.base_model(), device, dtype, cfg.scheduler, cfg.revision, cfg.variant, **trained)
+    apply_loras(pipeline, ([cfg.checkpoint] if cfg.checkpoint and not trained else []) + list(cfg.lora),
+                cfg.lora_scale)
+    return pipeline
+
+
+def save_generations(generations: Sequence[Generation], folder: Path) -> Path:
+    """PNGs with their prompt and seed in the text metadata, and a prompts.json listing them, so
+    that ``--generated_dir`` scores the folder again."""
+    from .generation import save_png_atomically
+
+    folder.mkdir(parents=True, exist_ok=True)
+    entries, numbers = [], defaultdict(int)
+    for item in generations:
+        kind = "subject" if item.subject else "class"
+        name = f"{kind}-{numbers[kind]:04d}-seed{item.seed}.png"
+        numbers[kind] += 1
+        info = PngInfo()
+        info.add_text("prompt", item.prompt)
+        info.add_text("seed", str(item.seed))
+        save_png_atomically(item.image, folder, lambda _, name=name: name, info)
+        entries.append({"file": name, "prompt": item.prompt, "seed": item.seed})
+    (folder / "prompts.json").write_text(json.dumps(entries, indent=1), encoding="utf-8")
+    return folder
+
+
+def read_generated_dir(folder: str | Path, identifier: str) -> list[Generation]:
+    """The images of a folder with their prompts, from prompts.json ([{"file", "prompt"}, ...] or
+    {file: prompt}) or else each PNG's 'prompt' text (infer.py's). Prompts without the identifier
+    are class prompts. infer.py's grids and other images without a prompt are skipped."""
+    folder, flag = Path(folder), "--generated_dir"
+    listing = folder / "prompts.json"
+    if listing.is_file():
+        entries = _read_prompts_json(listing)
+    else:
+        entries = [(path.name, *_png_prompt_and_seed(path)) for path in list_image_files(folder, flag)]
+        unlabeled = [name for name, prompt, _ in entries if prompt is None and not name.endswith("-grid.png")]
+        if unlabeled:
+            logger.warning("%s %s: skipping %d image(s) without a prompt (e.g. %s); a prompts.json names them",
+                           flag, folder, len(unlabeled), unlabeled[0])
+    generations = []
+    for name, prompt, seed in entries:
+        if prompt is None:
+            continue
+        if not (folder / name).is_file():
+            raise DreamBoothError(f"{flag} {folder}: prompts.json names {name}, which is not in the folder")
+        generations.append(Generation(load_image(folder / name), prompt, seed, mentions(prompt, identifier)))
+    if not any(item.subject for item in generations):
+        raise DreamBoothError(f"{flag} {folder}: no image with a prompt naming the identifier '{identifier}' "
+                              "(prompts come from prompts.json or the PNGs' 'prompt' metadata)")
+    return generations
+
+
+def _read_prompts_json(path: Path) -> list[tuple[str, str, Optional[int]]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, dict):
+            return [(str(name), str(prompt), None) for name, prompt in data.items()]
+        return [(str(entry["file"]), str(entry["prompt"]), entry.get("seed")) for entry in data]
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise DreamBoothError(f"{path}: expected [{{\"file\": ..., \"prompt\": ...}}, ...] or "
+                              "{\"file name\": \"prompt\"}") from None
+
+
+def _png_prompt_and_seed(path: Path) -> tuple[Optional[str], Optional[int]]:
+    """infer.py's 'prompt' and 'seed' text fields, or the first line of a web UI's 'parameters'."""
+    with Image.open(path) as image:
+        text = dict(getattr(image, "text", {}) or {})
+    prompt = text.get("prompt") or (text["parameters"].splitlines()[0] if text.get("parameters") else None)
+    seed = text.get("seed", "")
+    return prompt, int(seed) if seed.lstrip("-").isdigit() else None
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def score(generations: Sequence[Generation], real_images: Sequence[Image.Image], encoders: Encoders,
+          identifier: str) -> dict[str, float | None]:
+    """DINO, CLIP-I, CLIP-T, PRES and DIV of the generations (PRES None without class prompts,
+    DIV None without two images of one prompt)."""
+    subject = [item for item in generations if item.subject]
+    class_images = [item.image for item in generations if not item.subject]
+    if not subject or not real_images:
+        raise DreamBoothError("scoring needs subject generations and real subject images")
+    real_dino = encoders.dino.embed_images(real_images)
+    dino = encoders.dino.embed_images([item.image for item in subject])
+    clip_images = encoders.clip.embed_images([item.image for item in subject])
+    texts = [without_identifier(item.prompt, identifier) for item in subject]
+    unique = sorted(set(texts))
+    text_embeddings = encoders.clip.embed_texts(unique)[[unique.index(text) for text in texts]]
+    groups = defaultdict(list)
+    for index, item in enumerate(subject):
+        groups[item.prompt].append(index)
+    return {
+        "dino": subject_fidelity(dino, real_dino),
+        "clip_i": subject_fidelity(clip_images, encoders.clip.embed_images(real_images)),
+        "clip_t": prompt_fidelity(clip_images, text_embeddings),
+        "pres": subject_fidelity(encoders.dino.embed_images(class_images), real_dino) if class_images else None,
+        "div": diversity([dino[indices] for indices in groups.values()]),
+    }
+
+
+def evaluate_pipeline(pipeline, encoders: Encoders, real_images: Sequence[Image.Image], templates: Sequence[str],
+                      identifier: str, class_noun: str, **generation) -> tuple[dict, list[Generation]]:
+    """Generate the evaluation set with ``pipeline`` and score it: what a training loop calls every
+    N steps with a few templates, a fixed seed and encoders loaded once."""
+    generations = generate_evaluation_set(pipeline, templates, identifier, class_noun, **generation)
+    return score(generations, real_images, encoders, identifier), generations
+
+
+def load_real_images(folder: str | Path) -> list[Image.Image]:
+    return [load_image(path) for path in list_image_files(folder, "--instance_data_dir")]
+
+
+# ---------------------------------------------------------------- report
+
+
+def format_table(metrics: dict[str, float | None]) -> str:
+    rows = [("this model", metrics), *PAPER_REFERENCE.items()]
+    width = max(len(name) for name, _ in rows)
+    lines = [" " * width + "".join(f"{METRIC_LABELS[key]:>8}" for key in METRICS)]
+    for name, values in rows:
+        cells = "".join(f"{values[key]:8.3f}" if values.get(key) is not None else f"{'-':>8}" for key in METRICS)
+        lines.append(f"{name:<{width}}{cells}")
+    lines.append("Higher is better except PRES. CLIP-T is the plain cosine (identifier removed from the prompt); "
+                 "DIV is the mean pairwise DINO distance (1 - cos) within a prompt, averaged over prompts.")
+    return "\n".join(lines)
+
+
+def contact_sheet(generations: Sequence[Generation], per_prompt: int = SHEET_IMAGES_PER_PROMPT,
+                  thumb: int = 128, label_height: int = 16) -> Image.Image:
+    """One row per prompt, in order: its prompt as a label above its first ``per_prompt`` images."""
+    rows: dict[str, list[Image.Image]] = {}
+    for item in generations:
+        rows.setdefault(item.prompt, []).append(item.image)
+    columns = min(per_prompt, max(len(images) for images in rows.values()))
+    row_height = label_height + thumb
+    sheet = Image.new("RGB", (columns * thumb, len(rows) * row_height), "white")
+    draw = ImageDraw.Draw(sheet)
+    for number, (prompt, images) in enumerate(rows.items()):
+        top = number * row_height
+        draw.text((2, top + 2), _fit(draw, prompt, columns * thumb - 4), fill="black")
+        for column, image in enumerate(images[:columns]):
+            sheet.paste(ImageOps.fit(image, (thumb, thumb)), (column * thumb, top + label_height))
+    return sheet
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, width: int) -> str:
+    if draw.textlength(text) <= width:
+        return text
+    while text and draw.textlength(text + "...") > width:
+        text = text[:-1]
+    return text + "..."
+
+
+def write_report(output_dir: str | Path, metrics: dict, generations: Sequence[Generation], description: dict) -> Path:
+    """metrics.json (metrics, definitions, paper rows and ``description``: models, counts, seeds)
+    and contact_sheet.png; returns the JSON's path."""
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    report = {
+        "metrics": {key: (None if value is None or math.isnan(value) else round(value, 6))
+                    for key, value in metrics.items()},
+        "definitions": DEFINITIONS,
+        "paper_reference": PAPER_REFERENCE,
+        **description,
+    }
+    path = output / "metrics.json"
+    path.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    contact_sheet(generations).save(output / "contact_sheet.png")
+    return path
+
+
+def describe_run(cfg: EvaluateConfig, encoders: Encoders, generations: Sequence[Generation],
+                 real_count: int) -> dict:
+    """What metrics.json records about the run besides the numbers."""
+    subject_prompts = list(dict.fromkeys(item.prompt for item in generations if item.subject))
+    class_prompts = list(dict.fromkeys(item.prompt for item in generations if not item.subject))
+    models = {"generated_dir": cfg.generated_dir} if cfg.generated_dir else {
+        "pipeline": cfg.model_source().base_model(), "checkpoint": cfg.checkpoint, "lora": list(cfg.lora),
+        "lora_scale": list(cfg.lora_scale),
+    }
+    return {
+        "models": {
+            **models,
+            "dino": encoders.dino.name, "dino_embedding": "CLS token of the last hidden state",
+            "clip": encoders.clip.name, "clip_variant": encoders.clip.variant(),
+            "clip_embedding": "get_image_features / get_text_features, L2-normalised",
+        },
+        "counts": {
+            "subject_prompts": len(subject_prompts), "class_prompts": len(class_prompts),
+            "subject_images": sum(item.subject for item in generations),
+            "class_images": sum(not item.subject for item in generations), "real_images": real_count,
+        },
+        "seeds": {"seed": cfg.seed, "rule": "image j of every prompt uses seed + j",
+                  "used": sorted({item.seed for item in generations if item.seed is not None})},
+        "generation": None if cfg.generated_dir else {
+            "num_images_per_prompt": cfg.num_images_per_prompt, "num_inference_steps": cfg.num_inference_steps,
+            "guidance_scale": cfg.guidance_scale, "scheduler": cfg.scheduler,
+            "image_size": list(generations[0].image.size),
+        },
+        "identifier": cfg.identifier, "class_noun": cfg.class_noun,
+        "prompts": subject_prompts, "class_prompts": class_prompts,
+    }

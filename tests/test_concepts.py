@@ -1,0 +1,193 @@
+"""Several concepts, captions, datasets, aspect-ratio buckets and the text-encoder schedule."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+
+import pytest
+import torch
+from PIL import Image
+
+import train_dreambooth
+from conftest import TOY_SUBJECT, train_args
+from dreambooth.buckets import BucketBatchSampler, assign_buckets, bucket_sizes, nearest_bucket
+from dreambooth.concepts import Concept, compose_prompt, instance_examples
+from dreambooth.config import TrainConfig, parse_config
+from dreambooth.data import DreamBoothDataset, examples_from_folder
+from dreambooth.errors import DreamBoothError
+from dreambooth.training import PromptEncoder
+
+
+def make_images(folder, count: int, size=(48, 48), colour=(200, 40, 40)):
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        Image.new("RGB", size, colour).save(folder / f"img_{index}.png")
+    return folder
+
+
+@pytest.fixture
+def prompts_seen(monkeypatch):
+    seen = []
+    original = PromptEncoder.__call__
+
+    def spy(self, batch):
+        seen.append(list(batch["prompts"]))
+        return original(self, batch)
+
+    monkeypatch.setattr(PromptEncoder, "__call__", spy)
+    return seen
+
+
+def test_two_concepts_train_together_each_with_its_class(tiny_model, tmp_path, prompts_seen):
+    concepts = [
+        {"instance_data_dir": str(make_images(tmp_path / "toy", 2)), "instance_prompt": "a photo of sks toy",
+         "class_data_dir": str(make_images(tmp_path / "toys", 2, colour=(0, 0, 200))), "class_prompt": "a toy",
+         "num_class_images": 2, "repeats": 2},
+        {"instance_data_dir": str(make_images(tmp_path / "cup", 2)), "instance_prompt": "a photo of zwx cup",
+         "class_data_dir": str(make_images(tmp_path / "cups", 2, colour=(0, 200, 0))), "class_prompt": "a cup",
+         "num_class_images": 2},
+    ]
+    (tmp_path / "concepts.json").write_text(json.dumps(concepts))
+    flags = ["--concepts_list", str(tmp_path / "concepts.json"), "--with_prior_preservation"]
+    train_dreambooth.main([*without_single_concept(train_args(tiny_model, TOY_SUBJECT, tmp_path / "out")), *flags,
+                           "--max_train_steps", "6"])
+    pairs = Counter(tuple(prompts) for prompts in prompts_seen)
+    assert set(pairs) == {("a photo of sks toy", "a toy"), ("a photo of zwx cup", "a cup")}
+    # 2 toy images x 2 repeats against 2 cup images: an epoch of 6 items, 4 of them the toy's.
+    dataset = train_dreambooth.build_dataset(parse_config(TrainConfig, flags), 0)
+    assert Counter(example.prompt for example in dataset.instances) == {"a photo of sks toy": 4,
+                                                                         "a photo of zwx cup": 2}
+
+
+def without_single_concept(args: list[str]) -> list[str]:
+    """``args`` less --instance_data_dir and --instance_prompt and their values."""
+    kept, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg in ("--instance_data_dir", "--instance_prompt"):
+            skip = True
+        else:
+            kept.append(arg)
+    return kept
+
+
+def test_sidecar_captions_metadata_and_placeholders(tmp_path):
+    folder = make_images(tmp_path / "photos", 4)
+    (folder / "img_0.txt").write_text("sks toy on a red chair")
+    (folder / "img_1.txt").write_text("{instance_prompt}, close-up")
+    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "img_2.png", "text": "sks toy from above"}) + "\n")
+    examples = instance_examples(Concept("a photo of sks toy", str(folder)), 0, ".txt", "text")
+    assert [example.prompt for example in examples] == [
+        "sks toy on a red chair", "a photo of sks toy, close-up", "sks toy from above", "a photo of sks toy"]
+    assert compose_prompt("a photo of sks toy, [filewords]", "on a chair") == "a photo of sks toy, on a chair"
+
+
+def test_caption_dropout_is_seeded_and_listed(tmp_path):
+    examples = examples_from_folder(make_images(tmp_path / "photos", 8), "a photo of sks toy")
+    dataset = DreamBoothDataset(examples, 16, center_crop=True, seed=3, caption_dropout=0.5)
+    prompts = [dataset[i]["instance"]["prompt"] for i in range(8)]
+    assert set(prompts) == {"", "a photo of sks toy"}
+    assert prompts == [dataset[i]["instance"]["prompt"] for i in range(8)]
+    assert "" in dataset.prompts()
+
+
+def test_sidecar_caption_reaches_the_text_encoder(tiny_model, tmp_path, prompts_seen):
+    folder = make_images(tmp_path / "photos", 1)
+    (folder / "img_0.caption").write_text("sks toy in the garden")
+    train_dreambooth.main(train_args(tiny_model, folder, tmp_path / "out", "--caption_extension", ".caption"))
+    assert prompts_seen and all(prompts == ["sks toy in the garden"] for prompts in prompts_seen)
+
+
+def test_local_imagefolder_dataset_with_metadata_trains(tiny_model, tmp_path, prompts_seen):
+    folder = make_images(tmp_path / "dataset", 2)
+    lines = [json.dumps({"file_name": f"img_{i}.png", "caption": f"sks toy number {i}"}) for i in range(2)]
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    args = train_args(tiny_model, folder, tmp_path / "out")
+    args = [arg if arg != "--instance_data_dir" else "--dataset_name" for arg in args]
+    train_dreambooth.main([*args, "--caption_column", "caption"])
+    assert {prompt for prompts in prompts_seen for prompt in prompts} <= {"sks toy number 0", "sks toy number 1"}
+    with pytest.raises(DreamBoothError, match="no column 'label' for --caption_column"):
+        train_dreambooth.main([*args[:-2], "--output_dir", str(tmp_path / "b"), "--caption_column", "label"])
+
+
+def test_buckets_keep_the_aspect_ratio_and_never_mix(tmp_path):
+    assert nearest_bucket(1024, 512, bucket_sizes(512)) == (768, 384)
+    assert nearest_bucket(600, 800, bucket_sizes(512)) == (448, 576)
+    assert nearest_bucket(512, 512, bucket_sizes(512)) == (512, 512)
+    assert all(width % 64 == 0 and height % 64 == 0 and abs(width * height / 512**2 - 1) <= 0.125
+               for width, height in bucket_sizes(512))
+    wide = make_images(tmp_path / "wide", 3, size=(96, 48))
+    tall = make_images(tmp_path / "tall", 3, size=(48, 96))
+    square = make_images(tmp_path / "square", 2)
+    examples = assign_buckets(examples_from_folder(wide, "w") + examples_from_folder(tall, "t")
+                              + examples_from_folder(square, "s"), 32)
+    sizes = {example.prompt: example.size for example in examples}
+    assert sizes["w"][0] / sizes["w"][1] == pytest.approx(2.0) and sizes["t"][1] / sizes["t"][0] == pytest.approx(2.0)
+    assert sizes["s"] == (32, 32)
+    dataset = DreamBoothDataset(examples, 32, center_crop=True)
+    sampler = BucketBatchSampler(dataset.sizes(), batch_size=2, seed=0)
+    batches = list(sampler)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(examples)))
+    assert all(len({dataset.sizes()[i] for i in batch}) == 1 for batch in batches)
+    assert dataset[0]["instance"]["pixel_values"].shape == (3, sizes["w"][1], sizes["w"][0])
+
+
+def test_bucketed_training_with_prior_preservation(tiny_model, tmp_path):
+    instance = make_images(tmp_path / "wide", 2, size=(96, 48))
+    shutil.copy(TOY_SUBJECT / "toy_01.png", instance / "square.png")
+    classes = make_images(tmp_path / "classes", 2)
+    trainer = train_dreambooth.main(train_args(
+        tiny_model, instance, tmp_path / "out", "--enable_bucket", "--train_batch_size", "2", "--max_train_steps", "3",
+        "--with_prior_preservation", "--class_data_dir", str(classes), "--class_prompt", "a toy",
+        "--num_class_images", "2"))
+    assert trainer.state.global_step == 3
+
+
+def test_text_encoder_stops_after_the_given_step(tiny_model, instance_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    output = tmp_path / "out"
+    trainer = train_dreambooth.main(train_args(
+        tiny_model, instance_dir, output, "--train_text_encoder", "--stop_text_encoder_training", "2",
+        "--max_train_steps", "4", "--checkpointing_steps", "2", "--text_encoder_lr", "3e-4", "--learning_rate",
+        "1e-3", "--save_precision", "fp32"))
+    at_stop = load_file(output / "checkpoint-2" / "text_encoder" / "model.safetensors")
+    final = load_file(output / "text_encoder" / "model.safetensors")
+    assert all(torch.equal(at_stop[key], final[key]) for key in at_stop)
+    unet_at_stop = load_file(output / "checkpoint-2" / "unet" / "diffusion_pytorch_model.safetensors")
+    unet_final = load_file(output / "unet" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(unet_at_stop[key], unet_final[key]) for key in unet_final)
+    text_params = list(trainer.accelerator.unwrap_model(trainer.trained[1]).parameters())
+    assert not any(p.requires_grad for p in text_params)
+    assert not any(p in trainer.optimizer.optimizer.state for p in text_params)
+    assert [group["initial_lr"] for group in trainer.optimizer.param_groups] == [1e-3, 3e-4]
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"instance_prompt": "a sks toy"}, "missing key 'instance_data_dir'"),
+    ({"instance_data_dir": "{toy}", "instance_prompt": "a sks toy", "colour": "red"}, "unknown key 'colour'"),
+    ({"instance_data_dir": "{tmp}/nope", "instance_prompt": "a sks toy"}, "concept 0: instance_data_dir .*folder not found"),
+])
+def test_bad_concepts_files(tiny_model, tmp_path, entry, message):
+    entry = {key: value.format(toy=TOY_SUBJECT, tmp=tmp_path) for key, value in entry.items()}
+    (tmp_path / "concepts.yaml").write_text(json.dumps([entry]))
+    args = ["--pretrained_model_name_or_path", tiny_model, "--concepts_list", str(tmp_path / "concepts.yaml"),
+            "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(DreamBoothError, match=message):
+        train_dreambooth.main(args)
+
+
+def test_duplicate_instance_dir_and_non_utf8_caption(tiny_model, tmp_path):
+    folder = make_images(tmp_path / "photos", 1)
+    twice = [{"instance_data_dir": str(folder), "instance_prompt": "a"}, {"instance_data_dir": str(folder) + "/",
+                                                                           "instance_prompt": "b"}]
+    (tmp_path / "concepts.json").write_text(json.dumps(twice))
+    base = ["--pretrained_model_name_or_path", tiny_model, "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(DreamBoothError, match="concept 1: instance_data_dir .* also concept 0's"):
+        train_dreambooth.main([*base, "--concepts_list", str(tmp_path / "concepts.json")])
+    (folder / "img_0.txt").write_bytes("sks toy caf\xe9".encode("latin-1"))
+    with pytest.raises(DreamBoothError, match=r"img_0\.txt: caption file is not UTF-8"):
+        train_dreambooth.main([*base, "--instance_data_dir", str(folder), "--instance_prompt", "a"])

@@ -1,0 +1,235 @@
+"""Several processes: real `accelerate launch` runs with 2 processes on the CPU (gloo).
+
+`accelerate launch --cpu --num_processes 2` starts a single process unless given an mpirun
+hostfile; `--multi_gpu` launches through torchrun, and with no GPU visible the processes meet
+over gloo on the CPU (the script passes ``cpu=True`` to its Accelerator when no accelerator
+is present).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import generate_class_images
+import train_dreambooth
+from conftest import ROOT, TOY_SUBJECT, train_args
+from dreambooth.checkpoints import MARKER
+
+pytestmark = pytest.mark.slow
+
+ACCELERATE_CONFIGS = sorted((ROOT / "examples" / "accelerate").glob("*.yaml")) + [ROOT / "accelerate_config.yaml"]
+LR_LINE = re.compile(r"training [^\n]* accumulation\), lr (\S+)")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launch(args: list[str], num_processes: int = 2, check: bool = True) -> subprocess.CompletedProcess:
+    """train_dreambooth.py under `accelerate launch` with ``num_processes`` CPU processes."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+               "--num_processes", str(num_processes), "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+               str(ROOT / "train_dreambooth.py"), *args]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    if check:
+        assert result.returncode == 0, f"accelerate launch failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+def unet_weights(output: Path) -> dict[str, torch.Tensor]:
+    return load_file(output / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [name for name in a if not torch.equal(a[name], b[name])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def one_sample(batch: dict, index: int) -> dict:
+    """Row ``index`` of an instance-only batch, as a batch of one."""
+    rows = batch["num_instance"]
+    sample = {key: value[index:index + 1] if isinstance(value, (torch.Tensor, list)) and len(value) == rows else value
+              for key, value in batch.items()}
+    sample["num_instance"] = 1
+    return sample
+
+
+def same_draws_for_every_sample(training_loss):
+    """``training_loss`` on a batch of n as the mean of n batches of one, each drawn from the
+    global RNG state the batch started with, and leaving the RNG where one such draw leaves it."""
+
+    def loss(batch, *args, **kwargs):
+        start = torch.get_rng_state()
+        parts = []
+        for index in range(batch["num_instance"]):
+            torch.set_rng_state(start)
+            parts.append(training_loss(one_sample(batch, index), *args, **kwargs))
+        return {key: torch.stack([part[key] for part in parts]).mean() for key in parts[0]}
+
+    return loss
+
+
+def test_two_processes_of_one_equal_one_process_of_two(tiny_model, tmp_path, monkeypatch, caplog):
+    """DDP over 2 processes with batch 1 trains exactly like 1 process with batch 2.
+
+    Why an exact comparison is possible: the data order is a seeded permutation that Accelerate
+    deals out, so process 0 gets samples [0, 2, ...] and process 1 gets [1, 3, ...], while the
+    single process gets batches [0, 1], [2, 3]: the same samples in each step. The random draws
+    of the objective (VAE sample, noise, timesteps) come from the global RNG, which `--seed`
+    seeds identically on every process; so each of the two processes draws for its one sample
+    what the single process would draw for a batch of one from the same state. The reference
+    run therefore computes its batch of 2 as the mean of two batches of one drawn from the same
+    RNG state (the same objective: the batch loss is the mean of the per-sample losses, and DDP
+    averages the two processes' gradients). Everything else is the real code on both sides.
+
+    To make the check see the gradient's scale (averaged, not summed), clipping is off and
+    AdamW's epsilon is large, so an update is nearly proportional to the gradient. --scale_lr
+    must give both runs the same learning rate: 1 x 2 processes = 2 x 1 process.
+    """
+    data = tmp_path / "instance"
+    shutil.copytree(TOY_SUBJECT, data)
+    common = ["--center_crop", "--save_precision", "fp32", "--scale_lr", "--learning_rate", "1e-2",
+              "--max_grad_norm", "0", "--adam_epsilon", "1", "--adam_weight_decay", "0", "--max_train_steps", "2"]
+
+    two = launch(train_args(tiny_model, data, tmp_path / "two", *common, "--train_batch_size", "1"))
+    monkeypatch.setattr(train_dreambooth, "training_loss", same_draws_for_every_sample(train_dreambooth.training_loss))
+    with caplog.at_level(logging.INFO, logger="dreambooth"):
+        train_dreambooth.main(train_args(tiny_model, data, tmp_path / "one", *common, "--train_batch_size", "2"))
+
+    two_lr = LR_LINE.findall(two.stderr + two.stdout)
+    one_lr = LR_LINE.findall(caplog.text)
+    assert two_lr == ["0.02"] and one_lr == ["0.02"], (two_lr, one_lr)
+    assert "batch 1 (x2 processes x1 accumulation)" in two.stderr + two.stdout
+
+    base = load_file(Path(tiny_model) / "unet" / "diffusion_pytorch_model.safetensors")
+    one, two_weights = unet_weights(tmp_path / "one"), unet_weights(tmp_path / "two")
+    one_change = torch.cat([(one[name].float() - base[name].float()).flatten() for name in sorted(base)])
+    two_change = torch.cat([(two_weights[name].float() - base[name].float()).flatten() for name in sorted(base)])
+    assert one_change.abs().max() > 1e-5, "the reference run did not train"
+    assert (two_change - one_change).abs().max() <= 1e-4 * one_change.abs().max(), (
+        f"largest difference {(two_change - one_change).abs().max():.3g}, largest change {one_change.abs().max():.3g}"
+    )
+
+
+@pytest.fixture(scope="module")
+def checkpointed_two_process_run(tiny_model, tmp_path_factory) -> tuple[Path, list[str]]:
+    """A 2-process run of 4 steps with checkpoints at 2 and 4 and validation samples at each."""
+    root = tmp_path_factory.mktemp("two-process-run")
+    data = root / "instance"
+    shutil.copytree(TOY_SUBJECT, data)
+    args = train_args(tiny_model, data, root / "out", "--save_precision", "fp32", "--max_train_steps", "4",
+                      "--checkpointing_steps", "2")
+    launch(args + ["--num_validation_images", "1", "--validation_inference_steps", "2", "--validation_steps", "2"])
+    return root / "out", args
+
+
+def test_only_the_main_process_writes_files(checkpointed_two_process_run):
+    output, _ = checkpointed_two_process_run
+    entries = list(output.rglob("*"))
+    leftovers = [path for path in entries if path.name.startswith(".") or path.name.endswith((".tmp", ".staging"))]
+    assert not leftovers, leftovers
+    assert sorted(path.name for path in output.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    for checkpoint in output.glob("checkpoint-*"):
+        assert [path.name for path in checkpoint.rglob(MARKER)] == [MARKER]
+        assert sorted(path.name for path in checkpoint.glob("random_states_*.pkl")) == [
+            "random_states_0.pkl", "random_states_1.pkl"]
+        assert [path.parent.name for path in checkpoint.rglob("diffusion_pytorch_model.safetensors")] == ["unet"]
+    assert [path.relative_to(output) for path in output.rglob("model_index.json")] == [Path("model_index.json")]
+    assert [path.relative_to(output) for path in output.rglob("README.md")] == [Path("README.md")]
+    assert [path.relative_to(output) for path in output.rglob("train_config.yaml")] == [Path("train_config.yaml")]
+    assert sorted(path.name for path in (output / "samples").iterdir()) == ["final.png", "step_2.png", "step_4.png"]
+
+
+def test_two_process_checkpoint_resumes_on_two_and_on_one_process(checkpointed_two_process_run, tmp_path):
+    output, args = checkpointed_two_process_run
+    checkpoint = output / "checkpoint-2"
+
+    # Same process count, into a fresh folder: the same weights as the uninterrupted run
+    # (which also drew validation samples; they leave training undisturbed).
+    resumed = tmp_path / "on-two"
+    launch(args + ["--output_dir", str(resumed), "--resume_from_checkpoint", str(checkpoint)])
+    assert_bitwise_equal(unet_weights(resumed), unet_weights(output))
+
+    trainer = train_dreambooth.main(args + ["--output_dir", str(tmp_path / "on-one"),
+                                            "--resume_from_checkpoint", str(checkpoint)])
+    assert trainer.state.global_step == 4 and trainer.state.num_processes == 1
+    assert (tmp_path / "on-one" / "model_index.json").is_file()
+
+
+def test_one_process_checkpoint_resumes_on_two_processes_when_it_divides(tiny_model, tmp_path):
+    data = tmp_path / "instance"
+    shutil.copytree(TOY_SUBJECT, data)
+    args = train_args(tiny_model, data, tmp_path / "one", "--max_train_steps", "2", "--checkpointing_steps", "1")
+    train_dreambooth.main(args)
+
+    # After 2 batches of one sample, the 2 samples seen are one batch on each of 2 processes.
+    launch(args + ["--output_dir", str(tmp_path / "even"), "--max_train_steps", "4",
+                   "--resume_from_checkpoint", str(tmp_path / "one" / "checkpoint-2")])
+    assert (tmp_path / "even" / "model_index.json").is_file()
+    assert (tmp_path / "even" / "checkpoint-4" / "random_states_1.pkl").is_file()
+
+    # After 1 batch, the 1 sample seen cannot be split over 2 processes: a clear refusal.
+    odd = tmp_path / "one" / "checkpoint-1"
+    refused = launch(args + ["--output_dir", str(tmp_path / "odd"), "--max_train_steps", "4",
+                             "--resume_from_checkpoint", str(odd)], check=False)
+    assert refused.returncode != 0
+    assert (f"error: {odd} was saved by 1 processes 1 batches into an epoch; that position cannot be split "
+            "evenly over 2 processes") in refused.stderr, refused.stderr[-3000:]
+    assert not (tmp_path / "odd" / "model_index.json").exists()
+
+
+def test_class_images_are_split_across_processes(tiny_model, tmp_path):
+    data, classes = tmp_path / "instance", tmp_path / "class"
+    shutil.copytree(TOY_SUBJECT, data)
+    classes.mkdir()
+    prior = ["--with_prior_preservation", "--class_data_dir", str(classes), "--class_prompt", "a photo of a toy",
+             "--num_class_images", "3", "--sample_batch_size", "1"]
+    launch(train_args(tiny_model, data, tmp_path / "out", *prior))
+    assert (tmp_path / "out" / "model_index.json").is_file()
+
+    names = sorted(path.name for path in classes.iterdir())
+    assert len(names) == 3 and [name[:5] for name in names] == ["00000", "00001", "00002"], names
+    # Each image is the one a single process makes for its index: no process made another's.
+    reference = tmp_path / "reference"
+    generate_class_images.main(["--pretrained_model_name_or_path", tiny_model, "--class_prompt", "a photo of a toy",
+                                "--class_data_dir", str(reference), "--num_class_images", "3",
+                                "--sample_batch_size", "1", "--resolution", "32", "--seed", "0"])
+    assert names == sorted(path.name for path in reference.iterdir())
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda path: path.name)
+def test_accelerate_configs_load(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import launch_command_parser
+
+    config = load_config_from_file(str(path))
+    assert config.mixed_precision == "no", "mixed precision is left to the script's --mixed_precision"
+    assert config.num_processes >= config.num_machines >= 1
+    # Accelerate sets nested keys on its launch arguments without checking them: a misspelt key
+    # would be ignored silently, so each must name an `accelerate launch` option.
+    options = vars(launch_command_parser().parse_args(["train_dreambooth.py"]))
+    for section in (config.deepspeed_config, config.fsdp_config):
+        unknown = [key for key in section if key not in options]
+        assert not unknown, f"{path.name}: unknown keys {unknown}"
+    if config.fsdp_config:
+        assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+        assert config.fsdp_config["fsdp_auto_wrap_policy"] in ("TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP")
+    if config.deepspeed_config:
+        assert config.deepspeed_config["zero_stage"] == 2
+        assert config.deepspeed_config["offload_optimizer_device"] == "cpu"
