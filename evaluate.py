@@ -32,25 +32,23 @@ from pathlib import Path
 from typing import Sequence
 
 from dreambooth.cli import run_cli, setup_logging
-from dreambooth.config import parse_config, save_config
+from dreambooth.config import EvaluateConfig, parse_config, save_config
 from dreambooth.evaluation import (
-    EvaluateConfig,
     describe_run,
     format_table,
     generate_evaluation_set,
     load_encoders,
-    load_model_under_test,
     load_real_images,
     read_generated_dir,
     save_generations,
     score,
     write_report,
 )
-from dreambooth.generation import pick_device, release
+from dreambooth.generation import load_inference_pipeline, pick_device, release
 
 
 def generate_images(cfg: EvaluateConfig):
-    pipeline = load_model_under_test(cfg.model_source())
+    pipeline = load_inference_pipeline(cfg.model_source())
     generations = generate_evaluation_set(
         pipeline, cfg.templates(), cfg.identifier, cfg.class_noun, cfg.num_images_per_prompt, cfg.seed,
         cfg.resolution, cfg.num_inference_steps, cfg.guidance_scale, cfg.batch_size,

@@ -26,17 +26,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from dreambooth.cli import run_cli, setup_logging
 from dreambooth.config import InferConfig, parse_config
-from dreambooth.generation import (
-    SCHEDULERS,
-    apply_loras,
-    checkpoint_components,
-    generate,
-    load_pipeline,
-    make_grid,
-    pick_device,
-    pick_dtype,
-    save_png_atomically,
-)
+from dreambooth.generation import SCHEDULERS, generate, load_inference_pipeline, make_grid, save_png_atomically
 
 
 def png_metadata(cfg: InferConfig, prompt: str, seed: int, width: int, height: int) -> PngInfo:
@@ -68,12 +58,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     cfg = parse_config(InferConfig, argv, __doc__)
     cfg.validate()
     prompts = cfg.prompts()
-    device = pick_device(cfg.device)
-    dtype = pick_dtype(device, cfg.dtype)
-    trained = checkpoint_components(cfg.checkpoint, dtype) if cfg.checkpoint else {}
-    pipeline = load_pipeline(cfg.base_model(), device, dtype, cfg.scheduler, cfg.revision, cfg.variant, **trained)
-    lora_checkpoint = [cfg.checkpoint] if cfg.checkpoint and not trained else []
-    apply_loras(pipeline, lora_checkpoint + list(cfg.lora), cfg.lora_scale)
+    pipeline = load_inference_pipeline(cfg)
     height = cfg.height or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     width = cfg.width or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     base_seed = cfg.seed if cfg.seed is not None else random.randrange(2**31)

@@ -28,7 +28,7 @@ import math
 import re
 from collections import defaultdict
 from pathlib import Path
-from typing import Literal, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,6 @@ from PIL import Image, ImageDraw, ImageOps
 from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
-from .config import InferConfig, _check_generation_numbers, _field, check_writable_dir
 from .data import list_image_files, load_image
 from .errors import DreamBoothError
 
@@ -60,95 +59,6 @@ DEFINITIONS = {
 }
 EMBED_BATCH_SIZE = 32
 SHEET_IMAGES_PER_PROMPT = 4
-
-
-@dataclasses.dataclass(frozen=True)
-class EvaluateConfig:
-    """Flags of evaluate.py."""
-
-    pretrained_model_name_or_path: Optional[str] = _field(
-        None, "Trained output folder or Hub id; with --lora or --checkpoint, the base model."
-    )
-    checkpoint: Optional[str] = _field(None, "A checkpoint-<step> folder to evaluate, over the base model.")
-    lora: list[str] = _field([], "LoRA weights (a folder or .safetensors file) over the model; repeatable.",
-                             action="extend")
-    lora_scale: list[float] = _field([], "Strength of each --lora (one value for all, or one per --lora).",
-                                     action="extend")
-    revision: Optional[str] = _field(None, "Revision of the model on the Hub.")
-    variant: Optional[str] = _field(None, "Weight file variant, e.g. fp16.")
-    generated_dir: Optional[str] = _field(
-        None, "Score this folder of generated images instead of generating (prompts from prompts.json "
-        "or the PNGs' text metadata, as infer.py writes them)."
-    )
-    instance_data_dir: Optional[str] = _field(None, "Folder of real subject images (required).")
-    identifier: Optional[str] = _field(None, "The subject's identifier token, e.g. sks (required).")
-    class_noun: Optional[str] = _field(None, "The subject's class, e.g. dog (required when generating).")
-    prompt_set: Literal["object", "live"] = _field("object", "The paper's 25 prompts: object, or live for pets.")
-    prompts_file: Optional[str] = _field(
-        None, "Prompt templates, one a line, {} for the subject; overrides --prompt_set."
-    )
-    num_prompts: Optional[int] = _field(None, "Use only the first N prompts (a quick run).")
-    num_images_per_prompt: int = _field(4, "Images per prompt, for the subject and for the class prompts.")
-    seed: int = _field(0, "Image j of every prompt uses seed + j.")
-    num_inference_steps: int = _field(25, "Denoising steps.")
-    guidance_scale: float = _field(7.5, "Classifier-free guidance scale.")
-    scheduler: str = _field("dpm++", "Sampler: dpm++, unipc, ddim, euler, euler_a, pndm or ddpm.")
-    resolution: Optional[int] = _field(None, "Image size in pixels (default: the model's).")
-    batch_size: int = _field(4, "Images per pipeline call.")
-    dino_model: str = _field("facebook/dino-vits16", "DINO model (Hub id or local folder) for DINO, PRES and DIV.")
-    clip_model: str = _field(
-        "openai/clip-vit-base-patch32", "CLIP model (Hub id or local folder) for CLIP-I and CLIP-T."
-    )
-    output_dir: str = _field("eval", "Folder for metrics.json, the contact sheet and the generated images.")
-    device: str = _field("auto", "cuda, mps, cpu or auto (CUDA, else MPS, else CPU).")
-    dtype: str = _field("auto", "Pipeline precision: fp32, fp16, bf16 or auto (fp16 on GPU, fp32 on CPU).")
-
-    def validate(self) -> None:
-        if not self.instance_data_dir:
-            raise DreamBoothError("--instance_data_dir is required (the real subject images)")
-        if not list_image_files(self.instance_data_dir, "--instance_data_dir"):
-            raise DreamBoothError(f"--instance_data_dir {self.instance_data_dir}: no images found")
-        if not self.identifier or not self.identifier.strip():
-            raise DreamBoothError("--identifier is required, e.g. --identifier sks")
-        for flag in ("dino_model", "clip_model"):
-            check_encoder_source(getattr(self, flag), f"--{flag}")
-        if self.generated_dir:
-            if self.pretrained_model_name_or_path or self.checkpoint or self.lora:
-                raise DreamBoothError("give --generated_dir or a model to generate with, not both")
-            if not Path(self.generated_dir).is_dir():
-                raise DreamBoothError(f"--generated_dir {self.generated_dir}: folder not found")
-        else:
-            self._validate_generation()
-        check_writable_dir(self.output_dir, "--output_dir")
-
-    def _validate_generation(self) -> None:
-        if not self.class_noun or not self.class_noun.strip():
-            raise DreamBoothError("--class_noun is required to build the prompts, e.g. --class_noun dog")
-        for name in ("num_images_per_prompt", "batch_size"):
-            if getattr(self, name) < 1:
-                raise DreamBoothError(f"--{name} {getattr(self, name)}: must be at least 1")
-        if self.num_prompts is not None and self.num_prompts < 1:
-            raise DreamBoothError(f"--num_prompts {self.num_prompts}: must be at least 1")
-        if self.resolution is not None:
-            _check_generation_numbers(self.resolution, self.num_inference_steps, self.scheduler)
-        self.model_source().validate()
-        self.templates()
-
-    def model_source(self) -> InferConfig:
-        """The model and sampler settings as infer.py's config, so both check and load them alike."""
-        return InferConfig(
-            pretrained_model_name_or_path=self.pretrained_model_name_or_path, checkpoint=self.checkpoint,
-            lora=list(self.lora), lora_scale=list(self.lora_scale), revision=self.revision, variant=self.variant,
-            prompt=["(evaluation prompts)"], num_images_per_prompt=self.num_images_per_prompt, seed=self.seed,
-            guidance_scale=self.guidance_scale, num_inference_steps=self.num_inference_steps,
-            scheduler=self.scheduler, batch_size=self.batch_size, output_dir=self.output_dir,
-            device=self.device, dtype=self.dtype,
-        )
-
-    def templates(self) -> list[str]:
-        path = Path(self.prompts_file) if self.prompts_file else PROMPTS_DIR / PROMPT_SETS[self.prompt_set]
-        flag = f"--prompts_file {path}" if self.prompts_file else f"--prompt_set {self.prompt_set} ({path})"
-        return read_templates(path, flag)[: self.num_prompts]
 
 
 def read_templates(path: Path, flag: str) -> list[str]:
@@ -217,7 +127,7 @@ def _batches(items: Sequence, size: int):
 
 class DinoEncoder:
     """Image embeddings of a self-supervised ViT: the CLS token of the last hidden state (after the
-    final layer norm), as DINO's own evaluation uses it. DINO checkpoints carry no trained pooler."""
+    final layer norm), as DINO's own evaluation uses it; ViTModel's pooler is not part of DINO."""
 
     def __init__(self, name: str, device: torch.device):
         from transformers import AutoImageProcessor, AutoModel
@@ -363,19 +273,6 @@ def generate_evaluation_set(pipeline, templates: Sequence[str], identifier: str,
             bar.update(len(batch))
     bar.close()
     return generations
-
-
-def load_model_under_test(cfg: InferConfig):
-    """The pipeline infer.py would sample: a trained folder, a checkpoint over its base, LoRAs."""
-    from .generation import apply_loras, checkpoint_components, load_pipeline, pick_device, pick_dtype
-
-    device = pick_device(cfg.device)
-    dtype = pick_dtype(device, cfg.dtype)
-    trained = checkpoint_components(cfg.checkpoint, dtype) if cfg.checkpoint else {}
-    pipeline = load_pipeline(cfg.base_model(), device, dtype, cfg.scheduler, cfg.revision, cfg.variant, **trained)
-    apply_loras(pipeline, ([cfg.checkpoint] if cfg.checkpoint and not trained else []) + list(cfg.lora),
-                cfg.lora_scale)
-    return pipeline
 
 
 def save_generations(generations: Sequence[Generation], folder: Path) -> Path:
@@ -545,7 +442,7 @@ def write_report(output_dir: str | Path, metrics: dict, generations: Sequence[Ge
     return path
 
 
-def describe_run(cfg: EvaluateConfig, encoders: Encoders, generations: Sequence[Generation],
+def describe_run(cfg, encoders: Encoders, generations: Sequence[Generation],
                  real_count: int) -> dict:
     """What metrics.json records about the run besides the numbers."""
     subject_prompts = list(dict.fromkeys(item.prompt for item in generations if item.subject))

@@ -20,12 +20,11 @@ import os
 
 import tempfile
 from pathlib import Path
-from typing import Literal, NamedTuple, Optional, Sequence
+from typing import NamedTuple, Optional
 
 import torch
 import yaml
 
-from .config import _field, parse_config
 from .errors import DreamBoothError
 
 logger = logging.getLogger(__name__)

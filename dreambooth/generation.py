@@ -120,6 +120,18 @@ def _first_reason(error: Exception, limit: int = 300) -> str:
     return reason if len(reason) <= limit else reason[:limit] + "..."
 
 
+def load_inference_pipeline(cfg):
+    """The pipeline an ``InferConfig`` names: a trained folder, or a checkpoint over its base,
+    with any LoRAs applied."""
+    device = pick_device(cfg.device)
+    dtype = pick_dtype(device, cfg.dtype)
+    trained = checkpoint_components(cfg.checkpoint, dtype) if cfg.checkpoint else {}
+    pipeline = load_pipeline(cfg.base_model(), device, dtype, cfg.scheduler, cfg.revision, cfg.variant, **trained)
+    lora_checkpoint = [cfg.checkpoint] if cfg.checkpoint and not trained else []
+    apply_loras(pipeline, lora_checkpoint + list(cfg.lora), cfg.lora_scale)
+    return pipeline
+
+
 def release(pipeline) -> None:
     """Free a pipeline's memory (GPU memory included) before training starts."""
     pipeline.to("cpu")

@@ -115,7 +115,8 @@ class Metrics:
 
     images_per_step: int
     pending: list[torch.Tensor] = field(default_factory=list)
-    history: list[tuple[int, float]] = field(default_factory=list)
+    history: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) for every step
+    intervals: list[dict[str, float]] = field(default_factory=list)  # what each logging step logged
     _last_time: float = field(default_factory=time.perf_counter)
 
     def add(self, loss: torch.Tensor) -> None:
@@ -133,7 +134,9 @@ class Metrics:
                 "images_per_second": self.images_per_step / seconds}
         if torch.cuda.is_available():
             logs["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            logs["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
             torch.cuda.reset_peak_memory_stats()
+        self.intervals.append({"first_step": first, "last_step": step, **logs})
         return logs
 
 

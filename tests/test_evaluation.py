@@ -15,12 +15,13 @@ from PIL import Image
 import evaluate
 import infer
 from conftest import TOY_SUBJECT
+from dreambooth.config import EvaluateConfig
 from dreambooth.errors import DreamBoothError
 from dreambooth.evaluation import (
     METRICS,
-    EvaluateConfig,
     Generation,
     diversity,
+    evaluate_pipeline,
     load_encoders,
     load_real_images,
     prompt_fidelity,
@@ -210,6 +211,22 @@ def test_generated_dir_scores_what_infer_wrote(tiny_model, tiny_dino, tiny_clip,
     assert report["counts"]["subject_images"] == 2 and report["counts"]["class_images"] == 2  # grids skipped
     assert report["prompts"] == ["a photo of sks toy"] and report["seeds"]["used"] == [3, 4]
     assert all(metrics[key] is not None for key in METRICS)
+
+
+def test_evaluate_pipeline_is_deterministic_for_a_seed(tiny_model, encoders):
+    from dreambooth.generation import load_pipeline
+
+    pipeline = load_pipeline(tiny_model, torch.device("cpu"), torch.float32)
+    real = load_real_images(TOY_SUBJECT)[:2]
+    settings = dict(num_images_per_prompt=2, seed=1, resolution=32, num_inference_steps=2, with_class_prompts=False,
+                    progress=False)
+
+    first, generations = evaluate_pipeline(pipeline, encoders, real, ["a {} in the snow"], "sks", "toy", **settings)
+    second, _ = evaluate_pipeline(pipeline, encoders, real, ["a {} in the snow"], "sks", "toy", **settings)
+
+    assert [(item.prompt, item.seed) for item in generations] == [("a sks toy in the snow", 1),
+                                                                   ("a sks toy in the snow", 2)]
+    assert first == second and first["pres"] is None and first["div"] is not None
 
 
 @pytest.fixture

@@ -245,7 +245,7 @@ def test_failed_push_hides_a_token_taken_from_the_environment(finished_output, m
     with pytest.raises(DreamBoothError) as raised:
         push_output(finished_output, "me/sks-dog", private=True)
     assert TOKEN not in str(raised.value) and "401" in str(raised.value)
-    assert str(raised.value).endswith(f"--hub_model_id me/sks-dog --private")
+    assert str(raised.value).endswith("--hub_model_id me/sks-dog --private")
 
 
 def test_redact_hides_the_given_token_and_token_shaped_strings():

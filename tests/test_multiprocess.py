@@ -134,7 +134,7 @@ def checkpointed_two_process_run(tiny_model, tmp_path_factory) -> tuple[Path, li
     data = root / "instance"
     shutil.copytree(TOY_SUBJECT, data)
     args = train_args(tiny_model, data, root / "out", "--save_precision", "fp32", "--max_train_steps", "4",
-                      "--checkpointing_steps", "2")
+                      "--checkpointing_steps", "2", "--lr_scheduler", "linear")
     launch(args + ["--num_validation_images", "1", "--validation_inference_steps", "2", "--validation_steps", "2"])
     return root / "out", args
 
@@ -160,15 +160,19 @@ def test_two_process_checkpoint_resumes_on_two_and_on_one_process(checkpointed_t
     output, args = checkpointed_two_process_run
     checkpoint = output / "checkpoint-2"
 
-    # Same process count, into a fresh folder: the same weights as the uninterrupted run
-    # (which also drew validation samples; they leave training undisturbed).
+    # Same process count: the same weights as the uninterrupted run (which also drew validation
+    # samples; they leave training undisturbed). A copy keeps the shared run's folder intact.
     resumed = tmp_path / "on-two"
-    launch(args + ["--output_dir", str(resumed), "--resume_from_checkpoint", str(checkpoint)])
+    shutil.copytree(checkpoint, resumed / checkpoint.name)
+    launch(args + ["--output_dir", str(resumed), "--resume_from_checkpoint", "latest"])
     assert_bitwise_equal(unet_weights(resumed), unet_weights(output))
 
+    # One process takes over the position (2 batches x 2 processes = 4 batches) and the linear
+    # schedule, which Accelerate steps once per process: 4 steps x 1 process, not 2 x 2 + 2.
     trainer = train_dreambooth.main(args + ["--output_dir", str(tmp_path / "on-one"),
                                             "--resume_from_checkpoint", str(checkpoint)])
     assert trainer.state.global_step == 4 and trainer.state.num_processes == 1
+    assert trainer.lr_scheduler.scheduler.last_epoch == 4
     assert (tmp_path / "on-one" / "model_index.json").is_file()
 
 
