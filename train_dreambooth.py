@@ -36,6 +36,7 @@ from dreambooth.checkpoints import (
 from dreambooth.cli import run_cli, setup_logging
 from dreambooth.config import TrainConfig, config_to_dict, parse_config, save_config
 from dreambooth.buckets import BucketBatchSampler, assign_buckets
+from dreambooth.caching import CachedLatents, VaeLatents
 from dreambooth.concepts import dataset_examples, instance_examples
 from dreambooth.data import DreamBoothCollator, DreamBoothDataset, EpochShuffleSampler, examples_from_folder
 from dreambooth.errors import DreamBoothError
@@ -91,17 +92,21 @@ def create_accelerator(cfg: TrainConfig):
 
 
 def check_engine_support(cfg: TrainConfig, accelerator) -> None:
-    """What Accelerate's DeepSpeed engine cannot combine with this run, said before anything loads."""
+    """What Accelerate's DeepSpeed and FSDP engines cannot combine with this run, said before anything loads."""
     from accelerate.utils import DistributedType
 
-    if accelerator.distributed_type != DistributedType.DEEPSPEED:
+    engine = {DistributedType.DEEPSPEED: "DeepSpeed", DistributedType.FSDP: "FSDP"}.get(accelerator.distributed_type)
+    if engine is None:
         return
-    if cfg.use_8bit_adam:
+    if cfg.use_8bit_adam and engine == "DeepSpeed":
         raise DreamBoothError("--use_8bit_adam cannot be combined with DeepSpeed, which manages the optimizer "
                               "(and its CPU offload) itself; drop the flag, or use a DDP config")
     if cfg.train_text_encoder:
-        raise DreamBoothError("--train_text_encoder trains two models, and Accelerate's DeepSpeed engine takes one; "
-                              "use a DDP or FSDP config, or train the UNet alone")
+        raise DreamBoothError(f"--train_text_encoder trains two models, and Accelerate's {engine} engine takes one; "
+                              "use a DDP config, or train the UNet alone")
+    if engine == "FSDP" and cfg.num_validation_images:
+        raise DreamBoothError("validation samples are drawn by the main process alone, which sharded FSDP models "
+                              "cannot do; pass --num_validation_images 0 (sample checkpoints with infer.py instead)")
 
 
 def top_up_class_images(cfg: TrainConfig, accelerator) -> None:
@@ -158,7 +163,8 @@ def build_models(cfg: TrainConfig, accelerator) -> tuple[Components, list[torch.
         add_lora_adapters(components.unet, components.text_encoder if cfg.train_text_encoder else None, cfg.rank,
                           cfg.lora_alpha or cfg.rank, cfg.lora_dropout, tuple(cfg.lora_target_modules))
     trained = prepare_for_training(components, cfg.train_text_encoder, accelerator.device,
-                                   cfg.gradient_checkpointing, cfg.enable_xformers_memory_efficient_attention)
+                                   cfg.gradient_checkpointing, cfg.enable_xformers_memory_efficient_attention,
+                                   cfg.channels_last)
     return components, trained
 
 
@@ -197,16 +203,18 @@ def build_trainer(cfg: TrainConfig, accelerator, components: Components, trained
     """Everything trained goes through one ``accelerator.prepare``."""
     dataset = dataloader.dataset
     schedule, optimizer, lr_scheduler = build_optimization(cfg, accelerator, trained, len(dataloader))
+    latents = latents_source(cfg, accelerator, components, dataset)
     *trained, optimizer, dataloader, lr_scheduler = accelerator.prepare(*trained, optimizer, dataloader, lr_scheduler)
     encoder = PromptEncoder(trained[1] if cfg.train_text_encoder else components.text_encoder,
                             cfg.train_text_encoder, cfg.text_encoder_use_attention_mask)
-    if cfg.pre_compute_text_embeddings:
+    if cfg.pre_compute_text_embeddings and not cfg.train_text_encoder:
         encoder.precompute(dataset.prompts(), components.tokenizer, cfg.tokenizer_max_length)
         components.text_encoder.to("cpu")
-    settings, unet = LossSettings(cfg.prior_loss_weight, cfg.snr_gamma, cfg.offset_noise), trained[0]
+    settings = LossSettings(cfg.prior_loss_weight, cfg.snr_gamma, cfg.offset_noise)
+    unet = torch.compile(trained[0], mode=cfg.compile_mode) if cfg.compile else trained[0]
 
     def loss_fn(batch: dict) -> dict[str, torch.Tensor]:
-        return training_loss(batch, unet, components.vae, components.noise_scheduler, encoder, settings)
+        return training_loss(batch, unet, latents, components.noise_scheduler, encoder, settings)
 
     save, load = (save_lora, load_lora_into) if cfg.use_lora else (save_models, load_models_into)
     checkpointer = Checkpointer(accelerator, cfg.output_dir, save, load, cfg.checkpoints_total_limit)
@@ -215,6 +223,16 @@ def build_trainer(cfg: TrainConfig, accelerator, components: Components, trained
     if cfg.stop_text_encoder_training is not None:
         trainer.before_step_callbacks.append(lambda state: stop_text_encoder(cfg, accelerator, trainer, encoder))
     return trainer
+
+
+def latents_source(cfg: TrainConfig, accelerator, components: Components, dataset: DreamBoothDataset):
+    """The VAE latents of each batch: cached once when the crops are fixed, else encoded each step."""
+    if not (cfg.cache_latents and cfg.center_crop):
+        return VaeLatents(components.vae)
+    cached = CachedLatents(components.vae, dataset, accelerator.device)
+    dataset.yield_latent_keys = True
+    components.vae.to("cpu")
+    return cached
 
 
 def stop_text_encoder(cfg: TrainConfig, accelerator, trainer: Trainer, encoder: PromptEncoder) -> None:

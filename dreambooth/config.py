@@ -267,11 +267,23 @@ class TrainConfig:
     )
     allow_tf32: bool = _field(False, "Allow TF32 matmuls on Ampere and newer GPUs.")
     enable_xformers_memory_efficient_attention: bool = _field(False, "Use xformers attention instead of PyTorch SDPA.")
-    set_grads_to_none: bool = _field(False, "Set gradients to None instead of zero between steps.")
+    set_grads_to_none: bool = _field(
+        True, "Free gradients between steps instead of zeroing them (--no_set_grads_to_none to zero them)."
+    )
     offset_noise: bool = _field(False, "Add offset noise (0.1 x per-channel noise) to the training noise.")
     snr_gamma: Optional[float] = _field(None, "Min-SNR loss weighting gamma (5.0 is recommended); off by default.")
     pre_compute_text_embeddings: bool = _field(
-        False, "Encode the prompts once before training and free the text encoder (frozen text encoder only)."
+        True, "With a frozen text encoder, encode every prompt once before training and move the text encoder "
+        "off the GPU (--no_pre_compute_text_embeddings keeps it there and encodes on first use)."
+    )
+    cache_latents: bool = _field(
+        True, "With --center_crop, encode every training image (and its flip) with the VAE once before training "
+        "and move the VAE off the GPU; a random crop changes the pixels every step, so it is never cached."
+    )
+    channels_last: bool = _field(False, "Keep the UNet in channels_last memory format (often faster on GPUs).")
+    compile: bool = _field(False, "torch.compile the UNet (the first steps are slower while it compiles).")
+    compile_mode: str = _field(
+        "default", "torch.compile mode: default, reduce-overhead (CUDA graphs) or max-autotune."
     )
     local_rank: int = _field(-1, "Set by torch.distributed launchers; not needed with accelerate launch.")
 
@@ -311,8 +323,8 @@ class TrainConfig:
             raise DreamBoothError(f"--report_to {self.report_to}: wandb is not installed (pip install wandb)")
         if self.push_to_hub and not (self.hub_model_id or Path(self.output_dir).resolve().name):
             raise DreamBoothError("--push_to_hub needs --hub_model_id")
-        if self.pre_compute_text_embeddings and self.train_text_encoder:
-            raise DreamBoothError("--pre_compute_text_embeddings needs a frozen text encoder; drop --train_text_encoder")
+        if self.compile_mode not in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+            raise DreamBoothError(f"--compile_mode {self.compile_mode}: choose default, reduce-overhead or max-autotune")
         if self.with_prior_preservation and self.prior_loss_weight < 0:
             raise DreamBoothError(f"--prior_loss_weight {self.prior_loss_weight}: must not be negative")
         if not 0 <= self.caption_dropout < 1:

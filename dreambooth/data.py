@@ -176,6 +176,8 @@ class DreamBoothDataset(Dataset):
         self.instances, self.classes = list(instances), classes
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
         self.seed, self.epoch, self.caption_dropout = seed, 0, caption_dropout
+        # With cached latents (center crops only), items name their image variant instead of decoding it.
+        self.yield_latent_keys = False
         self._class_pools = self._pool_classes_by_size() if classes is not None else None
 
     def _pool_classes_by_size(self) -> dict[tuple[int, tuple[int, int] | None], list[Example]]:
@@ -202,14 +204,20 @@ class DreamBoothDataset(Dataset):
     def __len__(self) -> int:
         return max(len(self.instances), sum(map(len, self.classes)) if self.classes is not None else 0)
 
-    def _class_for(self, index: int, instance: Example) -> Example:
+    def class_for(self, index: int, instance: Example) -> Example:
         pool = self._class_pools.get((instance.concept, instance.size)) or self.classes[instance.concept]
         return pool[index % len(pool)]
 
     def _load(self, example: Example, size: tuple[int, int], generator: torch.Generator, dropout: bool) -> dict:
-        pixels = image_to_tensor(load_source(example.source), size, self.center_crop, self.random_flip, generator)
+        if self.yield_latent_keys:
+            # The same draw image_to_tensor makes for a centered crop: only the flip.
+            flipped = self.random_flip and float(torch.rand(1, generator=generator)) < 0.5
+            part = {"latent_key": (str(example.source), tuple(size), flipped)}
+        else:
+            part = {"pixel_values": image_to_tensor(load_source(example.source), size, self.center_crop,
+                                                    self.random_flip, generator)}
         drop = dropout and self.caption_dropout and float(torch.rand(1, generator=generator)) < self.caption_dropout
-        return {"pixel_values": pixels, "prompt": "" if drop else example.prompt}
+        return {**part, "prompt": "" if drop else example.prompt}
 
     def __getitem__(self, index: int) -> dict:
         generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch, index))
@@ -217,7 +225,7 @@ class DreamBoothDataset(Dataset):
         size = instance.size or (self.resolution, self.resolution)
         item = {"instance": self._load(instance, size, generator, dropout=True)}
         if self.classes is not None:
-            item["class"] = self._load(self._class_for(index, instance), size, generator, dropout=False)
+            item["class"] = self._load(self.class_for(index, instance), size, generator, dropout=False)
         return item
 
 
@@ -265,10 +273,10 @@ class DreamBoothCollator:
         parts = [example["instance"] for example in examples]
         parts += [example["class"] for example in examples if "class" in example]
         prompts = [part["prompt"] for part in parts]
-        batch = {
-            "pixel_values": torch.stack([part["pixel_values"] for part in parts]).contiguous(),
-            "prompts": prompts,
-            "num_instance": len(examples),
-        }
+        batch = {"prompts": prompts, "num_instance": len(examples)}
+        if "latent_key" in parts[0]:
+            batch["latent_keys"] = [part["latent_key"] for part in parts]
+        else:
+            batch["pixel_values"] = torch.stack([part["pixel_values"] for part in parts]).contiguous()
         batch.update(tokenize_prompts(self.tokenizer, prompts, self.max_length))
         return batch

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -95,7 +96,8 @@ def load_components(model: str, revision: str | None = None, variant: str | None
 
 
 def prepare_for_training(components: Components, train_text_encoder: bool, device: torch.device,
-                         gradient_checkpointing: bool = False, xformers: bool = False) -> list[torch.nn.Module]:
+                         gradient_checkpointing: bool = False, xformers: bool = False,
+                         channels_last: bool = False) -> list[torch.nn.Module]:
     """Freeze what is not trained and move everything to ``device``; returns the trained modules
     (with LoRA adapters already added, only their weights require gradients)."""
     trained = [components.unet] + ([components.text_encoder] if train_text_encoder else [])
@@ -112,6 +114,8 @@ def prepare_for_training(components: Components, train_text_encoder: bool, devic
             components.text_encoder.gradient_checkpointing_enable()
     if xformers:
         enable_xformers(components.unet)
+    if channels_last:
+        components.unet.to(memory_format=torch.channels_last)
     return trained
 
 
@@ -120,6 +124,19 @@ def enable_xformers(unet: torch.nn.Module) -> None:
         unet.enable_xformers_memory_efficient_attention()
     except (ValueError, RuntimeError, ModuleNotFoundError) as error:
         raise DreamBoothError(f"--enable_xformers_memory_efficient_attention: {error}") from None
+
+
+@contextlib.contextmanager
+def on_device(modules: list[torch.nn.Module | None], device: torch.device):
+    """Bring modules that were moved off the GPU back for a while (e.g. to draw samples)."""
+    homes = [(module, next(module.parameters()).device) for module in modules if module is not None]
+    for module, _ in homes:
+        module.to(device)
+    try:
+        yield
+    finally:
+        for module, home in homes:
+            module.to(home)
 
 
 TRAINED_NAMES = ("unet", "text_encoder")

@@ -12,6 +12,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .generation import generate, make_grid, set_scheduler
+from .models import on_device
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,9 @@ class ValidationSampler:
         modes = [module.training for module in self.trained]
         pipeline = self._pipeline()
         rows = []
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), accelerator.autocast():
+        offloaded = [self.components.vae, pipeline.text_encoder]
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), accelerator.autocast(), \
+                on_device(offloaded, accelerator.device):
             for module in self.trained:
                 module.eval()
             seeds = [settings.seed + j for j in range(settings.num_images)]

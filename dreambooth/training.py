@@ -111,17 +111,15 @@ class LossSettings:
     offset_noise: bool = False
 
 
-def training_loss(batch: dict, unet, vae, noise_scheduler, encode_prompts: Callable[[dict], torch.Tensor],
+def training_loss(batch: dict, unet, latents_source, noise_scheduler, encode_prompts: Callable[[dict], torch.Tensor],
                   settings: LossSettings) -> dict[str, torch.Tensor]:
     """One forward pass of the objective on a batch (instance images first, then class images).
 
-    Random draws, in this order from the default generator: VAE posterior sample, noise,
-    (offset noise), timesteps.
+    ``latents_source`` gives the batch's VAE posterior (``caching.VaeLatents`` or
+    ``caching.CachedLatents``). Random draws, in this order from the default generator:
+    posterior sample, noise, (offset noise), timesteps.
     """
-    pixel_values = batch["pixel_values"].to(device=vae.device, dtype=vae.dtype)
-    with torch.no_grad():
-        latents = vae.encode(pixel_values).latent_dist.sample() * vae.config.scaling_factor
-    latents = latents.float()
+    latents = (latents_source.posterior(batch).sample() * latents_source.scaling_factor).float()
     noise = torch.randn_like(latents)
     if settings.offset_noise:
         # Offset noise (Guttenberg 2023) lets the model learn very dark and very bright images.
@@ -140,7 +138,7 @@ def training_loss(batch: dict, unet, vae, noise_scheduler, encode_prompts: Calla
 
 def build_optimizer(parameters: Sequence[torch.nn.Parameter] | Sequence[dict], learning_rate: float, betas: tuple[float, float],
                     weight_decay: float, eps: float, use_8bit_adam: bool, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW: bitsandbytes' 8-bit version when asked (CUDA only), else torch's, fused on CUDA."""
+    """AdamW: bitsandbytes' 8-bit version when asked (CUDA only), else torch's fused one."""
     kwargs = dict(lr=learning_rate, betas=betas, weight_decay=weight_decay, eps=eps)
     if use_8bit_adam:
         if device.type != "cuda":
@@ -149,7 +147,8 @@ def build_optimizer(parameters: Sequence[torch.nn.Parameter] | Sequence[dict], l
             import bitsandbytes as bnb
 
             return bnb.optim.AdamW8bit(parameters, **kwargs)
-    return torch.optim.AdamW(parameters, fused=device.type == "cuda", **kwargs)
+    # Fused AdamW: one kernel per step, and it can skip a non-finite step on the device.
+    return torch.optim.AdamW(parameters, fused=device.type in ("cuda", "cpu"), **kwargs)
 
 
 def freeze_module(optimizer, module: torch.nn.Module) -> None:
@@ -231,7 +230,8 @@ class Trainer:
         self.logging_steps, self.max_nonfinite_steps = logging_steps, max_nonfinite_steps
         self.metrics = Metrics(images_per_step=schedule.total_batch_size)
         self.interrupted = False
-        self._nonfinite_in_window = False
+        self._window_nonfinite: torch.Tensor | None = None
+        self._skipped: list[torch.Tensor] = []  # per step, read back at logging steps
         self._nonfinite_streak = 0
         self.step_callbacks: list[Callable[[TrainState], None]] = []  # after each optimizer step
         self.before_step_callbacks: list[Callable[[TrainState], None]] = []  # before each batch
@@ -242,8 +242,6 @@ class Trainer:
     def _epoch_batches(self):
         """This epoch's batches, skipping those a resumed run already trained on."""
         state = self.state
-        if state.batches_in_epoch >= len(self.dataloader):
-            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
         self.dataloader.dataset.set_epoch(state.epoch)
         batches = self.dataloader
         if state.batches_in_epoch:
@@ -251,52 +249,73 @@ class Trainer:
         batches.set_epoch(state.epoch)
         return batches
 
-    def _optimizer_step(self, batch: dict) -> dict[str, torch.Tensor] | None:
-        """Forward and backward on one batch; at the end of an accumulation window, the update.
-        Returns the losses, or None when the window held a non-finite loss and was dropped."""
+    def _optimizer_step(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Forward and backward on one batch; at the end of an accumulation window, the update,
+        skipped when any loss of the window on any process was not finite. The skip happens on
+        the device (the fused optimizer's ``found_inf``) without waiting for the GPU, or, for an
+        optimizer without that, with one read-back."""
         accelerator = self.accelerator
         with accelerator.accumulate(*self.trained):
             losses = self.loss_fn(batch)
-            self._nonfinite_in_window |= not bool(torch.isfinite(losses["loss"]))
+            nonfinite = (~torch.isfinite(losses["loss"].detach())).float()
+            self._window_nonfinite = nonfinite if self._window_nonfinite is None else self._window_nonfinite + nonfinite
             accelerator.backward(losses["loss"])
-            if accelerator.sync_gradients and self._window_is_nonfinite():
-                self.optimizer.zero_grad(set_to_none=True)
-                return None
-            if accelerator.sync_gradients and self.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(self.parameters(), self.max_grad_norm)
-            self.optimizer.step()
-            self.lr_scheduler.step()
-            self.optimizer.zero_grad(set_to_none=self.set_grads_to_none)
+            if accelerator.sync_gradients:
+                self._update()
         return losses
 
-    def _window_is_nonfinite(self) -> bool:
-        """Whether any process saw a non-finite loss in this window (all processes agree)."""
-        flag = torch.tensor(float(self._nonfinite_in_window), device=self.accelerator.device)
-        self._nonfinite_in_window = False
-        return bool(self.accelerator.reduce(flag, reduction="sum") > 0)
+    def _update(self) -> None:
+        accelerator = self.accelerator
+        skip = (accelerator.reduce(self._window_nonfinite, reduction="sum") > 0).float()
+        self._window_nonfinite = None
+        self._skipped.append(skip)
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        if not getattr(inner, "_step_supports_amp_scaling", False) and bool(skip):
+            self.optimizer.zero_grad(set_to_none=True)
+            return
+        if self.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(self.parameters(), self.max_grad_norm)
+        if getattr(inner, "_step_supports_amp_scaling", False) and accelerator.scaler is None:
+            inner.found_inf = skip
+        self.optimizer.step()
+        inner.__dict__.pop("found_inf", None)
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=self.set_grads_to_none)
 
-    def _skip_nonfinite_step(self) -> None:
-        self._nonfinite_streak += 1
-        step = self.state.global_step + 1
-        logger.warning("step %d: loss is not finite; the update was skipped", step)
-        if self._nonfinite_streak >= self.max_nonfinite_steps:
-            raise DreamBoothError(
-                f"step {step}: the loss was not finite for {self._nonfinite_streak} steps in a row; stopping "
-                "without saving. Likely causes: a learning rate too high (--learning_rate) or fp16 overflow "
-                "(try --mixed_precision bf16 or no); earlier checkpoints are intact"
-            )
+    def _check_skipped_steps(self) -> None:
+        """Read back which recent steps were skipped (one wait for the GPU): warn, and stop after
+        ``max_nonfinite_steps`` in a row."""
+        if not self._skipped:
+            return
+        flags = torch.stack(self._skipped).tolist()
+        first = self.state.global_step - len(flags) + 1
+        self._skipped = []
+        for step, skipped in enumerate(flags, start=first):
+            self._nonfinite_streak = self._nonfinite_streak + 1 if skipped else 0
+            if skipped:
+                logger.warning("step %d: loss is not finite; the update was skipped", step)
+            if self._nonfinite_streak >= self.max_nonfinite_steps:
+                raise DreamBoothError(
+                    f"step {step}: the loss was not finite for {self._nonfinite_streak} steps in a row; stopping. "
+                    "Likely causes: a learning rate too high (--learning_rate) or fp16 overflow (try "
+                    "--mixed_precision bf16 or no); the weights were not updated and earlier checkpoints are intact"
+                )
 
     def _after_step(self, losses: dict[str, torch.Tensor], progress) -> None:
         state = self.state
-        self._nonfinite_streak = 0
         state.global_step += 1
+        if state.batches_in_epoch >= len(self.dataloader):
+            # The epoch is complete: a checkpoint taken now resumes at the next one, on any process count.
+            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
         self.metrics.add(losses["loss"])
         progress.update(1)
         if state.global_step % self.logging_steps == 0 or state.global_step == self.schedule.max_train_steps:
+            self._check_skipped_steps()
             self._log(progress)
         for callback in self.step_callbacks:
             callback(state)
         if self.checkpointer and self.checkpointing_steps and state.global_step % self.checkpointing_steps == 0:
+            self._check_skipped_steps()
             self.checkpointer.save(state, self.trained)
 
     def _log(self, progress) -> None:
@@ -323,10 +342,7 @@ class Trainer:
                     losses = self._optimizer_step(batch)
                     if not accelerator.sync_gradients:
                         continue
-                    if losses is None:
-                        self._skip_nonfinite_step()
-                    else:
-                        self._after_step(losses, progress)
+                    self._after_step(losses, progress)
                     if self._stop_requested(stop):
                         self._save_on_stop()
                         break

@@ -168,11 +168,13 @@ def test_nonfinite_loss_stops_the_run_without_saving_nonfinite_weights(tiny_mode
 
     monkeypatch.setattr(train_dreambooth, "training_loss", poisoned)
     output = tmp_path / "out"
-    with pytest.raises(DreamBoothError, match=r"step 3: the loss was not finite for 3 steps in a row"):
+    with pytest.raises(DreamBoothError, match=r"step 5: the loss was not finite for 3 steps in a row"):
         train_dreambooth.main(train_args(tiny_model, instance_dir, output, "--max_train_steps", "10",
-                                         "--checkpointing_steps", "2"))
-    assert checkpoint_steps(output) == [2]
-    assert all(torch.isfinite(t).all() for t in unet_weights(output / "checkpoint-2").values())
+                                         "--checkpointing_steps", "2", "--logging_steps", "1"))
+    assert checkpoint_steps(output) == [2, 4]
+    # Steps 3 and 4 were skipped on the device: checkpoint 4 holds checkpoint 2's weights.
+    assert_bitwise_equal(unet_weights(output / "checkpoint-2"), unet_weights(output / "checkpoint-4"))
+    assert all(torch.isfinite(t).all() for t in unet_weights(output / "checkpoint-4").values())
     assert not (output / "model_index.json").exists()
 
 

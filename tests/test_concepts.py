@@ -33,7 +33,8 @@ def prompts_seen(monkeypatch):
     original = PromptEncoder.__call__
 
     def spy(self, batch):
-        seen.append(list(batch["prompts"]))
+        if "num_instance" in batch:  # a training batch, not the up-front encoding of every prompt
+            seen.append(list(batch["prompts"]))
         return original(self, batch)
 
     monkeypatch.setattr(PromptEncoder, "__call__", spy)

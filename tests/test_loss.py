@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dreambooth.data import tokenize_prompts
+from dreambooth.caching import VaeLatents
 from dreambooth.models import load_components
 from dreambooth.training import (
     LossSettings,
@@ -41,7 +42,7 @@ def test_one_step_loss_matches_hand_computation(components):
     encoder = PromptEncoder(components.text_encoder, trainable=False)
     torch.manual_seed(11)
     with torch.no_grad():
-        losses = training_loss(batch, components.unet, components.vae, components.noise_scheduler, encoder,
+        losses = training_loss(batch, components.unet, VaeLatents(components.vae), components.noise_scheduler, encoder,
                                LossSettings(prior_loss_weight=0.7))
 
     # By hand, drawing the same random numbers in the same order.

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 import train_dreambooth
 from conftest import ROOT, TOY_SUBJECT, train_args
 from dreambooth.data import DreamBoothCollator, DreamBoothDataset, examples_from_folder, list_image_files
+from dreambooth.caching import VaeLatents
 from dreambooth.models import load_components
 from dreambooth.training import LossSettings, PromptEncoder, training_loss
 
@@ -88,7 +89,8 @@ def test_prior_batches_reach_the_text_encoder_instance_then_class(tiny_model, in
     original = PromptEncoder.__call__
 
     def spy(self, batch):
-        seen.append(list(batch["prompts"]))
+        if "num_instance" in batch:  # a training batch, not the up-front encoding of every prompt
+            seen.append(list(batch["prompts"]))
         return original(self, batch)
 
     PromptEncoder.__call__ = spy
@@ -111,7 +113,7 @@ def fixed_evaluation_loss(model_folder, image_folder, repeats: int = 16) -> floa
     encoder = PromptEncoder(components.text_encoder, trainable=False)
     torch.manual_seed(1234)
     with torch.no_grad():
-        return training_loss(batch, components.unet, components.vae, components.noise_scheduler, encoder,
+        return training_loss(batch, components.unet, VaeLatents(components.vae), components.noise_scheduler, encoder,
                              LossSettings())["loss"].item()
 
 

@@ -1,0 +1,668 @@
+"""Training and class-image generation speed of the suite on Stable Diffusion 1.5's architecture.
+
+GPU (one H100/H200; the whole run takes under 8 minutes):
+    python benchmarks/bench_train.py
+    python benchmarks/bench_train.py --configs C1,L1 --extra_flags "--cache_latents --channels_last"
+CPU smoke test on the tiny model (32 px, a minute or two):
+    python benchmarks/bench_train.py --tiny
+
+The model has SD 1.5's exact architecture with random weights, so nothing is downloaded. Each
+training config runs the suite's own path, ``train_dreambooth.main(argv)``, in a process of its
+own (``bench_train.py --worker NAME``), which prints one JSON line; the final save is skipped, as
+it is not training speed. See benchmarks/README.md for the columns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# From the issue: diffusers' examples/dreambooth/train_dreambooth.py on one H200 (s/step, peak GiB).
+REFERENCE = {"C1": (0.181, 17.4), "C2": (0.301, 16.6), "C3": (0.330, 18.7), "C4": (0.303, 10.6)}
+# Goals (s/step at most, peak allocated GiB at most); LoRA must also beat C2's s/step.
+GOALS = {"C1": (0.100, 14.0), "C1c": (0.060, 14.0), "C2": (0.150, 14.0), "C3": (0.165, 16.0),
+         "C4": (0.150, 8.0), "L1": (None, 4.0)}
+GENERATION_GOAL = 2.5  # class images/s of the suite over the reference script's
+# SD 1.5's parameter counts in millions, checked to 0.1M.
+SD15_PARAMETERS = {"unet": 859.5, "text_encoder": 123.1, "vae": 83.7}
+NUM_INSTANCE_IMAGES, NUM_CLASS_IMAGES = 5, 8
+INSTANCE_PROMPT, CLASS_PROMPT = "a photo of sks dog", "a photo of a dog"
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    name: str
+    flags: tuple[str, ...]  # train_dreambooth.py flags on top of the common base
+    description: str
+
+
+CONFIGS = [
+    BenchConfig("C1", (), "AdamW, UNet only"),
+    BenchConfig("C2", ("--gradient_checkpointing",), "C1 + gradient checkpointing"),
+    BenchConfig("C3", ("--gradient_checkpointing", "--train_text_encoder"), "C2 + text encoder"),
+    BenchConfig("C4", ("--gradient_checkpointing", "--use_8bit_adam"), "C2 + 8-bit Adam"),
+    BenchConfig("L1", ("--gradient_checkpointing", "--use_lora", "--rank", "4"), "LoRA rank 4, C2 settings"),
+    BenchConfig("C1c", ("--compile",), "C1 + torch.compile"),
+]
+
+
+class BenchError(Exception):
+    """A problem with the benchmark's own flags, printed as one line."""
+
+
+# ---------------------------------------------------------------- flags and paths
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="the tiny random model at 32 px (CPU smoke test)")
+    parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+    parser.add_argument("--configs", default=",".join(c.name for c in CONFIGS),
+                        help="comma-separated configs to run (default: all)")
+    parser.add_argument("--steps", type=int, default=40, help="training steps per config (--max_train_steps)")
+    parser.add_argument("--extra_flags", default="", help="train_dreambooth.py flags appended to every config")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds allowed per config's process")
+    parser.add_argument("--peak_tflops", type=float, default=989.0,
+                        help="the card's dense bf16 peak for MFU (H100/H200 SXM: 989)")
+    parser.add_argument("--gen", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time class-image generation (default: on with CUDA)")
+    parser.add_argument("--gen_images", type=int, default=16, help="images timed per generation path")
+    parser.add_argument("--gen_batch_size", type=int, default=8, help="batch of the suite's class-image path")
+    parser.add_argument("--output", default=None,
+                        help="JSON results (default: benchmarks/results.json; results_tiny.json with --tiny)")
+    parser.add_argument("--workdir", default=None, help="keep the model, images and logs here (default: temporary)")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def worker_flags(args: argparse.Namespace) -> list[str]:
+    """The flags a worker process needs to redo the parent's choices."""
+    flags = ["--steps", str(args.steps), "--extra_flags", args.extra_flags, "--peak_tflops", str(args.peak_tflops),
+             "--gen_images", str(args.gen_images), "--gen_batch_size", str(args.gen_batch_size)]
+    return flags + ["--tiny"] * args.tiny + ["--cpu"] * args.cpu
+
+
+def train_fields() -> set[str]:
+    """train_dreambooth.py's flags as they are now (others add flags while this file stays)."""
+    from dreambooth.config import TrainConfig
+
+    return {field.name for field in dataclasses.fields(TrainConfig)}
+
+
+def flag_names(flags: Sequence[str]) -> list[str]:
+    return [flag[2:].split("=")[0] for flag in flags if flag.startswith("--")]
+
+
+def check_extra_flags(extra_flags: str, fields: set[str]) -> None:
+    for name in flag_names(shlex.split(extra_flags)):
+        if name not in fields and not (name.startswith("no_") and name[3:] in fields):
+            raise BenchError(f"--extra_flags: train_dreambooth.py has no --{name}")
+
+
+def select_configs(names: str) -> list[BenchConfig]:
+    by_name = {config.name.lower(): config for config in CONFIGS}
+    wanted = [name.strip().lower() for name in names.split(",") if name.strip()]
+    unknown = [name for name in wanted if name not in by_name]
+    if unknown or not wanted:
+        raise BenchError(f"--configs {names}: choose from {', '.join(c.name for c in CONFIGS)}")
+    return [by_name[name] for name in dict.fromkeys(wanted)]
+
+
+def skip_reason(config: BenchConfig, fields: set[str], device_type: str) -> str | None:
+    missing = [name for name in flag_names(config.flags) if name not in fields]
+    if missing:
+        return f"train_dreambooth.py has no --{missing[0]} yet"
+    if "--use_8bit_adam" in config.flags:
+        if device_type != "cuda":
+            return "8-bit Adam (bitsandbytes) needs CUDA; on the CPU the script would fall back to AdamW"
+        if importlib.util.find_spec("bitsandbytes") is None:
+            return "bitsandbytes is not installed"
+    return None
+
+
+def use_cuda(args: argparse.Namespace) -> bool:
+    import torch
+
+    return torch.cuda.is_available() and not args.cpu
+
+
+def resolution(args: argparse.Namespace) -> int:
+    return 32 if args.tiny else 512
+
+
+def train_argv(config: BenchConfig, args: argparse.Namespace, workdir: Path) -> list[str]:
+    base = [
+        "--pretrained_model_name_or_path", str(workdir / "model"),
+        "--instance_data_dir", str(workdir / "instance"), "--instance_prompt", INSTANCE_PROMPT,
+        "--with_prior_preservation", "--class_data_dir", str(workdir / "class"), "--class_prompt", CLASS_PROMPT,
+        "--num_class_images", str(NUM_CLASS_IMAGES),
+        "--resolution", str(resolution(args)), "--center_crop", "--train_batch_size", "1",
+        "--learning_rate", "5e-6", "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
+        "--mixed_precision", "bf16" if use_cuda(args) else "no",
+        "--max_train_steps", str(args.steps), "--logging_steps", "10", "--checkpointing_steps", "100000",
+        "--num_validation_images", "0", "--report_to", "none", "--seed", "0",
+        "--output_dir", str(workdir / "runs" / config.name),
+    ]
+    return base + list(config.flags) + shlex.split(args.extra_flags)
+
+
+# ---------------------------------------------------------------- model and data
+
+
+def build_sd15_pipeline(folder: Path, device: str) -> dict[str, float]:
+    """SD 1.5's architecture with random fp16 weights, saved as a diffusers folder; returns the
+    parameter counts in millions after checking them against the real model's."""
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from dreambooth.tiny_model import build_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer(folder.parent / "tokenizer-source")
+    with torch.device(device):  # initialising 1B parameters is much faster on the GPU
+        unet = UNet2DConditionModel(
+            sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
+            layers_per_block=2, cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        )
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+            latent_channels=4, sample_size=512, down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+        )
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+            vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ))
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, steps_offset=1, clip_sample=False)
+    models = {"unet": unet, "text_encoder": text_encoder, "vae": vae}
+    counts = {name: sum(p.numel() for p in model.parameters()) / 1e6 for name, model in models.items()}
+    for name, expected in SD15_PARAMETERS.items():
+        if abs(counts[name] - expected) > 0.1:
+            raise BenchError(f"{name}: {counts[name]:.2f}M parameters, SD 1.5 has {expected}M")
+    pipeline = StableDiffusionPipeline(
+        **{name: model.to(torch.float16) for name, model in models.items()}, tokenizer=tokenizer,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    return counts
+
+
+def random_image(rng, size: int):
+    """Smooth colour fields with a little grain: decodes and compresses like a photo, not like noise."""
+    import numpy as np
+    from PIL import Image
+
+    coarse = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((size, size), Image.BICUBIC)
+    grain = rng.integers(-10, 11, (size, size, 3))
+    return Image.fromarray(np.clip(np.asarray(coarse, dtype=np.int64) + grain, 0, 255).astype(np.uint8))
+
+
+def write_images(workdir: Path, size: int) -> None:
+    """A few instance photos (larger than the resolution, so they are resized) and a full class folder,
+    so training generates nothing."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for folder, count, side, suffix in (("instance", NUM_INSTANCE_IMAGES, size * 5 // 4, "jpg"),
+                                        ("class", NUM_CLASS_IMAGES, size, "png")):
+        (workdir / folder).mkdir(parents=True, exist_ok=True)
+        for index in range(count):
+            random_image(rng, side).save(workdir / folder / f"{index:05d}.{suffix}")
+
+
+# ---------------------------------------------------------------- workers (one process each)
+
+
+def synchronize() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def build_worker(args: argparse.Namespace, workdir: Path) -> dict:
+    import torch
+
+    from dreambooth.tiny_model import make_tiny_pipeline
+
+    if args.tiny:
+        make_tiny_pipeline(workdir / "model")
+        counts = None
+    else:
+        counts = build_sd15_pipeline(workdir / "model", "cuda" if torch.cuda.is_available() else "cpu")
+    card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
+    return {"parameters_millions": counts, "card": card}
+
+
+def watch_first_step(marks: dict) -> None:
+    """Record the seconds from the start of Trainer.train to the end of step 1 (compilation included)."""
+    from dreambooth.training import Trainer
+
+    original = Trainer.train
+
+    def train(self):
+        start = time.perf_counter()
+
+        def after_step(state) -> None:
+            if "first_step_seconds" not in marks:
+                synchronize()
+                marks["first_step_seconds"] = time.perf_counter() - start
+
+        self.step_callbacks.append(after_step)
+        return original(self)
+
+    Trainer.train = train
+
+
+def summarize_intervals(intervals: list[dict]) -> dict:
+    """Median s/step over the intervals after the first (warm-up, compilation); peak memory over all."""
+    measured = [interval for interval in intervals if interval["first_step"] > intervals[0]["last_step"]]
+    note = None
+    if not measured:
+        measured, note = intervals, "no logging interval after the first: start-up included"
+    seconds = statistics.median(interval["seconds_per_step"] for interval in measured)
+    peaks = {key: max(interval[key] for interval in intervals) if key in intervals[0] else None
+             for key in ("peak_memory_gib", "peak_reserved_gib")}
+    steady = max(interval["peak_memory_gib"] for interval in measured) if peaks["peak_memory_gib"] else None
+    return {"seconds_per_step": seconds, "steps_per_second": 1 / seconds,
+            "measured_steps": [measured[0]["first_step"], measured[-1]["last_step"]], **peaks,
+            "steady_peak_memory_gib": steady, "interval_note": note}
+
+
+def count_unet_flops(cfg, device, mixed_precision: str) -> float:
+    """FLOPs of one UNet forward and backward at the config's batch (instance + class images),
+    on a fresh copy of the UNet (no gradient checkpointing, not compiled: model FLOPs)."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dreambooth.lora import add_lora_adapters
+    from dreambooth.models import mixed_precision_dtype
+
+    compute_dtype = mixed_precision_dtype(mixed_precision)
+    unet = UNet2DConditionModel.from_pretrained(cfg.pretrained_model_name_or_path, subfolder="unet",
+                                                dtype=compute_dtype if cfg.use_lora else torch.float32).to(device)
+    if cfg.use_lora:
+        add_lora_adapters(unet, None, cfg.rank, cfg.lora_alpha or cfg.rank, cfg.lora_dropout,
+                          tuple(cfg.lora_target_modules))
+    vae_config = json.loads((Path(cfg.pretrained_model_name_or_path) / "vae" / "config.json").read_text())
+    side = cfg.resolution // 2 ** (len(vae_config["block_out_channels"]) - 1)
+    batch = cfg.train_batch_size * (2 if cfg.with_prior_preservation else 1)
+    sample = torch.randn(batch, unet.config.in_channels, side, side, device=device)
+    timesteps = torch.randint(0, 1000, (batch,), device=device)
+    states = torch.randn(batch, cfg.tokenizer_max_length or 77, unet.config.cross_attention_dim, device=device)
+    autocast = torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32)
+    with FlopCounterMode(display=False) as counter:
+        with autocast:
+            prediction = unet(sample, timesteps, states, return_dict=False)[0]
+        prediction.float().pow(2).mean().backward()
+    del unet, prediction
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return float(counter.get_total_flops())
+
+
+def train_worker(config: BenchConfig, args: argparse.Namespace, workdir: Path) -> dict:
+    import train_dreambooth
+    from dreambooth.config import TrainConfig, parse_config
+
+    argv = train_argv(config, args, workdir)
+    cfg = parse_config(TrainConfig, argv)
+    marks: dict = {}
+    watch_first_step(marks)
+    # The final save (a 2 GB pipeline), model card and loss plot are not training speed.
+    train_dreambooth.finish = lambda *unused, **unused_too: None
+    start = time.perf_counter()
+    trainer = train_dreambooth.main(argv)
+    run_seconds = time.perf_counter() - start
+    intervals = trainer.metrics.intervals
+    result = {"config": config.name, "argv": argv, "run_seconds": run_seconds, **marks,
+              **summarize_intervals(intervals), "final_loss": trainer.metrics.history[-1][1], "intervals": intervals}
+    device = trainer.accelerator.device
+    flops = count_unet_flops(cfg, device, trainer.accelerator.mixed_precision)
+    tflops = flops / 1e12 / result["seconds_per_step"]
+    result.update(unet_tflop_per_step=flops / 1e12, unet_tflops=tflops,
+                  mfu=tflops / args.peak_tflops if device.type == "cuda" else None)
+    return result
+
+
+def time_suite_generation(args: argparse.Namespace, workdir: Path) -> dict:
+    """The suite's class-image path (generate_class_images with its defaults) with one pipeline kept
+    across two calls: the first loads it and makes one warm-up batch, the second is timed."""
+    from dreambooth import generation
+
+    loaded: dict = {}
+    load_pipeline = generation.load_pipeline
+
+    def load_once(*pipeline_args, **kwargs):
+        if "pipeline" not in loaded:
+            loaded["pipeline"] = load_pipeline(*pipeline_args, **kwargs)
+        return loaded["pipeline"]
+
+    generation.load_pipeline, generation.release = load_once, lambda pipeline: None
+    state = generation.launch_state()
+    job = generation.ClassImageJob(model=str(workdir / "model"), class_prompt=CLASS_PROMPT,
+                                   class_data_dir=str(workdir / "gen" / "suite"), num_class_images=args.gen_batch_size,
+                                   resolution=resolution(args), sample_batch_size=args.gen_batch_size)
+    start = time.perf_counter()
+    generation.generate_class_images(job, state)
+    first_call = time.perf_counter() - start
+    synchronize()
+    start = time.perf_counter()
+    made = generation.generate_class_images(dataclasses.replace(job, num_class_images=args.gen_batch_size + args.gen_images), state)
+    synchronize()
+    seconds = time.perf_counter() - start
+    pipeline = loaded.pop("pipeline")
+    settings = {"scheduler": type(pipeline.scheduler).__name__, "steps": job.num_inference_steps,
+                "dtype": str(pipeline.dtype).replace("torch.", ""), "batch_size": job.sample_batch_size}
+    del pipeline
+    free_gpu_memory()
+    return {"images": made, "seconds": seconds, "images_per_second": made / seconds,
+            "load_and_warmup_seconds": first_call, **settings}
+
+
+def time_reference_generation(args: argparse.Namespace, workdir: Path) -> dict:
+    """What diffusers' train_dreambooth.py does: the pipeline's default PNDM scheduler (SD 1.5's
+    scheduler_config), 50 steps, batch 4, fp16 on a GPU, images saved as <sha1>.jpg."""
+    import torch
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    cuda = torch.cuda.is_available()
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        str(workdir / "model"), dtype=torch.float16 if cuda else torch.float32, safety_checker=None,
+        requires_safety_checker=False,
+    )
+    pipeline.scheduler = PNDMScheduler.from_config(pipeline.scheduler.config, skip_prk_steps=True,
+                                                   set_alpha_to_one=False)
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline.to("cuda" if cuda else "cpu")
+    folder, batch, size = workdir / "gen" / "reference", 4, resolution(args)
+    folder.mkdir(parents=True, exist_ok=True)
+    pipeline([CLASS_PROMPT] * batch, height=size, width=size, num_inference_steps=50)
+    synchronize()
+    start, made = time.perf_counter(), 0
+    while made < args.gen_images:
+        for image in pipeline([CLASS_PROMPT] * batch, height=size, width=size, num_inference_steps=50).images:
+            image.save(folder / f"{made}-{hashlib.sha1(image.tobytes()).hexdigest()}.jpg")
+            made += 1
+    synchronize()
+    seconds = time.perf_counter() - start
+    dtype = str(pipeline.dtype).replace("torch.", "")
+    del pipeline
+    free_gpu_memory()
+    return {"images": made, "seconds": seconds, "images_per_second": made / seconds, "scheduler": "PNDMScheduler",
+            "steps": 50, "dtype": dtype, "batch_size": batch}
+
+
+def free_gpu_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def generation_worker(args: argparse.Namespace, workdir: Path) -> dict:
+    suite = time_suite_generation(args, workdir)
+    reference = time_reference_generation(args, workdir)
+    return {"suite": suite, "reference": reference, "resolution": resolution(args),
+            "speedup": suite["images_per_second"] / reference["images_per_second"]}
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    """In a worker process: do one job and print its result as the last line of stdout."""
+    workdir = Path(args.workdir)
+    try:
+        if args.worker == "build":
+            result = build_worker(args, workdir)
+        elif args.worker == "gen":
+            result = generation_worker(args, workdir)
+        else:
+            result = train_worker(select_configs(args.worker)[0], args, workdir)
+    except Exception as error:  # reported to the parent, which goes on with the next config
+        import traceback
+
+        traceback.print_exc()
+        print(json.dumps({"error": f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"}))
+        return 1
+    print(json.dumps(result, default=str), flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------- the parent process
+
+
+def spawn(role: str, args: argparse.Namespace, workdir: Path) -> dict:
+    """Run one worker process under --timeout; its JSON line, or {'error': ...} with the log's tail."""
+    log_path = workdir / "logs" / f"{role}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", role, "--workdir", str(workdir),
+               *worker_flags(args)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if args.cpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, cwd=ROOT, env=env,
+                                   start_new_session=True)
+        try:
+            stdout, _ = process.communicate(timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)  # the worker and any compile workers it started
+            process.communicate()
+            return {"error": f"timed out after {args.timeout:.0f} s", "log_tail": log_tail(log_path)}
+    result = last_json_line(stdout)
+    if process.returncode != 0 or result is None or "error" in result:
+        error = (result or {}).get("error") or f"exit status {process.returncode}"
+        return {"error": error, "log_tail": log_tail(log_path)}
+    return result
+
+
+def last_json_line(stdout: str) -> dict | None:
+    for line in reversed(stdout.splitlines()):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                continue
+    return None
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def versions() -> dict[str, str | None]:
+    found = {}
+    for package in ("torch", "diffusers", "transformers", "accelerate", "peft", "bitsandbytes"):
+        try:
+            found[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def header(args: argparse.Namespace, cuda: bool) -> str:
+    model = "tiny random model, 32 px" if args.tiny else "SD 1.5 architecture, random weights, 512 px"
+    lines = [f"DreamBooth training benchmark: {model}, batch 1 + 1 class image, {args.steps} steps, "
+             f"{'bf16 on CUDA' if cuda else 'fp32 on the CPU'}",
+             "Reference (diffusers train_dreambooth.py, one H200): "
+             + ", ".join(f"{name} {s:.3f} s/step {gib} GiB" for name, (s, gib) in REFERENCE.items()),
+             "Goals: C1 <= 0.060 s/step with --compile (C1c), <= 0.100 without, <= 14 GiB; C2 <= 0.150, <= 14 GiB; "
+             "C3 <= 0.165, <= 16 GiB; C4 <= 0.150, <= 8 GiB; LoRA (L1) faster than C2 and <= 4 GiB; "
+             f"class images >= {GENERATION_GOAL}x the reference's images/s"]
+    return "\n".join(lines)
+
+
+def fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def table(results: dict[str, dict]) -> str:
+    rows = [("config", "s/step", "steps/s", "peak GiB", "reserved GiB", "UNet TFLOP/s", "MFU", "notes")]
+    for name, result in results.items():
+        if "seconds_per_step" not in result:
+            rows.append((name, "-", "-", "-", "-", "-", "-", result.get("skipped") or f"failed: {result.get('error')}"))
+            continue
+        notes = [result["description"]]
+        if "--compile" in result["flags"] and result.get("first_step_seconds") is not None:
+            notes.append(f"first step {result['first_step_seconds']:.1f} s (compile)")
+        if result.get("interval_note"):
+            notes.append(result["interval_note"])
+        rows.append((name, fmt(result["seconds_per_step"], ".3f"), fmt(result["steps_per_second"], ".2f"),
+                     fmt(result["peak_memory_gib"], ".1f"), fmt(result["peak_reserved_gib"], ".1f"),
+                     fmt(result["unet_tflops"], ".1f"), fmt(result["mfu"] and 100 * result["mfu"], ".1f") +
+                     ("%" if result["mfu"] else ""), "; ".join(notes)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1]
+                     for row in rows)
+
+
+def check_goals(results: dict[str, dict], generation: dict | None) -> list[dict]:
+    """Each goal met or not met, for the configs that ran."""
+    checks = []
+    for name, (max_seconds, max_gib) in GOALS.items():
+        result = results.get(name, {})
+        if "seconds_per_step" not in result:
+            continue
+        if max_seconds is not None:
+            checks.append({"goal": f"{name} s/step <= {max_seconds}", "value": result["seconds_per_step"],
+                           "met": result["seconds_per_step"] <= max_seconds})
+        checks.append({"goal": f"{name} peak allocated <= {max_gib} GiB", "value": result["peak_memory_gib"],
+                       "met": result["peak_memory_gib"] is not None and result["peak_memory_gib"] <= max_gib})
+    if "seconds_per_step" in results.get("L1", {}) and "seconds_per_step" in results.get("C2", {}):
+        checks.append({"goal": "L1 s/step < C2 s/step", "value": results["L1"]["seconds_per_step"],
+                       "met": results["L1"]["seconds_per_step"] < results["C2"]["seconds_per_step"]})
+    if generation and "speedup" in generation:
+        checks.append({"goal": f"class images/s >= {GENERATION_GOAL}x reference", "value": generation["speedup"],
+                       "met": generation["speedup"] >= GENERATION_GOAL})
+    return checks
+
+
+def generation_lines(generation: dict) -> str:
+    if "error" in generation:
+        return f"class-image generation: failed: {generation['error']}"
+    lines = [f"class-image generation, {generation['resolution']} px:"]
+    for name in ("suite", "reference"):
+        part = generation[name]
+        lines.append(f"  {name:9s} {part['images_per_second']:7.2f} images/s  ({part['images']} images in "
+                     f"{part['seconds']:.1f} s; {part['scheduler']} {part['steps']} steps, {part['dtype']}, "
+                     f"batch {part['batch_size']})")
+    lines.append(f"  speedup   {generation['speedup']:.2f}x (goal >= {GENERATION_GOAL}x)")
+    return "\n".join(lines)
+
+
+def run_configs(configs: list[BenchConfig], args: argparse.Namespace, workdir: Path, cuda: bool) -> dict[str, dict]:
+    fields, results = train_fields(), {}
+    for config in configs:
+        flags = list(config.flags) + shlex.split(args.extra_flags)
+        entry = {"description": config.description, "flags": flags}
+        reason = skip_reason(config, fields, "cuda" if cuda else "cpu")
+        if reason:
+            print(f"{config.name}: skipped ({reason})", flush=True)
+            results[config.name] = {**entry, "skipped": reason}
+            continue
+        print(f"{config.name}: {config.description} {' '.join(flags)}", flush=True)
+        start = time.perf_counter()
+        shutil.rmtree(workdir / "runs" / config.name, ignore_errors=True)
+        results[config.name] = {**entry, **spawn(config.name, args, workdir)}
+        shutil.rmtree(workdir / "runs" / config.name, ignore_errors=True)
+        print(f"{config.name}: done in {time.perf_counter() - start:.0f} s"
+              + (f", FAILED: {results[config.name]['error']}" if "error" in results[config.name] else ""), flush=True)
+        if "log_tail" in results[config.name]:
+            print(results[config.name]["log_tail"], flush=True)
+    return results
+
+
+def run_benchmark(args: argparse.Namespace, workdir: Path) -> dict:
+    cuda = use_cuda(args)
+    if not args.tiny and not cuda:
+        raise BenchError("the full benchmark needs a CUDA GPU; on a CPU run it with --tiny")
+    configs = select_configs(args.configs)
+    check_extra_flags(args.extra_flags, train_fields())
+    print(header(args, cuda), flush=True)
+    start = time.perf_counter()
+    build = spawn("build", args, workdir)
+    if "error" in build:
+        raise BenchError(f"building the model failed: {build['error']}\n{build.get('log_tail', '')}")
+    if build["parameters_millions"]:
+        print("parameters (M): " + ", ".join(f"{k} {v:.2f}" for k, v in build["parameters_millions"].items()))
+    print(f"card: {build['card']}", flush=True)
+    write_images(workdir, resolution(args))
+    results = run_configs(configs, args, workdir, cuda)
+    generation = None
+    if args.gen if args.gen is not None else cuda:
+        print("class-image generation: suite vs reference", flush=True)
+        shutil.rmtree(workdir / "gen", ignore_errors=True)
+        generation = spawn("gen", args, workdir)
+    goals = check_goals(results, generation) if cuda and not args.tiny else []
+    return {"card": build["card"], "device": "cuda" if cuda else "cpu", "tiny": args.tiny, "versions": versions(),
+            "parameters_millions": build["parameters_millions"], "steps": args.steps,
+            "extra_flags": args.extra_flags, "peak_tflops": args.peak_tflops,
+            "reference_h200": {name: {"seconds_per_step": s, "peak_gib": gib} for name, (s, gib) in REFERENCE.items()},
+            "goals": {name: {"max_seconds_per_step": s, "max_peak_gib": gib} for name, (s, gib) in GOALS.items()},
+            "configs": results, "generation": generation, "goal_checks": goals,
+            "total_seconds": time.perf_counter() - start}
+
+
+def report(summary: dict) -> None:
+    print()
+    print(table(summary["configs"]))
+    if summary["generation"]:
+        print(generation_lines(summary["generation"]))
+    if summary["goal_checks"]:
+        print("goals:")
+        for check in summary["goal_checks"]:
+            print(f"  {'met    ' if check['met'] else 'NOT met'}  {check['goal']}  ({fmt(check['value'], '.3f')})")
+    else:
+        print("goals: checked on a GPU with the full model only")
+    print(f"total {summary['total_seconds']:.0f} s on {summary['card']}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        return run_worker(args)
+    output = Path(args.output or ROOT / "benchmarks" / ("results_tiny.json" if args.tiny else "results.json"))
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-train-") as scratch:
+            workdir = Path(args.workdir or scratch).resolve()
+            summary = run_benchmark(args, workdir)
+    except BenchError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    report(summary)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    print(f"results written to {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
