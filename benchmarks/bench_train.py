@@ -1,9 +1,9 @@
 """Training and class-image generation speed of the suite on Stable Diffusion 1.5's architecture.
 
-GPU (one H100/H200; the whole run takes under 8 minutes):
+GPU (one H100/H200; the whole run should take under 8 minutes):
     python benchmarks/bench_train.py
-    python benchmarks/bench_train.py --configs C1,L1 --extra_flags "--cache_latents --channels_last"
-CPU smoke test on the tiny model (32 px, a minute or two):
+    python benchmarks/bench_train.py --configs C1,L1 --extra_flags="--cache_latents --channels_last"
+CPU smoke test on the tiny model (32 px; a few minutes on 2 cores, most of it compiling C1c):
     python benchmarks/bench_train.py --tiny
 
 The model has SD 1.5's exact architecture with random weights, so nothing is downloaded. Each
@@ -79,7 +79,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--configs", default=",".join(c.name for c in CONFIGS),
                         help="comma-separated configs to run (default: all)")
     parser.add_argument("--steps", type=int, default=40, help="training steps per config (--max_train_steps)")
-    parser.add_argument("--extra_flags", default="", help="train_dreambooth.py flags appended to every config")
+    parser.add_argument("--extra_flags", default="",
+                        help='train_dreambooth.py flags appended to every config: --extra_flags="--cache_latents"')
     parser.add_argument("--timeout", type=float, default=600, help="seconds allowed per config's process")
     parser.add_argument("--peak_tflops", type=float, default=989.0,
                         help="the card's dense bf16 peak for MFU (H100/H200 SXM: 989)")
@@ -96,7 +97,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def worker_flags(args: argparse.Namespace) -> list[str]:
     """The flags a worker process needs to redo the parent's choices."""
-    flags = ["--steps", str(args.steps), "--extra_flags", args.extra_flags, "--peak_tflops", str(args.peak_tflops),
+    # "--extra_flags=VALUE": a VALUE such as "--compile" would otherwise be read as a flag.
+    flags = ["--steps", str(args.steps), f"--extra_flags={args.extra_flags}", "--peak_tflops", str(args.peak_tflops),
              "--gen_images", str(args.gen_images), "--gen_batch_size", str(args.gen_batch_size)]
     return flags + ["--tiny"] * args.tiny + ["--cpu"] * args.cpu
 
@@ -168,7 +170,7 @@ def train_argv(config: BenchConfig, args: argparse.Namespace, workdir: Path) -> 
 # ---------------------------------------------------------------- model and data
 
 
-def build_sd15_pipeline(folder: Path, device: str) -> dict[str, float]:
+def build_sd15_pipeline(folder: Path) -> dict[str, float]:
     """SD 1.5's architecture with random fp16 weights, saved as a diffusers folder; returns the
     parameter counts in millions after checking them against the real model's."""
     import torch
@@ -179,24 +181,23 @@ def build_sd15_pipeline(folder: Path, device: str) -> dict[str, float]:
 
     torch.manual_seed(0)
     tokenizer = build_tokenizer(folder.parent / "tokenizer-source")
-    with torch.device(device):  # initialising 1B parameters is much faster on the GPU
-        unet = UNet2DConditionModel(
-            sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
-            layers_per_block=2, cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        )
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-            latent_channels=4, sample_size=512, down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-        )
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-            vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        ))
+    unet = UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2, cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+        latent_channels=4, sample_size=512, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    ))
     scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               num_train_timesteps=1000, steps_offset=1, clip_sample=False)
     models = {"unet": unet, "text_encoder": text_encoder, "vae": vae}
@@ -254,8 +255,9 @@ def build_worker(args: argparse.Namespace, workdir: Path) -> dict:
         make_tiny_pipeline(workdir / "model")
         counts = None
     else:
-        counts = build_sd15_pipeline(workdir / "model", "cuda" if torch.cuda.is_available() else "cpu")
-    card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
+        counts = build_sd15_pipeline(workdir / "model")
+    cpu = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else cpu
     return {"parameters_millions": counts, "card": card}
 
 
@@ -374,7 +376,8 @@ def time_suite_generation(args: argparse.Namespace, workdir: Path) -> dict:
     first_call = time.perf_counter() - start
     synchronize()
     start = time.perf_counter()
-    made = generation.generate_class_images(dataclasses.replace(job, num_class_images=args.gen_batch_size + args.gen_images), state)
+    topped_up = dataclasses.replace(job, num_class_images=args.gen_batch_size + args.gen_images)
+    made = generation.generate_class_images(topped_up, state)
     synchronize()
     seconds = time.perf_counter() - start
     pipeline = loaded.pop("pipeline")
@@ -450,7 +453,8 @@ def run_worker(args: argparse.Namespace) -> int:
         import traceback
 
         traceback.print_exc()
-        print(json.dumps({"error": f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"}))
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        print(json.dumps({"error": f"{type(error).__name__}: {first_line}"}))
         return 1
     print(json.dumps(result, default=str), flush=True)
     return 0
@@ -537,7 +541,7 @@ def table(results: dict[str, dict]) -> str:
             notes.append(result["interval_note"])
         rows.append((name, fmt(result["seconds_per_step"], ".3f"), fmt(result["steps_per_second"], ".2f"),
                      fmt(result["peak_memory_gib"], ".1f"), fmt(result["peak_reserved_gib"], ".1f"),
-                     fmt(result["unet_tflops"], ".1f"), fmt(result["mfu"] and 100 * result["mfu"], ".1f") +
+                     fmt(result["unet_tflops"], ".3g"), fmt(result["mfu"] and 100 * result["mfu"], ".1f") +
                      ("%" if result["mfu"] else ""), "; ".join(notes)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1]

@@ -120,7 +120,9 @@ def training_loss(batch: dict, unet, latents_source, noise_scheduler, encode_pro
     posterior sample, noise, (offset noise), timesteps.
     """
     latents = (latents_source.posterior(batch).sample() * latents_source.scaling_factor).float()
-    noise = torch.randn_like(latents)
+    # torch.randn, not randn_like: randn_like follows the strides of its input, which depend on the
+    # VAE's convolution backend, and the same seed would then give other noise to cached latents.
+    noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype)
     if settings.offset_noise:
         # Offset noise (Guttenberg 2023) lets the model learn very dark and very bright images.
         noise = noise + 0.1 * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=latents.device)

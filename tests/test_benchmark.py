@@ -1,0 +1,42 @@
+"""benchmarks/bench_train.py end to end on the tiny model: every config runs the real training
+path in its own process, and the JSON holds what the GPU run will report. No timing assertions."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_tiny_benchmark_writes_results_for_each_config(tmp_path):
+    output = tmp_path / "results.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--tiny", "--cpu", "--configs", "C1,L1",
+               "--steps", "6", "--extra_flags=--logging_steps 3", "--no-gen", "--output", str(output)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    finished = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+
+    results = json.loads(output.read_text())
+    assert set(results["configs"]) == {"C1", "L1"}
+    assert results["device"] == "cpu" and results["tiny"] is True
+    assert results["versions"]["torch"] and results["versions"]["diffusers"]
+    for name, flags in (("C1", ["--logging_steps", "3"]), ("L1", ["--gradient_checkpointing", "--use_lora"])):
+        config = results["configs"][name]
+        assert "error" not in config, config
+        assert config["seconds_per_step"] > 0 and config["steps_per_second"] > 0
+        assert config["unet_tflop_per_step"] > 0 and config["unet_tflops"] > 0
+        assert config["measured_steps"] == [4, 6]  # the first logging interval (steps 1-3) is warm-up
+        assert config["peak_memory_gib"] is None and config["mfu"] is None  # CUDA only
+        for flag in flags:
+            assert flag in config["flags"] and flag in config["argv"]
+        assert config["argv"][config["argv"].index("--max_train_steps") + 1] == "6"
+    # LoRA trains no weight gradients of the base UNet: fewer FLOPs than the full fine-tune.
+    assert results["configs"]["L1"]["unet_tflop_per_step"] < results["configs"]["C1"]["unet_tflop_per_step"]
+    assert "C1" in finished.stdout and "s/step" in finished.stdout

@@ -1,0 +1,61 @@
+"""Each speed option keeps the training the same: loss curves and weights match without it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import train_dreambooth
+from conftest import TOY_SUBJECT, train_args
+
+BASE = ["--max_train_steps", "4", "--logging_steps", "1", "--save_precision", "fp32", "--center_crop",
+        "--random_flip"]
+
+
+def run(tiny_model, data, output, *extra):
+    trainer = train_dreambooth.main(train_args(tiny_model, data, output, *BASE, *extra))
+    unet = trainer.accelerator.unwrap_model(trainer.trained[0])
+    return [loss for _, loss in trainer.metrics.history], {k: v.detach().clone() for k, v in unet.state_dict().items()}
+
+
+@pytest.fixture
+def prior(tmp_path):
+    return ["--with_prior_preservation", "--class_data_dir", str(TOY_SUBJECT), "--class_prompt", "a photo of a toy",
+            "--num_class_images", "5"]
+
+
+@pytest.mark.parametrize("option, baseline", [
+    (["--cache_latents"], ["--no_cache_latents"]),
+    (["--pre_compute_text_embeddings"], ["--no_pre_compute_text_embeddings"]),
+    (["--set_grads_to_none"], ["--no_set_grads_to_none"]),
+    (["--channels_last"], []),
+], ids=["cache_latents", "pre_compute_text_embeddings", "set_grads_to_none", "channels_last"])
+def test_option_keeps_the_loss_curve_and_weights(tiny_model, instance_dir, tmp_path, prior, option, baseline):
+    losses, weights = run(tiny_model, instance_dir, tmp_path / "with", *prior, *option)
+    reference_losses, reference_weights = run(tiny_model, instance_dir, tmp_path / "without", *prior, *baseline)
+    assert len(losses) == 4
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_losses), rtol=1e-4, atol=1e-5)
+    for key in weights:
+        torch.testing.assert_close(weights[key], reference_weights[key], rtol=1e-4, atol=1e-5)
+
+
+def test_cached_latents_are_used_only_with_fixed_crops(tiny_model, instance_dir, tmp_path, caplog):
+    from dreambooth.caching import CachedLatents
+
+    train_dreambooth.main(train_args(tiny_model, instance_dir, tmp_path / "random-crop", "--random_flip"))
+    assert "cached the VAE latents" not in caplog.text
+    train_dreambooth.main(train_args(tiny_model, instance_dir, tmp_path / "center-crop", "--center_crop",
+                                     "--random_flip"))
+    # Five images, each unflipped and flipped.
+    assert "cached the VAE latents of 10 image variant(s)" in caplog.text
+    assert CachedLatents.__doc__
+
+
+@pytest.mark.slow
+def test_compiled_unet_trains_the_same(tiny_model, instance_dir, tmp_path):
+    losses, weights = run(tiny_model, instance_dir, tmp_path / "compiled", "--compile")
+    reference_losses, reference_weights = run(tiny_model, instance_dir, tmp_path / "eager")
+    # Inductor fuses and reorders floating-point work, so the curves agree to about 1e-3, not bitwise.
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_losses), rtol=5e-3, atol=1e-3)
+    for key in weights:
+        torch.testing.assert_close(weights[key], reference_weights[key], rtol=5e-3, atol=1e-4)
