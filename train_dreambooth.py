@@ -35,10 +35,9 @@ from dreambooth.checkpoints import (
 )
 from dreambooth.cli import run_cli, setup_logging
 from dreambooth.config import TrainConfig, config_to_dict, parse_config, save_config
-from dreambooth.buckets import BucketBatchSampler, assign_buckets
 from dreambooth.caching import CachedLatents, VaeLatents
-from dreambooth.concepts import dataset_examples, instance_examples
-from dreambooth.data import DreamBoothCollator, DreamBoothDataset, EpochShuffleSampler, examples_from_folder
+from dreambooth.concepts import build_dataloader
+from dreambooth.data import DreamBoothDataset
 from dreambooth.errors import DreamBoothError
 from dreambooth.generation import ClassImageJob, generate_class_images
 from dreambooth.hub import card_info_from_config, push_output, write_model_card
@@ -119,38 +118,6 @@ def top_up_class_images(cfg: TrainConfig, accelerator) -> None:
             precision=cfg.prior_generation_precision, seed=cfg.seed or 0, revision=cfg.revision, variant=cfg.variant,
         )
         generate_class_images(job, accelerator.state)
-
-
-def build_dataset(cfg: TrainConfig, data_seed: int) -> DreamBoothDataset:
-    """Every concept's images with their prompts (captions applied), class images per concept."""
-    concepts = cfg.concepts()
-    if cfg.dataset_name:
-        instances = dataset_examples(cfg.dataset_name, cfg.image_column, cfg.caption_column, cfg.instance_prompt,
-                                     cfg.repeats)
-    else:
-        instances = [example for number, concept in enumerate(concepts) for example in
-                     instance_examples(concept, number, cfg.caption_extension, cfg.caption_column or "text")]
-    classes = None
-    if cfg.with_prior_preservation:
-        classes = [examples_from_folder(concept.class_data_dir, concept.class_prompt, number, "--class_data_dir")
-                   for number, concept in enumerate(concepts)]
-    if cfg.enable_bucket:
-        instances = assign_buckets(instances, cfg.resolution)
-        classes = [assign_buckets(examples, cfg.resolution) for examples in classes] if classes else None
-    return DreamBoothDataset(instances, cfg.resolution, cfg.center_crop, cfg.random_flip, classes, data_seed,
-                             cfg.caption_dropout)
-
-
-def build_dataloader(cfg: TrainConfig, tokenizer, data_seed: int) -> DataLoader:
-    dataset = build_dataset(cfg, data_seed)
-    # The loader draws its workers' base seed from this generator, not from the global one.
-    common = dict(collate_fn=DreamBoothCollator(tokenizer, cfg.tokenizer_max_length),
-                  num_workers=cfg.dataloader_num_workers, generator=torch.Generator().manual_seed(data_seed))
-    if cfg.enable_bucket:
-        return DataLoader(dataset, batch_sampler=BucketBatchSampler(dataset.sizes(), cfg.train_batch_size, data_seed),
-                          **common)
-    return DataLoader(dataset, batch_size=cfg.train_batch_size, sampler=EpochShuffleSampler(len(dataset), data_seed),
-                      **common)
 
 
 def build_models(cfg: TrainConfig, accelerator) -> tuple[Components, list[torch.nn.Module]]:

@@ -4,6 +4,7 @@ The single-concept flags (--instance_data_dir, --instance_prompt, --class_data_d
 one-concept case of --concepts_list. A caption comes from a sidecar file beside the image
 (``photo1.jpg`` + ``photo1.txt``) or from the folder's ``metadata.jsonl`` (the datasets
 imagefolder format); without one, the image trains with its concept's instance prompt.
+``build_dataloader`` turns a training config's concepts into batches.
 """
 
 from __future__ import annotations
@@ -13,9 +14,19 @@ import json
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+import torch
 import yaml
 
-from .data import DatasetRow, Example, list_image_files
+from .buckets import BucketBatchSampler, assign_buckets
+from .data import (
+    DatasetRow,
+    DreamBoothCollator,
+    DreamBoothDataset,
+    EpochShuffleSampler,
+    Example,
+    examples_from_folder,
+    list_image_files,
+)
 from .errors import DreamBoothError
 
 PROMPT_PLACEHOLDER = "{instance_prompt}"
@@ -168,3 +179,38 @@ def load_image_dataset(name: str) -> Any:
     if len(loaded) == 0:
         raise DreamBoothError(f"--dataset_name {name}: the train split is empty")
     return loaded
+
+
+def build_dataset(cfg, data_seed: int) -> DreamBoothDataset:
+    """Every concept's images with their prompts (captions applied), class images per concept."""
+    concepts = cfg.concepts()
+    if cfg.dataset_name:
+        instances = dataset_examples(cfg.dataset_name, cfg.image_column, cfg.caption_column, cfg.instance_prompt,
+                                     cfg.repeats)
+    else:
+        instances = [example for number, concept in enumerate(concepts) for example in
+                     instance_examples(concept, number, cfg.caption_extension, cfg.caption_column or "text")]
+    classes = None
+    if cfg.with_prior_preservation:
+        classes = [examples_from_folder(concept.class_data_dir, concept.class_prompt, number, "--class_data_dir")
+                   for number, concept in enumerate(concepts)]
+    if cfg.enable_bucket:
+        instances = assign_buckets(instances, cfg.resolution)
+        classes = [assign_buckets(examples, cfg.resolution) for examples in classes] if classes else None
+    return DreamBoothDataset(instances, cfg.resolution, cfg.center_crop, cfg.random_flip, classes, data_seed,
+                             cfg.caption_dropout)
+
+
+def build_dataloader(cfg, tokenizer, data_seed: int):
+    """The training batches of a ``TrainConfig``: bucketed, or a seeded shuffle of the dataset."""
+    from torch.utils.data import DataLoader
+
+    dataset = build_dataset(cfg, data_seed)
+    # The loader draws its workers' base seed from this generator, not from the global one.
+    common = dict(collate_fn=DreamBoothCollator(tokenizer, cfg.tokenizer_max_length),
+                  num_workers=cfg.dataloader_num_workers, generator=torch.Generator().manual_seed(data_seed))
+    if cfg.enable_bucket:
+        return DataLoader(dataset, batch_sampler=BucketBatchSampler(dataset.sizes(), cfg.train_batch_size, data_seed),
+                          **common)
+    return DataLoader(dataset, batch_size=cfg.train_batch_size, sampler=EpochShuffleSampler(len(dataset), data_seed),
+                      **common)

@@ -13,7 +13,7 @@ from PIL import Image
 import train_dreambooth
 from conftest import TOY_SUBJECT, train_args
 from dreambooth.buckets import BucketBatchSampler, assign_buckets, bucket_sizes, nearest_bucket
-from dreambooth.concepts import Concept, compose_prompt, instance_examples
+from dreambooth.concepts import Concept, build_dataset, compose_prompt, instance_examples
 from dreambooth.config import TrainConfig, parse_config
 from dreambooth.data import DreamBoothDataset, examples_from_folder
 from dreambooth.errors import DreamBoothError
@@ -57,7 +57,7 @@ def test_two_concepts_train_together_each_with_its_class(tiny_model, tmp_path, p
     pairs = Counter(tuple(prompts) for prompts in prompts_seen)
     assert set(pairs) == {("a photo of sks toy", "a toy"), ("a photo of zwx cup", "a cup")}
     # 2 toy images x 2 repeats against 2 cup images: an epoch of 6 items, 4 of them the toy's.
-    dataset = train_dreambooth.build_dataset(parse_config(TrainConfig, flags), 0)
+    dataset = build_dataset(parse_config(TrainConfig, flags), 0)
     assert Counter(example.prompt for example in dataset.instances) == {"a photo of sks toy": 4,
                                                                          "a photo of zwx cup": 2}
 
