@@ -490,19 +490,26 @@ def _check_generation_numbers(resolution: int, steps: int, scheduler: str, flag:
 
 
 @dataclasses.dataclass(frozen=True)
-class InferConfig:
-    """Flags of infer.py."""
+class ModelSource:
+    """The model to sample: a trained folder or Hub id, or a checkpoint or LoRAs over a base."""
 
     pretrained_model_name_or_path: Optional[str] = _field(
-        None, "Trained output folder or Hub id; with --checkpoint, the base model (default: the run's)."
+        None, "Trained output folder or Hub id; with --checkpoint or --lora, the base model "
+        "(with --checkpoint, default: the base its run recorded)."
     )
-    checkpoint: Optional[str] = _field(None, "A checkpoint-<step> folder to sample, over the base model.")
+    checkpoint: Optional[str] = _field(None, "A checkpoint-<step> folder, over the base model.")
     lora: list[str] = _field([], "LoRA weights (a folder or .safetensors file) over the model; repeatable.",
                              action="extend")
     lora_scale: list[float] = _field([], "Strength of each --lora (one value for all, or one per --lora; default 1).",
                                      action="extend")
     revision: Optional[str] = _field(None, "Revision of the model on the Hub.")
     variant: Optional[str] = _field(None, "Weight file variant, e.g. fp16.")
+
+
+@dataclasses.dataclass(frozen=True)
+class InferConfig(ModelSource):
+    """Flags of infer.py."""
+
     prompt: list[str] = _field([], "Prompt; repeat the flag for several.", action="extend")
     prompts_file: Optional[str] = _field(None, "Text file with one prompt a line.")
     negative_prompt: Optional[str] = _field(None, "What the images should not show.")
@@ -649,19 +656,9 @@ class ExportConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class EvaluateConfig:
+class EvaluateConfig(ModelSource):
     """Flags of evaluate.py."""
 
-    pretrained_model_name_or_path: Optional[str] = _field(
-        None, "Trained output folder or Hub id; with --lora or --checkpoint, the base model."
-    )
-    checkpoint: Optional[str] = _field(None, "A checkpoint-<step> folder to evaluate, over the base model.")
-    lora: list[str] = _field([], "LoRA weights (a folder or .safetensors file) over the model; repeatable.",
-                             action="extend")
-    lora_scale: list[float] = _field([], "Strength of each --lora (one value for all, or one per --lora).",
-                                     action="extend")
-    revision: Optional[str] = _field(None, "Revision of the model on the Hub.")
-    variant: Optional[str] = _field(None, "Weight file variant, e.g. fp16.")
     generated_dir: Optional[str] = _field(
         None, "Score this folder of generated images instead of generating (prompts from prompts.json "
         "or the PNGs' text metadata, as infer.py writes them)."

@@ -66,3 +66,20 @@ def train_args(model: str, instance: Path, output: Path, *extra: str) -> list[st
         "--num_validation_images", "0",
         *extra,
     ]
+
+
+@pytest.fixture
+def prompts_seen(monkeypatch) -> list[list[str]]:
+    """The prompts of every training batch, as they reach the text encoder."""
+    from dreambooth.training import PromptEncoder
+
+    seen = []
+    original = PromptEncoder.__call__
+
+    def spy(self, batch):
+        if "num_instance" in batch:  # a training batch, not the up-front encoding of every prompt
+            seen.append(list(batch["prompts"]))
+        return original(self, batch)
+
+    monkeypatch.setattr(PromptEncoder, "__call__", spy)
+    return seen

@@ -17,7 +17,6 @@ from dreambooth.concepts import Concept, build_dataset, compose_prompt, instance
 from dreambooth.config import TrainConfig, parse_config
 from dreambooth.data import DreamBoothDataset, examples_from_folder
 from dreambooth.errors import DreamBoothError
-from dreambooth.training import PromptEncoder
 
 
 def make_images(folder, count: int, size=(48, 48), colour=(200, 40, 40)):
@@ -25,20 +24,6 @@ def make_images(folder, count: int, size=(48, 48), colour=(200, 40, 40)):
     for index in range(count):
         Image.new("RGB", size, colour).save(folder / f"img_{index}.png")
     return folder
-
-
-@pytest.fixture
-def prompts_seen(monkeypatch):
-    seen = []
-    original = PromptEncoder.__call__
-
-    def spy(self, batch):
-        if "num_instance" in batch:  # a training batch, not the up-front encoding of every prompt
-            seen.append(list(batch["prompts"]))
-        return original(self, batch)
-
-    monkeypatch.setattr(PromptEncoder, "__call__", spy)
-    return seen
 
 
 def test_two_concepts_train_together_each_with_its_class(tiny_model, tmp_path, prompts_seen):
