@@ -55,7 +55,7 @@ from dreambooth.models import (
     save_models,
     save_pipeline,
 )
-from dreambooth.monitor import SampleSettings, ValidationSampler, plot_loss_curve
+from dreambooth.monitor import SampleSettings, TrainingEvaluation, ValidationSampler, plot_loss_curve
 from dreambooth.training import (
     LossSettings,
     PromptEncoder,
@@ -214,19 +214,39 @@ def stop_text_encoder(cfg: TrainConfig, accelerator, trainer: Trainer, encoder: 
 
 
 def add_validation(cfg: TrainConfig, accelerator, components: Components, trainer: Trainer) -> ValidationSampler | None:
-    """Sample grids every --validation_steps (and one at the end) from the weights being trained."""
-    if not cfg.num_validation_images:
+    """Sample grids every --validation_steps (and one at the end) and the paper's metrics every
+    --eval_steps, from the weights being trained."""
+    if not (cfg.num_validation_images or cfg.eval_steps):
         return None
     settings = SampleSettings(tuple(cfg.validation_prompts()), cfg.num_validation_images, cfg.validation_seed,
                               cfg.validation_inference_steps, cfg.validation_scheduler, cfg.resolution)
     sampler = ValidationSampler(accelerator, components, trainer.trained, settings, cfg.output_dir)
+    evaluation = training_evaluation(cfg, accelerator) if cfg.eval_steps else None
 
-    def every_validation_step(state: TrainState) -> None:
-        if state.global_step % cfg.validation_steps == 0:
+    def after_step(state: TrainState) -> None:
+        if cfg.num_validation_images and state.global_step % cfg.validation_steps == 0:
             sampler.sample(f"step_{state.global_step}")
+        if cfg.eval_steps and state.global_step % cfg.eval_steps == 0:
+            sampler.evaluate(state.global_step, evaluation)
 
-    trainer.step_callbacks.append(every_validation_step)
+    trainer.step_callbacks.append(after_step)
     return sampler
+
+
+def training_evaluation(cfg: TrainConfig, accelerator) -> TrainingEvaluation | None:
+    """The scoring models and real images for --eval_steps, loaded once on the main process."""
+    if not accelerator.is_main_process:
+        return None
+    from dreambooth.evaluation import PROMPT_SETS, PROMPTS_DIR, load_encoders, load_real_images, read_templates
+
+    identifier, class_noun = cfg.eval_subject()
+    path = PROMPTS_DIR / PROMPT_SETS[cfg.eval_prompt_set]
+    return TrainingEvaluation(
+        load_encoders(cfg.eval_dino_model, cfg.eval_clip_model, accelerator.device),
+        load_real_images(cfg.concepts()[0].instance_data_dir),
+        read_templates(path, f"--eval_prompt_set {cfg.eval_prompt_set}")[: cfg.eval_num_prompts],
+        identifier, class_noun, cfg.eval_images_per_prompt, cfg.with_prior_preservation,
+    )
 
 
 def start_state(cfg: TrainConfig, accelerator) -> tuple[TrainState, Path | None]:
@@ -273,7 +293,7 @@ def finish(cfg: TrainConfig, accelerator, trainer: Trainer, components: Componen
         logger.info("stopped at step %d with a checkpoint; to continue, run the same command with "
                     "--resume_from_checkpoint latest", trainer.state.global_step)
         return
-    final_grid = sampler.sample("final") if sampler else None
+    final_grid = sampler.sample("final") if cfg.num_validation_images else None
     weights = trained_weights(cfg, accelerator, trainer)
     if accelerator.is_main_process:
         save_trained(cfg, weights, components)

@@ -219,6 +219,21 @@ class TrainConfig:
     validation_scheduler: str = _field("dpm++", "Sampler for validation samples.")
     validation_inference_steps: int = _field(25, "Denoising steps of validation samples.")
     logging_steps: int = _field(10, "Read the loss back and log it every N steps (each read waits for the GPU).")
+    eval_steps: Optional[int] = _field(
+        None, "Every N steps, score a small fixed-seed set with the DreamBooth paper's metrics (DINO, CLIP-I, "
+        "CLIP-T, PRES, DIV; see evaluate.py) and log them to the trackers."
+    )
+    eval_prompt_set: Literal["object", "live"] = _field("object", "The paper's prompt set for --eval_steps.")
+    eval_num_prompts: int = _field(3, "Prompts of the set used by --eval_steps.")
+    eval_images_per_prompt: int = _field(2, "Images per prompt for --eval_steps.")
+    eval_identifier: Optional[str] = _field(
+        None, "The identifier token for --eval_steps (default: the word before the class noun in the instance prompt)."
+    )
+    eval_class_noun: Optional[str] = _field(
+        None, "The class noun for --eval_steps (default: the last word of --class_prompt, else of the instance prompt)."
+    )
+    eval_dino_model: str = _field("facebook/dino-vits16", "DINO model for --eval_steps (Hub id or local folder).")
+    eval_clip_model: str = _field("openai/clip-vit-base-patch32", "CLIP model for --eval_steps (Hub id or local folder).")
     # Hub
     push_to_hub: bool = _field(False, "Upload the finished output (model, card, samples) to the Hugging Face Hub.")
     hub_model_id: Optional[str] = _field(None, "Hub repo id, e.g. you/sks-dog (default: the output folder's name).")
@@ -344,8 +359,10 @@ class TrainConfig:
             raise DreamBoothError(
                 "--num_validation_images must not be negative; --validation_steps and --logging_steps must be at least 1"
             )
-        if self.num_validation_images:
+        if self.num_validation_images or self.eval_steps:
             _check_generation_numbers(8, self.validation_inference_steps, self.validation_scheduler)
+        if self.eval_steps is not None:
+            self._check_evaluation()
         if self.checkpointing_steps < 1:
             raise DreamBoothError(f"--checkpointing_steps {self.checkpointing_steps}: must be at least 1")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
@@ -391,6 +408,31 @@ class TrainConfig:
                 raise DreamBoothError(f"--class_data_dir {concept.class_data_dir}: exists and is not a folder")
         if self.dataset_name:
             dataset_examples(self.dataset_name, self.image_column, self.caption_column, self.instance_prompt)
+
+    def _check_evaluation(self) -> None:
+        from .evaluation import check_encoder_source
+
+        if self.eval_steps < 1 or self.eval_num_prompts < 1 or self.eval_images_per_prompt < 1:
+            raise DreamBoothError("--eval_steps, --eval_num_prompts and --eval_images_per_prompt must be at least 1")
+        if not self.concepts()[0].instance_data_dir:
+            raise DreamBoothError("--eval_steps compares with the subject images of an --instance_data_dir")
+        identifier, class_noun = self.eval_subject()
+        if identifier not in self.concepts()[0].instance_prompt.split():
+            raise DreamBoothError(f"--eval_identifier {identifier}: not a word of the instance prompt")
+        for flag in ("eval_dino_model", "eval_clip_model"):
+            check_encoder_source(getattr(self, flag), f"--{flag}")
+
+    def eval_subject(self) -> tuple[str, str]:
+        """(identifier, class noun) for --eval_steps: the flags, or read off the prompts
+        ('a photo of sks dog' -> 'sks', 'dog')."""
+        words = self.concepts()[0].instance_prompt.replace(",", " ").split()
+        class_words = (self.class_prompt or "").replace(",", " ").split()
+        class_noun = self.eval_class_noun or (class_words or words)[-1]
+        identifier = self.eval_identifier
+        if identifier is None:
+            position = words.index(class_noun) if class_noun in words else len(words) - 1
+            identifier = words[max(position - 1, 0)]
+        return identifier, class_noun
 
     def validation_prompts(self) -> list[str]:
         if self.validation_prompt:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -65,6 +66,28 @@ class ValidationSampler:
         pipeline.set_progress_bar_config(disable=True)
         return pipeline
 
+    @contextlib.contextmanager
+    def sampling(self):
+        """A pipeline over the models being trained, for drawing images without disturbing
+        training: global RNG state restored after, models in eval mode and back, offloaded
+        frozen models brought back to the device for the while, memory freed after."""
+        accelerator = self.accelerator
+        devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+        modes = [module.training for module in self.trained]
+        pipeline = self._pipeline()
+        try:
+            with torch.random.fork_rng(devices=devices), torch.no_grad(), accelerator.autocast(), \
+                    on_device([self.components.vae, pipeline.text_encoder], accelerator.device):
+                for module in self.trained:
+                    module.eval()
+                yield pipeline
+        finally:
+            for module, mode in zip(self.trained, modes):
+                module.train(mode)
+            del pipeline
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
     def sample(self, name: str) -> Path | None:
         """Write ``samples/<name>.png`` (main process) and log it to the trackers; others wait."""
         path = None
@@ -74,30 +97,28 @@ class ValidationSampler:
         return path
 
     def _sample_on_main(self, name: str) -> Path:
-        settings, accelerator = self.settings, self.accelerator
-        devices = [accelerator.device] if accelerator.device.type == "cuda" else []
-        modes = [module.training for module in self.trained]
-        pipeline = self._pipeline()
-        rows = []
-        offloaded = [self.components.vae, pipeline.text_encoder]
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), accelerator.autocast(), \
-                on_device(offloaded, accelerator.device):
-            for module in self.trained:
-                module.eval()
-            seeds = [settings.seed + j for j in range(settings.num_images)]
-            for prompt in settings.prompts:
-                rows.append((prompt, generate(pipeline, prompt, seeds, settings.resolution, settings.resolution,
-                                              settings.num_inference_steps)))
-        for module, mode in zip(self.trained, modes):
-            module.train(mode)
-        del pipeline
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        settings = self.settings
+        seeds = [settings.seed + j for j in range(settings.num_images)]
+        with self.sampling() as pipeline:
+            rows = [(prompt, generate(pipeline, prompt, seeds, settings.resolution, settings.resolution,
+                                      settings.num_inference_steps)) for prompt in settings.prompts]
         self.samples_dir.mkdir(parents=True, exist_ok=True)
         path = self.samples_dir / f"{name}.png"
         labelled_grid(rows).save(path)
         self._log(name, rows)
         return path
+
+    def evaluate(self, step: int, evaluation: "TrainingEvaluation") -> dict[str, float] | None:
+        """The paper's metrics on a small fixed-seed set, logged as eval/<metric> (main process)."""
+        metrics = None
+        if self.accelerator.is_main_process:
+            with self.sampling() as pipeline:
+                metrics = evaluation.run(pipeline, self.settings)
+            logged = {f"eval/{name}": value for name, value in metrics.items() if value is not None}
+            self.accelerator.log(logged, step=step)
+            logger.info("step %d: %s", step, ", ".join(f"{k} {v:.3f}" for k, v in logged.items()))
+        self.accelerator.wait_for_everyone()
+        return metrics
 
     def _log(self, name: str, rows) -> None:
         step = int(name.split("_")[-1]) if name.startswith("step_") else None
@@ -110,6 +131,28 @@ class ValidationSampler:
 
                 tracker.log({"samples": [wandb.Image(image, caption=prompt) for prompt, images in rows
                                          for image in images]}, step=step)
+
+
+class TrainingEvaluation:
+    """What ``--eval_steps`` measures: the first prompts of the paper's set, a few images each,
+    scored against the real subject images with DINO and CLIP loaded once."""
+
+    def __init__(self, encoders, real_images, templates: list[str], identifier: str, class_noun: str,
+                 images_per_prompt: int, with_class_prompts: bool):
+        self.encoders, self.real_images, self.templates = encoders, real_images, templates
+        self.identifier, self.class_noun = identifier, class_noun
+        self.images_per_prompt, self.with_class_prompts = images_per_prompt, with_class_prompts
+
+    def run(self, pipeline, settings: SampleSettings) -> dict[str, float | None]:
+        from .evaluation import evaluate_pipeline
+
+        metrics, _ = evaluate_pipeline(
+            pipeline, self.encoders, self.real_images, self.templates, self.identifier, self.class_noun,
+            num_images_per_prompt=self.images_per_prompt, seed=settings.seed, resolution=settings.resolution,
+            num_inference_steps=settings.num_inference_steps, with_class_prompts=self.with_class_prompts,
+            progress=False,
+        )
+        return metrics
 
 
 @dataclass

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -83,3 +84,38 @@ def prompts_seen(monkeypatch) -> list[list[str]]:
 
     monkeypatch.setattr(PromptEncoder, "__call__", spy)
     return seen
+
+
+@pytest.fixture(scope="session")
+def tiny_dino(tmp_path_factory) -> str:
+    """A ViT in DINO's layout (no pooler) with a PIL image processor, as facebook/dino-vits16 ships."""
+    from transformers import ViTConfig, ViTImageProcessorPil, ViTModel
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-dino"
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=37)
+    ViTModel(config, add_pooling_layer=False).save_pretrained(folder)
+    ViTImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> str:
+    """CLIP model, tokenizer and image processor in one folder, as openai/clip-vit-base-patch32 ships."""
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-clip"
+    from dreambooth.tiny_model import build_tokenizer
+
+    tokenizer = build_tokenizer(folder)
+    torch.manual_seed(1)
+    layers = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+    text = dict(vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **layers)
+    config = CLIPConfig(text_config=text, vision_config=dict(image_size=32, patch_size=8, **layers),
+                        projection_dim=16)
+    CLIPModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return str(folder)

@@ -114,3 +114,32 @@ def test_failed_push_keeps_the_output_and_says_so(tiny_model, instance_dir, tmp_
     message = str(caught.value)
     assert "me/sks-toy" in message and "complete" in message and TOKEN not in message
     assert (output / "model_index.json").is_file() and (output / "README.md").is_file()
+
+
+def test_eval_steps_log_the_paper_metrics_without_changing_training(tiny_model, instance_dir, tmp_path,
+                                                                   tiny_dino, tiny_clip):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = ["--max_train_steps", "4", "--save_precision", "fp32", "--validation_inference_steps", "2"]
+    evaluated = tmp_path / "evaluated"
+    train_dreambooth.main(train_args(tiny_model, instance_dir, evaluated, *args, "--eval_steps", "2",
+                                     "--eval_num_prompts", "2", "--eval_images_per_prompt", "2",
+                                     "--eval_dino_model", tiny_dino, "--eval_clip_model", tiny_clip,
+                                     "--report_to", "tensorboard"))
+    train_dreambooth.main(train_args(tiny_model, instance_dir, tmp_path / "plain", *args))
+    events = EventAccumulator(str(next((evaluated / "logs").rglob("events.out.tfevents.*")).parent)).Reload()
+    for metric in ("dino", "clip_i", "clip_t", "div"):
+        values = events.Scalars(f"eval/{metric}")
+        assert [event.step for event in values] == [2, 4], metric
+        assert all(-1.0 <= event.value <= 2.0 for event in values)
+    plain, evaluated_weights = unet(tmp_path / "plain"), unet(evaluated)
+    assert all(torch.equal(plain[key], evaluated_weights[key]) for key in plain)
+
+
+def test_eval_subject_is_read_off_the_prompts():
+    from dreambooth.config import TrainConfig
+
+    assert TrainConfig(instance_prompt="a photo of sks dog", class_prompt="a photo of a dog").eval_subject() == (
+        "sks", "dog")
+    assert TrainConfig(instance_prompt="a photo of zwx robot").eval_subject() == ("zwx", "robot")
+    assert TrainConfig(instance_prompt="sks toy, on a table", eval_class_noun="toy").eval_subject() == ("sks", "toy")
