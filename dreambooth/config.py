@@ -336,8 +336,6 @@ class TrainConfig:
             raise DreamBoothError("--use_8bit_adam: bitsandbytes is not installed (pip install bitsandbytes)")
         if self.report_to in ("wandb", "all") and not _importable("wandb"):
             raise DreamBoothError(f"--report_to {self.report_to}: wandb is not installed (pip install wandb)")
-        if self.push_to_hub and not (self.hub_model_id or Path(self.output_dir).resolve().name):
-            raise DreamBoothError("--push_to_hub needs --hub_model_id")
         if self.compile_mode not in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
             raise DreamBoothError(f"--compile_mode {self.compile_mode}: choose default, reduce-overhead or max-autotune")
         if self.with_prior_preservation and self.prior_loss_weight < 0:

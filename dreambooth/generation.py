@@ -68,14 +68,11 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, schedule
     """A Stable Diffusion pipeline ready to sample: no safety checker, quiet progress bar."""
     from diffusers import StableDiffusionPipeline
 
-    try:
-        pipeline = StableDiffusionPipeline.from_pretrained(
-            model, dtype=dtype, revision=revision, variant=variant,
-            safety_checker=None, requires_safety_checker=False, **components,
-        )
-    except (OSError, ValueError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DreamBoothError(f"could not load the pipeline {model}: {first_line}") from None
+    from .models import load_pretrained
+
+    pipeline = load_pretrained("pipeline", StableDiffusionPipeline.from_pretrained, model, dtype=dtype,
+                               revision=revision, variant=variant, safety_checker=None,
+                               requires_safety_checker=False, **components)
     set_scheduler(pipeline, scheduler)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)

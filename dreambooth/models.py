@@ -57,7 +57,8 @@ class Components:
     noise_scheduler: Any
 
 
-def _load(what: str, loader, source: str, **kwargs):
+def load_pretrained(what: str, loader, source: str, **kwargs):
+    """``loader(source, **kwargs)`` (a from_pretrained); a failure is one line naming what and where."""
     try:
         return loader(source, **kwargs)
     except (OSError, ValueError, EnvironmentError) as error:
@@ -81,17 +82,17 @@ def load_components(model: str, revision: str | None = None, variant: str | None
     text_dtype = torch.float32 if train_text_encoder and not use_lora else frozen_dtype
     unet_dtype = frozen_dtype if use_lora else torch.float32
     if tokenizer_name:
-        tokenizer = _load("tokenizer", AutoTokenizer.from_pretrained, tokenizer_name, revision=revision)
+        tokenizer = load_pretrained("tokenizer", AutoTokenizer.from_pretrained, tokenizer_name, revision=revision)
     else:
-        tokenizer = _load("tokenizer", AutoTokenizer.from_pretrained, model, subfolder="tokenizer", revision=revision)
+        tokenizer = load_pretrained("tokenizer", AutoTokenizer.from_pretrained, model, subfolder="tokenizer", revision=revision)
     return Components(
         tokenizer=tokenizer,
-        text_encoder=_load("text encoder", CLIPTextModel.from_pretrained, model, subfolder="text_encoder",
+        text_encoder=load_pretrained("text encoder", CLIPTextModel.from_pretrained, model, subfolder="text_encoder",
                            dtype=text_dtype, **weights),
-        vae=_load("VAE", AutoencoderKL.from_pretrained, model, subfolder="vae", dtype=frozen_dtype, **weights),
-        unet=_load("UNet", UNet2DConditionModel.from_pretrained, model, subfolder="unet",
+        vae=load_pretrained("VAE", AutoencoderKL.from_pretrained, model, subfolder="vae", dtype=frozen_dtype, **weights),
+        unet=load_pretrained("UNet", UNet2DConditionModel.from_pretrained, model, subfolder="unet",
                    dtype=unet_dtype, **weights),
-        noise_scheduler=_load("scheduler", DDPMScheduler.from_pretrained, model, subfolder="scheduler", revision=revision),
+        noise_scheduler=load_pretrained("scheduler", DDPMScheduler.from_pretrained, model, subfolder="scheduler", revision=revision),
     )
 
 
@@ -170,7 +171,7 @@ def save_pipeline(output_dir: str | Path, base_model: str, trained_states: dict[
     (``{"unet": state_dict, ...}``, gathered from every process when they are sharded) loaded in."""
     from diffusers import DiffusionPipeline
 
-    pipeline = _load("pipeline", DiffusionPipeline.from_pretrained, base_model, revision=revision, variant=variant,
+    pipeline = load_pretrained("pipeline", DiffusionPipeline.from_pretrained, base_model, revision=revision, variant=variant,
                      dtype=dtype, tokenizer=tokenizer)
     for name, state in trained_states.items():
         getattr(pipeline, name).load_state_dict(state)
