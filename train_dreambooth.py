@@ -225,7 +225,7 @@ def add_validation(cfg: TrainConfig, accelerator, components: Components, traine
 
     def after_step(state: TrainState) -> None:
         if cfg.num_validation_images and state.global_step % cfg.validation_steps == 0:
-            sampler.sample(f"step_{state.global_step}")
+            sampler.sample(f"step_{state.global_step}", state.global_step)
         if cfg.eval_steps and state.global_step % cfg.eval_steps == 0:
             sampler.evaluate(state.global_step, evaluation)
 
@@ -293,7 +293,7 @@ def finish(cfg: TrainConfig, accelerator, trainer: Trainer, components: Componen
         logger.info("stopped at step %d with a checkpoint; to continue, run the same command with "
                     "--resume_from_checkpoint latest", trainer.state.global_step)
         return
-    final_grid = sampler.sample("final") if cfg.num_validation_images else None
+    final_grid = sampler.sample("final", trainer.state.global_step) if cfg.num_validation_images else None
     weights = trained_weights(cfg, accelerator, trainer)
     if accelerator.is_main_process:
         save_trained(cfg, weights, components)

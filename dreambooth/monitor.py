@@ -88,15 +88,15 @@ class ValidationSampler:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
 
-    def sample(self, name: str) -> Path | None:
-        """Write ``samples/<name>.png`` (main process) and log it to the trackers; others wait."""
+    def sample(self, name: str, step: int | None = None) -> Path | None:
+        """Write ``samples/<name>.png`` (main process) and log it to the trackers at ``step``; others wait."""
         path = None
         if self.accelerator.is_main_process:
-            path = self._sample_on_main(name)
+            path = self._sample_on_main(name, step)
         self.accelerator.wait_for_everyone()
         return path
 
-    def _sample_on_main(self, name: str) -> Path:
+    def _sample_on_main(self, name: str, step: int | None) -> Path:
         settings = self.settings
         seeds = [settings.seed + j for j in range(settings.num_images)]
         with self.sampling() as pipeline:
@@ -105,7 +105,7 @@ class ValidationSampler:
         self.samples_dir.mkdir(parents=True, exist_ok=True)
         path = self.samples_dir / f"{name}.png"
         labelled_grid(rows).save(path)
-        self._log(name, rows)
+        self._log(name, step, rows)
         return path
 
     def evaluate(self, step: int, evaluation: "TrainingEvaluation") -> dict[str, float] | None:
@@ -120,8 +120,7 @@ class ValidationSampler:
         self.accelerator.wait_for_everyone()
         return metrics
 
-    def _log(self, name: str, rows) -> None:
-        step = int(name.split("_")[-1]) if name.startswith("step_") else None
+    def _log(self, name: str, step: int | None, rows) -> None:
         for tracker in self.accelerator.trackers:
             if tracker.name == "tensorboard":
                 images = np.stack([np.asarray(image) for _, images in rows for image in images])
@@ -159,14 +158,16 @@ class TrainingEvaluation:
 class Metrics:
     """Per-interval training metrics; losses stay on the device until a logging step reads them."""
 
-    images_per_step: int
     pending: list[torch.Tensor] = field(default_factory=list)
     history: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) for every step
     intervals: list[dict[str, float]] = field(default_factory=list)  # what each logging step logged
     _last_time: float = field(default_factory=time.perf_counter)
+    _images: int = 0
 
-    def add(self, loss: torch.Tensor) -> None:
+    def add(self, loss: torch.Tensor, images: int) -> None:
+        """One optimizer step: its loss and the images it trained on (class images and all processes included)."""
         self.pending.append(loss.detach().float())
+        self._images += images
 
     def read(self, step: int) -> dict[str, float]:
         """Average of the pending losses and the interval's speed; one device sync."""
@@ -174,10 +175,10 @@ class Metrics:
         first = step - len(losses) + 1
         self.history.extend(zip(range(first, step + 1), losses))
         now = time.perf_counter()
-        seconds = (now - self._last_time) / len(losses)
-        self._last_time, self.pending = now, []
-        logs = {"loss": sum(losses) / len(losses), "seconds_per_step": seconds,
-                "images_per_second": self.images_per_step / seconds}
+        elapsed = now - self._last_time
+        logs = {"loss": sum(losses) / len(losses), "seconds_per_step": elapsed / len(losses),
+                "images_per_second": self._images / elapsed}
+        self._last_time, self.pending, self._images = now, [], 0
         if torch.cuda.is_available():
             logs["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
             logs["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30

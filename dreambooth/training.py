@@ -230,7 +230,8 @@ class Trainer:
         self.checkpointer, self.checkpointing_steps = checkpointer, checkpointing_steps
         self.state = state or TrainState()
         self.logging_steps, self.max_nonfinite_steps = logging_steps, max_nonfinite_steps
-        self.metrics = Metrics(images_per_step=schedule.total_batch_size)
+        self.metrics = Metrics()
+        self._window_images = 0
         self.interrupted = False
         self._window_nonfinite: torch.Tensor | None = None
         self._skipped: list[torch.Tensor] = []  # per step, read back at logging steps
@@ -259,6 +260,7 @@ class Trainer:
         accelerator = self.accelerator
         with accelerator.accumulate(*self.trained):
             losses = self.loss_fn(batch)
+            self._window_images += len(batch["prompts"])
             nonfinite = (~torch.isfinite(losses["loss"].detach())).float()
             self._window_nonfinite = nonfinite if self._window_nonfinite is None else self._window_nonfinite + nonfinite
             accelerator.backward(losses["loss"])
@@ -309,7 +311,8 @@ class Trainer:
         if state.batches_in_epoch >= len(self.dataloader):
             # The epoch is complete: a checkpoint taken now resumes at the next one, on any process count.
             state.epoch, state.batches_in_epoch = state.epoch + 1, 0
-        self.metrics.add(losses["loss"])
+        self.metrics.add(losses["loss"], self._window_images * self.accelerator.num_processes)
+        self._window_images = 0
         progress.update(1)
         if state.global_step % self.logging_steps == 0 or state.global_step == self.schedule.max_train_steps:
             self._check_skipped_steps()
