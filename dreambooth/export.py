@@ -276,7 +276,7 @@ def pipeline_to_original(folder: Path) -> tuple[dict[str, torch.Tensor], dict[st
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from .models import _load
+    from .models import load_pretrained
 
     components = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
     for name in ("unet", "vae", "text_encoder"):
@@ -289,9 +289,9 @@ def pipeline_to_original(folder: Path) -> tuple[dict[str, torch.Tensor], dict[st
         raise DreamBoothError(
             f"OUTPUT_DIR {folder}: text encoder {text_class} is not supported yet; only CLIPTextModel")
     source = str(folder)
-    unet = _load("UNet", UNet2DConditionModel.from_pretrained, source, subfolder="unet")
-    vae = _load("VAE", AutoencoderKL.from_pretrained, source, subfolder="vae")
-    text_encoder = _load("text encoder", CLIPTextModel.from_pretrained, source, subfolder="text_encoder")
+    unet = load_pretrained("UNet", UNet2DConditionModel.from_pretrained, source, subfolder="unet")
+    vae = load_pretrained("VAE", AutoencoderKL.from_pretrained, source, subfolder="vae")
+    text_encoder = load_pretrained("text encoder", CLIPTextModel.from_pretrained, source, subfolder="text_encoder")
     state_dict = {
         **unet_to_original(unet.state_dict(), unet.config),
         **vae_to_original(vae.state_dict(), vae.config),
