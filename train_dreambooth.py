@@ -60,6 +60,7 @@ from dreambooth.training import (
     LossSettings,
     PromptEncoder,
     Schedule,
+    StepInBackward,
     Trainer,
     build_optimizer,
     freeze_module,
@@ -94,6 +95,8 @@ def check_engine_support(cfg: TrainConfig, accelerator) -> None:
     """What Accelerate's DeepSpeed and FSDP engines cannot combine with this run, said before anything loads."""
     from accelerate.utils import DistributedType
 
+    if cfg.optimizer_in_backward:
+        StepInBackward.check_support(accelerator, cfg.max_grad_norm)
     engine = {DistributedType.DEEPSPEED: "DeepSpeed", DistributedType.FSDP: "FSDP"}.get(accelerator.distributed_type)
     if engine is None:
         return
@@ -186,7 +189,8 @@ def build_trainer(cfg: TrainConfig, accelerator, components: Components, trained
     save, load = (save_lora, load_lora_into) if cfg.use_lora else (save_models, load_models_into)
     checkpointer = Checkpointer(accelerator, cfg.output_dir, save, load, cfg.checkpoints_total_limit)
     trainer = Trainer(accelerator, trained, optimizer, lr_scheduler, dataloader, schedule, loss_fn, cfg.max_grad_norm,
-                      cfg.set_grads_to_none, checkpointer, cfg.checkpointing_steps, state, cfg.logging_steps)
+                      cfg.set_grads_to_none, checkpointer, cfg.checkpointing_steps, state, cfg.logging_steps,
+                      optimizer_in_backward=cfg.optimizer_in_backward)
     if cfg.stop_text_encoder_training is not None:
         trainer.before_step_callbacks.append(lambda state: stop_text_encoder(cfg, accelerator, trainer, encoder))
     return trainer

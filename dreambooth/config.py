@@ -277,6 +277,10 @@ class TrainConfig:
     adam_weight_decay: float = _field(1e-2, "AdamW weight decay.")
     adam_epsilon: float = _field(1e-8, "AdamW epsilon.")
     max_grad_norm: float = _field(1.0, "Gradient clipping norm (0 turns clipping off).")
+    optimizer_in_backward: bool = _field(
+        False, "Step the optimizer on each weight inside backward and free its gradient at once: saves the "
+        "gradients' memory; one process, with --max_grad_norm 0 and no accumulation or fp16."
+    )
     mixed_precision: Optional[MixedPrecision] = _field(
         None, "no, fp16 or bf16 (default: the accelerate config's). Trainable weights stay in fp32."
     )

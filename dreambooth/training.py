@@ -153,6 +153,61 @@ def build_optimizer(parameters: Sequence[torch.nn.Parameter] | Sequence[dict], l
     return torch.optim.AdamW(parameters, fused=device.type in ("cuda", "cpu"), **kwargs)
 
 
+class StepInBackward:
+    """``--optimizer_in_backward``: the optimizer steps each weight inside backward, as soon as
+    that weight's gradient is complete (a post-accumulate-grad hook), and frees the gradient at
+    once, so the gradients of the whole model never exist together: that saves their memory
+    (4 bytes per trained weight in fp32). It is the same optimizer, state and lr schedule, each
+    step restricted to one weight, so the maths is unchanged; what needs every gradient first
+    (clipping, accumulation, a DDP all-reduce, fp16 loss scaling) cannot be combined with it."""
+
+    def __init__(self, optimizer, parameters: Sequence[torch.nn.Parameter]):
+        self.optimizer = getattr(optimizer, "optimizer", optimizer)
+        self._fused = getattr(self.optimizer, "_step_supports_amp_scaling", False)
+        self._group_of = {id(p): index for index, group in enumerate(self.optimizer.param_groups)
+                          for p in group["params"]}
+        self._skip: torch.Tensor | bool = False
+        self._handles = [p.register_post_accumulate_grad_hook(self._step) for p in parameters]
+
+    def arm(self, nonfinite: torch.Tensor) -> None:
+        """Before backward: skip this step's updates if the loss is not finite (on the device with
+        a fused optimizer, else with one read-back)."""
+        self._skip = nonfinite if self._fused else bool(nonfinite)
+
+    def _step(self, parameter: torch.nn.Parameter) -> None:
+        groups = self.optimizer.param_groups
+        all_params = [group["params"] for group in groups]
+        for index, group in enumerate(groups):
+            group["params"] = [parameter] if index == self._group_of[id(parameter)] else []
+        try:
+            if self._fused:
+                self.optimizer.found_inf = self._skip if torch.is_tensor(self._skip) else None
+                self.optimizer.step()
+            elif not self._skip:
+                self.optimizer.step()
+        finally:
+            for group, params in zip(groups, all_params):
+                group["params"] = params
+            self.optimizer.__dict__.pop("found_inf", None)
+            parameter.grad = None
+
+    @staticmethod
+    def check_support(accelerator, max_grad_norm: float) -> None:
+        from accelerate.utils import DistributedType
+
+        reason = None
+        if accelerator.num_processes > 1 or accelerator.distributed_type != DistributedType.NO:
+            reason = "runs on one process only (a multi-process all-reduce needs every gradient first)"
+        elif accelerator.gradient_accumulation_steps > 1:
+            reason = "cannot accumulate gradients: pass --gradient_accumulation_steps 1"
+        elif max_grad_norm > 0:
+            reason = "cannot clip gradients, which needs all of them first: pass --max_grad_norm 0"
+        elif accelerator.mixed_precision == "fp16":
+            reason = "cannot use fp16's loss scaling: use --mixed_precision bf16 or no"
+        if reason:
+            raise DreamBoothError(f"--optimizer_in_backward {reason}")
+
+
 def freeze_module(optimizer, module: torch.nn.Module) -> None:
     """Stop training ``module`` mid-run: no gradients, and its optimizer state released."""
     state = getattr(optimizer, "optimizer", optimizer).state
@@ -222,7 +277,8 @@ class Trainer:
                  schedule: Schedule, loss_fn: Callable[[dict], dict[str, torch.Tensor]],
                  max_grad_norm: float = 1.0, set_grads_to_none: bool = False,
                  checkpointer: Checkpointer | None = None, checkpointing_steps: int | None = None,
-                 state: TrainState | None = None, logging_steps: int = 10, max_nonfinite_steps: int = 3):
+                 state: TrainState | None = None, logging_steps: int = 10, max_nonfinite_steps: int = 3,
+                 optimizer_in_backward: bool = False):
         self.accelerator, self.trained = accelerator, trained
         self.optimizer, self.lr_scheduler, self.dataloader = optimizer, lr_scheduler, dataloader
         self.schedule, self.loss_fn = schedule, loss_fn
@@ -238,6 +294,9 @@ class Trainer:
         self._nonfinite_streak = 0
         self.step_callbacks: list[Callable[[TrainState], None]] = []  # after each optimizer step
         self.before_step_callbacks: list[Callable[[TrainState], None]] = []  # before each batch
+        self.step_in_backward = None
+        if optimizer_in_backward:  # the script checks support before loading (StepInBackward.check_support)
+            self.step_in_backward = StepInBackward(optimizer, self.parameters())
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for module in self.trained for p in module.parameters() if p.requires_grad]
@@ -263,6 +322,8 @@ class Trainer:
             self._window_images += len(batch["prompts"])
             nonfinite = (~torch.isfinite(losses["loss"].detach())).float()
             self._window_nonfinite = nonfinite if self._window_nonfinite is None else self._window_nonfinite + nonfinite
+            if self.step_in_backward:
+                self.step_in_backward.arm(nonfinite)
             accelerator.backward(losses["loss"])
             if accelerator.sync_gradients:
                 self._update()

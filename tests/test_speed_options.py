@@ -29,7 +29,8 @@ def prior(tmp_path):
     (["--pre_compute_text_embeddings"], ["--no_pre_compute_text_embeddings"]),
     (["--set_grads_to_none"], ["--no_set_grads_to_none"]),
     (["--channels_last"], []),
-], ids=["cache_latents", "pre_compute_text_embeddings", "set_grads_to_none", "channels_last"])
+    (["--optimizer_in_backward", "--max_grad_norm", "0"], ["--max_grad_norm", "0"]),
+], ids=["cache_latents", "pre_compute_text_embeddings", "set_grads_to_none", "channels_last", "optimizer_in_backward"])
 def test_option_keeps_the_loss_curve_and_weights(tiny_model, instance_dir, tmp_path, prior, option, baseline):
     losses, weights = run(tiny_model, instance_dir, tmp_path / "with", *prior, *option)
     reference_losses, reference_weights = run(tiny_model, instance_dir, tmp_path / "without", *prior, *baseline)
@@ -37,6 +38,39 @@ def test_option_keeps_the_loss_curve_and_weights(tiny_model, instance_dir, tmp_p
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_losses), rtol=1e-4, atol=1e-5)
     for key in weights:
         torch.testing.assert_close(weights[key], reference_weights[key], rtol=1e-4, atol=1e-5)
+
+
+def test_optimizer_in_backward_frees_each_gradient_as_it_goes(tiny_model, instance_dir, tmp_path, monkeypatch):
+    from dreambooth.training import StepInBackward
+
+    live_gradients, original = [], StepInBackward._step
+
+    def counting_step(self, parameter):
+        live_gradients.append(sum(p.grad is not None for group in self.optimizer.param_groups for p in group["params"]))
+        original(self, parameter)
+
+    monkeypatch.setattr(StepInBackward, "_step", counting_step)
+    flags = ["--max_grad_norm", "0", "--train_text_encoder", "--text_encoder_lr", "3e-4"]
+    trainer = train_dreambooth.main(train_args(tiny_model, instance_dir, tmp_path / "hooks", *BASE, *flags,
+                                               "--optimizer_in_backward"))
+    trained = trainer.parameters()
+    assert len(live_gradients) == 4 * len(trained)  # one update per weight and step
+    assert max(live_gradients) == 1  # only the weight being updated holds a gradient
+    reference = train_dreambooth.main(train_args(tiny_model, instance_dir, tmp_path / "plain", *BASE, *flags))
+    for ours, theirs in zip(trained, reference.parameters()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("flags, message", [
+    ([], "--max_grad_norm 0"),
+    (["--max_grad_norm", "0", "--gradient_accumulation_steps", "2"], "--gradient_accumulation_steps 1"),
+])
+def test_optimizer_in_backward_refuses_what_needs_every_gradient(tiny_model, instance_dir, tmp_path, flags, message):
+    from dreambooth.errors import DreamBoothError
+
+    with pytest.raises(DreamBoothError, match=message):
+        train_dreambooth.main(train_args(tiny_model, instance_dir, tmp_path / "out", "--optimizer_in_backward", *flags))
+    assert not (tmp_path / "out" / "unet").exists()
 
 
 def test_cached_latents_are_used_only_with_fixed_crops(tiny_model, instance_dir, tmp_path, caplog):
