@@ -305,8 +305,9 @@ def build_components(tokenizer, seed: int = 0) -> dict:
 def _to_tensor(images: Sequence[Image.Image]):
     import torch
 
-    array = np.stack([np.asarray(image, dtype=np.float32) for image in images]) / 127.5 - 1
-    return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
+    from dreambooth.data import image_to_tensor
+
+    return torch.stack([image_to_tensor(image, SIZE, center_crop=True, random_flip=False) for image in images])
 
 
 def _cosine_lr(step: int, total: int, peak: float, warmup: int = 200) -> float:
@@ -635,13 +636,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
             images = [image for shape in SHAPES for image in sample(pipeline, f"a photo of a red {shape}", 8)]
             make_grid(images, columns=8).save(args.save_grid)
     elif args.command == "study":
-        runs = []
+        runs, bases = [], {}  # the pretrained model's measures, per seed, shared by the settings
         for text_encoder in (False, True):
             for prior in (True, False):
                 settings = StudySettings(prior_preservation=prior, train_text_encoder=text_encoder, steps=args.steps,
                                          learning_rate=args.learning_rate)
                 for seed in args.seeds:
-                    runs.append(study_run(args.model, settings, seed))
+                    if seed not in bases:
+                        bases[seed] = measure_model(load(args.model), settings, seed)
+                    runs.append(study_run(args.model, settings, seed, bases[seed]))
                     print(f"{settings} seed {seed}: " + ", ".join(f"{k} {runs[-1][k]:.2f}" for k in STUDY_KEYS),
                           flush=True)
         report = {"runs": runs, "table": study_table(runs)}
