@@ -127,9 +127,9 @@ def random_picture(rng: np.random.Generator, **fixed) -> Picture:
     return Picture(**values)
 
 
-def subject_picture(rng: np.random.Generator, background: str = "white") -> Picture:
-    return random_picture(rng, shape=SUBJECT_SHAPE, colour=SUBJECT_COLOURS[0], background=background,
-                          two_tone=SUBJECT_COLOURS)
+def subject_picture(rng: np.random.Generator, background: str = "white", shape: str = SUBJECT_SHAPE,
+                    colours: tuple[str, str] = SUBJECT_COLOURS) -> Picture:
+    return random_picture(rng, shape=shape, colour=colours[0], background=background, two_tone=colours)
 
 
 def any_picture(rng: np.random.Generator) -> Picture:
@@ -188,7 +188,7 @@ def _template_masks(x0: int, y0: int, x1: int, y1: int) -> dict[str, np.ndarray]
     return {shape: _shape_mask(shape, size, cx, cy, SIZE) for shape in SHAPES}
 
 
-def describe(image: Image.Image) -> Description:
+def describe(image: Image.Image, subject_colours: tuple[str, str] = SUBJECT_COLOURS) -> Description:
     """Read background, colour, shape and the subject signature back from a picture.
 
     Background: median colour of the 2-pixel border. Object: pixels further than 80 (RGB
@@ -215,7 +215,7 @@ def describe(image: Image.Image) -> Description:
     left, right = pixels[mask & (np.arange(SIZE)[None, :] < centre)], pixels[mask & (np.arange(SIZE)[None, :] >= centre)]
     signature = 0.0
     if len(left) and len(right):
-        axis = np.array(COLOURS[SUBJECT_COLOURS[0]], dtype=np.float32) - np.array(COLOURS[SUBJECT_COLOURS[1]])
+        axis = np.array(COLOURS[subject_colours[0]], dtype=np.float32) - np.array(COLOURS[subject_colours[1]])
         signature = float((left.mean(0) - right.mean(0)) @ axis / (axis @ axis))
     return Description(background, colour, shape, signature)
 
@@ -474,10 +474,14 @@ def attribute_accuracy(pipeline, per_prompt: int = 4, seed: int = 0) -> dict:
     return {attribute: float(np.mean(values)) for attribute, values in hits.items()}
 
 
-INSTANCE_PROMPT = f"a photo of sks {SUBJECT_SHAPE}"
-CLASS_PROMPT = f"a photo of a {SUBJECT_SHAPE}"
-RECONTEXT_PROMPT = f"a photo of sks {SUBJECT_SHAPE} on a black background"
-OTHER_PROMPT = "a photo of a green square on a gray background"
+def study_prompts(shape: str) -> tuple[str, str, str, str]:
+    """Instance, class, recontextualisation and unrelated prompts for a subject of ``shape``."""
+    other_shape = "triangle" if shape == "square" else "square"
+    return (f"a photo of sks {shape}", f"a photo of a {shape}", f"a photo of sks {shape} on a black background",
+            f"a photo of a green {other_shape} on a gray background")
+
+
+INSTANCE_PROMPT, CLASS_PROMPT, RECONTEXT_PROMPT, OTHER_PROMPT = study_prompts(SUBJECT_SHAPE)
 
 
 @dataclass(frozen=True)
@@ -492,14 +496,17 @@ class StudySettings:
     num_class_images: int = 50
     samples_per_prompt: int = 32
     guidance_scale: float = 4.0
+    subject_shape: str = SUBJECT_SHAPE
+    subject_colours: tuple[str, str] = SUBJECT_COLOURS  # left half, right half
 
 
-def write_subject_images(folder: Path, count: int, seed: int) -> Path:
-    """``count`` pictures of the subject (the two-tone circle) on the white background."""
+def write_subject_images(folder: Path, count: int, seed: int, shape: str = SUBJECT_SHAPE,
+                         colours: tuple[str, str] = SUBJECT_COLOURS) -> Path:
+    """``count`` pictures of the subject (a two-tone shape) on the white background."""
     rng = np.random.default_rng(10_000 + seed)
     folder.mkdir(parents=True, exist_ok=True)
     for index in range(count):
-        draw(subject_picture(rng)).save(folder / f"subject_{index}.png")
+        draw(subject_picture(rng, shape=shape, colours=colours)).save(folder / f"subject_{index}.png")
     return folder
 
 
@@ -508,10 +515,12 @@ def train_subject(model: str | Path, workdir: Path, settings: StudySettings, see
     import generate_class_images
     import train_dreambooth
 
-    instance_dir = write_subject_images(workdir / "subject", settings.num_subject_images, seed)
+    instance_prompt, class_prompt, _, _ = study_prompts(settings.subject_shape)
+    instance_dir = write_subject_images(workdir / "subject", settings.num_subject_images, seed,
+                                        settings.subject_shape, settings.subject_colours)
     output_dir = workdir / "trained"
     argv = ["--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(instance_dir),
-            "--instance_prompt", INSTANCE_PROMPT, "--output_dir", str(output_dir), "--resolution", str(SIZE),
+            "--instance_prompt", instance_prompt, "--output_dir", str(output_dir), "--resolution", str(SIZE),
             "--train_batch_size", "1", "--learning_rate", str(settings.learning_rate), "--lr_scheduler", "constant",
             "--max_train_steps", str(settings.steps), "--checkpointing_steps", str(settings.steps + 1),
             "--seed", str(seed), "--num_validation_images", "0", "--save_precision", "fp32"]
@@ -519,11 +528,11 @@ def train_subject(model: str | Path, workdir: Path, settings: StudySettings, see
         argv.append("--train_text_encoder")
     if settings.prior_preservation:
         class_dir = workdir / "class"
-        generate_class_images.main(["--pretrained_model_name_or_path", str(model), "--class_prompt", CLASS_PROMPT,
+        generate_class_images.main(["--pretrained_model_name_or_path", str(model), "--class_prompt", class_prompt,
                                     "--class_data_dir", str(class_dir), "--num_class_images",
                                     str(settings.num_class_images), "--resolution", str(SIZE), "--sample_batch_size",
                                     "25", "--guidance_scale", str(settings.guidance_scale), "--seed", str(seed)])
-        argv += ["--with_prior_preservation", "--class_prompt", CLASS_PROMPT, "--class_data_dir", str(class_dir),
+        argv += ["--with_prior_preservation", "--class_prompt", class_prompt, "--class_data_dir", str(class_dir),
                  "--num_class_images", str(settings.num_class_images)]
     train_dreambooth.main(argv)
     return output_dir
@@ -531,14 +540,16 @@ def train_subject(model: str | Path, workdir: Path, settings: StudySettings, see
 
 def measure_model(pipeline, settings: StudySettings, seed: int) -> dict:
     """The study's prompts, each read back with ``describe``."""
-    count, scale = settings.samples_per_prompt, settings.guidance_scale
+    count, scale, shape = settings.samples_per_prompt, settings.guidance_scale, settings.subject_shape
+    instance, class_prompt, recontext, other = study_prompts(shape)
     expected = {
-        INSTANCE_PROMPT: {"shape": SUBJECT_SHAPE},
-        CLASS_PROMPT: {"shape": SUBJECT_SHAPE},
-        RECONTEXT_PROMPT: {"shape": SUBJECT_SHAPE, "background": "black"},
-        OTHER_PROMPT: {"shape": "square", "colour": "green", "background": "gray"},
+        instance: {"shape": shape},
+        class_prompt: {"shape": shape},
+        recontext: {"shape": shape, "background": "black"},
+        other: {"shape": other.split()[-4], "colour": "green", "background": "gray"},
     }
-    return {prompt: summarise([describe(image) for image in sample(pipeline, prompt, count, seed, scale)], wanted)
+    return {prompt: summarise([describe(image, settings.subject_colours)
+                               for image in sample(pipeline, prompt, count, seed, scale)], wanted)
             for prompt, wanted in expected.items()}
 
 
@@ -557,24 +568,27 @@ def study_run(model: str | Path, settings: StudySettings, seed: int, base: dict 
     pretrained model's level, about 0); binding: fidelity - class_subject_share; class_drift:
     total variation distance between the colour distributions of "a photo of a circle" before
     and after training; recontext: for "sks circle on a black background", the share showing the
-    subject times the share with a black background; other_shape_accuracy: share of "a photo of a green square on a gray
-    background" images that show a square (the pretrained model: 0.84)."""
+    subject times the share with a black background; other_shape_accuracy: share of "a photo of a
+    green square on a gray background" images that show a square (the pretrained model: 0.84).
+    The prompts name ``settings.subject_shape`` (a triangle stands in for the square when the
+    subject is a square)."""
     base = base or measure_model(load(model), settings, seed)
     with tempfile.TemporaryDirectory() as scratch:
         trained = train_subject(model, Path(scratch), settings, seed)
         after = measure_model(load(trained), settings, seed)
-    fidelity = after[INSTANCE_PROMPT]["subject_share"]
-    class_share = after[CLASS_PROMPT]["subject_share"]
+    instance, class_prompt, recontext, other = study_prompts(settings.subject_shape)
+    fidelity = after[instance]["subject_share"]
+    class_share = after[class_prompt]["subject_share"]
     return dict(
         seed=seed, settings=settings.__dict__, base=base, after=after,
-        fidelity=fidelity, base_fidelity=base[INSTANCE_PROMPT]["subject_share"],
+        fidelity=fidelity, base_fidelity=base[instance]["subject_share"],
         class_subject_share=class_share, binding=fidelity - class_share,
-        class_drift=colour_drift(base[CLASS_PROMPT], after[CLASS_PROMPT]),
-        recontext=after[RECONTEXT_PROMPT]["subject_share"] * after[RECONTEXT_PROMPT]["background_accuracy"],
-        recontext_background=after[RECONTEXT_PROMPT]["background_accuracy"],
-        other_prompt_accuracy={k: after[OTHER_PROMPT][f"{k}_accuracy"] for k in ("shape", "colour", "background")},
-        other_shape_accuracy=after[OTHER_PROMPT]["shape_accuracy"],
-        base_other_shape_accuracy=base[OTHER_PROMPT]["shape_accuracy"],
+        class_drift=colour_drift(base[class_prompt], after[class_prompt]),
+        recontext=after[recontext]["subject_share"] * after[recontext]["background_accuracy"],
+        recontext_background=after[recontext]["background_accuracy"],
+        other_prompt_accuracy={k: after[other][f"{k}_accuracy"] for k in ("shape", "colour", "background")},
+        other_shape_accuracy=after[other]["shape_accuracy"],
+        base_other_shape_accuracy=base[other]["shape_accuracy"],
     )
 
 
@@ -617,6 +631,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     st.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     st.add_argument("--steps", type=int, default=StudySettings.steps)
     st.add_argument("--learning_rate", type=float, default=StudySettings.learning_rate)
+    st.add_argument("--subject_shape", choices=SHAPES, default=SUBJECT_SHAPE)
+    st.add_argument("--subject_colours", nargs=2, choices=list(COLOURS), default=list(SUBJECT_COLOURS),
+                    metavar="COLOUR", help="left and right halves of the subject (default: red blue)")
     st.add_argument("--output", type=Path, default=Path("toyworld-study.json"))
     args = parser.parse_args(argv)
 
@@ -640,7 +657,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         for text_encoder in (False, True):
             for prior in (True, False):
                 settings = StudySettings(prior_preservation=prior, train_text_encoder=text_encoder, steps=args.steps,
-                                         learning_rate=args.learning_rate)
+                                         learning_rate=args.learning_rate, subject_shape=args.subject_shape,
+                                         subject_colours=tuple(args.subject_colours))
                 for seed in args.seeds:
                     if seed not in bases:
                         bases[seed] = measure_model(load(args.model), settings, seed)
