@@ -8,6 +8,8 @@ import io
 import logging
 import math
 import re
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -269,6 +271,11 @@ def generate_class_images(job: ClassImageJob, state=None) -> int:
     return written
 
 
+# PNG encoding takes about as long as a 512 px image takes on a fast GPU; Pillow lets go of the GIL
+# while it compresses, so worker threads write one batch while the GPU makes the next.
+_WRITER_THREADS = 4
+
+
 def _run_class_batches(job: ClassImageJob, batches: list[list[int]], state) -> int:
     device = state.device
     pipeline = load_pipeline(job.model, device, pick_dtype(device, job.precision), job.scheduler,
@@ -276,13 +283,28 @@ def _run_class_batches(job: ClassImageJob, batches: list[list[int]], state) -> i
     folder = Path(job.class_data_dir)
     progress = tqdm(total=sum(map(len, batches)), desc="Class images", unit="img",
                     disable=not state.is_local_main_process)
-    for batch in batches:
-        seeds = [derived_seed(job.seed, index) for index in batch]
-        images = generate(pipeline, job.class_prompt, seeds, job.resolution, job.resolution,
-                          job.num_inference_steps, job.guidance_scale)
-        for index, image in zip(batch, images):
-            save_png_atomically(image, folder, lambda digest, index=index: f"{index:05d}-{digest}.png")
-        progress.update(len(batch))
+    # Leaving the block waits for every write, so an error while generating keeps the images made.
+    with ThreadPoolExecutor(_WRITER_THREADS, thread_name_prefix="class-image-writer") as writer:
+        pending: deque[Future] = deque()
+        for batch in batches:
+            seeds = [derived_seed(job.seed, index) for index in batch]
+            images = generate(pipeline, job.class_prompt, seeds, job.resolution, job.resolution,
+                              job.num_inference_steps, job.guidance_scale)
+            pending.extend(writer.submit(_save_class_image, image, folder, index) for index, image in zip(batch, images))
+            while len(pending) > len(batch):  # at most one batch waits to be written
+                pending.popleft().result()
+                progress.update(1)
+        for future in pending:
+            future.result()
+            progress.update(1)
     progress.close()
     release(pipeline)
     return sum(map(len, batches))
+
+
+def _save_class_image(image: Image.Image, folder: Path, index: int) -> Path:
+    try:
+        return save_png_atomically(image, folder, lambda digest: f"{index:05d}-{digest}.png")
+    except OSError as error:
+        raise DreamBoothError(f"--class_data_dir {folder}: could not write class image {index} "
+                              f"({error.strerror or error})") from None

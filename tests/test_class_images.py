@@ -8,6 +8,7 @@ import os
 import re
 import socket
 import subprocess
+import threading
 import sys
 from pathlib import Path
 
@@ -185,3 +186,70 @@ def test_missing_class_prompt_flag_is_an_error(tiny_model, tmp_path):
 
     with pytest.raises(DreamBoothError, match="--class_prompt is required"):
         generate_class_images.main(argv)
+
+
+def test_a_batch_is_written_while_the_next_is_generated(tiny_model, tmp_path, monkeypatch):
+    from dreambooth import generation
+
+    calls, second_batch_started, waits = [], threading.Event(), []
+    generate = generation.generate
+    save = generation.save_png_atomically
+
+    def counting_generate(*args, **kwargs):
+        calls.append(len(calls))
+        if len(calls) == 2:
+            second_batch_started.set()
+        return generate(*args, **kwargs)
+
+    def save_after_the_next_batch_starts(*args, **kwargs):
+        # Written in line, the first batch's images would wait here in vain.
+        waits.append(second_batch_started.wait(timeout=20))
+        return save(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "generate", counting_generate)
+    monkeypatch.setattr(generation, "save_png_atomically", save_after_the_next_batch_starts)
+    written = generate_class_images.main(class_args(tiny_model, tmp_path / "threaded"))
+    monkeypatch.undo()
+    generate_class_images.main(class_args(tiny_model, tmp_path / "plain"))
+
+    assert written == 4 and len(calls) == 2
+    assert waits == [True] * 4
+    assert contents(tmp_path / "threaded") == contents(tmp_path / "plain")
+
+
+def test_a_failure_mid_run_keeps_the_images_already_made(tiny_model, tmp_path, monkeypatch):
+    from dreambooth import generation
+
+    generate = generation.generate
+    calls = []
+
+    def out_of_memory_on_the_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("CUDA out of memory")
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(generation, "generate", out_of_memory_on_the_second_batch)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        generate_class_images.main(class_args(tiny_model, tmp_path / "class"))
+
+    assert sorted(generated_indices(contents(tmp_path / "class"))) == [0, 1]
+
+
+def test_a_full_disk_is_a_one_line_error_naming_the_folder(tiny_model, tmp_path, monkeypatch):
+    from dreambooth import generation
+
+    save = generation.save_png_atomically
+
+    def disk_full_for_image_3(image, folder, name_for_hash, pnginfo=None):
+        if name_for_hash("0" * 12).startswith("00003"):
+            raise OSError(28, "No space left on device")
+        return save(image, folder, name_for_hash, pnginfo)
+
+    monkeypatch.setattr(generation, "save_png_atomically", disk_full_for_image_3)
+    folder = tmp_path / "class"
+    with pytest.raises(DreamBoothError, match=rf"--class_data_dir {re.escape(str(folder))}: could not write "
+                                              r"class image 3 \(No space left on device\)"):
+        generate_class_images.main(class_args(tiny_model, folder))
+
+    assert sorted(generated_indices(contents(folder))) == [0, 1, 2]
