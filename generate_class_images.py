@@ -32,6 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         num_class_images=cfg.num_class_images, resolution=cfg.resolution, sample_batch_size=cfg.sample_batch_size,
         num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale, scheduler=cfg.scheduler,
         precision=cfg.prior_generation_precision, seed=cfg.seed, revision=cfg.revision, variant=cfg.variant,
+        channels_last=cfg.channels_last, compile=cfg.compile,
     )
     written = generate_class_images(job)
     print(f"{cfg.class_data_dir}: {written} new class image(s) from this process, {cfg.num_class_images} wanted")

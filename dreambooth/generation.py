@@ -80,6 +80,17 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, schedule
     return pipeline.to(device)
 
 
+def speed_up(pipeline, channels_last: bool = False, compile: bool = False) -> None:
+    """Same images, sooner: the UNet and VAE in channels_last (the layout of tensor-core
+    convolutions), and the UNet compiled (the first call compiles, and a batch of another size
+    compiles again)."""
+    if channels_last:
+        pipeline.unet.to(memory_format=torch.channels_last)
+        pipeline.vae.to(memory_format=torch.channels_last)
+    if compile:
+        pipeline.unet = torch.compile(pipeline.unet)
+
+
 def checkpoint_components(checkpoint: str | Path, dtype: torch.dtype) -> dict:
     """The trained models of a full fine-tune's checkpoint (unet/, text_encoder/ when trained), to
     load a pipeline with them over its base model. A LoRA checkpoint has none: load it as a LoRA."""
@@ -186,6 +197,8 @@ class ClassImageJob:
     seed: int = 0
     revision: str | None = None
     variant: str | None = None
+    channels_last: bool = False
+    compile: bool = False
 
 
 def _scan_class_folder(folder: Path, remove_corrupt: bool) -> tuple[int, set[int]]:
@@ -280,6 +293,7 @@ def _run_class_batches(job: ClassImageJob, batches: list[list[int]], state) -> i
     device = state.device
     pipeline = load_pipeline(job.model, device, pick_dtype(device, job.precision), job.scheduler,
                              job.revision, job.variant)
+    speed_up(pipeline, job.channels_last, job.compile)
     folder = Path(job.class_data_dir)
     progress = tqdm(total=sum(map(len, batches)), desc="Class images", unit="img",
                     disable=not state.is_local_main_process)

@@ -12,7 +12,9 @@ import threading
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import generate_class_images
@@ -253,3 +255,31 @@ def test_a_full_disk_is_a_one_line_error_naming_the_folder(tiny_model, tmp_path,
         generate_class_images.main(class_args(tiny_model, folder))
 
     assert sorted(generated_indices(contents(folder))) == [0, 1, 2]
+
+
+def pixels(folder: Path) -> list[np.ndarray]:
+    return [np.asarray(Image.open(path), dtype=np.int16) for path in sorted(folder.iterdir())]
+
+
+@pytest.mark.parametrize("flag", ["--channels_last", pytest.param("--compile", marks=pytest.mark.slow)])
+def test_speed_flags_make_the_same_images(tiny_model, tmp_path, flag):
+    from dreambooth import generation
+
+    prepared = []
+    speed_up = generation.speed_up
+
+    def recording_speed_up(pipeline, channels_last=False, compile=False):
+        speed_up(pipeline, channels_last, compile)
+        prepared.append((pipeline.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last),
+                         isinstance(pipeline.unet, torch._dynamo.eval_frame.OptimizedModule)))
+
+    generate_class_images.main(class_args(tiny_model, tmp_path / "plain"))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(generation, "speed_up", recording_speed_up)
+        generate_class_images.main(class_args(tiny_model, tmp_path / "fast", flag))
+
+    assert prepared == [(flag == "--channels_last", flag == "--compile")]
+    plain, fast = pixels(tmp_path / "plain"), pixels(tmp_path / "fast")
+    assert len(plain) == len(fast) == 4
+    # Other kernels round differently: a pixel may move by a level or two, the picture not at all.
+    assert max(int(np.abs(a - b).max()) for a, b in zip(plain, fast)) <= 2
