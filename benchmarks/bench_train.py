@@ -75,6 +75,12 @@ CONFIGS = [
 ]
 
 
+# The run order: the configs with goals, then class-image generation ("gen"), then the extras, so
+# a run cut short by --deadline loses the least.
+DEFAULT_ORDER = "C1,C2,C3,C4,L1,C1c,gen,C2o,C4o"
+GEN = "gen"
+
+
 class BenchError(Exception):
     """A problem with the benchmark's own flags, printed as one line."""
 
@@ -86,12 +92,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="the tiny random model at 32 px (CPU smoke test)")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
-    parser.add_argument("--configs", default=",".join(c.name for c in CONFIGS),
-                        help="comma-separated configs to run (default: all)")
+    parser.add_argument("--configs", default=DEFAULT_ORDER,
+                        help=f"comma-separated configs to run, in this order; 'gen' is class-image generation "
+                             f"(default: {DEFAULT_ORDER})")
     parser.add_argument("--steps", type=int, default=40, help="training steps per config (--max_train_steps)")
     parser.add_argument("--extra_flags", default="",
                         help='train_dreambooth.py flags appended to every config: --extra_flags="--cache_latents"')
     parser.add_argument("--timeout", type=float, default=600, help="seconds allowed per config's process")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="seconds for the whole run: what would start later is skipped, and no process runs "
+                             "past it (results so far are written after every config)")
     parser.add_argument("--peak_tflops", type=float, default=989.0,
                         help="the card's dense bf16 peak for MFU (H100/H200 SXM: 989)")
     parser.add_argument("--gen", action=argparse.BooleanOptionalAction, default=None,
@@ -135,12 +145,26 @@ def check_extra_flags(extra_flags: str, fields: set[str]) -> None:
 
 
 def select_configs(names: str) -> list[BenchConfig]:
+    """The named training configs in the order given ('gen' is left to plan_run)."""
     by_name = {config.name.lower(): config for config in CONFIGS}
     wanted = [name.strip().lower() for name in names.split(",") if name.strip()]
-    unknown = [name for name in wanted if name not in by_name]
+    unknown = [name for name in wanted if name not in by_name and name != GEN]
     if unknown or not wanted:
-        raise BenchError(f"--configs {names}: choose from {', '.join(c.name for c in CONFIGS)}")
-    return [by_name[name] for name in dict.fromkeys(wanted)]
+        raise BenchError(f"--configs {names}: choose from {', '.join(c.name for c in CONFIGS)}, {GEN}")
+    return [by_name[name] for name in dict.fromkeys(wanted) if name != GEN]
+
+
+def plan_run(args: argparse.Namespace, cuda: bool) -> list[BenchConfig | str]:
+    """The configs and 'gen' in --configs order. 'gen' runs where listed when --gen is on (by
+    default, with CUDA); --gen with no 'gen' in the list adds it at the end."""
+    configs = select_configs(args.configs)
+    wanted = [name.strip().lower() for name in args.configs.split(",") if name.strip()]
+    generate = args.gen if args.gen is not None else cuda
+    by_name = {config.name.lower(): config for config in configs}
+    plan = [by_name.get(name, GEN) for name in dict.fromkeys(wanted) if name != GEN or generate]
+    if generate and GEN not in plan:
+        plan.append(GEN)
+    return plan
 
 
 def skip_reason(config: BenchConfig, fields: set[str], device_type: str) -> str | None:
@@ -505,8 +529,9 @@ def run_worker(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- the parent process
 
 
-def spawn(role: str, args: argparse.Namespace, workdir: Path) -> dict:
-    """Run one worker process under --timeout; its JSON line, or {'error': ...} with the log's tail."""
+def spawn(role: str, args: argparse.Namespace, workdir: Path, timeout: float | None = None) -> dict:
+    """Run one worker process under ``timeout`` (--timeout); its JSON line, or {'error': ...} with the log's tail."""
+    timeout = args.timeout if timeout is None else timeout
     log_path = workdir / "logs" / f"{role}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", role, "--workdir", str(workdir),
@@ -518,11 +543,11 @@ def spawn(role: str, args: argparse.Namespace, workdir: Path) -> dict:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, cwd=ROOT, env=env,
                                    start_new_session=True)
         try:
-            stdout, _ = process.communicate(timeout=args.timeout)
+            stdout, _ = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)  # the worker and any compile workers it started
             process.communicate()
-            return {"error": f"timed out after {args.timeout:.0f} s", "log_tail": log_tail(log_path)}
+            return {"error": f"timed out after {timeout:.0f} s", "log_tail": log_tail(log_path)}
     result = last_json_line(stdout)
     if process.returncode != 0 or result is None or "error" in result:
         error = (result or {}).get("error") or f"exit status {process.returncode}"
@@ -626,33 +651,41 @@ def generation_lines(generation: dict) -> str:
     return "\n".join(lines)
 
 
-def run_configs(configs: list[BenchConfig], args: argparse.Namespace, workdir: Path, cuda: bool) -> dict[str, dict]:
-    fields, results = train_fields(), {}
-    for config in configs:
-        flags = list(config.flags) + shlex.split(args.extra_flags)
-        entry = {"description": config.description, "flags": flags}
-        reason = skip_reason(config, fields, "cuda" if cuda else "cpu")
-        if reason:
-            print(f"{config.name}: skipped ({reason})", flush=True)
-            results[config.name] = {**entry, "skipped": reason}
-            continue
-        print(f"{config.name}: {config.description} {' '.join(flags)}", flush=True)
-        start = time.perf_counter()
-        shutil.rmtree(workdir / "runs" / config.name, ignore_errors=True)
-        results[config.name] = {**entry, **spawn(config.name, args, workdir)}
-        shutil.rmtree(workdir / "runs" / config.name, ignore_errors=True)
-        print(f"{config.name}: done in {time.perf_counter() - start:.0f} s"
-              + (f", FAILED: {results[config.name]['error']}" if "error" in results[config.name] else ""), flush=True)
-        if "log_tail" in results[config.name]:
-            print(results[config.name]["log_tail"], flush=True)
-    return results
+def run_config(config: BenchConfig, args: argparse.Namespace, workdir: Path, cuda: bool, timeout: float) -> dict:
+    flags = list(config.flags) + shlex.split(args.extra_flags)
+    entry = {"description": config.description, "flags": flags}
+    reason = skip_reason(config, train_fields(), "cuda" if cuda else "cpu")
+    if reason:
+        print(f"{config.name}: skipped ({reason})", flush=True)
+        return {**entry, "skipped": reason}
+    print(f"{config.name}: {config.description} {' '.join(flags)}", flush=True)
+    start = time.perf_counter()
+    shutil.rmtree(workdir / "runs" / config.name, ignore_errors=True)
+    result = {**entry, **spawn(config.name, args, workdir, timeout)}
+    shutil.rmtree(workdir / "runs" / config.name, ignore_errors=True)
+    print(f"{config.name}: done in {time.perf_counter() - start:.0f} s"
+          + (f", FAILED: {result['error']}" if "error" in result else ""), flush=True)
+    if "log_tail" in result:
+        print(result["log_tail"], flush=True)
+    return result
 
 
-def run_benchmark(args: argparse.Namespace, workdir: Path) -> dict:
+def run_generation(args: argparse.Namespace, workdir: Path, timeout: float) -> dict:
+    print(f"class-image generation: reference, then the suite ({args.gen_variants})", flush=True)
+    shutil.rmtree(workdir / "gen", ignore_errors=True)
+    generation = spawn(GEN, args, workdir, timeout)
+    if "log_tail" in generation:
+        print(generation["log_tail"], flush=True)
+    return generation
+
+
+def run_benchmark(args: argparse.Namespace, workdir: Path, output: Path) -> dict:
+    """Every config and 'gen' of the plan, each in its own process; the summary is written to
+    ``output`` after each, so a run stopped from outside keeps what it finished."""
     cuda = use_cuda(args)
     if not args.tiny and not cuda:
         raise BenchError("the full benchmark needs a CUDA GPU; on a CPU run it with --tiny")
-    configs = select_configs(args.configs)
+    plan = plan_run(args, cuda)
     select_gen_variants(args.gen_variants)
     check_extra_flags(args.extra_flags, train_fields())
     print(header(args, cuda), flush=True)
@@ -664,20 +697,41 @@ def run_benchmark(args: argparse.Namespace, workdir: Path) -> dict:
         print("parameters (M): " + ", ".join(f"{k} {v:.2f}" for k, v in build["parameters_millions"].items()))
     print(f"card: {build['card']}", flush=True)
     write_images(workdir, resolution(args))
-    results = run_configs(configs, args, workdir, cuda)
-    generation = None
-    if args.gen if args.gen is not None else cuda:
-        print("class-image generation: suite vs reference", flush=True)
-        shutil.rmtree(workdir / "gen", ignore_errors=True)
-        generation = spawn("gen", args, workdir)
-    goals = check_goals(results, generation) if cuda and not args.tiny else []
-    return {"card": build["card"], "device": "cuda" if cuda else "cpu", "tiny": args.tiny, "versions": versions(),
-            "parameters_millions": build["parameters_millions"], "steps": args.steps,
-            "extra_flags": args.extra_flags, "peak_tflops": args.peak_tflops,
-            "reference_h200": {name: {"seconds_per_step": s, "peak_gib": gib} for name, (s, gib) in REFERENCE.items()},
-            "goals": {name: {"max_seconds_per_step": s, "max_peak_gib": gib} for name, (s, gib) in GOALS.items()},
-            "configs": results, "generation": generation, "goal_checks": goals,
-            "total_seconds": time.perf_counter() - start}
+    summary = {"card": build["card"], "device": "cuda" if cuda else "cpu", "tiny": args.tiny, "versions": versions(),
+               "parameters_millions": build["parameters_millions"], "steps": args.steps,
+               "extra_flags": args.extra_flags, "peak_tflops": args.peak_tflops,
+               "reference_h200": {name: {"seconds_per_step": s, "peak_gib": gib}
+                                  for name, (s, gib) in REFERENCE.items()},
+               "goals": {name: {"max_seconds_per_step": s, "max_peak_gib": gib} for name, (s, gib) in GOALS.items()},
+               "configs": {}, "generation": None, "goal_checks": [], "finished": False}
+    for item in plan:
+        elapsed = time.perf_counter() - start
+        left = args.timeout if args.deadline is None else min(args.timeout, args.deadline - elapsed)
+        if left <= 0:
+            name = item if item == GEN else item.name
+            print(f"{name}: skipped (past the --deadline of {args.deadline:.0f} s)", flush=True)
+            if item != GEN:
+                summary["configs"][item.name] = {"description": item.description, "flags": list(item.flags),
+                                                 "skipped": "past the --deadline"}
+            continue
+        if item == GEN:
+            summary["generation"] = run_generation(args, workdir, left)
+        else:
+            summary["configs"][item.name] = run_config(item, args, workdir, cuda, left)
+        if cuda and not args.tiny:
+            summary["goal_checks"] = check_goals(summary["configs"], summary["generation"])
+        summary["total_seconds"] = time.perf_counter() - start
+        write_summary(summary, output)
+    summary.update(total_seconds=time.perf_counter() - start, finished=True)
+    write_summary(summary, output)
+    return summary
+
+
+def write_summary(summary: dict, output: Path) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    temporary = output.with_name(f".{output.name}.tmp")
+    temporary.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    temporary.replace(output)
 
 
 def report(summary: dict) -> None:
@@ -702,13 +756,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="bench-train-") as scratch:
             workdir = Path(args.workdir or scratch).resolve()
-            summary = run_benchmark(args, workdir)
+            summary = run_benchmark(args, workdir, output)
     except BenchError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     report(summary)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(summary, indent=2, default=str) + "\n")
     print(f"results written to {output}")
     return 0
 

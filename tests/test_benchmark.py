@@ -50,3 +50,40 @@ def test_tiny_benchmark_writes_results_for_each_config(tmp_path):
         assert part["speedup"] == pytest.approx(part["images_per_second"] / generation["reference"]["images_per_second"])
     assert generation["suite"]["channels_last"]["flags"] == "--channels_last"
     assert generation["speedup"] == generation["suite"]["default"]["speedup"]
+
+
+def load_bench():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_train
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return bench_train
+
+
+@pytest.mark.parametrize("flags, cuda, order", [
+    ([], True, ["C1", "C2", "C3", "C4", "L1", "C1c", "gen", "C2o", "C4o"]),
+    ([], False, ["C1", "C2", "C3", "C4", "L1", "C1c", "C2o", "C4o"]),  # generation is on by default with CUDA only
+    (["--configs", "L1,gen,C1"], True, ["L1", "gen", "C1"]),
+    (["--configs", "L1,gen,C1", "--no-gen"], True, ["L1", "C1"]),
+    (["--configs", "C2,C1", "--gen"], False, ["C2", "C1", "gen"]),
+])
+def test_the_run_follows_the_order_of_configs(flags, cuda, order):
+    bench = load_bench()
+    plan = bench.plan_run(bench.parse_args(flags), cuda)
+    assert [item if item == "gen" else item.name for item in plan] == order
+
+
+def test_a_run_past_its_deadline_skips_the_rest_and_still_writes_its_results(tmp_path):
+    output = tmp_path / "results.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--tiny", "--cpu", "--configs", "C1,gen,L1",
+               "--gen", "--deadline", "0", "--output", str(output)]
+    finished = subprocess.run(command, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                              text=True, timeout=300)
+    assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
+
+    results = json.loads(output.read_text())
+    assert results["finished"] is True and results["generation"] is None
+    assert {name: config["skipped"] for name, config in results["configs"].items()} == {
+        "C1": "past the --deadline", "L1": "past the --deadline"}
+    assert "gen: skipped (past the --deadline of 0 s)" in finished.stdout
