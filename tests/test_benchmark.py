@@ -87,3 +87,43 @@ def test_a_run_past_its_deadline_skips_the_rest_and_still_writes_its_results(tmp
     assert {name: config["skipped"] for name, config in results["configs"].items()} == {
         "C1": "past the --deadline", "L1": "past the --deadline"}
     assert "gen: skipped (past the --deadline of 0 s)" in finished.stdout
+
+
+def test_the_report_shows_each_goal_met_or_not_from_the_results():
+    bench = load_bench()
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_report
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    def measured(seconds, gib, flags=()):
+        return {"description": "", "flags": list(flags), "seconds_per_step": seconds, "steps_per_second": 1 / seconds,
+                "peak_memory_gib": gib, "peak_reserved_gib": gib + 1, "unet_tflops": 4.94 / seconds,
+                "mfu": 4.94 / seconds / 989}
+
+    configs = {"C1": measured(0.090, 15.2), "C2": measured(0.140, 12.0, ["--gradient_checkpointing"]),
+               "L1": measured(0.150, 3.1, ["--use_lora"]), "C4": {"description": "", "flags": ["--use_8bit_adam"],
+                                                                  "error": "ImportError: bitsandbytes"}}
+    generation = {"resolution": 512, "best": "default",
+                  "reference": {"images_per_second": 3.0, "scheduler": "PNDMScheduler", "steps": 50, "dtype": "float16",
+                                "batch_size": 4, "images": 16, "seconds": 5.3},
+                  "suite": {"default": {"images_per_second": 8.1, "speedup": 2.7, "scheduler": "DPMSolverMultistepScheduler",
+                                        "steps": 25, "dtype": "float16", "batch_size": 8, "images": 16, "seconds": 2.0,
+                                        "flags": "(defaults)", "load_and_warmup_seconds": 4.0}}}
+    summary = {"card": "NVIDIA H100 80GB HBM3", "tiny": False, "steps": 40, "extra_flags": "", "total_seconds": 400,
+               "versions": {"torch": "2.11.0", "bitsandbytes": None},
+               "reference_h200": {name: {"seconds_per_step": s, "peak_gib": gib} for name, (s, gib) in bench.REFERENCE.items()},
+               "goals": {name: {"max_seconds_per_step": s, "max_peak_gib": gib} for name, (s, gib) in bench.GOALS.items()},
+               "configs": configs, "generation": generation, "goal_checks": bench.check_goals(configs, generation)}
+
+    text = bench_report.markdown(summary)
+    rows = {line.split(" | ")[0][2:]: line for line in text.splitlines() if line.startswith("| ")}
+    assert text.startswith("### NVIDIA H100 80GB HBM3\n") and "torch 2.11.0." in text
+    assert rows["C1"].endswith("| 0.181 s, 17.4 GiB | <= 0.100 s, <= 14 GiB | not met: peak allocated <= 14.0 GiB |")
+    assert "| 0.090 | 11.11 | 15.2 | 16.2 | 54.9 | 5.5% |" in rows["C1"]
+    assert rows["C2"].endswith("| met |")
+    assert rows["L1"].endswith("| faster than C2, <= 4 GiB | not met: s/step < C2 s/step |")
+    assert "failed: ImportError: bitsandbytes" in rows["C4"]
+    assert "| suite, default | (defaults) | DPMSolverMultistepScheduler 25 steps, float16 | 8 | 8.10 | 2.70 | 4 |" in text
+    assert "Goals met: 5 of 7." in text
