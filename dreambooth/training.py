@@ -391,6 +391,10 @@ class Trainer:
         self.accelerator.log(logs, step=self.state.global_step)
 
     def _stop_requested(self, stop: GracefulStop) -> bool:
+        """Whether to stop after this step. A single process decides alone, without waiting for
+        the GPU; several agree through accelerate's trigger, whose collective is read back each step."""
+        if self.accelerator.num_processes == 1:
+            return stop.requested
         if stop.requested:
             self.accelerator.set_trigger()
         return self.accelerator.check_trigger()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import traceback
+
 import pytest
 import torch
 
@@ -94,3 +97,43 @@ def test_compiled_unet_trains_the_same(tiny_model, instance_dir, tmp_path):
     # the weights are compared by the loss they give, not element by element.
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_losses), rtol=5e-3, atol=1e-3)
     assert all(torch.isfinite(tensor).all() for tensor in weights.values())
+
+
+# Each of these waits for the GPU to finish everything queued when called on a GPU tensor.
+READ_BACKS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__")
+DATA_LOADER = os.path.join("torch", "utils", "data")
+
+
+@pytest.mark.parametrize("extra", [[], ["--use_lora", "--train_text_encoder"]], ids=["full", "lora_text_encoder"])
+def test_only_logging_steps_read_anything_back_from_the_device(tiny_model, instance_dir, tmp_path, prior,
+                                                               monkeypatch, extra):
+    from dreambooth.training import Trainer
+
+    reads, step = [], {"now": None}
+
+    def recording(name):
+        original = getattr(torch.Tensor, name)
+
+        def read_back(tensor, *args, **kwargs):
+            frames = traceback.extract_stack()[:-1]
+            # The data loader's index tensors live on the CPU; reading them waits for nothing.
+            if step["now"] is not None and not any(DATA_LOADER in frame.filename for frame in frames):
+                reads.append((step["now"], name, f"{frames[-1].filename}:{frames[-1].lineno}"))
+            return original(tensor, *args, **kwargs)
+
+        return read_back
+
+    for name in READ_BACKS:
+        monkeypatch.setattr(torch.Tensor, name, recording(name))
+    train = Trainer.train
+
+    def watched_train(trainer):
+        trainer.before_step_callbacks.append(lambda state: step.update(now=state.global_step + 1))
+        return train(trainer)
+
+    monkeypatch.setattr(Trainer, "train", watched_train)
+    train_dreambooth.main(train_args(tiny_model, instance_dir, tmp_path / "out", "--max_train_steps", "7",
+                                     "--logging_steps", "3", "--center_crop", *prior, *extra))
+
+    assert {at for at, _, _ in reads} <= {3, 6, 7}, [read for read in reads if read[0] not in (3, 6, 7)]
+    assert {at for at, name, _ in reads if name == "tolist"} == {3, 6, 7}  # the logged losses, read once each
