@@ -289,6 +289,7 @@ def build_worker(args: argparse.Namespace, workdir: Path) -> dict:
 
     from dreambooth.tiny_model import make_tiny_pipeline
 
+    (workdir / "unet_flops.json").unlink(missing_ok=True)  # counted on the model built now
     if args.tiny:
         make_tiny_pipeline(workdir / "model")
         counts = None
@@ -367,6 +368,19 @@ def count_unet_flops(cfg, device, mixed_precision: str) -> float:
     return float(counter.get_total_flops())
 
 
+def cached_unet_flops(cfg, device, mixed_precision: str, cache: Path) -> float:
+    """count_unet_flops, counted once per shape of the work (configs that differ only in speed
+    options share it), which spares each worker loading the UNet again."""
+    key = json.dumps([cfg.use_lora, cfg.rank, sorted(cfg.lora_target_modules or []), cfg.resolution,
+                      cfg.train_batch_size, cfg.with_prior_preservation, cfg.tokenizer_max_length, mixed_precision,
+                      device.type])
+    known = json.loads(cache.read_text()) if cache.exists() else {}
+    if key not in known:
+        known[key] = count_unet_flops(cfg, device, mixed_precision)
+        cache.write_text(json.dumps(known, indent=1))
+    return known[key]
+
+
 def train_worker(config: BenchConfig, args: argparse.Namespace, workdir: Path) -> dict:
     import train_dreambooth
     from dreambooth.config import TrainConfig, parse_config
@@ -384,7 +398,7 @@ def train_worker(config: BenchConfig, args: argparse.Namespace, workdir: Path) -
     result = {"config": config.name, "argv": argv, "run_seconds": run_seconds, **marks,
               **summarize_intervals(intervals), "final_loss": trainer.metrics.history[-1][1], "intervals": intervals}
     device = trainer.accelerator.device
-    flops = count_unet_flops(cfg, device, trainer.accelerator.mixed_precision)
+    flops = cached_unet_flops(cfg, device, trainer.accelerator.mixed_precision, workdir / "unet_flops.json")
     tflops = flops / 1e12 / result["seconds_per_step"]
     result.update(unet_tflop_per_step=flops / 1e12, unet_tflops=tflops,
                   mfu=tflops / args.peak_tflops if device.type == "cuda" else None)
