@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import traceback
 
@@ -62,6 +63,49 @@ def test_optimizer_in_backward_frees_each_gradient_as_it_goes(tiny_model, instan
     reference = train_dreambooth.main(train_args(tiny_model, instance_dir, tmp_path / "plain", *BASE, *flags))
     for ours, theirs in zip(trained, reference.parameters()):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def bitsandbytes_adamw_8bit_on_cpu():
+    """bitsandbytes' AdamW8bit class, where this bitsandbytes can step it on the CPU (0.50 and later)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    probe = torch.nn.Parameter(torch.ones(64, 64))
+    probe.grad = torch.ones_like(probe)
+    try:
+        bnb.optim.AdamW8bit([probe]).step()
+    except Exception as error:  # noqa: BLE001 - any failure means: no CPU support in this version
+        pytest.skip(f"this bitsandbytes cannot step 8-bit AdamW on the CPU ({type(error).__name__})")
+    return bnb.optim.AdamW8bit
+
+
+def test_optimizer_in_backward_steps_8bit_adamw_as_after_backward():
+    # --use_8bit_adam --optimizer_in_backward (C4o) takes the path for optimizers that cannot skip
+    # on the device: a read-back before backward, then a step per weight.
+    from dreambooth.training import StepInBackward
+
+    adamw_8bit = bitsandbytes_adamw_8bit_on_cpu()
+    torch.manual_seed(0)
+    # 8-bit state for the weights (>= 4096 values), 32-bit for the biases, as on a GPU.
+    model = torch.nn.Sequential(torch.nn.Linear(96, 128), torch.nn.GELU(), torch.nn.Linear(128, 64))
+    twin, initial = copy.deepcopy(model), copy.deepcopy(model)
+    inputs = [torch.randn(8, 96) for _ in range(4)]
+    after_backward = adamw_8bit(twin.parameters(), lr=1e-2, weight_decay=1e-2)
+    in_backward = adamw_8bit(model.parameters(), lr=1e-2, weight_decay=1e-2)
+    hooks = StepInBackward(in_backward, list(model.parameters()))
+    for step, batch in enumerate(inputs):
+        loss = model(batch).pow(2).mean() * (float("nan") if step == 2 else 1.0)
+        hooks.arm(~torch.isfinite(loss.detach()))
+        loss.backward()
+        assert all(p.grad is None for p in model.parameters())
+        twin_loss = twin(batch).pow(2).mean()
+        twin_loss.backward()
+        if step != 2:  # the non-finite step is skipped: no update at all
+            after_backward.step()
+        after_backward.zero_grad(set_to_none=True)
+
+    assert in_backward.state[model[0].weight]["state1"].dtype == torch.uint8
+    for ours, theirs in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    assert not torch.equal(model[0].weight, initial[0].weight)
 
 
 @pytest.mark.parametrize("flags, message", [
