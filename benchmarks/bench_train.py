@@ -72,12 +72,13 @@ CONFIGS = [
                 "C2 + optimizer step in backward, no clipping"),
     BenchConfig("C4o", ("--gradient_checkpointing", "--use_8bit_adam", "--optimizer_in_backward",
                         "--max_grad_norm", "0"), "C4 + optimizer step in backward, no clipping"),
+    BenchConfig("C1g", ("--compile", "--compile_mode", "reduce-overhead"), "C1 + torch.compile with CUDA graphs"),
 ]
 
 
 # The run order: the configs with goals, then class-image generation ("gen"), then the extras, so
 # a run cut short by --deadline loses the least.
-DEFAULT_ORDER = "C1,C2,C3,C4,L1,C1c,gen,C2o,C4o"
+DEFAULT_ORDER = "C1,C2,C3,C4,L1,C1c,gen,C2o,C4o,C1g"
 GEN = "gen"
 
 

@@ -62,8 +62,8 @@ def load_bench():
 
 
 @pytest.mark.parametrize("flags, cuda, order", [
-    ([], True, ["C1", "C2", "C3", "C4", "L1", "C1c", "gen", "C2o", "C4o"]),
-    ([], False, ["C1", "C2", "C3", "C4", "L1", "C1c", "C2o", "C4o"]),  # generation is on by default with CUDA only
+    ([], True, ["C1", "C2", "C3", "C4", "L1", "C1c", "gen", "C2o", "C4o", "C1g"]),
+    ([], False, ["C1", "C2", "C3", "C4", "L1", "C1c", "C2o", "C4o", "C1g"]),  # generation is on by default with CUDA only
     (["--configs", "L1,gen,C1"], True, ["L1", "gen", "C1"]),
     (["--configs", "L1,gen,C1", "--no-gen"], True, ["L1", "C1"]),
     (["--configs", "C2,C1", "--gen"], False, ["C2", "C1", "gen"]),
