@@ -57,6 +57,7 @@ from dreambooth.models import (
 )
 from dreambooth.monitor import SampleSettings, TrainingEvaluation, ValidationSampler, plot_loss_curve
 from dreambooth.training import (
+    BatchDraws,
     LossSettings,
     PromptEncoder,
     Schedule,
@@ -181,10 +182,11 @@ def build_trainer(cfg: TrainConfig, accelerator, components: Components, trained
         encoder.precompute(dataset.prompts(), components.tokenizer, cfg.tokenizer_max_length)
         components.text_encoder.to("cpu")
     settings = LossSettings(cfg.prior_loss_weight, cfg.snr_gamma, cfg.offset_noise)
+    draws = BatchDraws(accelerator.process_index, accelerator.num_processes)
     unet = torch.compile(trained[0], mode=cfg.compile_mode) if cfg.compile else trained[0]
 
     def loss_fn(batch: dict) -> dict[str, torch.Tensor]:
-        return training_loss(batch, unet, latents, components.noise_scheduler, encoder, settings)
+        return training_loss(batch, unet, latents, components.noise_scheduler, encoder, settings, draws)
 
     save, load = (save_lora, load_lora_into) if cfg.use_lora else (save_models, load_models_into)
     checkpointer = Checkpointer(accelerator, cfg.output_dir, save, load, cfg.checkpoints_total_limit)

@@ -105,6 +105,30 @@ class PromptEncoder:
 
 
 @dataclass(frozen=True)
+class BatchDraws:
+    """The objective's random draws for this process's part of the global batch.
+
+    Every process draws for the whole global batch (the processes' batches in process order, as
+    accelerate deals them out) and keeps its own rows. With ``--seed`` every process has the same
+    RNG state, so drawing for its own batch alone would give every process the same noise and
+    timesteps; this way each sample gets its own, and N processes of batch b draw exactly what
+    one process of batch N x b draws."""
+
+    process_index: int = 0
+    num_processes: int = 1
+
+    def _own_rows(self, drawn: torch.Tensor) -> torch.Tensor:
+        rows = drawn.shape[0] // self.num_processes
+        return drawn[self.process_index * rows:(self.process_index + 1) * rows]
+
+    def randn(self, shape: Sequence[int], device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self._own_rows(torch.randn((shape[0] * self.num_processes, *shape[1:]), device=device, dtype=dtype))
+
+    def randint(self, high: int, size: int, device: torch.device) -> torch.Tensor:
+        return self._own_rows(torch.randint(0, high, (size * self.num_processes,), device=device))
+
+
+@dataclass(frozen=True)
 class LossSettings:
     prior_loss_weight: float = 1.0
     snr_gamma: float | None = None
@@ -112,21 +136,25 @@ class LossSettings:
 
 
 def training_loss(batch: dict, unet, latents_source, noise_scheduler, encode_prompts: Callable[[dict], torch.Tensor],
-                  settings: LossSettings) -> dict[str, torch.Tensor]:
+                  settings: LossSettings, draws: BatchDraws = BatchDraws()) -> dict[str, torch.Tensor]:
     """One forward pass of the objective on a batch (instance images first, then class images).
 
     ``latents_source`` gives the batch's VAE posterior (``caching.VaeLatents`` or
-    ``caching.CachedLatents``). Random draws, in this order from the default generator:
-    posterior sample, noise, (offset noise), timesteps.
+    ``caching.CachedLatents``). Random draws, in this order from the default generator, each for
+    the global batch (``draws``): posterior sample, noise, (offset noise), timesteps.
     """
-    latents = (latents_source.posterior(batch).sample() * latents_source.scaling_factor).float()
-    # torch.randn, not randn_like: randn_like follows the strides of its input, which depend on the
+    posterior = latents_source.posterior(batch)
+    # The posterior's own sample(), with the draw for the global batch (the same numbers on one process).
+    sample = posterior.mean + posterior.std * draws.randn(posterior.mean.shape, posterior.mean.device,
+                                                          posterior.mean.dtype)
+    latents = (sample * latents_source.scaling_factor).float()
+    # A fresh randn, not randn_like: randn_like follows the strides of its input, which depend on the
     # VAE's convolution backend, and the same seed would then give other noise to cached latents.
-    noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype)
+    noise = draws.randn(latents.shape, latents.device, latents.dtype)
     if settings.offset_noise:
         # Offset noise (Guttenberg 2023) lets the model learn very dark and very bright images.
-        noise = noise + 0.1 * torch.randn(latents.shape[0], latents.shape[1], 1, 1, device=latents.device)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+        noise = noise + 0.1 * draws.randn((latents.shape[0], latents.shape[1], 1, 1), latents.device)
+    timesteps = draws.randint(noise_scheduler.config.num_train_timesteps, latents.shape[0], latents.device)
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
     encoder_hidden_states = encode_prompts(batch)
     model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]

@@ -116,3 +116,23 @@ def test_frozen_prompt_encoder_caches_each_prompt_once(components):
     torch.testing.assert_close(first, second)
     with torch.no_grad():
         torch.testing.assert_close(first, text_encoder(batch["input_ids"])[0])
+
+
+def test_each_process_draws_its_own_rows_of_the_global_batch():
+    from dreambooth.training import BatchDraws
+
+    def draw(draws: BatchDraws):
+        torch.manual_seed(5)  # --seed: every process starts from the same RNG state
+        return draws.randn((2, 4, 8, 8), torch.device("cpu")), draws.randint(1000, 2, torch.device("cpu"))
+
+    alone = draw(BatchDraws(0, 1))
+    torch.manual_seed(5)
+    assert torch.equal(alone[0], torch.randn(2, 4, 8, 8))  # one process: the plain draws
+    assert torch.equal(alone[1], torch.randint(0, 1000, (2,)))
+    shares = [draw(BatchDraws(rank, 2)) for rank in (0, 1)]
+    torch.manual_seed(5)
+    four_noise, four_steps = torch.randn(4, 4, 8, 8), torch.randint(0, 1000, (4,))
+
+    assert torch.equal(torch.cat([noise for noise, _ in shares]), four_noise)
+    assert torch.equal(torch.cat([steps for _, steps in shares]), four_steps)
+    assert not torch.equal(shares[0][0], shares[1][0])  # the processes' samples get different noise

@@ -80,45 +80,19 @@ def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
-def one_sample(batch: dict, index: int) -> dict:
-    """Row ``index`` of an instance-only batch, as a batch of one."""
-    rows = batch["num_instance"]
-    sample = {key: value[index:index + 1] if isinstance(value, (torch.Tensor, list)) and len(value) == rows else value
-              for key, value in batch.items()}
-    sample["num_instance"] = 1
-    return sample
-
-
-def same_draws_for_every_sample(training_loss):
-    """``training_loss`` on a batch of n as the mean of n batches of one, each drawn from the
-    global RNG state the batch started with, and leaving the RNG where one such draw leaves it."""
-
-    def loss(batch, *args, **kwargs):
-        start = torch.get_rng_state()
-        parts = []
-        for index in range(batch["num_instance"]):
-            torch.set_rng_state(start)
-            parts.append(training_loss(one_sample(batch, index), *args, **kwargs))
-        return {key: torch.stack([part[key] for part in parts]).mean() for key in parts[0]}
-
-    return loss
-
-
-def test_two_processes_of_one_equal_one_process_of_two(tiny_model, tmp_path, monkeypatch, caplog):
+def test_two_processes_of_one_equal_one_process_of_two(tiny_model, tmp_path, caplog):
     """DDP over 2 processes with batch 1 trains exactly like 1 process with batch 2.
 
     Why an exact comparison is possible: the data order is a seeded permutation that Accelerate
     deals out, so process 0 gets samples [0, 2, ...] and process 1 gets [1, 3, ...], while the
     single process gets batches [0, 1], [2, 3]: the same samples in each step. The random draws
     of the objective (VAE sample, noise, timesteps) come from the global RNG, which `--seed`
-    seeds identically on every process; so each of the two processes draws for its one sample
-    what the single process would draw for a batch of one from the same state. The reference
-    run therefore computes its batch of 2 as the mean of two batches of one drawn from the same
-    RNG state (the same objective: the batch loss is the mean of the per-sample losses, and DDP
-    averages the two processes' gradients). Everything else is the real code on both sides.
+    seeds identically on every process; each process draws for the global batch of 2 and keeps
+    its own row (training.BatchDraws), so its sample gets what the single process draws for it,
+    and the two samples of a step get different noise and timesteps. The batch loss is the mean of
+    the per-sample losses, and DDP averages the two processes' gradients: the same objective.
 
-    (Without that alignment the two runs' weight changes have a cosine similarity of only about
-    0.4 on this tiny model, too loose for a check.) To make the check see the gradient's scale (averaged, not summed), clipping is off and
+    To make the check see the gradient's scale (averaged, not summed), clipping is off and
     AdamW's epsilon is large, so an update is nearly proportional to the gradient. --scale_lr
     must give both runs the same learning rate: 1 x 2 processes = 2 x 1 process.
     """
@@ -128,7 +102,6 @@ def test_two_processes_of_one_equal_one_process_of_two(tiny_model, tmp_path, mon
               "--max_grad_norm", "0", "--adam_epsilon", "1", "--adam_weight_decay", "0", "--max_train_steps", "2"]
 
     two = launch(train_args(tiny_model, data, tmp_path / "two", *common, "--train_batch_size", "1"))
-    monkeypatch.setattr(train_dreambooth, "training_loss", same_draws_for_every_sample(train_dreambooth.training_loss))
     with caplog.at_level(logging.INFO, logger="dreambooth"), one_thread():
         train_dreambooth.main(train_args(tiny_model, data, tmp_path / "one", *common, "--train_batch_size", "2"))
 
