@@ -336,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> Trainer:
     dataloader = build_dataloader(cfg, components.tokenizer, state.data_seed)
     trainer = build_trainer(cfg, accelerator, components, trained, dataloader, state)
     if resume is not None:
-        trainer.checkpointer.load(resume, trainer.lr_scheduler)
+        trainer.metrics.history = trainer.checkpointer.load(resume, trainer.lr_scheduler)
     sampler = add_validation(cfg, accelerator, components, trainer)
     if accelerator.is_main_process:
         save_config(cfg, os.path.join(cfg.output_dir, "train_config.yaml"))

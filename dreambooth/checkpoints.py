@@ -2,7 +2,7 @@
 
 A checkpoint is Accelerate's ``save_state`` (optimizer, lr schedule, gradient scaler, every
 RNG state) plus the trained models in diffusers format (``unet/``, ``text_encoder/``, so
-``infer.py --checkpoint`` can sample it) and the loop's counters. It is written to a hidden
+``infer.py --checkpoint`` can sample it), the loop's counters and the loss of every step so far. It is written to a hidden
 temporary folder, marked complete, and only then renamed to ``checkpoint-<step>``; old ones
 are pruned after that. A folder without the marker (a kill mid-save) is never resumed from.
 """
@@ -16,7 +16,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 PREFIX = "checkpoint-"
 MARKER = "checkpoint_complete.json"
+LOSS_HISTORY = "loss_history.json"
 _NAME = re.compile(rf"^{PREFIX}(\d+)$")
 
 
@@ -98,6 +99,12 @@ def read_state(checkpoint: Path) -> TrainState:
     return TrainState(**json.loads((checkpoint / MARKER).read_text())["train_state"])
 
 
+def read_loss_history(checkpoint: Path) -> list[tuple[int, float]]:
+    """The (step, loss) of every step up to the checkpoint; none from a checkpoint without them."""
+    path = checkpoint / LOSS_HISTORY
+    return [(int(step), float(loss)) for step, loss in json.loads(path.read_text())] if path.is_file() else []
+
+
 def all_finite(tensors) -> bool:
     """Whether every floating-point tensor of ``tensors`` is finite."""
     return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
@@ -129,8 +136,10 @@ class Checkpointer:
         self._load_models([self.accelerator.unwrap_model(model) for model in models], Path(folder))
         models.clear()
 
-    def save(self, state: TrainState, trained: list[torch.nn.Module]) -> Path:
-        """Write ``checkpoint-<step>`` atomically, then prune the oldest beyond the limit."""
+    def save(self, state: TrainState, trained: list[torch.nn.Module],
+             loss_history: Sequence[tuple[int, float]] = ()) -> Path:
+        """Write ``checkpoint-<step>`` atomically, then prune the oldest beyond the limit. The loss
+        of every step so far goes with it, so a resumed run's loss curve starts at step 1."""
         accelerator = self.accelerator
         final = self.output_dir / f"{PREFIX}{state.global_step}"
         temporary = self.output_dir / f".{final.name}.tmp"
@@ -144,6 +153,7 @@ class Checkpointer:
             accelerator.save_state(str(temporary))
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
+                (temporary / LOSS_HISTORY).write_text(json.dumps([list(entry) for entry in loss_history]))
                 marker = {"step": state.global_step, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                           "train_state": asdict(state)}
                 (temporary / MARKER).write_text(json.dumps(marker, indent=1))
@@ -171,13 +181,15 @@ class Checkpointer:
             logger.info("removing old checkpoint %s (--checkpoints_total_limit %d)", path, self.total_limit)
             shutil.rmtree(path)
 
-    def load(self, checkpoint: Path, lr_scheduler=None) -> None:
-        """Restore the models, optimizer, schedule and RNG states saved in ``checkpoint``."""
+    def load(self, checkpoint: Path, lr_scheduler=None) -> list[tuple[int, float]]:
+        """Restore the models, optimizer, schedule and RNG states saved in ``checkpoint``; returns
+        the loss history saved with it."""
         self.accelerator.load_state(str(checkpoint))
         state = read_state(checkpoint)
         if lr_scheduler is not None and state.num_processes != self.accelerator.num_processes:
             _rescale_schedule(lr_scheduler, state.global_step * self.accelerator.num_processes)
         logger.info("resumed from %s at step %d", checkpoint, state.global_step)
+        return read_loss_history(checkpoint)
 
 
 def _rescale_schedule(lr_scheduler, last_epoch: int) -> None:

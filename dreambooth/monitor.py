@@ -169,6 +169,11 @@ class Metrics:
         self.pending.append(loss.detach().float())
         self._images += images
 
+    def losses_so_far(self, step: int) -> list[tuple[int, float]]:
+        """(step, loss) of every step up to ``step``, the ones not yet logged included (one device sync)."""
+        pending = torch.stack(self.pending).tolist() if self.pending else []
+        return self.history + list(zip(range(step - len(pending) + 1, step + 1), pending))
+
     def read(self, step: int) -> dict[str, float]:
         """Average of the pending losses and the interval's speed; one device sync."""
         losses = torch.stack(self.pending).tolist()

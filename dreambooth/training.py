@@ -410,7 +410,7 @@ class Trainer:
             callback(state)
         if self.checkpointer and self.checkpointing_steps and state.global_step % self.checkpointing_steps == 0:
             self._check_skipped_steps()
-            self.checkpointer.save(state, self.trained)
+            self.checkpointer.save(state, self.trained, self.metrics.losses_so_far(state.global_step))
 
     def _log(self, progress) -> None:
         logs = self.metrics.read(self.state.global_step)
@@ -455,7 +455,7 @@ class Trainer:
             return
         saved = [path for step, path in find_checkpoints(self.checkpointer.output_dir) if step == self.state.global_step]
         if not saved:
-            self.checkpointer.save(self.state, self.trained)
+            self.checkpointer.save(self.state, self.trained, self.metrics.losses_so_far(self.state.global_step))
 
 
 def tracker_config(values: dict[str, Any]) -> dict[str, Any]:

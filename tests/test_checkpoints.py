@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 import infer
 import train_dreambooth
 from conftest import ROOT, TOY_SUBJECT, train_args
-from dreambooth.checkpoints import MARKER, find_checkpoints, resolve_resume
+from dreambooth.checkpoints import MARKER, find_checkpoints, read_loss_history, resolve_resume
 from dreambooth.errors import DreamBoothError
 from dreambooth.training import Trainer
 
@@ -71,7 +71,7 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny_model, ins
              "--checkpointing_steps", "3", "--lr_scheduler", "cosine", "--lr_warmup_steps", "2",
              "--save_precision", "fp32"]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    train_dreambooth.main(train_args(tiny_model, instance_dir, whole, *extra))
+    uninterrupted = train_dreambooth.main(train_args(tiny_model, instance_dir, whole, *extra))
 
     with monkeypatch.context() as patch:
         stop_after_step(patch, 3)
@@ -82,6 +82,9 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny_model, ins
                                                "--resume_from_checkpoint", "latest"))
     assert resumed.state.global_step == 6
     assert_bitwise_equal(unet_weights(whole), unet_weights(parts))
+    # The loss curve of the resumed run starts at step 1: the checkpoint carried steps 1-3.
+    assert [step for step, _ in resumed.metrics.history] == list(range(1, 7))
+    assert resumed.metrics.history == uninterrupted.metrics.history
     if "--train_text_encoder" in extra:
         assert_bitwise_equal(load_file(whole / "text_encoder" / "model.safetensors"),
                              load_file(parts / "text_encoder" / "model.safetensors"))
@@ -94,6 +97,8 @@ def test_sigterm_between_checkpoints_saves_the_current_step(tiny_model, instance
                                                "--checkpointing_steps", "2"))
     assert trainer.interrupted
     assert checkpoint_steps(output) == [2, 3]
+    assert [step for step, _ in read_loss_history(output / "checkpoint-3")] == [1, 2, 3]
+    assert read_loss_history(output / "checkpoint-2") == read_loss_history(output / "checkpoint-3")[:2]
     assert "--resume_from_checkpoint latest" in capfd.readouterr().err
 
 
