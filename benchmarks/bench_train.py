@@ -108,7 +108,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--gen", action=argparse.BooleanOptionalAction, default=None,
                         help="also time class-image generation (default: on with CUDA)")
     parser.add_argument("--gen_images", type=int, default=16, help="images timed per generation path")
-    parser.add_argument("--gen_batch_size", type=int, default=8, help="batch of the suite's class-image path")
+    parser.add_argument("--gen_batch_size", type=int, default=4,
+                        help="batch of the suite's class-image path (4: generate_class_images.py's default)")
     parser.add_argument("--gen_variants", default=",".join(GEN_VARIANTS),
                         help="the suite's class-image settings to time: default (its defaults), channels_last, "
                              "compile (--channels_last --compile)")

@@ -61,6 +61,24 @@ def load_bench():
     return bench_train
 
 
+def test_generation_is_timed_with_the_suites_defaults():
+    from dreambooth.config import GenerateClassImagesConfig
+
+    import dataclasses
+
+    from dreambooth.generation import ClassImageJob
+
+    args = load_bench().parse_args([])
+    assert args.gen_batch_size == GenerateClassImagesConfig().sample_batch_size
+    # The benchmark builds a ClassImageJob: its defaults must be the script's.
+    cli = GenerateClassImagesConfig()
+    shared = {field.name for field in dataclasses.fields(ClassImageJob)} & set(vars(cli))
+    assert {"num_inference_steps", "guidance_scale", "scheduler", "channels_last", "compile"} <= shared
+    for field in dataclasses.fields(ClassImageJob):
+        if field.name in shared and field.default is not dataclasses.MISSING:
+            assert field.default == getattr(cli, field.name), field.name
+
+
 @pytest.mark.parametrize("flags, cuda, order", [
     ([], True, ["C1", "C2", "C3", "C4", "L1", "C1c", "gen", "C2o", "C4o", "C1g"]),
     ([], False, ["C1", "C2", "C3", "C4", "L1", "C1c", "C2o", "C4o", "C1g"]),  # generation is on by default with CUDA only
