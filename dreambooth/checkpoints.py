@@ -2,9 +2,9 @@
 
 A checkpoint is Accelerate's ``save_state`` (optimizer, lr schedule, gradient scaler, every
 RNG state) plus the trained models in diffusers format (``unet/``, ``text_encoder/``, so
-``infer.py --checkpoint`` can sample it), the loop's counters and the loss of every step so far. It is written to a hidden
-temporary folder, marked complete, and only then renamed to ``checkpoint-<step>``; old ones
-are pruned after that. A folder without the marker (a kill mid-save) is never resumed from.
+``infer.py --checkpoint`` can sample it), the loop's counters and the loss of every step so
+far. It is written to a hidden temporary folder, marked complete, and only then renamed to
+``checkpoint-<step>``; old ones are pruned after that. A folder without the marker (a kill mid-save) is never resumed from.
 """
 
 from __future__ import annotations
