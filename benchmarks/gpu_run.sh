@@ -31,6 +31,10 @@ run)
     shift
     out="${OUT:-benchmarks/gpu-run}"
     mkdir -p "$out"
+    if ! compgen -G ".whl/*.whl" >/dev/null; then
+        echo "error: no wheels in .whl/: run 'bash benchmarks/gpu_run.sh fetch' where pip works, and bring .whl/ along" >&2
+        exit 1
+    fi
     "$PYTHON" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
     { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || echo "no nvidia-smi"; } \
