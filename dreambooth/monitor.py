@@ -169,16 +169,20 @@ class Metrics:
         self.pending.append(loss.detach().float())
         self._images += images
 
+    def _pending_losses(self, step: int) -> list[tuple[int, float]]:
+        """(step, loss) of the steps not yet logged, the last being ``step``; one device sync."""
+        losses = torch.stack(self.pending).tolist() if self.pending else []
+        return list(zip(range(step - len(losses) + 1, step + 1), losses))
+
     def losses_so_far(self, step: int) -> list[tuple[int, float]]:
-        """(step, loss) of every step up to ``step``, the ones not yet logged included (one device sync)."""
-        pending = torch.stack(self.pending).tolist() if self.pending else []
-        return self.history + list(zip(range(step - len(pending) + 1, step + 1), pending))
+        """(step, loss) of every step up to ``step``, the ones not yet logged included."""
+        return self.history + self._pending_losses(step)
 
     def read(self, step: int) -> dict[str, float]:
         """Average of the pending losses and the interval's speed; one device sync."""
-        losses = torch.stack(self.pending).tolist()
-        first = step - len(losses) + 1
-        self.history.extend(zip(range(first, step + 1), losses))
+        pending = self._pending_losses(step)
+        self.history.extend(pending)
+        losses, first = [loss for _, loss in pending], pending[0][0]
         now = time.perf_counter()
         elapsed = now - self._last_time
         logs = {"loss": sum(losses) / len(losses), "seconds_per_step": elapsed / len(losses),
