@@ -146,24 +146,26 @@ def check_extra_flags(extra_flags: str, fields: set[str]) -> None:
             raise BenchError(f"--extra_flags: train_dreambooth.py has no --{name}")
 
 
-def select_configs(names: str) -> list[BenchConfig]:
-    """The named training configs in the order given ('gen' is left to plan_run)."""
-    by_name = {config.name.lower(): config for config in CONFIGS}
+def select_items(names: str) -> list[BenchConfig | str]:
+    """The named training configs and 'gen', in the order given, each once."""
+    by_name = {config.name.lower(): config for config in CONFIGS} | {GEN: GEN}
     wanted = [name.strip().lower() for name in names.split(",") if name.strip()]
-    unknown = [name for name in wanted if name not in by_name and name != GEN]
+    unknown = [name for name in wanted if name not in by_name]
     if unknown or not wanted:
         raise BenchError(f"--configs {names}: choose from {', '.join(c.name for c in CONFIGS)}, {GEN}")
-    return [by_name[name] for name in dict.fromkeys(wanted) if name != GEN]
+    return [by_name[name] for name in dict.fromkeys(wanted)]
+
+
+def select_configs(names: str) -> list[BenchConfig]:
+    """The named training configs in the order given ('gen' is left to plan_run)."""
+    return [item for item in select_items(names) if item != GEN]
 
 
 def plan_run(args: argparse.Namespace, cuda: bool) -> list[BenchConfig | str]:
     """The configs and 'gen' in --configs order. 'gen' runs where listed when --gen is on (by
     default, with CUDA); --gen with no 'gen' in the list adds it at the end."""
-    configs = select_configs(args.configs)
-    wanted = [name.strip().lower() for name in args.configs.split(",") if name.strip()]
     generate = args.gen if args.gen is not None else cuda
-    by_name = {config.name.lower(): config for config in configs}
-    plan = [by_name.get(name, GEN) for name in dict.fromkeys(wanted) if name != GEN or generate]
+    plan = [item for item in select_items(args.configs) if item != GEN or generate]
     if generate and GEN not in plan:
         plan.append(GEN)
     return plan
