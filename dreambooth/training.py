@@ -7,6 +7,7 @@ import math
 import signal
 import sys
 import threading
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -272,10 +273,12 @@ class Schedule:
 
 
 class GracefulStop:
-    """SIGINT/SIGTERM: finish the current step, save a checkpoint, exit. A second Ctrl-C aborts."""
+    """SIGINT/SIGTERM: finish the current step (and up to ``extra_steps`` more, for the processes
+    to agree), save a checkpoint, exit. A second Ctrl-C aborts."""
 
-    def __init__(self):
+    def __init__(self, extra_steps: int = 0):
         self.requested = False
+        self.extra_steps = extra_steps
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum, frame) -> None:
@@ -283,7 +286,8 @@ class GracefulStop:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
         self.requested = True
-        print(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
+        finishing = "this step" if not self.extra_steps else f"this step and at most {self.extra_steps} more"
+        print(f"\n{signal.Signals(signum).name}: finishing {finishing} and saving a checkpoint "
               "(press Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
 
     def __enter__(self) -> "GracefulStop":
@@ -295,6 +299,51 @@ class GracefulStop:
     def __exit__(self, *exc_info) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
+
+
+class StopAgreement:
+    """Whether to stop after this step. A single process decides alone, at once. Several stop at
+    the same step when any one of them was asked to, without making the host wait for the GPU
+    each step (accelerate's ``check_trigger`` reads its flag back every step, which keeps the CPU
+    from queueing the next step while the GPU works): each step the processes' flags are summed
+    on the device and copied to the host in the background, and step s acts on the sum made at
+    step s - ``lag``, whose copy the GPU has finished by then unless the CPU is more than ``lag``
+    steps ahead. Every process reads the same sums, so all decide alike."""
+
+    LAG = 2
+
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
+        self.lag = self.LAG if accelerator.num_processes > 1 else 0
+        self._local = torch.zeros((), device=accelerator.device)
+        self._raised = False
+        self._sums: deque[tuple[torch.Tensor, Any]] = deque()
+
+    def __call__(self, requested: bool) -> bool:
+        if not self.lag:
+            return requested
+        if requested and not self._raised:
+            self._local.fill_(1)
+            self._raised = True
+        self._sums.append(_copy_to_host(self.accelerator.reduce(self._local, reduction="sum")))
+        if len(self._sums) <= self.lag:
+            return False
+        total, copied = self._sums.popleft()
+        if copied is not None:
+            copied.synchronize()  # waits for that step's copy only, not for the steps queued since
+        return total.item() > 0
+
+
+def _copy_to_host(tensor: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """``tensor`` copied to pinned host memory without waiting, and the event that marks the copy
+    done (None where the tensor is already on the CPU)."""
+    if tensor.device.type == "cpu":
+        return tensor, None
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    copied = torch.Event(device=tensor.device)
+    copied.record()
+    return host, copied
 
 
 class Trainer:
@@ -418,20 +467,12 @@ class Trainer:
         progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
         self.accelerator.log(logs, step=self.state.global_step)
 
-    def _stop_requested(self, stop: GracefulStop) -> bool:
-        """Whether to stop after this step. A single process decides alone, without waiting for
-        the GPU; several agree through accelerate's trigger, whose collective is read back each step."""
-        if self.accelerator.num_processes == 1:
-            return stop.requested
-        if stop.requested:
-            self.accelerator.set_trigger()
-        return self.accelerator.check_trigger()
-
     def train(self) -> TrainState:
         accelerator, state, schedule = self.accelerator, self.state, self.schedule
         progress = tqdm(total=schedule.max_train_steps, initial=state.global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)
-        with GracefulStop() as stop:
+        stop_now = StopAgreement(accelerator)
+        with GracefulStop(extra_steps=stop_now.lag) as stop:
             while state.global_step < schedule.max_train_steps and not self.interrupted:
                 for batch in self._epoch_batches():
                     for callback in self.before_step_callbacks:
@@ -441,7 +482,7 @@ class Trainer:
                     if not accelerator.sync_gradients:
                         continue
                     self._after_step(losses, progress)
-                    if self._stop_requested(stop):
+                    if stop_now(stop.requested):
                         self._save_on_stop()
                         break
                     if state.global_step >= schedule.max_train_steps:

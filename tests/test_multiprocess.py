@@ -41,12 +41,13 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def launch(args: list[str], num_processes: int = 2, check: bool = True) -> subprocess.CompletedProcess:
-    """train_dreambooth.py under `accelerate launch` with ``num_processes`` CPU processes."""
+def launch(args: list[str], num_processes: int = 2, check: bool = True,
+           script: Path = ROOT / "train_dreambooth.py") -> subprocess.CompletedProcess:
+    """``script`` (train_dreambooth.py) under `accelerate launch` with ``num_processes`` CPU processes."""
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
                "--num_processes", str(num_processes), "--num_machines", "1", "--mixed_precision", "no",
                "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-               str(ROOT / "train_dreambooth.py"), *args]
+               str(script), *args]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     if check:
@@ -174,6 +175,48 @@ def test_two_process_checkpoint_resumes_on_two_and_on_one_process(checkpointed_t
     assert trainer.state.global_step == 4 and trainer.state.num_processes == 1
     assert trainer.lr_scheduler.scheduler.last_epoch == 4
     assert (tmp_path / "on-one" / "model_index.json").is_file()
+
+
+SIGNAL_ONE_PROCESS = """
+import signal, sys
+sys.path.insert(0, {root!r})
+import train_dreambooth
+from dreambooth.cli import run_cli
+from dreambooth.training import Trainer
+
+after_step = Trainer._after_step
+
+def signalled_after_step(self, losses, progress):
+    after_step(self, losses, progress)
+    if self.state.global_step == {step} and self.accelerator.process_index == {process}:
+        signal.raise_signal(signal.SIGTERM)
+
+Trainer._after_step = signalled_after_step
+sys.exit(run_cli(train_dreambooth.main))
+"""
+
+
+def test_sigterm_to_one_process_stops_all_at_the_same_step(tiny_model, tmp_path):
+    """Preemption may reach one process only: it tells the others through the per-step sum of
+    stop flags, and all save one checkpoint together StopAgreement.LAG steps later, the lag that
+    spares them a read-back each step."""
+    from dreambooth.training import StopAgreement
+
+    script = tmp_path / "signal_one_process.py"
+    script.write_text(SIGNAL_ONE_PROCESS.format(root=str(ROOT), step=2, process=1))
+    data = tmp_path / "instance"
+    shutil.copytree(TOY_SUBJECT, data)
+    output = tmp_path / "out"
+    result = launch(train_args(tiny_model, data, output, "--max_train_steps", "10", "--checkpointing_steps", "100"),
+                    script=script)
+    text = result.stdout + result.stderr
+    stop_step = 2 + StopAgreement.LAG
+    assert f"SIGTERM: finishing this step and at most {StopAgreement.LAG} more" in text
+    assert "--resume_from_checkpoint latest" in text
+    assert sorted(path.name for path in output.glob("checkpoint-*")) == [f"checkpoint-{stop_step}"]
+    assert sorted(path.name for path in (output / f"checkpoint-{stop_step}").glob("random_states_*.pkl")) == [
+        "random_states_0.pkl", "random_states_1.pkl"]
+    assert not (output / "model_index.json").exists()
 
 
 @pytest.fixture(scope="module")
