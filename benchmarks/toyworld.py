@@ -474,11 +474,15 @@ def attribute_accuracy(pipeline, per_prompt: int = 4, seed: int = 0) -> dict:
     return {attribute: float(np.mean(values)) for attribute, values in hits.items()}
 
 
+def other_shape(shape: str) -> str:
+    """The unrelated prompt's shape: not the subject's, so a subject that leaks into it shows."""
+    return "triangle" if shape == "square" else "square"
+
+
 def study_prompts(shape: str) -> tuple[str, str, str, str]:
     """Instance, class, recontextualisation and unrelated prompts for a subject of ``shape``."""
-    other_shape = "triangle" if shape == "square" else "square"
     return (f"a photo of sks {shape}", f"a photo of a {shape}", f"a photo of sks {shape} on a black background",
-            f"a photo of a green {other_shape} on a gray background")
+            f"a photo of a green {other_shape(shape)} on a gray background")
 
 
 INSTANCE_PROMPT, CLASS_PROMPT, RECONTEXT_PROMPT, OTHER_PROMPT = study_prompts(SUBJECT_SHAPE)
@@ -546,7 +550,7 @@ def measure_model(pipeline, settings: StudySettings, seed: int) -> dict:
         instance: {"shape": shape},
         class_prompt: {"shape": shape},
         recontext: {"shape": shape, "background": "black"},
-        other: {"shape": other.split()[-4], "colour": "green", "background": "gray"},
+        other: {"shape": other_shape(shape), "colour": "green", "background": "gray"},
     }
     return {prompt: summarise([describe(image, settings.subject_colours)
                                for image in sample(pipeline, prompt, count, seed, scale)], wanted)
