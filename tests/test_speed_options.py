@@ -44,6 +44,30 @@ def test_option_keeps_the_loss_curve_and_weights(tiny_model, instance_dir, tmp_p
         torch.testing.assert_close(weights[key], reference_weights[key], rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("extra", [[], ["--use_lora"]], ids=["full", "lora"])
+def test_frozen_weights_in_bf16_train_like_frozen_weights_in_fp32(tiny_model, instance_dir, tmp_path, monkeypatch,
+                                                                   extra):
+    """Under --mixed_precision bf16, autocast computes the frozen VAE and text encoder (and LoRA's
+    frozen UNet) in bf16 anyway, so they are loaded in bf16, at half the memory. Only what autocast
+    keeps in fp32 (the norms' scales) is rounded, so the loss curves agree to bf16 precision."""
+    loaded, load = [], train_dreambooth.load_components
+
+    def recording_load(*args, **kwargs):
+        components = load(*args, **kwargs)
+        loaded.append((components.vae.dtype, components.text_encoder.dtype, components.unet.dtype))
+        return components
+
+    monkeypatch.setattr(train_dreambooth, "load_components", recording_load)
+    flags = ["--mixed_precision", "bf16", "--learning_rate", "1e-3", *extra]
+    losses, _ = run(tiny_model, instance_dir, tmp_path / "bf16", *flags)
+    monkeypatch.setattr(train_dreambooth, "mixed_precision_dtype", lambda precision: torch.float32)
+    reference, _ = run(tiny_model, instance_dir, tmp_path / "fp32", *flags)
+
+    unet_dtype = torch.bfloat16 if extra else torch.float32  # a fully trained UNet keeps fp32 weights
+    assert loaded == [(torch.bfloat16, torch.bfloat16, unet_dtype), (torch.float32,) * 3]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference), rtol=1e-2, atol=0)
+
+
 def test_optimizer_in_backward_frees_each_gradient_as_it_goes(tiny_model, instance_dir, tmp_path, monkeypatch):
     from dreambooth.training import StepInBackward
 
