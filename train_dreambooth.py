@@ -40,6 +40,7 @@ from dreambooth.concepts import build_dataloader
 from dreambooth.data import DreamBoothDataset
 from dreambooth.errors import DreamBoothError
 from dreambooth.generation import ClassImageJob, generate_class_images
+from dreambooth.gradients import Bf16Gradients, StepInBackward
 from dreambooth.hub import card_info_from_config, push_output, write_model_card
 from dreambooth.lora import add_lora_adapters, load_lora_into, save_lora
 from dreambooth.models import (
@@ -61,7 +62,6 @@ from dreambooth.training import (
     LossSettings,
     PromptEncoder,
     Schedule,
-    StepInBackward,
     Trainer,
     build_optimizer,
     freeze_module,
@@ -98,6 +98,8 @@ def check_engine_support(cfg: TrainConfig, accelerator) -> None:
 
     if cfg.optimizer_in_backward:
         StepInBackward.check_support(accelerator, cfg.max_grad_norm)
+    if cfg.bf16_gradients:
+        Bf16Gradients.check_support(accelerator, cfg.optimizer_in_backward)
     engine = {DistributedType.DEEPSPEED: "DeepSpeed", DistributedType.FSDP: "FSDP"}.get(accelerator.distributed_type)
     if engine is None:
         return
@@ -192,7 +194,7 @@ def build_trainer(cfg: TrainConfig, accelerator, components: Components, trained
     checkpointer = Checkpointer(accelerator, cfg.output_dir, save, load, cfg.checkpoints_total_limit)
     trainer = Trainer(accelerator, trained, optimizer, lr_scheduler, dataloader, schedule, loss_fn, cfg.max_grad_norm,
                       cfg.set_grads_to_none, checkpointer, cfg.checkpointing_steps, state, cfg.logging_steps,
-                      optimizer_in_backward=cfg.optimizer_in_backward)
+                      optimizer_in_backward=cfg.optimizer_in_backward, bf16_gradients=cfg.bf16_gradients)
     if cfg.stop_text_encoder_training is not None:
         trainer.before_step_callbacks.append(lambda state: stop_text_encoder(cfg, accelerator, trainer, encoder))
     return trainer

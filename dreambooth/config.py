@@ -281,6 +281,11 @@ class TrainConfig:
         False, "Step the optimizer on each weight inside backward and free its gradient at once: saves the "
         "gradients' memory; one process, with --max_grad_norm 0 and no accumulation or fp16."
     )
+    bf16_gradients: bool = _field(
+        False, "Hold the gradients in bf16 from backward to the update: under --mixed_precision bf16 they are "
+        "bf16 values, so this halves their memory and keeps clipping and the update the same; one process, "
+        "no accumulation."
+    )
     mixed_precision: Optional[MixedPrecision] = _field(
         None, "no, fp16 or bf16 (default: the accelerate config's). Trainable weights stay in fp32."
     )

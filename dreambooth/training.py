@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .checkpoints import Checkpointer, TrainState, find_checkpoints
 from .errors import DreamBoothError
+from .gradients import Bf16Gradients, StepInBackward, steps_on_device
 from .monitor import Metrics
 
 logger = logging.getLogger(__name__)
@@ -182,61 +183,6 @@ def build_optimizer(parameters: Sequence[torch.nn.Parameter] | Sequence[dict], l
     return torch.optim.AdamW(parameters, fused=device.type in ("cuda", "cpu"), **kwargs)
 
 
-class StepInBackward:
-    """``--optimizer_in_backward``: the optimizer steps each weight inside backward, as soon as
-    that weight's gradient is complete (a post-accumulate-grad hook), and frees the gradient at
-    once, so the gradients of the whole model never exist together: that saves their memory
-    (4 bytes per trained weight in fp32). It is the same optimizer, state and lr schedule, each
-    step restricted to one weight, so the maths is unchanged; what needs every gradient first
-    (clipping, accumulation, a DDP all-reduce, fp16 loss scaling) cannot be combined with it."""
-
-    def __init__(self, optimizer, parameters: Sequence[torch.nn.Parameter]):
-        self.optimizer = getattr(optimizer, "optimizer", optimizer)
-        self._fused = getattr(self.optimizer, "_step_supports_amp_scaling", False)
-        self._group_of = {id(p): index for index, group in enumerate(self.optimizer.param_groups)
-                          for p in group["params"]}
-        self._skip: torch.Tensor | bool = False
-        self._handles = [p.register_post_accumulate_grad_hook(self._step) for p in parameters]
-
-    def arm(self, nonfinite: torch.Tensor) -> None:
-        """Before backward: skip this step's updates if the loss is not finite (on the device with
-        a fused optimizer, else with one read-back)."""
-        self._skip = nonfinite if self._fused else bool(nonfinite)
-
-    def _step(self, parameter: torch.nn.Parameter) -> None:
-        groups = self.optimizer.param_groups
-        all_params = [group["params"] for group in groups]
-        for index, group in enumerate(groups):
-            group["params"] = [parameter] if index == self._group_of[id(parameter)] else []
-        try:
-            if self._fused:
-                self.optimizer.found_inf = self._skip if torch.is_tensor(self._skip) else None
-                self.optimizer.step()
-            elif not self._skip:
-                self.optimizer.step()
-        finally:
-            for group, params in zip(groups, all_params):
-                group["params"] = params
-            self.optimizer.__dict__.pop("found_inf", None)
-            parameter.grad = None
-
-    @staticmethod
-    def check_support(accelerator, max_grad_norm: float) -> None:
-        from accelerate.utils import DistributedType
-
-        reason = None
-        if accelerator.num_processes > 1 or accelerator.distributed_type != DistributedType.NO:
-            reason = "runs on one process only (a multi-process all-reduce needs every gradient first)"
-        elif accelerator.gradient_accumulation_steps > 1:
-            reason = "cannot accumulate gradients: pass --gradient_accumulation_steps 1"
-        elif max_grad_norm > 0:
-            reason = "cannot clip gradients, which needs all of them first: pass --max_grad_norm 0"
-        elif accelerator.mixed_precision == "fp16":
-            reason = "cannot use fp16's loss scaling: use --mixed_precision bf16 or no"
-        if reason:
-            raise DreamBoothError(f"--optimizer_in_backward {reason}")
-
-
 def freeze_module(optimizer, module: torch.nn.Module) -> None:
     """Stop training ``module`` mid-run: no gradients, and its optimizer state released."""
     state = getattr(optimizer, "optimizer", optimizer).state
@@ -355,7 +301,7 @@ class Trainer:
                  max_grad_norm: float = 1.0, set_grads_to_none: bool = False,
                  checkpointer: Checkpointer | None = None, checkpointing_steps: int | None = None,
                  state: TrainState | None = None, logging_steps: int = 10, max_nonfinite_steps: int = 3,
-                 optimizer_in_backward: bool = False):
+                 optimizer_in_backward: bool = False, bf16_gradients: bool = False):
         self.accelerator, self.trained = accelerator, trained
         self.optimizer, self.lr_scheduler, self.dataloader = optimizer, lr_scheduler, dataloader
         self.schedule, self.loss_fn = schedule, loss_fn
@@ -371,9 +317,9 @@ class Trainer:
         self._nonfinite_streak = 0
         self.step_callbacks: list[Callable[[TrainState], None]] = []  # after each optimizer step
         self.before_step_callbacks: list[Callable[[TrainState], None]] = []  # before each batch
-        self.step_in_backward = None
-        if optimizer_in_backward:  # the script checks support before loading (StepInBackward.check_support)
-            self.step_in_backward = StepInBackward(optimizer, self.parameters())
+        # The script checks support before loading (StepInBackward/Bf16Gradients.check_support).
+        self.step_in_backward = StepInBackward(optimizer, self.parameters()) if optimizer_in_backward else None
+        self.bf16_gradients = Bf16Gradients(optimizer, trained, clip=max_grad_norm > 0) if bf16_gradients else None
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for module in self.trained for p in module.parameters() if p.requires_grad]
@@ -411,16 +357,22 @@ class Trainer:
         skip = (accelerator.reduce(self._window_nonfinite, reduction="sum") > 0).float()
         self._window_nonfinite = None
         self._skipped.append(skip)
-        inner = getattr(self.optimizer, "optimizer", self.optimizer)
-        if not getattr(inner, "_step_supports_amp_scaling", False) and bool(skip):
+        on_device = steps_on_device(self.optimizer)
+        if not on_device and bool(skip):
             self.optimizer.zero_grad(set_to_none=True)
+            if self.bf16_gradients:
+                self.bf16_gradients.discard()
             return
-        if self.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(self.parameters(), self.max_grad_norm)
-        if getattr(inner, "_step_supports_amp_scaling", False) and accelerator.scaler is None:
-            inner.found_inf = skip
-        self.optimizer.step()
-        inner.__dict__.pop("found_inf", None)
+        if self.bf16_gradients:
+            self.bf16_gradients.update(self.max_grad_norm, skip if on_device else False)
+        else:
+            if self.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(self.parameters(), self.max_grad_norm)
+            inner = getattr(self.optimizer, "optimizer", self.optimizer)
+            if on_device and accelerator.scaler is None:
+                inner.found_inf = skip
+            self.optimizer.step()
+            inner.__dict__.pop("found_inf", None)
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=self.set_grads_to_none)
 

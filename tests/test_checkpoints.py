@@ -160,8 +160,10 @@ def test_latest_with_no_checkpoint_starts_fresh_and_missing_path_is_an_error(tin
                                          "--resume_from_checkpoint", str(tmp_path / "nope")))
 
 
+@pytest.mark.parametrize("extra", [[], ["--mixed_precision", "bf16", "--bf16_gradients"]],
+                         ids=["fp32_gradients", "bf16_gradients"])
 def test_nonfinite_loss_stops_the_run_without_saving_nonfinite_weights(tiny_model, instance_dir, tmp_path,
-                                                                      monkeypatch):
+                                                                      monkeypatch, extra):
     calls = {"n": 0}
     original = train_dreambooth.training_loss
 
@@ -176,7 +178,7 @@ def test_nonfinite_loss_stops_the_run_without_saving_nonfinite_weights(tiny_mode
     output = tmp_path / "out"
     with pytest.raises(DreamBoothError, match=r"step 5: the loss was not finite for 3 steps in a row"):
         train_dreambooth.main(train_args(tiny_model, instance_dir, output, "--max_train_steps", "10",
-                                         "--checkpointing_steps", "2", "--logging_steps", "1"))
+                                         "--checkpointing_steps", "2", "--logging_steps", "1", *extra))
     assert checkpoint_steps(output) == [2, 4]
     # Steps 3 and 4 were skipped on the device: checkpoint 4 holds checkpoint 2's weights.
     assert_bitwise_equal(unet_weights(output / "checkpoint-2"), unet_weights(output / "checkpoint-4"))

@@ -69,7 +69,7 @@ def test_frozen_weights_in_bf16_train_like_frozen_weights_in_fp32(tiny_model, in
 
 
 def test_optimizer_in_backward_frees_each_gradient_as_it_goes(tiny_model, instance_dir, tmp_path, monkeypatch):
-    from dreambooth.training import StepInBackward
+    from dreambooth.gradients import StepInBackward
 
     live_gradients, original = [], StepInBackward._step
 
@@ -104,7 +104,7 @@ def bitsandbytes_adamw_8bit_on_cpu():
 def test_optimizer_in_backward_steps_8bit_adamw_as_after_backward():
     # --use_8bit_adam --optimizer_in_backward (C4o) takes the path for optimizers that cannot skip
     # on the device: a read-back before backward, then a step per weight.
-    from dreambooth.training import StepInBackward
+    from dreambooth.gradients import StepInBackward
 
     adamw_8bit = bitsandbytes_adamw_8bit_on_cpu()
     torch.manual_seed(0)
@@ -141,6 +141,75 @@ def test_optimizer_in_backward_refuses_what_needs_every_gradient(tiny_model, ins
 
     with pytest.raises(DreamBoothError, match=message):
         train_dreambooth.main(train_args(tiny_model, instance_dir, tmp_path / "out", "--optimizer_in_backward", *flags))
+    assert not (tmp_path / "out" / "unet").exists()
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient_checkpointing"])
+def test_under_bf16_autocast_linear_and_conv_gradients_are_bf16_values(tiny_model, checkpointing):
+    """What --bf16_gradients rests on: autocast casts Linear and Conv weights to bf16, so their
+    gradients (UNet and text encoder) come back as bf16 values; norms and embeddings stay in fp32."""
+    from dreambooth.gradients import BF16_LAYERS
+    from dreambooth.models import load_components
+
+    components = load_components(tiny_model)
+    unet, text_encoder = components.unet.train(), components.text_encoder.train()
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    size = unet.config.sample_size
+    generator = torch.Generator().manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        states = text_encoder(torch.randint(0, text_encoder.config.vocab_size, (2, 77), generator=generator))[0]
+        prediction = unet(torch.randn(2, 4, size, size, generator=generator), torch.tensor([10, 900]), states).sample
+    torch.nn.functional.mse_loss(prediction.float(), torch.randn(prediction.shape, generator=generator)).backward()
+
+    for model in (unet, text_encoder):
+        in_layers = {id(p) for layer in model.modules() if isinstance(layer, BF16_LAYERS) for p in layer.parameters()}
+        exact = {id(p): torch.equal(p.grad, p.grad.bfloat16().float()) for p in model.parameters()}
+        assert in_layers and all(exact[key] for key in in_layers)
+        assert not any(exact[id(p)] for p in model.parameters() if id(p) not in in_layers)
+
+
+@pytest.mark.parametrize("extra", [[], ["--train_text_encoder", "--gradient_checkpointing"], ["--use_lora"]],
+                         ids=["unet", "text_encoder_checkpointing", "lora"])
+def test_bf16_gradients_train_like_fp32_gradients_with_clipping(tiny_model, instance_dir, tmp_path, monkeypatch,
+                                                                extra):
+    from dreambooth.gradients import Bf16Gradients
+
+    updates, update = [], Bf16Gradients.update
+
+    def watched_update(self, max_grad_norm, skip):
+        held = list(self._held)
+        updates.append({"bytes": self.held_bytes(), "weights": sum(p.numel() for p in held),
+                        "fp32_left": any(p.grad is not None for p in held)})
+        total_norm = update(self, max_grad_norm, skip)
+        updates[-1]["norm"] = float(total_norm)
+        return total_norm
+
+    monkeypatch.setattr(Bf16Gradients, "update", watched_update)
+    flags = ["--mixed_precision", "bf16", "--learning_rate", "1e-3", "--max_grad_norm", "0.05", *extra]
+    losses, weights = run(tiny_model, instance_dir, tmp_path / "bf16", *flags, "--bf16_gradients")
+    reference_losses, reference_weights = run(tiny_model, instance_dir, tmp_path / "fp32", *flags)
+
+    assert len(updates) == 4
+    for update_seen in updates:
+        # 2 bytes per held gradient and no fp32 copy left; the norm exceeds 0.05, so clipping acted.
+        assert update_seen["bytes"] == 2 * update_seen["weights"] > 0 and not update_seen["fp32_left"]
+        assert update_seen["norm"] > 0.05
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_losses), rtol=1e-6, atol=0)
+    for key in weights:
+        torch.testing.assert_close(weights[key], reference_weights[key], rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--mixed_precision", "no"], "needs --mixed_precision bf16"),
+    (["--mixed_precision", "bf16", "--optimizer_in_backward", "--max_grad_norm", "0"], "pass one of them"),
+    (["--mixed_precision", "bf16", "--gradient_accumulation_steps", "2"], "--gradient_accumulation_steps 1"),
+])
+def test_bf16_gradients_refuses_what_it_cannot_hold_exactly(tiny_model, instance_dir, tmp_path, flags, message):
+    from dreambooth.errors import DreamBoothError
+
+    with pytest.raises(DreamBoothError, match=message):
+        train_dreambooth.main(train_args(tiny_model, instance_dir, tmp_path / "out", "--bf16_gradients", *flags))
     assert not (tmp_path / "out" / "unet").exists()
 
 

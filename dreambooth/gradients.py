@@ -1,0 +1,201 @@
+"""Less memory for the gradients, with the same update: step each weight inside backward
+(``--optimizer_in_backward``), or hold the gradients in bf16 until the update (``--bf16_gradients``)."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+
+from .errors import DreamBoothError
+
+
+def _inner(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside accelerate's wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def steps_on_device(optimizer) -> bool:
+    """Whether the optimizer can skip a step on the device (``found_inf``), as torch's fused ones do."""
+    return getattr(_inner(optimizer), "_step_supports_amp_scaling", False)
+
+
+@contextmanager
+def _restricted(optimizer: torch.optim.Optimizer, parameters: Sequence[torch.nn.Parameter],
+                group_of: dict[int, int]) -> Iterator[None]:
+    """``optimizer`` sees only ``parameters`` (each in its own param group, for its lr and decay)."""
+    groups = optimizer.param_groups
+    all_params = [group["params"] for group in groups]
+    for group in groups:
+        group["params"] = []
+    for parameter in parameters:
+        groups[group_of[id(parameter)]]["params"].append(parameter)
+    try:
+        yield
+    finally:
+        for group, params in zip(groups, all_params):
+            group["params"] = params
+
+
+def step_some(optimizer: torch.optim.Optimizer, parameters: Sequence[torch.nn.Parameter], group_of: dict[int, int],
+              skip: torch.Tensor | bool) -> None:
+    """One optimizer step of ``parameters`` alone. It is the same step as for all weights at once
+    (AdamW's state and step count are per weight). ``skip`` (tensor): skip on the device with a
+    fused optimizer; (bool): skip here."""
+    with _restricted(optimizer, parameters, group_of):
+        if torch.is_tensor(skip):
+            optimizer.found_inf = skip
+            try:
+                optimizer.step()
+            finally:
+                optimizer.__dict__.pop("found_inf", None)
+        elif not skip:
+            optimizer.step()
+
+
+def _group_index(optimizer: torch.optim.Optimizer) -> dict[int, int]:
+    return {id(p): index for index, group in enumerate(optimizer.param_groups) for p in group["params"]}
+
+
+def _check_one_process_window(accelerator, flag: str, needs: str) -> None:
+    """What both techniques need: all of a step's gradients on one process, in one backward."""
+    from accelerate.utils import DistributedType
+
+    reason = None
+    if accelerator.num_processes > 1 or accelerator.distributed_type != DistributedType.NO:
+        reason = f"runs on one process only ({needs})"
+    elif accelerator.gradient_accumulation_steps > 1:
+        reason = "cannot accumulate gradients: pass --gradient_accumulation_steps 1"
+    if reason:
+        raise DreamBoothError(f"{flag} {reason}")
+
+
+class StepInBackward:
+    """``--optimizer_in_backward``: the optimizer steps each weight inside backward, as soon as
+    that weight's gradient is complete (a post-accumulate-grad hook), and frees the gradient at
+    once, so the gradients of the whole model never exist together: that saves their memory
+    (4 bytes per trained weight in fp32). It is the same optimizer, state and lr schedule, each
+    step restricted to one weight, so the maths is unchanged; what needs every gradient first
+    (clipping, accumulation, a DDP all-reduce, fp16 loss scaling) cannot be combined with it."""
+
+    def __init__(self, optimizer, parameters: Sequence[torch.nn.Parameter]):
+        self.optimizer = _inner(optimizer)
+        self._fused = steps_on_device(optimizer)
+        self._group_of = _group_index(self.optimizer)
+        self._skip: torch.Tensor | bool = False
+        self._handles = [p.register_post_accumulate_grad_hook(self._step) for p in parameters]
+
+    def arm(self, nonfinite: torch.Tensor) -> None:
+        """Before backward: skip this step's updates if the loss is not finite (on the device with
+        a fused optimizer, else with one read-back)."""
+        self._skip = nonfinite if self._fused else bool(nonfinite)
+
+    def _step(self, parameter: torch.nn.Parameter) -> None:
+        try:
+            step_some(self.optimizer, [parameter], self._group_of, self._skip)
+        finally:
+            parameter.grad = None
+
+    @staticmethod
+    def check_support(accelerator, max_grad_norm: float) -> None:
+        _check_one_process_window(accelerator, "--optimizer_in_backward",
+                                  "a multi-process all-reduce needs every gradient first")
+        if max_grad_norm > 0:
+            raise DreamBoothError("--optimizer_in_backward cannot clip gradients, which needs all of them first: "
+                                  "pass --max_grad_norm 0")
+        if accelerator.mixed_precision == "fp16":
+            raise DreamBoothError("--optimizer_in_backward cannot use fp16's loss scaling: use --mixed_precision bf16 "
+                                  "or no")
+
+
+# Under bf16 autocast these layers compute in bf16: their weights and biases are cast to bf16, so
+# their gradients come back through that cast as bf16 values, merely stored in fp32.
+BF16_LAYERS = (torch.nn.Linear, torch.nn.Conv2d)
+
+
+class Bf16Gradients:
+    """``--bf16_gradients``: under bf16 mixed precision, the gradient of a Linear or Conv weight
+    (nearly all of a UNet's weights) is a bf16 value that autograd stores in fp32. Converting it
+    to bf16 as soon as it is complete (a post-accumulate-grad hook) loses nothing and halves the
+    memory the gradients hold until the update. The update then clips with the norm of all
+    gradients (as ``torch.nn.utils.clip_grad_norm_``) and steps the optimizer a chunk of weights
+    at a time, each chunk's gradients back in fp32 only for its step: the same values, the same
+    clipping and the same AdamW step as with fp32 gradients. Other weights (norms, embeddings) keep
+    fp32 gradients."""
+
+    CHUNK = 2**26  # weights whose fp32 gradients are restored at a time (256 MB)
+
+    def __init__(self, optimizer, modules: Sequence[torch.nn.Module], clip: bool):
+        self.optimizer = _inner(optimizer)
+        self._group_of = _group_index(self.optimizer)
+        self.parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.clip = clip
+        held = {id(p) for module in modules for layer in module.modules() if isinstance(layer, BF16_LAYERS)
+                for p in layer.parameters(recurse=False)}
+        self._held: dict[torch.nn.Parameter, torch.Tensor] = {}
+        self._norms: dict[torch.nn.Parameter, torch.Tensor] = {}
+        self._handles = [p.register_post_accumulate_grad_hook(self._hold) for p in self.parameters if id(p) in held]
+
+    def _hold(self, parameter: torch.nn.Parameter) -> None:
+        if parameter in self._held:
+            raise DreamBoothError("--bf16_gradients: a weight received two gradients in one step, which bf16 "
+                                  "cannot hold exactly; drop the flag")
+        gradient = parameter.grad.to(torch.bfloat16)
+        parameter.grad = None
+        if self.clip:
+            self._norms[parameter] = torch.linalg.vector_norm(gradient, dtype=torch.float32)
+        self._held[parameter] = gradient
+
+    def held_bytes(self) -> int:
+        return sum(gradient.numel() * gradient.element_size() for gradient in self._held.values())
+
+    def _with_gradients(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.parameters if p in self._held or p.grad is not None]
+
+    def update(self, max_grad_norm: float, skip: torch.Tensor | bool) -> torch.Tensor | None:
+        """Clip and step every weight with a gradient, a chunk at a time (``skip`` as for
+        ``step_some``); the gradients' total norm when clipping, as ``clip_grad_norm_`` returns it."""
+        parameters = self._with_gradients()
+        total_norm = clip_coefficient = None
+        if self.clip and parameters:
+            norms = [self._norms.pop(p) if p in self._norms else torch.linalg.vector_norm(p.grad) for p in parameters]
+            total_norm = torch.linalg.vector_norm(torch.stack(norms))
+            # As clip_grad_norm_: scale by min(1, max_norm / (norm + 1e-6)) without a read-back.
+            clip_coefficient = torch.clamp(max_grad_norm / (total_norm + 1e-6), max=1.0)
+        for chunk in self._chunks(parameters):
+            for parameter in chunk:
+                if parameter in self._held:
+                    parameter.grad = self._held.pop(parameter).float()
+                if clip_coefficient is not None:
+                    parameter.grad.mul_(clip_coefficient)
+            step_some(self.optimizer, chunk, self._group_of, skip)
+            for parameter in chunk:
+                parameter.grad = None
+        return total_norm
+
+    def discard(self) -> None:
+        """Drop this step's gradients (a skipped update)."""
+        self._held.clear()
+        self._norms.clear()
+
+    def _chunks(self, parameters: list[torch.nn.Parameter]) -> Iterator[list[torch.nn.Parameter]]:
+        chunk, size = [], 0
+        for parameter in parameters:
+            chunk.append(parameter)
+            size += parameter.numel()
+            if size >= self.CHUNK:
+                yield chunk
+                chunk, size = [], 0
+        if chunk:
+            yield chunk
+
+    @staticmethod
+    def check_support(accelerator, optimizer_in_backward: bool) -> None:
+        if accelerator.mixed_precision != "bf16":
+            raise DreamBoothError("--bf16_gradients needs --mixed_precision bf16, under which the gradients are "
+                                  "bf16 values")
+        if optimizer_in_backward:
+            raise DreamBoothError("--bf16_gradients and --optimizer_in_backward both save the gradients' memory; "
+                                  "pass one of them")
+        _check_one_process_window(accelerator, "--bf16_gradients", "DDP reduces the fp32 gradients")
