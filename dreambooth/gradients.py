@@ -147,9 +147,6 @@ class Bf16Gradients:
             self._norms[parameter] = torch.linalg.vector_norm(gradient, dtype=torch.float32)
         self._held[parameter] = gradient
 
-    def held_bytes(self) -> int:
-        return sum(gradient.numel() * gradient.element_size() for gradient in self._held.values())
-
     def _with_gradients(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters if p in self._held or p.grad is not None]
 

@@ -179,7 +179,8 @@ def test_bf16_gradients_train_like_fp32_gradients_with_clipping(tiny_model, inst
 
     def watched_update(self, max_grad_norm, skip):
         held = list(self._held)
-        updates.append({"bytes": self.held_bytes(), "weights": sum(p.numel() for p in held),
+        updates.append({"bytes": sum(g.numel() * g.element_size() for g in self._held.values()),
+                        "weights": sum(p.numel() for p in held),
                         "fp32_left": any(p.grad is not None for p in held)})
         total_norm = update(self, max_grad_norm, skip)
         updates[-1]["norm"] = float(total_norm)
@@ -241,7 +242,9 @@ READ_BACKS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int_
 DATA_LOADER = os.path.join("torch", "utils", "data")
 
 
-@pytest.mark.parametrize("extra", [[], ["--use_lora", "--train_text_encoder"]], ids=["full", "lora_text_encoder"])
+@pytest.mark.parametrize("extra", [[], ["--use_lora", "--train_text_encoder"], ["--mixed_precision", "bf16",
+                                                                             "--bf16_gradients"]],
+                         ids=["full", "lora_text_encoder", "bf16_gradients"])
 def test_only_logging_steps_read_anything_back_from_the_device(tiny_model, instance_dir, tmp_path, prior,
                                                                monkeypatch, extra):
     from dreambooth.training import Trainer
