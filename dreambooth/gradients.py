@@ -126,11 +126,11 @@ class Bf16Gradients:
 
     CHUNK = 2**26  # weights whose fp32 gradients are restored at a time (256 MB)
 
-    def __init__(self, optimizer, modules: Sequence[torch.nn.Module], clip: bool):
+    def __init__(self, optimizer, modules: Sequence[torch.nn.Module], max_grad_norm: float):
         self.optimizer = _inner(optimizer)
         self._group_of = _group_index(self.optimizer)
         self.parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
-        self.clip = clip
+        self.max_grad_norm = max_grad_norm  # 0: no clipping
         held = {id(p) for module in modules for layer in module.modules() if isinstance(layer, BF16_LAYERS)
                 for p in layer.parameters(recurse=False)}
         self._held: dict[torch.nn.Parameter, torch.Tensor] = {}
@@ -143,23 +143,23 @@ class Bf16Gradients:
                                   "cannot hold exactly; drop the flag")
         gradient = parameter.grad.to(torch.bfloat16)
         parameter.grad = None
-        if self.clip:
+        if self.max_grad_norm > 0:
             self._norms[parameter] = torch.linalg.vector_norm(gradient, dtype=torch.float32)
         self._held[parameter] = gradient
 
     def _with_gradients(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters if p in self._held or p.grad is not None]
 
-    def update(self, max_grad_norm: float, skip: torch.Tensor | bool) -> torch.Tensor | None:
+    def update(self, skip: torch.Tensor | bool) -> torch.Tensor | None:
         """Clip and step every weight with a gradient, a chunk at a time (``skip`` as for
         ``step_some``); the gradients' total norm when clipping, as ``clip_grad_norm_`` returns it."""
         parameters = self._with_gradients()
         total_norm = clip_coefficient = None
-        if self.clip and parameters:
+        if self.max_grad_norm > 0 and parameters:
             norms = [self._norms.pop(p) if p in self._norms else torch.linalg.vector_norm(p.grad) for p in parameters]
             total_norm = torch.linalg.vector_norm(torch.stack(norms))
             # As clip_grad_norm_: scale by min(1, max_norm / (norm + 1e-6)) without a read-back.
-            clip_coefficient = torch.clamp(max_grad_norm / (total_norm + 1e-6), max=1.0)
+            clip_coefficient = torch.clamp(self.max_grad_norm / (total_norm + 1e-6), max=1.0)
         for chunk in self._chunks(parameters):
             for parameter in chunk:
                 if parameter in self._held:

@@ -319,7 +319,7 @@ class Trainer:
         self.before_step_callbacks: list[Callable[[TrainState], None]] = []  # before each batch
         # The script checks support before loading (StepInBackward/Bf16Gradients.check_support).
         self.step_in_backward = StepInBackward(optimizer, self.parameters()) if optimizer_in_backward else None
-        self.bf16_gradients = Bf16Gradients(optimizer, trained, clip=max_grad_norm > 0) if bf16_gradients else None
+        self.bf16_gradients = Bf16Gradients(optimizer, trained, max_grad_norm) if bf16_gradients else None
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for module in self.trained for p in module.parameters() if p.requires_grad]
@@ -364,7 +364,7 @@ class Trainer:
                 self.bf16_gradients.discard()
             return
         if self.bf16_gradients:
-            self.bf16_gradients.update(self.max_grad_norm, skip if on_device else False)
+            self.bf16_gradients.update(skip if on_device else False)
         else:
             if self.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(self.parameters(), self.max_grad_norm)
