@@ -80,8 +80,8 @@ def test_generation_is_timed_with_the_suites_defaults():
 
 
 @pytest.mark.parametrize("flags, cuda, order", [
-    ([], True, ["C1", "C2", "C3", "C4", "L1", "C1c", "gen", "C4b", "C1l", "C2o", "C4o", "C1g"]),
-    ([], False, ["C1", "C2", "C3", "C4", "L1", "C1c", "C4b", "C1l", "C2o", "C4o", "C1g"]),  # generation is on by default with CUDA only
+    ([], True, ["C1", "C2", "C3", "C4", "L1", "C1c", "gen", "C4b", "C1l", "C1b", "C2o", "C4o", "C1g"]),
+    ([], False, ["C1", "C2", "C3", "C4", "L1", "C1c", "C4b", "C1l", "C1b", "C2o", "C4o", "C1g"]),  # generation is on by default with CUDA only
     (["--configs", "L1,gen,C1"], True, ["L1", "gen", "C1"]),
     (["--configs", "L1,gen,C1", "--no-gen"], True, ["L1", "C1"]),
     (["--configs", "C2,C1", "--gen"], False, ["C2", "C1", "gen"]),
@@ -145,3 +145,13 @@ def test_the_report_shows_each_goal_met_or_not_from_the_results():
     assert "failed: ImportError: bitsandbytes" in rows["C4"]
     assert "| suite, default | (defaults) | DPMSolverMultistepScheduler 25 steps, float16 | 8 | 8.10 | 2.70 | 4 |" in text
     assert "Goals met: 5 of 7." in text
+
+
+def test_every_config_runs_on_a_gpu_and_those_needing_cuda_say_why_on_the_cpu():
+    bench = load_bench()
+    fields = bench.train_fields()
+    assert not [config.name for config in bench.CONFIGS if bench.skip_reason(config, fields, "cuda")]
+    on_cpu = {config.name: bench.skip_reason(config, fields, "cpu") for config in bench.CONFIGS}
+    assert {name for name, reason in on_cpu.items() if reason} == {"C4", "C4o", "C4b", "C1b"}
+    assert "needs CUDA" in on_cpu["C4b"] and "bf16" in on_cpu["C1b"]
+    assert set(bench.GOALS) <= {config.name for config in bench.CONFIGS}
