@@ -11,14 +11,14 @@ import torch
 from .errors import DreamBoothError
 
 
-def _inner(optimizer) -> torch.optim.Optimizer:
+def inner_optimizer(optimizer) -> torch.optim.Optimizer:
     """The torch optimizer inside accelerate's wrapper."""
     return getattr(optimizer, "optimizer", optimizer)
 
 
 def steps_on_device(optimizer) -> bool:
     """Whether the optimizer can skip a step on the device (``found_inf``), as torch's fused ones do."""
-    return getattr(_inner(optimizer), "_step_supports_amp_scaling", False)
+    return getattr(inner_optimizer(optimizer), "_step_supports_amp_scaling", False)
 
 
 @contextmanager
@@ -80,7 +80,7 @@ class StepInBackward:
     (clipping, accumulation, a DDP all-reduce, fp16 loss scaling) cannot be combined with it."""
 
     def __init__(self, optimizer, parameters: Sequence[torch.nn.Parameter]):
-        self.optimizer = _inner(optimizer)
+        self.optimizer = inner_optimizer(optimizer)
         self._fused = steps_on_device(optimizer)
         self._group_of = _group_index(self.optimizer)
         self._skip: torch.Tensor | bool = False
@@ -127,7 +127,7 @@ class Bf16Gradients:
     CHUNK = 2**26  # weights whose fp32 gradients are restored at a time (256 MB)
 
     def __init__(self, optimizer, modules: Sequence[torch.nn.Module], max_grad_norm: float):
-        self.optimizer = _inner(optimizer)
+        self.optimizer = inner_optimizer(optimizer)
         self._group_of = _group_index(self.optimizer)
         self.parameters = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.max_grad_norm = max_grad_norm  # 0: no clipping

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .checkpoints import Checkpointer, TrainState, find_checkpoints
 from .errors import DreamBoothError
-from .gradients import Bf16Gradients, StepInBackward, steps_on_device
+from .gradients import Bf16Gradients, StepInBackward, inner_optimizer, steps_on_device
 from .monitor import Metrics
 
 logger = logging.getLogger(__name__)
@@ -185,7 +185,7 @@ def build_optimizer(parameters: Sequence[torch.nn.Parameter] | Sequence[dict], l
 
 def freeze_module(optimizer, module: torch.nn.Module) -> None:
     """Stop training ``module`` mid-run: no gradients, and its optimizer state released."""
-    state = getattr(optimizer, "optimizer", optimizer).state
+    state = inner_optimizer(optimizer).state
     for parameter in module.parameters():
         if parameter.requires_grad:
             parameter.requires_grad_(False)
@@ -368,7 +368,7 @@ class Trainer:
         else:
             if self.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(self.parameters(), self.max_grad_norm)
-            inner = getattr(self.optimizer, "optimizer", self.optimizer)
+            inner = inner_optimizer(self.optimizer)
             if on_device and accelerator.scaler is None:
                 inner.found_inf = skip
             self.optimizer.step()
