@@ -201,6 +201,40 @@ def test_bf16_gradients_train_like_fp32_gradients_with_clipping(tiny_model, inst
         torch.testing.assert_close(weights[key], reference_weights[key], rtol=1e-6, atol=1e-9)
 
 
+def test_bf16_gradients_clip_and_step_8bit_adamw_as_fp32_gradients_do():
+    # --use_8bit_adam --bf16_gradients (C4b): bitsandbytes' 8-bit AdamW stepped a chunk at a time
+    # (chunks of 2 tensors here) after clipping with the norm of all the gradients held in bf16.
+    from dreambooth.gradients import Bf16Gradients
+
+    adamw_8bit = bitsandbytes_adamw_8bit_on_cpu()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(96, 128), torch.nn.LayerNorm(128), torch.nn.Linear(128, 64))
+    twin = copy.deepcopy(model)
+    held_optimizer = adamw_8bit(model.parameters(), lr=1e-2, weight_decay=1e-2)
+    reference_optimizer = adamw_8bit(twin.parameters(), lr=1e-2, weight_decay=1e-2)
+    held = Bf16Gradients(held_optimizer, [model], max_grad_norm=0.1)
+    held.CHUNK = 128 * 96 + 128
+    norms = []
+    for _ in range(3):
+        batch = torch.randn(8, 96)
+        for network in (model, twin):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                prediction = network(batch)
+            prediction.float().pow(2).mean().backward()
+        assert [p.grad is None for p in model.parameters()] == [True, True, False, False, True, True]  # LayerNorm: fp32
+        norms.append(held.update(skip=False))
+        reference_norm = torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.1)
+        reference_optimizer.step()
+        reference_optimizer.zero_grad(set_to_none=True)
+        torch.testing.assert_close(norms[-1], reference_norm, rtol=1e-6, atol=0)
+
+    assert all(norm > 0.1 for norm in norms)  # every step was clipped
+    assert held_optimizer.state[model[0].weight]["state1"].dtype == torch.uint8
+    for ours, theirs in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+    assert all(p.grad is None for p in model.parameters())
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--mixed_precision", "no"], "needs --mixed_precision bf16"),
     (["--mixed_precision", "bf16", "--optimizer_in_backward", "--max_grad_norm", "0"], "pass one of them"),
