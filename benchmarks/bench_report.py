@@ -47,7 +47,8 @@ def config_table(summary: dict) -> str:
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, result in summary["configs"].items():
         flags = " ".join(flag for flag in result["flags"]) or "(base)"
-        reference = None if summary["tiny"] else summary["reference_h200"].get(name)
+        # A variant (C1c, C4b, ...) shows the reference row of the config it varies, named by its first two characters.
+        reference = None if summary["tiny"] else summary["reference_h200"].get(name[:2])
         reference_cell = f"{reference['seconds_per_step']:.3f} s, {reference['peak_gib']:g} GiB" if reference else ""
         if "seconds_per_step" not in result:
             why = result.get("skipped") or f"failed: {result.get('error')}"

@@ -122,7 +122,8 @@ def test_the_report_shows_each_goal_met_or_not_from_the_results():
 
     configs = {"C1": measured(0.090, 15.2), "C2": measured(0.140, 12.0, ["--gradient_checkpointing"]),
                "L1": measured(0.150, 3.1, ["--use_lora"]), "C4": {"description": "", "flags": ["--use_8bit_adam"],
-                                                                  "error": "ImportError: bitsandbytes"}}
+                                                                  "error": "ImportError: bitsandbytes"},
+               "C4b": measured(0.160, 7.5, ["--bf16_gradients"])}
     generation = {"resolution": 512, "best": "default",
                   "reference": {"images_per_second": 3.0, "scheduler": "PNDMScheduler", "steps": 50, "dtype": "float16",
                                 "batch_size": 4, "images": 16, "seconds": 5.3},
@@ -143,8 +144,10 @@ def test_the_report_shows_each_goal_met_or_not_from_the_results():
     assert rows["C2"].endswith("| met |")
     assert rows["L1"].endswith("| faster than C2, <= 4 GiB | not met: s/step < C2 s/step |")
     assert "failed: ImportError: bitsandbytes" in rows["C4"]
+    # A variant is shown beside the reference row of the config it varies.
+    assert rows["C4b"].endswith("| 0.303 s, 10.6 GiB | <= 0.150 s, <= 8 GiB | not met: s/step <= 0.15 |")
     assert "| suite, default | (defaults) | DPMSolverMultistepScheduler 25 steps, float16 | 8 | 8.10 | 2.70 | 4 |" in text
-    assert "Goals met: 5 of 7." in text
+    assert "Goals met: 6 of 9." in text
 
 
 def test_every_config_runs_on_a_gpu_and_those_needing_cuda_say_why_on_the_cpu():
