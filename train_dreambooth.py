@@ -74,7 +74,7 @@ logger = logging.getLogger("dreambooth.train")
 
 def create_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
     check_precision_supported(cfg.mixed_precision)
     trackers = {"none": None, "all": "all"}.get(cfg.report_to, cfg.report_to)
@@ -85,6 +85,8 @@ def create_accelerator(cfg: TrainConfig):
         mixed_precision=cfg.mixed_precision,
         log_with=trackers,
         project_config=project,
+        # Batches reach the GPU without waiting for it (from pinned memory, see build_dataloader).
+        dataloader_config=DataLoaderConfiguration(non_blocking=True),
     )
     if not accelerator.is_local_main_process:
         logging.getLogger("dreambooth").setLevel(logging.WARNING)
@@ -335,7 +337,8 @@ def main(argv: Sequence[str] | None = None) -> Trainer:
     if cfg.with_prior_preservation:
         top_up_class_images(cfg, accelerator)
     components, trained = build_models(cfg, accelerator)
-    dataloader = build_dataloader(cfg, components.tokenizer, state.data_seed)
+    dataloader = build_dataloader(cfg, components.tokenizer, state.data_seed,
+                                  pin_memory=accelerator.device.type == "cuda")
     trainer = build_trainer(cfg, accelerator, components, trained, dataloader, state)
     if resume is not None:
         trainer.metrics.history = trainer.checkpointer.load(resume, trainer.lr_scheduler)

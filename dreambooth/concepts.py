@@ -201,14 +201,19 @@ def build_dataset(cfg, data_seed: int) -> DreamBoothDataset:
                              cfg.caption_dropout)
 
 
-def build_dataloader(cfg, tokenizer, data_seed: int):
-    """The training batches of a ``TrainConfig``: bucketed, or a seeded shuffle of the dataset."""
+def build_dataloader(cfg, tokenizer, data_seed: int, pin_memory: bool = False):
+    """The training batches of a ``TrainConfig``: bucketed, or a seeded shuffle of the dataset.
+    ``pin_memory`` (for a CUDA device): batches in pinned memory, which a non-blocking copy to the
+    GPU needs; a blocking one waits for every queued kernel first."""
     from torch.utils.data import DataLoader
 
     dataset = build_dataset(cfg, data_seed)
+    # A frozen text encoder's prompts are all encoded before training: the batches need no tokens.
+    needs_tokens = cfg.train_text_encoder or not cfg.pre_compute_text_embeddings
     # The loader draws its workers' base seed from this generator, not from the global one.
-    common = dict(collate_fn=DreamBoothCollator(tokenizer, cfg.tokenizer_max_length),
-                  num_workers=cfg.dataloader_num_workers, generator=torch.Generator().manual_seed(data_seed))
+    common = dict(collate_fn=DreamBoothCollator(tokenizer if needs_tokens else None, cfg.tokenizer_max_length),
+                  num_workers=cfg.dataloader_num_workers, generator=torch.Generator().manual_seed(data_seed),
+                  pin_memory=pin_memory)
     if cfg.enable_bucket:
         return DataLoader(dataset, batch_sampler=BucketBatchSampler(dataset.sizes(), cfg.train_batch_size, data_seed),
                           **common)

@@ -264,7 +264,9 @@ def tokenize_prompts(tokenizer, prompts: Sequence[str], max_length: int | None =
 
 
 class DreamBoothCollator:
-    """Stack a batch instance-first, then class: the loss splits it in these two halves."""
+    """Stack a batch instance-first, then class: the loss splits it in these two halves. With
+    ``tokenizer`` None the batch carries no tokens, for a run whose prompts were all encoded
+    before training (then, with cached latents, it holds no tensor to copy to the GPU at all)."""
 
     def __init__(self, tokenizer, max_length: int | None = None):
         self.tokenizer, self.max_length = tokenizer, max_length
@@ -278,5 +280,6 @@ class DreamBoothCollator:
             batch["latent_keys"] = [part["latent_key"] for part in parts]
         else:
             batch["pixel_values"] = torch.stack([part["pixel_values"] for part in parts]).contiguous()
-        batch.update(tokenize_prompts(self.tokenizer, prompts, self.max_length))
+        if self.tokenizer is not None:
+            batch.update(tokenize_prompts(self.tokenizer, prompts, self.max_length))
         return batch

@@ -311,3 +311,29 @@ def test_only_logging_steps_read_anything_back_from_the_device(tiny_model, insta
 
     assert {at for at, _, _ in reads} <= {3, 6, 7}, [read for read in reads if read[0] not in (3, 6, 7)]
     assert {at for at, name, _ in reads if name == "tolist"} == {3, 6, 7}  # the logged losses, read once each
+
+
+SEND_TO_DEVICE = os.path.join("accelerate", "utils", "operations.py")
+
+
+@pytest.mark.parametrize("extra, copies_per_step", [
+    ([], 0),  # latents cached, prompts encoded: nothing to copy
+    (["--no_cache_latents", "--train_text_encoder"], 3),  # pixel values, token ids, attention mask
+], ids=["cached", "pixels_and_tokens"])
+def test_batches_reach_the_device_without_waiting_for_it(tiny_model, instance_dir, tmp_path, prior, monkeypatch,
+                                                         extra, copies_per_step):
+    """A blocking copy to a GPU first waits for every kernel queued before it, as a read-back
+    does: each step's batch is copied non-blocking (from pinned memory on CUDA), and with cached
+    latents and pre-computed text embeddings it holds no tensor to copy at all."""
+    copies, to = [], torch.Tensor.to
+
+    def recording_to(tensor, *args, **kwargs):
+        if any(SEND_TO_DEVICE in frame.filename for frame in traceback.extract_stack()[:-1]):
+            copies.append(kwargs.get("non_blocking", False))
+        return to(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", recording_to)
+    train_dreambooth.main(train_args(tiny_model, instance_dir, tmp_path / "out", "--max_train_steps", "3",
+                                     "--center_crop", *prior, *extra))
+    assert copies == [True] * (3 * copies_per_step)
+
