@@ -278,7 +278,8 @@ class TrainConfig:
     adam_epsilon: float = _field(1e-8, "AdamW epsilon.")
     max_grad_norm: float = _field(1.0, "Gradient clipping norm (0 turns clipping off).")
     optimizer_in_backward: bool = _field(
-        False, "Step the optimizer on each weight inside backward and free its gradient at once: saves the "
+        False, "Step the optimizer on the weights inside backward as their gradients complete (64 MB of "
+        "gradients at a time) and free those gradients at once: saves the "
         "gradients' memory; one process, with --max_grad_norm 0 and no accumulation or fp16."
     )
     bf16_gradients: bool = _field(

@@ -348,6 +348,8 @@ class Trainer:
             if self.step_in_backward:
                 self.step_in_backward.arm(nonfinite)
             accelerator.backward(losses["loss"])
+            if self.step_in_backward:
+                self.step_in_backward.flush()
             if accelerator.sync_gradients:
                 self._update()
         return losses

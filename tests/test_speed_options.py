@@ -68,22 +68,29 @@ def test_frozen_weights_in_bf16_train_like_frozen_weights_in_fp32(tiny_model, in
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference), rtol=1e-2, atol=0)
 
 
-def test_optimizer_in_backward_frees_each_gradient_as_it_goes(tiny_model, instance_dir, tmp_path, monkeypatch):
+def test_optimizer_in_backward_frees_each_bucket_of_gradients_as_it_goes(tiny_model, instance_dir, tmp_path,
+                                                                         monkeypatch):
     from dreambooth.gradients import StepInBackward
 
-    live_gradients, original = [], StepInBackward._step
+    flushes, flush = [], StepInBackward.flush
 
-    def counting_step(self, parameter):
-        live_gradients.append(sum(p.grad is not None for group in self.optimizer.param_groups for p in group["params"]))
-        original(self, parameter)
+    def watched_flush(self):
+        stepped = list(self._bucket)
+        live = sum(p.numel() for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None)
+        flush(self)
+        flushes.append((stepped, live))
 
-    monkeypatch.setattr(StepInBackward, "_step", counting_step)
+    monkeypatch.setattr(StepInBackward, "flush", watched_flush)
+    monkeypatch.setattr(StepInBackward, "BUCKET", 20_000)  # the tiny UNet and text encoder: 236K values
     flags = ["--max_grad_norm", "0", "--train_text_encoder", "--text_encoder_lr", "3e-4"]
     trainer = train_dreambooth.main(train_args(tiny_model, instance_dir, tmp_path / "hooks", *BASE, *flags,
                                                "--optimizer_in_backward"))
     trained = trainer.parameters()
-    assert len(live_gradients) == 4 * len(trained)  # one update per weight and step
-    assert max(live_gradients) == 1  # only the weight being updated holds a gradient
+    stepped = [p for bucket, _ in flushes for p in bucket]
+    assert len(stepped) == 4 * len(trained) and {id(p) for p in stepped} == {id(p) for p in trained}
+    assert len([bucket for bucket, _ in flushes if bucket]) >= 4 * 10  # many buckets a step, not one at the end
+    # Only the bucket being stepped holds gradients: at most BUCKET values plus the weight that filled it.
+    assert max(live for _, live in flushes) <= 20_000 + max(p.numel() for p in trained)
     reference = train_dreambooth.main(train_args(tiny_model, instance_dir, tmp_path / "plain", *BASE, *flags))
     for ours, theirs in zip(trained, reference.parameters()):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
@@ -119,6 +126,7 @@ def test_optimizer_in_backward_steps_8bit_adamw_as_after_backward():
         loss = model(batch).pow(2).mean() * (float("nan") if step == 2 else 1.0)
         hooks.arm(~torch.isfinite(loss.detach()))
         loss.backward()
+        hooks.flush()
         assert all(p.grad is None for p in model.parameters())
         twin_loss = twin(batch).pow(2).mean()
         twin_loss.backward()
