@@ -54,8 +54,26 @@ def step_some(optimizer: torch.optim.Optimizer, parameters: Sequence[torch.nn.Pa
             optimizer.step()
 
 
+# Values whose fp32 gradients one optimizer call takes (64 MB): few calls for a UNet's ~700
+# weights, little memory for the gradients that wait.
+BUCKET = 2**24
+
+
 def _group_index(optimizer: torch.optim.Optimizer) -> dict[int, int]:
     return {id(p): index for index, group in enumerate(optimizer.param_groups) for p in group["params"]}
+
+
+def _buckets(parameters: Sequence[torch.nn.Parameter]) -> Iterator[list[torch.nn.Parameter]]:
+    """``parameters`` in order, in runs of at least ``BUCKET`` values (the last one shorter)."""
+    bucket, size = [], 0
+    for parameter in parameters:
+        bucket.append(parameter)
+        size += parameter.numel()
+        if size >= BUCKET:
+            yield bucket
+            bucket, size = [], 0
+    if bucket:
+        yield bucket
 
 
 def _check_one_process_window(accelerator, flag: str, needs: str) -> None:
@@ -76,12 +94,9 @@ class StepInBackward:
     their gradients are complete (a post-accumulate-grad hook), and frees those gradients at once,
     so the gradients of the whole model never exist together: that saves their memory (4 bytes
     per trained weight in fp32). Weights are stepped in buckets of about ``BUCKET`` values, in the
-    order their gradients arrive, so that a UNet's ~700 weights take a few dozen optimizer calls,
-    not one each. It is the same optimizer, state and lr schedule, each step restricted to some
+    order their gradients arrive, not one optimizer call each. It is the same optimizer, state and lr schedule, each step restricted to some
     weights, so the maths is unchanged; what needs every gradient first (clipping, accumulation,
     a DDP all-reduce, fp16 loss scaling) cannot be combined with it."""
-
-    BUCKET = 2**24  # values whose fp32 gradients wait for one optimizer call (64 MB)
 
     def __init__(self, optimizer, parameters: Sequence[torch.nn.Parameter]):
         self.optimizer = inner_optimizer(optimizer)
@@ -100,7 +115,7 @@ class StepInBackward:
     def _collect(self, parameter: torch.nn.Parameter) -> None:
         self._bucket.append(parameter)
         self._bucket_size += parameter.numel()
-        if self._bucket_size >= self.BUCKET:
+        if self._bucket_size >= BUCKET:
             self.flush()
 
     def flush(self) -> None:
@@ -137,12 +152,10 @@ class Bf16Gradients:
     (nearly all of a UNet's weights) is a bf16 value that autograd stores in fp32. Converting it
     to bf16 as soon as it is complete (a post-accumulate-grad hook) loses nothing and halves the
     memory the gradients hold until the update. The update then clips with the norm of all
-    gradients (as ``torch.nn.utils.clip_grad_norm_``) and steps the optimizer a chunk of weights
-    at a time, each chunk's gradients back in fp32 only for its step: the same values, the same
+    gradients (as ``torch.nn.utils.clip_grad_norm_``) and steps the optimizer a bucket of weights
+    at a time, each bucket's gradients back in fp32 only for its step: the same values, the same
     clipping and the same AdamW step as with fp32 gradients. Other weights (norms, embeddings) keep
     fp32 gradients."""
-
-    CHUNK = 2**26  # weights whose fp32 gradients are restored at a time (256 MB)
 
     def __init__(self, optimizer, modules: Sequence[torch.nn.Module], max_grad_norm: float):
         self.optimizer = inner_optimizer(optimizer)
@@ -169,7 +182,7 @@ class Bf16Gradients:
         return [p for p in self.parameters if p in self._held or p.grad is not None]
 
     def update(self, skip: torch.Tensor | bool) -> torch.Tensor | None:
-        """Clip and step every weight with a gradient, a chunk at a time (``skip`` as for
+        """Clip and step every weight with a gradient, a bucket at a time (``skip`` as for
         ``step_some``); the gradients' total norm when clipping, as ``clip_grad_norm_`` returns it."""
         parameters = self._with_gradients()
         total_norm = clip_coefficient = None
@@ -178,14 +191,14 @@ class Bf16Gradients:
             total_norm = torch.linalg.vector_norm(torch.stack(norms))
             # As clip_grad_norm_: scale by min(1, max_norm / (norm + 1e-6)) without a read-back.
             clip_coefficient = torch.clamp(self.max_grad_norm / (total_norm + 1e-6), max=1.0)
-        for chunk in self._chunks(parameters):
-            for parameter in chunk:
+        for bucket in _buckets(parameters):
+            for parameter in bucket:
                 if parameter in self._held:
                     parameter.grad = self._held.pop(parameter).float()
                 if clip_coefficient is not None:
                     parameter.grad.mul_(clip_coefficient)
-            step_some(self.optimizer, chunk, self._group_of, skip)
-            for parameter in chunk:
+            step_some(self.optimizer, bucket, self._group_of, skip)
+            for parameter in bucket:
                 parameter.grad = None
         return total_norm
 
@@ -193,17 +206,6 @@ class Bf16Gradients:
         """Drop this step's gradients (a skipped update)."""
         self._held.clear()
         self._norms.clear()
-
-    def _chunks(self, parameters: list[torch.nn.Parameter]) -> Iterator[list[torch.nn.Parameter]]:
-        chunk, size = [], 0
-        for parameter in parameters:
-            chunk.append(parameter)
-            size += parameter.numel()
-            if size >= self.CHUNK:
-                yield chunk
-                chunk, size = [], 0
-        if chunk:
-            yield chunk
 
     @staticmethod
     def check_support(accelerator, optimizer_in_backward: bool) -> None:

@@ -70,6 +70,7 @@ def test_frozen_weights_in_bf16_train_like_frozen_weights_in_fp32(tiny_model, in
 
 def test_optimizer_in_backward_frees_each_bucket_of_gradients_as_it_goes(tiny_model, instance_dir, tmp_path,
                                                                          monkeypatch):
+    from dreambooth import gradients
     from dreambooth.gradients import StepInBackward
 
     flushes, flush = [], StepInBackward.flush
@@ -81,7 +82,7 @@ def test_optimizer_in_backward_frees_each_bucket_of_gradients_as_it_goes(tiny_mo
         flushes.append((stepped, live))
 
     monkeypatch.setattr(StepInBackward, "flush", watched_flush)
-    monkeypatch.setattr(StepInBackward, "BUCKET", 20_000)  # the tiny UNet and text encoder: 236K values
+    monkeypatch.setattr(gradients, "BUCKET", 20_000)  # the tiny UNet and text encoder: 236K values
     flags = ["--max_grad_norm", "0", "--train_text_encoder", "--text_encoder_lr", "3e-4"]
     trainer = train_dreambooth.main(train_args(tiny_model, instance_dir, tmp_path / "hooks", *BASE, *flags,
                                                "--optimizer_in_backward"))
@@ -209,10 +210,13 @@ def test_bf16_gradients_train_like_fp32_gradients_with_clipping(tiny_model, inst
         torch.testing.assert_close(weights[key], reference_weights[key], rtol=1e-6, atol=1e-9)
 
 
-def test_bf16_gradients_clip_and_step_8bit_adamw_as_fp32_gradients_do():
-    # --use_8bit_adam --bf16_gradients (C4b): bitsandbytes' 8-bit AdamW stepped a chunk at a time
-    # (chunks of 2 tensors here) after clipping with the norm of all the gradients held in bf16.
+def test_bf16_gradients_clip_and_step_8bit_adamw_as_fp32_gradients_do(monkeypatch):
+    # --use_8bit_adam --bf16_gradients (C4b): bitsandbytes' 8-bit AdamW stepped a bucket at a time
+    # (buckets of 2 tensors here) after clipping with the norm of all the gradients held in bf16.
+    from dreambooth import gradients
     from dreambooth.gradients import Bf16Gradients
+
+    monkeypatch.setattr(gradients, "BUCKET", 128 * 96 + 128)
 
     adamw_8bit = bitsandbytes_adamw_8bit_on_cpu()
     torch.manual_seed(0)
@@ -221,7 +225,6 @@ def test_bf16_gradients_clip_and_step_8bit_adamw_as_fp32_gradients_do():
     held_optimizer = adamw_8bit(model.parameters(), lr=1e-2, weight_decay=1e-2)
     reference_optimizer = adamw_8bit(twin.parameters(), lr=1e-2, weight_decay=1e-2)
     held = Bf16Gradients(held_optimizer, [model], max_grad_norm=0.1)
-    held.CHUNK = 128 * 96 + 128
     norms = []
     for _ in range(3):
         batch = torch.randn(8, 96)
