@@ -95,7 +95,7 @@ def create_accelerator(cfg: TrainConfig):
 
 
 def check_engine_support(cfg: TrainConfig, accelerator) -> None:
-    """What Accelerate's DeepSpeed and FSDP engines cannot combine with this run, said before anything loads."""
+    """Flags this run's engine (one process or several, DeepSpeed, FSDP) cannot combine, said before anything loads."""
     from accelerate.utils import DistributedType
 
     if cfg.optimizer_in_backward:
