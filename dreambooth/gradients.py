@@ -1,5 +1,6 @@
-"""Less memory for the gradients, with the same update: step each weight inside backward
-(``--optimizer_in_backward``), or hold the gradients in bf16 until the update (``--bf16_gradients``)."""
+"""Less memory for the gradients, with the same update: step the weights inside backward as their
+gradients complete (``--optimizer_in_backward``), or hold the gradients in bf16 until the update
+(``--bf16_gradients``)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def steps_on_device(optimizer) -> bool:
 @contextmanager
 def _restricted(optimizer: torch.optim.Optimizer, parameters: Sequence[torch.nn.Parameter],
                 group_of: dict[int, int]) -> Iterator[None]:
-    """``optimizer`` sees only ``parameters`` (each in its own param group, for its lr and decay)."""
+    """``optimizer`` sees only ``parameters``, each in the param group it belongs to (its lr and decay)."""
     groups = optimizer.param_groups
     all_params = [group["params"] for group in groups]
     for group in groups:
