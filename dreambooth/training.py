@@ -331,6 +331,9 @@ class Trainer:
         batches = self.dataloader
         if state.batches_in_epoch:
             batches = self.accelerator.skip_first_batches(self.dataloader, state.batches_in_epoch)
+            # Accelerate's copy of the loader forgets its non-blocking copies to the device.
+            if hasattr(self.dataloader, "_non_blocking"):
+                batches._non_blocking = self.dataloader._non_blocking
         batches.set_epoch(state.epoch)
         return batches
 

@@ -344,7 +344,12 @@ def test_batches_reach_the_device_without_waiting_for_it(tiny_model, instance_di
         return to(tensor, *args, **kwargs)
 
     monkeypatch.setattr(torch.Tensor, "to", recording_to)
-    train_dreambooth.main(train_args(tiny_model, instance_dir, tmp_path / "out", "--max_train_steps", "3",
-                                     "--center_crop", *prior, *extra))
+    args = train_args(tiny_model, instance_dir, tmp_path / "out", "--center_crop", "--checkpointing_steps", "2",
+                      *prior, *extra)
+    train_dreambooth.main(args + ["--max_train_steps", "3"])
     assert copies == [True] * (3 * copies_per_step)
+    # A run resumed in mid-epoch (from step 2 of 5 images a batch) copies the same way.
+    copies.clear()
+    resumed = train_dreambooth.main(args + ["--max_train_steps", "4", "--resume_from_checkpoint", "checkpoint-2"])
+    assert resumed.state.global_step == 4 and copies == [True] * (2 * copies_per_step)
 
