@@ -3,13 +3,14 @@ leaves the output intact and says how to retry. The Hub is replaced by stand-ins
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import httpx2
+import huggingface_hub
 import pytest
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import HfHubHTTPError
@@ -20,6 +21,9 @@ from conftest import ROOT
 from dreambooth.errors import DreamBoothError
 from dreambooth.errors import redact
 from dreambooth.hub import CardInfo, card_info_from_config, push_output, write_model_card
+
+# The HTTP client of the installed huggingface_hub: httpx2 from 2.0, httpx in 1.x.
+http_client = importlib.import_module("httpx2" if int(huggingface_hub.__version__.split(".")[0]) >= 2 else "httpx")
 
 TOKEN = "hf_PLANTEDsecret123"
 
@@ -202,17 +206,17 @@ def test_push_checkpoints_on_request_and_token_none_left_to_huggingface_hub(fini
 
 
 def http_error(status: int) -> HfHubHTTPError:
-    request = httpx2.Request("POST", "https://huggingface.co/api/repos/create",
+    request = http_client.Request("POST", "https://huggingface.co/api/repos/create",
                              headers={"authorization": f"Bearer {TOKEN}"})
     return HfHubHTTPError(f"{status} Client Error for token {TOKEN}\nsecond line {TOKEN}",
-                          response=httpx2.Response(status, request=request))
+                          response=http_client.Response(status, request=request))
 
 
 @pytest.mark.parametrize("failing, error, expected", [
     ("create_repo", http_error(401), "401"),
     ("create_repo", http_error(403), "403"),
     ("upload_folder", http_error(500), "500 Client Error"),
-    ("upload_folder", httpx2.ConnectError(f"cannot connect with {TOKEN}"), "ConnectError"),
+    ("upload_folder", http_client.ConnectError(f"cannot connect with {TOKEN}"), "ConnectError"),
     ("create_repo", OSError(f"disk trouble {TOKEN}"), "disk trouble"),
 ])
 def test_failed_push_names_the_repo_hides_the_token_and_keeps_the_output(finished_output, monkeypatch,
