@@ -65,7 +65,10 @@ def test_frozen_weights_in_bf16_train_like_frozen_weights_in_fp32(tiny_model, in
 
     unet_dtype = torch.bfloat16 if extra else torch.float32  # a fully trained UNet keeps fp32 weights
     assert loaded == [(torch.bfloat16, torch.bfloat16, unet_dtype), (torch.float32,) * 3]
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference), rtol=1e-2, atol=0)
+    # The first loss differs by bf16 rounding alone; training then carries the difference on
+    # (on torch 2.11's CPU kernels, LoRA's fourth loss by 1.5%).
+    torch.testing.assert_close(losses[0], reference[0], rtol=2e-3, atol=0)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference), rtol=3e-2, atol=0)
 
 
 def test_optimizer_in_backward_frees_each_bucket_of_gradients_as_it_goes(tiny_model, instance_dir, tmp_path,
