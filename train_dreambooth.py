@@ -38,16 +38,14 @@ from dreambooth.config import TrainConfig, config_to_dict, parse_config, save_co
 from dreambooth.caching import CachedLatents, VaeLatents
 from dreambooth.concepts import build_dataloader
 from dreambooth.data import DreamBoothDataset
+from dreambooth.engine import create_accelerator
 from dreambooth.errors import DreamBoothError
 from dreambooth.generation import ClassImageJob, generate_class_images
-from dreambooth.gradients import Bf16Gradients, StepInBackward
 from dreambooth.hub import card_info_from_config, push_output, write_model_card
 from dreambooth.lora import add_lora_adapters, load_lora_into, save_lora
 from dreambooth.models import (
     TRAINED_NAMES,
     Components,
-    check_precision_supported,
-    cpu_only,
     load_components,
     load_models_into,
     mixed_precision_dtype,
@@ -70,50 +68,6 @@ from dreambooth.training import (
 )
 
 logger = logging.getLogger("dreambooth.train")
-
-
-def create_accelerator(cfg: TrainConfig):
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
-
-    check_precision_supported(cfg.mixed_precision)
-    trackers = {"none": None, "all": "all"}.get(cfg.report_to, cfg.report_to)
-    project = ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=os.path.join(cfg.output_dir, cfg.logging_dir))
-    accelerator = Accelerator(
-        cpu=cpu_only(),
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        mixed_precision=cfg.mixed_precision,
-        log_with=trackers,
-        project_config=project,
-        # Batches reach the GPU without waiting for it (from pinned memory, see build_dataloader).
-        dataloader_config=DataLoaderConfiguration(non_blocking=True),
-    )
-    if not accelerator.is_local_main_process:
-        logging.getLogger("dreambooth").setLevel(logging.WARNING)
-    check_engine_support(cfg, accelerator)
-    return accelerator
-
-
-def check_engine_support(cfg: TrainConfig, accelerator) -> None:
-    """Flags this run's engine (one process or several, DeepSpeed, FSDP) cannot combine, said before anything loads."""
-    from accelerate.utils import DistributedType
-
-    if cfg.optimizer_in_backward:
-        StepInBackward.check_support(accelerator, cfg.max_grad_norm)
-    if cfg.bf16_gradients:
-        Bf16Gradients.check_support(accelerator, cfg.optimizer_in_backward)
-    engine = {DistributedType.DEEPSPEED: "DeepSpeed", DistributedType.FSDP: "FSDP"}.get(accelerator.distributed_type)
-    if engine is None:
-        return
-    if cfg.use_8bit_adam and engine == "DeepSpeed":
-        raise DreamBoothError("--use_8bit_adam cannot be combined with DeepSpeed, which manages the optimizer "
-                              "(and its CPU offload) itself; drop the flag, or use a DDP config")
-    if cfg.train_text_encoder:
-        raise DreamBoothError(f"--train_text_encoder trains two models, and Accelerate's {engine} engine takes one; "
-                              "use a DDP config, or train the UNet alone")
-    if engine == "FSDP" and cfg.num_validation_images:
-        raise DreamBoothError("validation samples are drawn by the main process alone, which sharded FSDP models "
-                              "cannot do; pass --num_validation_images 0 (sample checkpoints with infer.py instead)")
 
 
 def top_up_class_images(cfg: TrainConfig, accelerator) -> None:

@@ -224,6 +224,14 @@ def train_argv(config: BenchConfig, args: argparse.Namespace, workdir: Path) -> 
 # ---------------------------------------------------------------- model and data
 
 
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2, cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+)
+
+
 def build_sd15_pipeline(folder: Path) -> dict[str, float]:
     """SD 1.5's architecture with random fp16 weights, saved as a diffusers folder; returns the
     parameter counts in millions after checking them against the real model's."""
@@ -235,12 +243,7 @@ def build_sd15_pipeline(folder: Path) -> dict[str, float]:
 
     torch.manual_seed(0)
     tokenizer = build_tokenizer(folder.parent / "tokenizer-source")
-    unet = UNet2DConditionModel(
-        sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2, cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    )
+    unet = UNet2DConditionModel(**SD15_UNET)
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
         latent_channels=4, sample_size=512, down_block_types=("DownEncoderBlock2D",) * 4,

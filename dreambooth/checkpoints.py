@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from accelerate.utils import DistributedType
 
 from .errors import DreamBoothError
+from .models import whole_model
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +117,8 @@ class Checkpointer:
 
     ``save_models(models, folder)`` writes the trained models (full weights in diffusers
     format, or LoRA adapters); ``load_models(models, folder)`` loads them back in place.
-    Accelerate's own copy of the weights is skipped, so a checkpoint holds them once.
+    Accelerate's own copy of the weights is skipped, so a checkpoint holds them once; under FSDP,
+    Accelerate writes its copy anyway, and resuming reads that one.
     """
 
     def __init__(self, accelerator, output_dir: str | Path,
@@ -128,8 +131,14 @@ class Checkpointer:
         accelerator.register_load_state_pre_hook(self._load_hook)
 
     def _save_hook(self, models, weights, folder) -> None:
-        if self.accelerator.is_main_process:
-            self._save_models([self.accelerator.unwrap_model(model) for model in models], Path(folder))
+        accelerator = self.accelerator
+        models = [accelerator.unwrap_model(model) for model in models]
+        if accelerator.distributed_type == DistributedType.FSDP:
+            # Accelerate saved the sharded models for resuming; the diffusers copy needs them
+            # whole, gathered by every process into the main one.
+            models = [whole_model(model, accelerator.get_state_dict(model)) for model in models]
+        if accelerator.is_main_process:
+            self._save_models(models, Path(folder))
         weights.clear()
 
     def _load_hook(self, models, folder) -> None:

@@ -149,6 +149,18 @@ def save_models(models: list[torch.nn.Module], folder: Path) -> None:
         model.save_pretrained(Path(folder) / name)
 
 
+def whole_model(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A model of ``model``'s class and config holding ``state_dict``, the weights of a sharded
+    model gathered whole, without allocating weights of its own. Gathering leaves the weights on
+    the main process; where ``state_dict`` is empty, ``model`` itself."""
+    if not state_dict:
+        return model
+    with torch.device("meta"):
+        whole = type(model).from_config(model.config)
+    whole.load_state_dict(state_dict, assign=True)
+    return whole
+
+
 def load_models_into(models: list[torch.nn.Module], folder: Path) -> None:
     """Load weights saved by ``save_models`` into ``models`` in place (dtype and device kept)."""
     for name, model in zip(TRAINED_NAMES, models):

@@ -17,6 +17,7 @@ import subprocess
 import sys
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -26,6 +27,9 @@ import generate_class_images
 import train_dreambooth
 from conftest import ROOT, TOY_SUBJECT, train_args
 from dreambooth.checkpoints import MARKER
+from dreambooth.config import TrainConfig, parse_config
+from dreambooth.engine import check_engine_support
+from dreambooth.errors import DreamBoothError
 
 pytestmark = pytest.mark.slow
 
@@ -42,9 +46,10 @@ def free_port() -> int:
 
 
 def launch(args: list[str], num_processes: int = 2, check: bool = True,
-           script: Path = ROOT / "train_dreambooth.py") -> subprocess.CompletedProcess:
+           script: Path = ROOT / "train_dreambooth.py", engine: tuple[str, ...] = ("--multi_gpu",)
+           ) -> subprocess.CompletedProcess:
     """``script`` (train_dreambooth.py) under `accelerate launch` with ``num_processes`` CPU processes."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+    command = [sys.executable, "-m", "accelerate.commands.launch", *engine,
                "--num_processes", str(num_processes), "--num_machines", "1", "--mixed_precision", "no",
                "--dynamo_backend", "no", "--main_process_port", str(free_port()),
                str(script), *args]
@@ -119,6 +124,44 @@ def test_two_processes_of_one_equal_one_process_of_two(tiny_model, tmp_path, cap
     assert (two_change - one_change).abs().max() <= 1e-4 * one_change.abs().max(), (
         f"largest difference {(two_change - one_change).abs().max():.3g}, largest change {one_change.abs().max():.3g}"
     )
+
+
+def test_fsdp_config_trains_like_ddp_and_resumes_exactly(tiny_model, tmp_path):
+    """examples/accelerate/fsdp.yaml on 2 CPU processes (tests/fsdp_on_cpu.py): FSDP2 shards the
+    UNet block by block and trains as DDP does; its checkpoints hold the UNet whole in diffusers
+    format, and a run resumed from one ends bitwise equal to the uninterrupted run."""
+    data = tmp_path / "instance"
+    shutil.copytree(TOY_SUBJECT, data)
+    fsdp = ("--config_file", str(ROOT / "examples" / "accelerate" / "fsdp.yaml"))
+    wrapper = ROOT / "tests" / "fsdp_on_cpu.py"
+
+    def run(output: Path, *extra: str, engine: tuple[str, ...] = fsdp) -> None:
+        args = train_args(tiny_model, data, output, "--center_crop", "--save_precision", "fp32",
+                          "--learning_rate", "1e-3", "--max_train_steps", "4", "--checkpointing_steps", "2", *extra)
+        if engine == fsdp:
+            launch([str(ROOT / "train_dreambooth.py"), *args], script=wrapper, engine=engine)
+        else:
+            launch(args, engine=engine)
+
+    run(tmp_path / "ddp", engine=("--multi_gpu",))
+    run(tmp_path / "fsdp")
+    checkpoint = tmp_path / "fsdp" / "checkpoint-2"
+    assert (checkpoint / "pytorch_model_fsdp.bin").is_file(), "Accelerate did not save the model its FSDP way"
+    ddp, sharded = unet_weights(tmp_path / "ddp"), unet_weights(tmp_path / "fsdp")
+    base = load_file(Path(tiny_model) / "unet" / "diffusion_pytorch_model.safetensors")
+    assert max((ddp[name] - base[name]).abs().max() for name in base) > 1e-4, "the DDP run did not train"
+    for name in ddp:
+        torch.testing.assert_close(sharded[name], ddp[name], rtol=1e-5, atol=1e-6, msg=name)
+    from diffusers import UNet2DConditionModel
+
+    at_step_2 = UNet2DConditionModel.from_pretrained(checkpoint / "unet").state_dict()
+    assert at_step_2.keys() == base.keys() and not torch.equal(at_step_2["conv_in.weight"], base["conv_in.weight"])
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(checkpoint, resumed / checkpoint.name)
+    run(resumed, "--resume_from_checkpoint", "latest")
+    assert_bitwise_equal(unet_weights(resumed), sharded)
 
 
 @pytest.fixture(scope="module")
@@ -308,3 +351,48 @@ def test_accelerate_configs_load(path, monkeypatch):
             monkeypatch.setenv(name, value)
         plugin = FullyShardedDataParallelPlugin()
         assert plugin.state_dict_type.name == "FULL_STATE_DICT" and plugin.cpu_ram_efficient_loading is False
+        assert_fsdp2_can_wrap_what_the_policy_picks(plugin)
+
+
+def assert_fsdp2_can_wrap_what_the_policy_picks(plugin) -> None:
+    """On SD 1.5's UNet (built on the meta device), the wrap policy picks its transformer and ResNet
+    blocks, each with a forward of its own: FSDP2 refuses a plain ModuleList, which wrapping by
+    size picks too."""
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+    from diffusers import UNet2DConditionModel
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from bench_train import SD15_UNET
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD15_UNET)
+    plugin.set_auto_wrap_policy(unet)
+    policy = fsdp2_prepare_auto_wrap_policy(plugin, unet)
+    picked = [module for module in unet.modules() if policy(module)]
+    no_forward = [type(module).__name__ for module in picked if type(module).forward is torch.nn.Module.forward]
+    assert not no_forward, f"FSDP2 cannot wrap {sorted(set(no_forward))}"
+    # SD 1.5: 16 transformer blocks, 22 ResNet blocks.
+    assert len(picked) == 38, sorted({type(module).__name__ for module in picked})
+
+
+@pytest.mark.parametrize("engine, flags, message", [
+    ("FSDP", ["--train_text_encoder"], "--train_text_encoder trains two models"),
+    ("FSDP", ["--use_lora"], "--use_lora trains adapters of a few MB"),
+    ("FSDP", ["--num_validation_images", "2"], "pass --num_validation_images 0 and no --eval_steps"),
+    ("FSDP", ["--eval_steps", "100"], "pass --num_validation_images 0 and no --eval_steps"),
+    ("DEEPSPEED", ["--use_8bit_adam"], "--use_8bit_adam cannot be combined with DeepSpeed"),
+    ("DEEPSPEED", ["--train_text_encoder"], "Accelerate's DeepSpeed engine takes one"),
+])
+def test_engines_refuse_what_they_cannot_run_before_loading(tiny_model, tmp_path, engine, flags, message):
+    from accelerate.utils import DistributedType
+
+    cfg = parse_config(TrainConfig, train_args(tiny_model, TOY_SUBJECT, tmp_path / "out", *flags))
+    cfg.validate()
+    with pytest.raises(DreamBoothError, match=re.escape(message)):
+        check_engine_support(cfg, SimpleNamespace(distributed_type=DistributedType[engine],
+                                                                   num_processes=2))
+    # DDP runs them all.
+    check_engine_support(cfg, SimpleNamespace(distributed_type=DistributedType.MULTI_GPU,
+                                                               num_processes=2))

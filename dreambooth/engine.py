@@ -1,0 +1,61 @@
+"""The Accelerator of a training run, and the flags its engine (one process or several, DeepSpeed,
+FSDP) cannot run, refused before anything loads."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from .config import TrainConfig
+from .errors import DreamBoothError
+from .gradients import Bf16Gradients, StepInBackward
+from .models import check_precision_supported, cpu_only
+
+
+def create_accelerator(cfg: TrainConfig):
+    """The run's Accelerator, after checking that its engine can run the flags given."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
+
+    check_precision_supported(cfg.mixed_precision)
+    trackers = {"none": None, "all": "all"}.get(cfg.report_to, cfg.report_to)
+    project = ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=os.path.join(cfg.output_dir, cfg.logging_dir))
+    accelerator = Accelerator(
+        cpu=cpu_only(),
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        mixed_precision=cfg.mixed_precision,
+        log_with=trackers,
+        project_config=project,
+        # Batches reach the GPU without waiting for it (from pinned memory, see build_dataloader).
+        dataloader_config=DataLoaderConfiguration(non_blocking=True),
+    )
+    if not accelerator.is_local_main_process:
+        logging.getLogger("dreambooth").setLevel(logging.WARNING)
+    check_engine_support(cfg, accelerator)
+    return accelerator
+
+
+def check_engine_support(cfg: TrainConfig, accelerator) -> None:
+    """Flags this run's engine (one process or several, DeepSpeed, FSDP) cannot combine, said before anything loads."""
+    from accelerate.utils import DistributedType
+
+    if cfg.optimizer_in_backward:
+        StepInBackward.check_support(accelerator, cfg.max_grad_norm)
+    if cfg.bf16_gradients:
+        Bf16Gradients.check_support(accelerator, cfg.optimizer_in_backward)
+    engine = {DistributedType.DEEPSPEED: "DeepSpeed", DistributedType.FSDP: "FSDP"}.get(accelerator.distributed_type)
+    if engine is None:
+        return
+    if cfg.use_8bit_adam and engine == "DeepSpeed":
+        raise DreamBoothError("--use_8bit_adam cannot be combined with DeepSpeed, which manages the optimizer "
+                              "(and its CPU offload) itself; drop the flag, or use a DDP config")
+    if cfg.train_text_encoder:
+        raise DreamBoothError(f"--train_text_encoder trains two models, and Accelerate's {engine} engine takes one; "
+                              "use a DDP config, or train the UNet alone")
+    if engine == "FSDP" and cfg.use_lora:
+        raise DreamBoothError("--use_lora trains adapters of a few MB, which FSDP has no need to shard; "
+                              "use a DDP config (examples/accelerate/multi_gpu.yaml)")
+    if engine == "FSDP" and (cfg.num_validation_images or cfg.eval_steps):
+        raise DreamBoothError("validation samples and --eval_steps are drawn by the main process alone, which "
+                              "sharded FSDP models cannot do; pass --num_validation_images 0 and no --eval_steps "
+                              "(sample and score checkpoints with infer.py and evaluate.py instead)")
