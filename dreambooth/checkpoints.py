@@ -204,8 +204,8 @@ class Checkpointer:
 def _rescale_schedule(lr_scheduler, last_epoch: int) -> None:
     """Accelerate steps the schedule once per process per optimizer step, so a schedule saved by
     another number of processes is at another count: move it to ``last_epoch``."""
-    scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)
+    scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # diffusers' schedules are all LambdaLR
     scheduler.last_epoch = last_epoch
-    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_lr()):
-        group["lr"] = lr
+    for group, base_lr, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * factor(last_epoch)
     scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
