@@ -5,16 +5,18 @@
 #     bash benchmarks/gpu_run.sh fetch
 # On the GPU machine, with .whl/ copied beside the checkout:
 #     bash benchmarks/gpu_run.sh run [bench_train.py flags]
-# "run" installs the wheels beside the machine's own packages (torch, transformers, accelerate,
-# peft are used as found), prints the card, runs bench_train.py with a --deadline (DEADLINE,
-# default 480 s) so that it ends inside a 10-minute job with its results written, and leaves
-# results.json, bench.log and the workers' logs in $OUT (benchmarks/gpu-run/ when OUT is unset).
+# "run" installs the wheels beside the machine's own packages (torch, transformers and accelerate
+# are used as found; peft comes along because diffusers 0.42 cannot import its LoRA loaders with
+# peft 0.17 under transformers 5, nor load LoRA weights with 0.18), prints the card, runs
+# bench_train.py with a --deadline (DEADLINE, default 480 s) so that it ends inside a 10-minute
+# job with its results written, and leaves results.json, bench.log and the workers' logs in $OUT
+# (benchmarks/gpu-run/ when OUT is unset).
 # PYTHON names the interpreter (default python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 
-WHEELS=(diffusers==0.42.1 bitsandbytes==0.50.2 importlib_metadata==10.2.0)
+WHEELS=(diffusers==0.42.1 bitsandbytes==0.50.2 importlib_metadata==10.2.0 peft==0.21.2)
 PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 any)
 
 case "${1:-}" in
