@@ -31,7 +31,7 @@ partial_init, accelerator_init = accelerate.state.PartialState.__init__, acceler
 
 def partial_state_init(self, *args, **kwargs):
     partial_init(self, *args, **kwargs)
-    if self.distributed_type == DistributedType.MULTI_CPU and ENGINE is not None:
+    if self.distributed_type == DistributedType.MULTI_CPU:
         self.distributed_type = ENGINE
 
 
