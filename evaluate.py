@@ -1,4 +1,4 @@
-"""Measure a DreamBooth model as the paper does: DINO, CLIP-I, CLIP-T, PRES and DIV.
+r"""Measure a DreamBooth model as the paper does: DINO, CLIP-I, CLIP-T, PRES and DIV.
 
 Generates K images for each of the paper's 25 prompts with the subject ('a sks dog in the snow')
 and without it ('a dog in the snow', for prior preservation), then compares them with the real

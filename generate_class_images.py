@@ -1,4 +1,4 @@
-"""Generate class images for DreamBooth's prior-preservation loss.
+r"""Generate class images for DreamBooth's prior-preservation loss.
 
 Only the images missing to reach --num_class_images are made: existing valid images count,
 corrupt ones are replaced, and a rerun after a kill continues where it stopped. Image i is

@@ -1,4 +1,4 @@
-"""Generate images with a trained DreamBooth model (an output folder or a Hub id).
+r"""Generate images with a trained DreamBooth model (an output folder or a Hub id).
 
     python infer.py --pretrained_model_name_or_path sks-dog --prompt "a photo of sks dog on the moon" --seed 0
 

@@ -1,4 +1,4 @@
-"""DreamBooth fine-tuning of a Stable Diffusion 1.x/2.x model (Ruiz et al., CVPR 2023).
+r"""DreamBooth fine-tuning of a Stable Diffusion 1.x/2.x model (Ruiz et al., CVPR 2023).
 
 Single GPU or CPU:
     python train_dreambooth.py --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \

@@ -32,8 +32,28 @@ class _Parser(HfArgumentParser):
         raise DreamBoothError(message)
 
 
-def build_parser(config_class: type, description: str | None = None) -> HfArgumentParser:
-    parser = _Parser(config_class, description=description, allow_abbrev=False)
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` keeps the script docstring's lines and shows a default only where it says something.
+
+    A default of None or [] is left out, and so is one the help text already explains ("default: ...")
+    and that of a ``--no_<flag>`` switch.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help = action.help or ""
+        if (action.default in (None, [], argparse.SUPPRESS) or any(says in help for says in ("(default", "default:", "by default"))
+                or isinstance(action, argparse._StoreFalseAction)):
+            return help
+        return f"{help} (default: %(default)s)"
+
+
+def build_parser(config_class: type, description: str | None = None, positional: str | None = None) -> HfArgumentParser:
+    usage = f"%(prog)s {positional.upper() + ' ' if positional else ''}[--config FILE.yaml] [--flag value ...]"
+    parser = _Parser(config_class, description=description, allow_abbrev=False, formatter_class=_HelpFormatter,
+                     usage=usage)
+    for action in parser._actions:
+        if isinstance(action, argparse._StoreFalseAction):  # HfArgumentParser's --no_<flag> for a flag that defaults on
+            action.help = f"Turn --{action.dest} off."
     parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of flag values; flags given on the command line win")
     return parser
 
@@ -76,7 +96,7 @@ def parse_config(config_class: type[ConfigT], argv: Sequence[str] | None, descri
     if positional:
         argv = _positional_to_flag(argv, positional)
     try:
-        return _parse(config_class, argv, description)
+        return _parse(config_class, argv, description, positional)
     except DreamBoothError as error:
         message = str(error)
         for secret in _possible_secrets(argv):
@@ -102,8 +122,9 @@ def _possible_secrets(argv: Sequence[str]) -> list[str]:
     return [secret for secret in secrets if secret]
 
 
-def _parse(config_class: type[ConfigT], argv: list[str], description: str | None) -> ConfigT:
-    parser = build_parser(config_class, description)
+def _parse(config_class: type[ConfigT], argv: list[str], description: str | None,
+           positional: str | None) -> ConfigT:
+    parser = build_parser(config_class, description, positional)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)

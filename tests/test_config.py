@@ -105,3 +105,30 @@ def test_secret_values_never_reach_parse_errors():
     with pytest.raises(DreamBoothError) as caught:
         parse_config(TrainConfig, ["--hub_tokn", secret])
     assert secret not in str(caught.value) and "--hub_tokn" in str(caught.value)
+
+
+def test_help_keeps_the_script_examples_and_shows_only_meaningful_defaults(capsys):
+    import train_dreambooth
+
+    with pytest.raises(SystemExit) as exit_info:
+        train_dreambooth.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    # The docstring's shell lines stay as written, so they can be copied as a command.
+    assert "--pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\\n" in text
+    assert "(default: None)" not in text and "(default: [])" not in text
+    assert "(default: 100)" in text  # --num_class_images
+    # A --no_<flag> switch says what it does, not its own store_false default.
+    no_cache = text.split("--no_cache_latents, --no-cache-latents")[1].split("\n  --")[0]
+    assert "Turn --cache_latents off." in no_cache and "default" not in no_cache
+    # A help text that names its own default is not followed by the parser's.
+    assert "fp32 on CPU). (default" not in " ".join(text.split())
+
+
+def test_help_usage_names_the_positional_argument(capsys):
+    import export
+
+    with pytest.raises(SystemExit):
+        export.main(["--help"])
+    usage = capsys.readouterr().out.splitlines()[0]
+    assert usage.startswith("usage: ") and usage.endswith(" OUTPUT_DIR [--config FILE.yaml] [--flag value ...]")
