@@ -36,7 +36,7 @@ from dreambooth.checkpoints import (
 from dreambooth.cli import run_cli, setup_logging
 from dreambooth.config import TrainConfig, config_to_dict, parse_config, save_config
 from dreambooth.caching import CachedLatents, VaeLatents
-from dreambooth.concepts import build_dataloader
+from dreambooth.concepts import build_dataloader, training_items
 from dreambooth.data import DreamBoothDataset
 from dreambooth.engine import create_accelerator
 from dreambooth.errors import DreamBoothError
@@ -130,7 +130,7 @@ def build_optimization(cfg: TrainConfig, accelerator, trained: list[torch.nn.Mod
 def build_trainer(cfg: TrainConfig, accelerator, components: Components, trained: list[torch.nn.Module],
                   dataloader: DataLoader, state: TrainState) -> Trainer:
     """Everything trained goes through one ``accelerator.prepare``."""
-    dataset = dataloader.dataset
+    dataset = training_items(dataloader)
     schedule, optimizer, lr_scheduler = build_optimization(cfg, accelerator, trained, len(dataloader))
     latents = latents_source(cfg, accelerator, components, dataset)
     *trained, optimizer, dataloader, lr_scheduler = accelerator.prepare(*trained, optimizer, dataloader, lr_scheduler)

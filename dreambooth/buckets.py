@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 from PIL import Image
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, Sampler
 
 from .data import DatasetRow, Example, derived_seed
 
@@ -84,3 +84,39 @@ class BucketBatchSampler(Sampler[list[int]]):
             batches += [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         for position in torch.randperm(len(batches), generator=generator).tolist():
             yield batches[position]
+
+
+class BucketBatches(Dataset):
+    """The epoch's bucket batches as items: item k is batch k of ``BucketBatchSampler``, whole.
+
+    Loaded one item at a time, a batch is what Accelerate shards across processes, so each
+    process gets whole one-bucket batches. (Given the sampler as a ``batch_sampler``, Accelerate
+    cuts its batches to a fixed size: a bucket's short last batch would be merged with another
+    bucket's images, or a group of batches dropped.)"""
+
+    def __init__(self, items, batch_size: int, seed: int = 0):
+        self.items = items
+        self.sampler = BucketBatchSampler(items.sizes(), batch_size, seed)
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.items.set_epoch(epoch)
+        self.sampler.set_epoch(epoch)
+        self._batches = list(self.sampler)
+
+    def __len__(self) -> int:
+        return len(self._batches)
+
+    def __getitem__(self, index: int) -> list:
+        return [self.items[item] for item in self._batches[index]]
+
+
+class OneBatch:
+    """Collate a loader batch of one ``BucketBatches`` item: that item's examples."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, batches: list[list]) -> dict:
+        (examples,) = batches
+        return self.collate(examples)

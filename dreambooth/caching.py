@@ -54,13 +54,12 @@ class CachedLatents:
     @staticmethod
     def _jobs(dataset: DreamBoothDataset):
         flips = (False, True) if dataset.random_flip else (False,)
-        for index in range(len(dataset)):
-            instance = dataset.instances[index % len(dataset.instances)]
-            size = instance.size or (dataset.resolution, dataset.resolution)
-            examples = [instance] + ([dataset.class_for(index, instance)] if dataset.classes is not None else [])
-            for example in examples:
-                for flipped in flips:
-                    yield latent_key(example, size, flipped), example
+        pairs = [(instance, instance.size or (dataset.resolution,) * 2) for instance in dataset.instances]
+        if dataset.classes is not None:
+            pairs += dataset.class_pairings()
+        for example, size in pairs:
+            for flipped in flips:
+                yield latent_key(example, size, flipped), example
 
     def _encode(self, vae, dataset: DreamBoothDataset, jobs: Sequence, device: torch.device) -> None:
         pixels = []

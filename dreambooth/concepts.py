@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 import torch
 import yaml
 
-from .buckets import BucketBatchSampler, assign_buckets
+from .buckets import BucketBatches, OneBatch, assign_buckets
 from .data import (
     DatasetRow,
     DreamBoothCollator,
@@ -44,6 +44,7 @@ class Concept:
 
 
 _REQUIRED = ("instance_data_dir", "instance_prompt")
+_WHOLE_NUMBERS = ("num_class_images", "repeats")
 
 
 def load_concepts_list(path: str) -> list[Concept]:
@@ -66,6 +67,11 @@ def load_concepts_list(path: str) -> list[Concept]:
         unknown = sorted(set(entry) - known)
         if unknown:
             raise DreamBoothError(f"{where}: unknown key '{unknown[0]}' (known: {', '.join(sorted(known))})")
+        entry = {key: value for key, value in entry.items() if value is not None}  # `repeats:` left empty
+        for key, value in entry.items():
+            wanted = int if key in _WHOLE_NUMBERS else str
+            if not isinstance(value, wanted) or isinstance(value, bool):
+                raise DreamBoothError(f"{where}: {key} {value!r}: must be {'a whole number' if wanted is int else 'text'}")
         missing = [key for key in _REQUIRED if not entry.get(key)]
         if missing:
             raise DreamBoothError(f"{where}: missing key '{missing[0]}'")
@@ -110,7 +116,7 @@ def compose_prompt(instance_prompt: str, caption: str | None) -> str:
     prompt put in; an instance prompt holding ``[filewords]`` gets the caption put in; otherwise
     the caption replaces the instance prompt."""
     if caption is None:
-        return instance_prompt
+        return without_filewords(instance_prompt)
     if PROMPT_PLACEHOLDER in caption:
         return caption.replace(PROMPT_PLACEHOLDER, instance_prompt)
     if FILEWORDS in instance_prompt:
@@ -118,14 +124,20 @@ def compose_prompt(instance_prompt: str, caption: str | None) -> str:
     return caption
 
 
+def without_filewords(prompt: str) -> str:
+    """``prompt`` for an image without a caption: the ``[filewords]`` placeholder taken out."""
+    return " ".join(prompt.replace(FILEWORDS, " ").split()) if FILEWORDS in prompt else prompt
+
+
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8").strip()
+        # utf-8-sig: a byte-order mark (Windows Notepad's "UTF-8 with BOM") is not part of the caption.
+        return path.read_text(encoding="utf-8-sig").strip()
     except UnicodeDecodeError:
         raise DreamBoothError(f"{path}: caption file is not UTF-8 text; re-save it as UTF-8") from None
 
 
-def metadata_captions(folder: Path, column: str) -> dict[str, str]:
+def metadata_captions(folder: Path, column: str) -> dict[str, str | None]:
     """Captions of an imagefolder-style ``metadata.jsonl``: {"file_name": ..., column: ...} per line."""
     file = folder / "metadata.jsonl"
     if not file.is_file():
@@ -136,7 +148,8 @@ def metadata_captions(folder: Path, column: str) -> dict[str, str]:
             continue
         try:
             record = json.loads(line)
-            captions[Path(record["file_name"]).name] = str(record[column])
+            caption = record[column]
+            captions[Path(record["file_name"]).name] = None if caption is None else str(caption)
         except (json.JSONDecodeError, KeyError, TypeError) as error:
             raise DreamBoothError(f"{file}, line {number}: needs 'file_name' and '{column}' ({error})") from None
     return captions
@@ -164,6 +177,7 @@ def dataset_examples(name: str, image_column: str, caption_column: Optional[str]
             raise DreamBoothError(f"--dataset_name {name}: no column '{column}' for {flag} "
                                   f"(columns: {', '.join(columns)})")
     captions = dataset[caption_column] if caption_column else [None] * len(dataset)
+    captions = [None if caption is None else str(caption) for caption in captions]  # a label column holds numbers
     return [Example(DatasetRow(dataset, row, image_column), compose_prompt(instance_prompt, caption), 0)
             for row, caption in enumerate(captions)] * repeats
 
@@ -201,6 +215,12 @@ def build_dataset(cfg, data_seed: int) -> DreamBoothDataset:
                              cfg.caption_dropout)
 
 
+def training_items(dataloader) -> DreamBoothDataset:
+    """The dataset of a ``build_dataloader`` loader's items (under its bucket batches, if any)."""
+    dataset = dataloader.dataset
+    return dataset.items if isinstance(dataset, BucketBatches) else dataset
+
+
 def build_dataloader(cfg, tokenizer, data_seed: int, pin_memory: bool = False):
     """The training batches of a ``TrainConfig``: bucketed, or a seeded shuffle of the dataset.
     ``pin_memory`` (for a CUDA device): batches in pinned memory, which a non-blocking copy to the
@@ -215,7 +235,7 @@ def build_dataloader(cfg, tokenizer, data_seed: int, pin_memory: bool = False):
                   num_workers=cfg.dataloader_num_workers, generator=torch.Generator().manual_seed(data_seed),
                   pin_memory=pin_memory)
     if cfg.enable_bucket:
-        return DataLoader(dataset, batch_sampler=BucketBatchSampler(dataset.sizes(), cfg.train_batch_size, data_seed),
-                          **common)
+        common["collate_fn"] = OneBatch(common["collate_fn"])
+        return DataLoader(BucketBatches(dataset, cfg.train_batch_size, data_seed), batch_size=1, **common)
     return DataLoader(dataset, batch_size=cfg.train_batch_size, sampler=EpochShuffleSampler(len(dataset), data_seed),
                       **common)

@@ -371,6 +371,11 @@ class TrainConfig:
             raise DreamBoothError(f"--compile_mode {self.compile_mode}: choose default, reduce-overhead or max-autotune")
         if self.with_prior_preservation and self.prior_loss_weight < 0:
             raise DreamBoothError(f"--prior_loss_weight {self.prior_loss_weight}: must not be negative")
+        try:
+            Path("photo1.jpg").with_suffix(self.caption_extension)
+        except ValueError:
+            raise DreamBoothError(f"--caption_extension {self.caption_extension}: give an extension with its dot, "
+                                  "e.g. .txt") from None
         if not 0 <= self.caption_dropout < 1:
             raise DreamBoothError(f"--caption_dropout {self.caption_dropout}: must be in [0, 1)")
         if self.text_encoder_lr is not None and self.text_encoder_lr <= 0:
@@ -466,7 +471,9 @@ class TrainConfig:
     def validation_prompts(self) -> list[str]:
         if self.validation_prompt:
             return list(self.validation_prompt)
-        prompt = self.concepts()[0].instance_prompt.replace("[filewords]", "").strip()
+        from .concepts import without_filewords
+
+        prompt = without_filewords(self.concepts()[0].instance_prompt)
         return [prompt, f"{prompt} on the beach"]
 
     def save_dtype(self):

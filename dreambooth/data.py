@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -17,10 +17,13 @@ from .errors import DreamBoothError
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# Files that belong beside images (captions, metadata.jsonl, kohya's latent caches): skipped without a warning.
+COMPANION_EXTENSIONS = (".txt", ".caption", ".tags", ".json", ".jsonl", ".yaml", ".yml", ".npz", ".md")
 
 
 def list_image_files(folder: str | Path, flag: str) -> list[Path]:
-    """Image files of ``folder`` in name order; other files are skipped with a warning."""
+    """Image files of ``folder`` in name order; other files (an unsupported .gif, .heic, ...) are
+    skipped with a warning, captions and metadata silently."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DreamBoothError(f"{flag} {folder}: folder not found")
@@ -28,7 +31,11 @@ def list_image_files(folder: str | Path, flag: str) -> list[Path]:
     for path in sorted(folder.iterdir()):
         if path.name.startswith(".") or path.is_dir():
             continue
-        (images if path.suffix.lower() in IMAGE_EXTENSIONS else skipped).append(path)
+        suffix = path.suffix.lower()
+        if suffix in IMAGE_EXTENSIONS:
+            images.append(path)
+        elif suffix not in COMPANION_EXTENSIONS:
+            skipped.append(path)
     if skipped:
         names = ", ".join(path.name for path in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
         logger.warning("%s %s: skipping %d non-image file(s): %s", flag, folder, len(skipped), names)
@@ -42,12 +49,18 @@ def load_image(path: str | Path) -> Image.Image:
     A zero-byte, truncated or undecodable file is a DreamBoothError naming the file.
     """
     path = Path(path)
-    if path.stat().st_size == 0:
+    try:
+        size = path.stat().st_size
+    except OSError as error:  # a broken link, or no permission
+        raise DreamBoothError(f"{path}: cannot read it ({error.strerror or error}); remove or replace it") from None
+    if size == 0:
         raise DreamBoothError(f"{path}: empty file (0 bytes); remove or replace it")
     try:
         with Image.open(path) as opened:
             opened.load()
             image = ImageOps.exif_transpose(opened)
+    except Image.DecompressionBombError as error:
+        raise DreamBoothError(f"{path}: too large to decode safely ({error}); downscale it") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise DreamBoothError(f"{path}: corrupt or truncated image ({error}); remove or replace it") from None
     return _to_rgb(image)
@@ -60,8 +73,9 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         # 32-bit and float modes carry no depth, so their range is guessed from the values.
         peak = 65535.0 if image.mode.startswith("I;16") or pixels.max() > 255 else 255.0
         image = Image.fromarray(np.clip(pixels / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
-    if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("P", "L", "RGB") and "transparency" in image.info:
+        # A palette entry, or one grey level or colour (PNG's tRNS chunk), marks the transparent pixels.
+        image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -150,10 +164,12 @@ def examples_from_folder(folder: str | Path, prompt: str, concept: int = 0, flag
 
 
 class DreamBoothDataset(Dataset):
-    """Item ``i`` pairs instance example ``i mod n`` with a class image of the same concept
-    (``i mod m``, from the same size bucket when there is one) when prior preservation is on, as
-    in the paper and diffusers; an epoch covers the larger of the two sets. Repeated concepts
-    simply appear several times in ``instances``.
+    """Item ``i`` pairs instance example ``i mod n`` with a class image of the same concept (of the
+    same size bucket when there is one) when prior preservation is on, as in the paper and
+    diffusers; an epoch covers the larger of the two sets. The items sharing a concept's (or
+    bucket's) class images take them in turn, continuing from epoch to epoch, so every class image
+    is trained on however the concepts and buckets divide the items. Repeated concepts simply
+    appear several times in ``instances``.
 
     Random crops, flips and caption dropout draw from a generator seeded by (seed, epoch, item),
     never from the global one: the same item looks the same in a resumed run, in any worker.
@@ -178,14 +194,30 @@ class DreamBoothDataset(Dataset):
         self.seed, self.epoch, self.caption_dropout = seed, 0, caption_dropout
         # With cached latents (center crops only), items name their image variant instead of decoding it.
         self.yield_latent_keys = False
-        self._class_pools = self._pool_classes_by_size() if classes is not None else None
+        if classes is not None:
+            self._class_pools = self._pool_classes_by_size()
+            self._class_turns, self._pool_items = self._take_turns()
 
-    def _pool_classes_by_size(self) -> dict[tuple[int, tuple[int, int] | None], list[Example]]:
+    def _pool_classes_by_size(self) -> dict[tuple[int, Any], list[Example]]:
+        """Class images by (concept, size); (concept, "any") holds all of a concept's, for an
+        instance whose bucket has no class image of its size (they are fitted to the bucket)."""
         pools: dict = {}
         for concept, examples in enumerate(self.classes):
+            pools[(concept, "any")] = list(examples)
             for example in examples:
                 pools.setdefault((concept, example.size), []).append(example)
         return pools
+
+    def _take_turns(self) -> tuple[list[tuple[tuple, int]], dict[tuple, int]]:
+        """Each item's class pool and its turn there, and how many items of an epoch use each pool."""
+        turns, pool_items = [], {}
+        for index in range(len(self)):
+            instance = self.instances[index % len(self.instances)]
+            pool = (instance.concept, instance.size)
+            pool = pool if pool in self._class_pools else (instance.concept, "any")
+            turns.append((pool, pool_items.get(pool, 0)))
+            pool_items[pool] = pool_items.get(pool, 0) + 1
+        return turns, pool_items
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -204,9 +236,19 @@ class DreamBoothDataset(Dataset):
     def __len__(self) -> int:
         return max(len(self.instances), sum(map(len, self.classes)) if self.classes is not None else 0)
 
-    def class_for(self, index: int, instance: Example) -> Example:
-        pool = self._class_pools.get((instance.concept, instance.size)) or self.classes[instance.concept]
-        return pool[index % len(pool)]
+    def class_pairings(self):
+        """Every (class image, size) an item can pair, in any epoch."""
+        seen = {}
+        for index, (pool, _) in enumerate(self._class_turns):
+            seen.setdefault((pool, self.instances[index % len(self.instances)].size or (self.resolution,) * 2))
+        for pool, size in seen:
+            for example in self._class_pools[pool]:
+                yield example, size
+
+    def class_for(self, index: int) -> Example:
+        pool, turn = self._class_turns[index]
+        images = self._class_pools[pool]
+        return images[(self.epoch * self._pool_items[pool] + turn) % len(images)]
 
     def _load(self, example: Example, size: tuple[int, int], generator: torch.Generator, dropout: bool) -> dict:
         if self.yield_latent_keys:
@@ -225,7 +267,7 @@ class DreamBoothDataset(Dataset):
         size = instance.size or (self.resolution, self.resolution)
         item = {"instance": self._load(instance, size, generator, dropout=True)}
         if self.classes is not None:
-            item["class"] = self._load(self.class_for(index, instance), size, generator, dropout=False)
+            item["class"] = self._load(self.class_for(index), size, generator, dropout=False)
         return item
 
 

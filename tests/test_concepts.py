@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections import Counter
 
@@ -13,7 +14,7 @@ from PIL import Image
 import train_dreambooth
 from conftest import TOY_SUBJECT, train_args
 from dreambooth.buckets import BucketBatchSampler, assign_buckets, bucket_sizes, nearest_bucket
-from dreambooth.concepts import Concept, build_dataset, compose_prompt, instance_examples
+from dreambooth.concepts import Concept, build_dataset, compose_prompt, instance_examples, load_concepts_list
 from dreambooth.config import TrainConfig, parse_config
 from dreambooth.data import DreamBoothDataset, examples_from_folder
 from dreambooth.errors import DreamBoothError
@@ -71,6 +72,18 @@ def test_sidecar_captions_metadata_and_placeholders(tmp_path):
     assert compose_prompt("a photo of sks toy, [filewords]", "on a chair") == "a photo of sks toy, on a chair"
 
 
+def test_caption_oddities_byte_order_mark_null_numbers_and_lone_filewords(tmp_path):
+    folder = make_images(tmp_path / "photos", 3)
+    (folder / "img_0.txt").write_text("\ufeffsks toy, café", encoding="utf-8")  # Notepad's "UTF-8 with BOM"
+    (folder / "metadata.jsonl").write_text("\ufeff" + json.dumps({"file_name": "img_1.png", "text": None}) + "\n"
+                                           + json.dumps({"file_name": "img_2.png", "text": 1990}) + "\n",
+                                           encoding="utf-8")
+    examples = instance_examples(Concept("a photo of [filewords] sks toy", str(folder)), 0, ".txt", "text")
+    # No caption (a null one included): the instance prompt without the placeholder.
+    assert [example.prompt for example in examples] == [
+        "a photo of sks toy, café sks toy", "a photo of sks toy", "a photo of 1990 sks toy"]
+
+
 def test_caption_dropout_is_seeded_and_listed(tmp_path):
     examples = examples_from_folder(make_images(tmp_path / "photos", 8), "a photo of sks toy")
     dataset = DreamBoothDataset(examples, 16, center_crop=True, seed=3, caption_dropout=0.5)
@@ -121,6 +134,35 @@ def test_buckets_keep_the_aspect_ratio_and_never_mix(tmp_path):
     assert dataset[0]["instance"]["pixel_values"].shape == (3, sizes["w"][1], sizes["w"][0])
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_bucket_batches_reach_each_process_whole(tmp_path, seed):
+    """Sharded by Accelerate over 2 processes, the batches stay one bucket each and cover every image."""
+    from accelerate.data_loader import prepare_data_loader
+
+    from dreambooth.concepts import build_dataloader
+
+    folder = make_images(tmp_path / "photos", 3)
+    for index in range(3):
+        Image.new("RGB", (96, 24), (0, 0, 200)).save(folder / f"wide_{index}.png")
+    for image in folder.glob("*.png"):
+        image.with_suffix(".txt").write_text(image.stem)
+    cfg = parse_config(TrainConfig, ["--instance_data_dir", str(folder), "--instance_prompt", "a sks toy",
+                                     "--enable_bucket", "--resolution", "32", "--train_batch_size", "2"])
+    trained, batch_counts = Counter(), []
+    for rank in range(2):
+        shard = prepare_data_loader(build_dataloader(cfg, None, seed), num_processes=2, process_index=rank,
+                                    put_on_device=False)
+        shard.set_epoch(0)
+        batches = list(shard)  # a batch mixing two buckets cannot be stacked
+        for batch in batches:
+            wide = batch["pixel_values"].shape[-1] > batch["pixel_values"].shape[-2]
+            assert all(prompt.startswith("wide") == wide for prompt in batch["prompts"])
+            trained.update(batch["prompts"])
+        batch_counts.append(len(batches))
+    assert set(trained) == {f"img_{i}" for i in range(3)} | {f"wide_{i}" for i in range(3)}
+    assert batch_counts[0] == batch_counts[1]
+
+
 def test_bucketed_training_with_prior_preservation(tiny_model, tmp_path):
     instance = make_images(tmp_path / "wide", 2, size=(96, 48))
     shutil.copy(TOY_SUBJECT / "toy_01.png", instance / "square.png")
@@ -164,6 +206,27 @@ def test_bad_concepts_files(tiny_model, tmp_path, entry, message):
             "--output_dir", str(tmp_path / "out")]
     with pytest.raises(DreamBoothError, match=message):
         train_dreambooth.main(args)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("repeats", "2", "repeats '2': must be a whole number"),
+    ("repeats", 1.5, "repeats 1.5: must be a whole number"),
+    ("num_class_images", True, "num_class_images True: must be a whole number"),
+    ("class_prompt", 7, "class_prompt 7: must be text"),
+])
+def test_concepts_file_values_of_the_wrong_type(tmp_path, key, value, message):
+    entry = {"instance_data_dir": str(TOY_SUBJECT), "instance_prompt": "a sks toy", "repeats": None, key: value}
+    (tmp_path / "concepts.json").write_text(json.dumps([entry]))
+    with pytest.raises(DreamBoothError, match=f"concept 0: {re.escape(message)}"):
+        load_concepts_list(str(tmp_path / "concepts.json"))
+    entry[key] = None  # left empty: the default
+    (tmp_path / "concepts.json").write_text(json.dumps([entry]))
+    assert load_concepts_list(str(tmp_path / "concepts.json"))[0].repeats == 1
+
+
+def test_caption_extension_needs_its_dot(tiny_model, tmp_path):
+    with pytest.raises(DreamBoothError, match="--caption_extension txt: give an extension with its dot"):
+        train_dreambooth.main(train_args(tiny_model, TOY_SUBJECT, tmp_path / "out", "--caption_extension", "txt"))
 
 
 def test_duplicate_instance_dir_and_non_utf8_caption(tiny_model, tmp_path):

@@ -167,6 +167,32 @@ def first_half(data: bytes) -> bytes:
     return data[: len(data) // 2]
 
 
+@pytest.mark.parametrize("mode, colour", [("RGB", (200, 30, 30)), ("L", 90)])
+def test_load_image_colour_key_transparency_becomes_white(tmp_path, mode, colour):
+    # PNG's tRNS chunk marks one colour (or grey level) transparent; optimisers write it for binary alpha.
+    key = (0, 0, 0) if mode == "RGB" else 0
+    image = Image.new(mode, (8, 8), key)
+    image.paste(colour, (0, 0, 4, 8))
+    path = tmp_path / "keyed.png"
+    image.save(path, transparency=key)
+
+    loaded = load_image(path)
+
+    assert_close(pixel(loaded, 7, 0), WHITE)
+    assert_close(pixel(loaded, 0, 0), colour if mode == "RGB" else (colour,) * 3)
+
+
+def test_load_image_broken_link_and_oversized_image_are_errors_naming_them(tmp_path, monkeypatch):
+    link = tmp_path / "gone.png"
+    link.symlink_to(tmp_path / "deleted.png")
+    with pytest.raises(DreamBoothError, match=r"gone\.png: cannot read it"):
+        load_image(link)
+    solid(tmp_path / "huge.png", size=(32, 32))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL refuses over twice this many pixels
+    with pytest.raises(DreamBoothError, match=r"huge\.png: too large to decode safely"):
+        load_image(tmp_path / "huge.png")
+
+
 @pytest.mark.parametrize(
     "name, content",
     [
@@ -189,7 +215,7 @@ def test_load_image_bad_file_is_a_user_error_naming_it(tmp_path, name, content):
 
 def test_list_image_files_accepts_extensions_in_any_case_sorted(tmp_path, caplog):
     names = ["a.jpg", "b.JPEG", "c.png", "D.PNG", "e.webp", "f.Bmp", "g.jpeg"]
-    for name in names + ["notes.txt", ".hidden.png"]:
+    for name in names + ["notes.txt", "metadata.jsonl", "clip.gif", ".hidden.png"]:
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "album.png").mkdir()
     solid(tmp_path / "album.png" / "inner.png")
@@ -202,7 +228,9 @@ def test_list_image_files_accepts_extensions_in_any_case_sorted(tmp_path, caplog
     warnings = [record for record in caplog.records if record.name == "dreambooth.data"]
     assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
     message = warnings[0].getMessage()
-    assert "notes.txt" in message and "--instance_data_dir" in message
+    assert "clip.gif" in message and "--instance_data_dir" in message
+    # Captions and metadata belong beside the images: no warning for them.
+    assert "notes.txt" not in message and "metadata" not in message
     assert "hidden" not in message and "album" not in message
 
 
@@ -352,6 +380,38 @@ def test_dataset_item_cycles_the_smaller_set(tmp_path):
     assert torch.equal(item["instance"]["pixel_values"], expected_pixels(instance[1].source))
     assert torch.equal(item["class"]["pixel_values"], expected_pixels(prior[4].source))
     assert item["instance"]["prompt"] == INSTANCE_PROMPT and item["class"]["prompt"] == CLASS_PROMPT
+
+
+def test_every_class_image_is_trained_whatever_the_concepts_and_buckets(tmp_path):
+    """Items sharing a concept's (or a bucket's) class images take them in turn, across epochs."""
+    toy = image_set(tmp_path / "toy", [RED] * 2, "a sks toy")
+    cup = [Example(e.source, "a zwx cup", 1) for e in image_set(tmp_path / "cup", [GREEN] * 2, "")]
+    toys = image_set(tmp_path / "toys", [BLUE, BLACK, WHITE, (9, 9, 9)], "a toy")
+    cups = [Example(e.source, "a cup", 1) for e in image_set(tmp_path / "cups", [(1, 2, 3), (4, 5, 6), (7, 8, 9)], "")]
+    dataset = DreamBoothDataset(toy + cup, RESOLUTION, classes=[toys, cups])
+    assert len(dataset) == 7
+
+    def pairs(epoch):
+        dataset.set_epoch(epoch)
+        return [(dataset.instances[i % 4].concept, dataset.class_for(i)) for i in range(len(dataset))]
+
+    for concept, images in enumerate((toys, cups)):
+        first = [image for owner, image in pairs(0) if owner == concept]
+        # The first epoch takes the concept's class images in order; none is left out for good.
+        assert first == (images * 2)[:len(first)]
+        assert set(first + [image for owner, image in pairs(1) if owner == concept]) == set(images)
+    # Buckets: the square instance's class images and the wide one's are pooled apart.
+    square, wide = (Example(toy[0].source, "a sks toy", 0, (16, 16)), Example(toy[1].source, "a sks toy", 0, (32, 8)))
+    sized = [Example(e.source, e.prompt, 0, (16, 16) if n < 3 else (32, 8)) for n, e in enumerate(toys)]
+    dataset = DreamBoothDataset([square, wide], RESOLUTION, classes=[sized])
+    used = set()
+    for epoch in range(2):
+        dataset.set_epoch(epoch)
+        for index in range(len(dataset)):
+            image = dataset.class_for(index)
+            assert image.size == dataset.instances[index % 2].size
+            used.add(image)
+    assert used == set(sized)
 
 
 def test_dataset_rejects_empty_image_sets(tmp_path):
