@@ -53,7 +53,12 @@ def _adapter_layers(models: list[torch.nn.Module], dtype: torch.dtype | None) ->
         state = get_peft_model_state_dict(model)
         if dtype is not None:
             state = {key: value.to(dtype) for key, value in state.items()}
-        kwargs[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(state)
+        converted = convert_state_dict_to_diffusers(state)
+        # diffusers' load_lora_weights reads a file's key style off its first key, so a file must
+        # keep one. Only attention projections have diffusers names: with other targets
+        # (--lora_target_modules proj_in ...), all keys keep peft's lora_A/lora_B names.
+        mixed = any(".lora_A." in key or ".lora_B." in key for key in converted)
+        kwargs[f"{name}_lora_layers"] = state if mixed else converted
         kwargs[f"{name}_lora_adapter_metadata"] = model.peft_config["default"].to_dict()
     return kwargs
 

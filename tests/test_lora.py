@@ -66,6 +66,24 @@ def test_lora_trains_only_adapters_and_loads_with_load_lora_weights(tiny_model, 
     assert np.abs(with_lora - plain).max() > 1e-3
 
 
+def test_lora_on_more_modules_than_attention_loads_whole(tiny_model, instance_dir, tmp_path):
+    """A file must keep one key style: diffusers' loader reads it off the first key and drops the rest."""
+    from diffusers import StableDiffusionPipeline
+
+    output = tmp_path / "out"
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "conv1", "time_emb_proj"]
+    train_dreambooth.main(train_args(tiny_model, instance_dir, output, *LORA, "--max_train_steps", "3",
+                                     "--lora_target_modules", *targets))
+    adapted = {key[len("unet."):].split(".lora")[0] for key in load_file(output / LORA_WEIGHTS)}
+    assert {name.split(".")[-1] for name in adapted} >= {"to_q", "proj_in", "conv1", "time_emb_proj"}
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
+    before = {name: pipeline.unet.get_submodule(name).weight.detach().clone() for name in adapted}
+    pipeline.load_lora_weights(str(output))
+    pipeline.fuse_lora()
+    unchanged = [name for name in adapted if torch.equal(pipeline.unet.get_submodule(name).weight, before[name])]
+    assert not unchanged
+
+
 def test_lora_resume_is_exact(tiny_model, instance_dir, tmp_path, monkeypatch):
     args = [*LORA, "--max_train_steps", "6", "--checkpointing_steps", "3", "--gradient_accumulation_steps", "2"]
     train_dreambooth.main(train_args(tiny_model, instance_dir, tmp_path / "whole", *args))
