@@ -572,6 +572,24 @@ def _check_generation_numbers(resolution: int, steps: int, scheduler: str, flag:
         raise DreamBoothError(f"--scheduler {scheduler}: choose one of {', '.join(SCHEDULER_NAMES)}")
 
 
+def check_device(device: str) -> None:
+    """``--device`` names a device this machine has (or auto)."""
+    import torch
+
+    if device == "auto":
+        return
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        chosen = None
+    present = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if chosen is None or chosen.type not in present:
+        raise DreamBoothError(f"--device {device}: choose cuda, mps, cpu or auto")
+    count = torch.cuda.device_count() if chosen.type == "cuda" else 1
+    if not present[chosen.type] or (chosen.index or 0) >= count:
+        raise DreamBoothError(f"--device {device}: not present on this machine; use --device auto or cpu")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSource:
     """The model to sample: a trained folder or Hub id, or a checkpoint or LoRAs over a base."""
@@ -637,6 +655,7 @@ class InferConfig(ModelSource):
                 raise DreamBoothError(f"--{flag} {value}: must be a positive multiple of 8")
         if self.dtype not in ("auto", "fp32", "fp16", "bf16"):
             raise DreamBoothError(f"--dtype {self.dtype}: choose auto, fp32, fp16 or bf16")
+        check_device(self.device)
         check_writable_dir(self.output_dir, "--output_dir")
 
     def base_model(self) -> str | None:
@@ -781,6 +800,7 @@ class EvaluateConfig(ModelSource):
             raise DreamBoothError("--identifier is required, e.g. --identifier sks")
         for flag in ("dino_model", "clip_model"):
             check_encoder_source(getattr(self, flag), f"--{flag}")
+        check_device(self.device)
         if self.generated_dir:
             if self.pretrained_model_name_or_path or self.checkpoint or self.lora:
                 raise DreamBoothError("give --generated_dir or a model to generate with, not both")

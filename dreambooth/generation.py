@@ -8,6 +8,7 @@ import io
 import logging
 import math
 import re
+import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,7 +31,8 @@ SCHEDULERS = {
     "ddim": ("DDIMScheduler", {}, "DDIM"),
     "euler": ("EulerDiscreteScheduler", {}, "Euler"),
     "euler_a": ("EulerAncestralDiscreteScheduler", {}, "Euler a"),
-    "pndm": ("PNDMScheduler", {}, "PLMS"),
+    # skip_prk_steps: PLMS as Stable Diffusion samples with it (its own config says so), at any step count.
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}, "PLMS"),
     "ddpm": ("DDPMScheduler", {}, "DDPM"),
 }
 PRECISIONS = {"fp32": torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -106,22 +108,29 @@ def checkpoint_components(checkpoint: str | Path, dtype: torch.dtype) -> dict:
     return components
 
 
-def apply_loras(pipeline, paths: Sequence[str | Path], scales: Sequence[float] = ()) -> None:
-    """Load LoRA weights over the pipeline, each as its own adapter with its strength."""
+def apply_loras(pipeline, loras: Sequence[tuple[str, str | Path, float]]) -> None:
+    """Load LoRA weights over the pipeline: each (flag, path, strength) as its own adapter."""
     from .lora import LORA_WEIGHTS
 
-    names = []
-    for number, path in enumerate(paths):
+    names, weights = [], []
+    for number, (flag, path, weight) in enumerate(loras):
         path, name = Path(path), f"lora_{number}"
         folder, weight_name = (path, LORA_WEIGHTS) if path.is_dir() else (path.parent, path.name)
         try:
-            pipeline.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=name)
+            with warnings.catch_warnings():  # stacking adapters is the point here
+                warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+                pipeline.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=name)
         except (ValueError, KeyError, RuntimeError, OSError) as error:
-            raise DreamBoothError(f"--lora {path}: does not fit this base model ({_first_reason(error)})") from None
+            raise DreamBoothError(f"{flag} {path}: does not fit this base model ({_first_reason(error)})") from None
         names.append(name)
+        weights.append(weight)
     if names:
-        weights = list(scales) * len(names) if len(scales) == 1 else list(scales) or [1.0] * len(names)
         pipeline.set_adapters(names, adapter_weights=weights)
+
+
+def lora_scales(scales: Sequence[float], count: int) -> list[float]:
+    """--lora_scale for each of ``count`` --lora: none means 1, one value is for all."""
+    return list(scales) * count if len(scales) == 1 else list(scales) or [1.0] * count
 
 
 def _first_reason(error: Exception, limit: int = 300) -> str:
@@ -137,8 +146,10 @@ def load_inference_pipeline(cfg):
     dtype = pick_dtype(device, cfg.dtype)
     trained = checkpoint_components(cfg.checkpoint, dtype) if cfg.checkpoint else {}
     pipeline = load_pipeline(cfg.base_model(), device, dtype, cfg.scheduler, cfg.revision, cfg.variant, **trained)
-    lora_checkpoint = [cfg.checkpoint] if cfg.checkpoint and not trained else []
-    apply_loras(pipeline, lora_checkpoint + list(cfg.lora), cfg.lora_scale)
+    # A LoRA run's checkpoint is an adapter at full strength; --lora_scale is for the --lora files.
+    loras = [("--checkpoint", cfg.checkpoint, 1.0)] if cfg.checkpoint and not trained else []
+    loras += [("--lora", path, scale) for path, scale in zip(cfg.lora, lora_scales(cfg.lora_scale, len(cfg.lora)))]
+    apply_loras(pipeline, loras)
     return pipeline
 
 

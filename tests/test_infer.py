@@ -118,6 +118,8 @@ def bad_inputs(tmp_path) -> dict[str, Path]:
     (["--prompt", "a toy", "--num_images_per_prompt", "0"], r"--num_images_per_prompt 0"),
     (["--prompt", "a toy", "--output_dir", "{under_a_file}"], r"--output_dir .*file\.txt.*not writable"),
     ([], r"--prompt .*--prompts_file"),
+    (["--prompt", "a toy", "--device", "bogus"], r"--device bogus: choose cuda, mps, cpu or auto"),
+    (["--prompt", "a toy", "--device", "cuda:99"], r"--device cuda:99: not present on this machine"),
 ])
 def test_bad_input_is_a_one_line_error_naming_the_flag(tiny_model, tmp_path, bad_inputs, change, message):
     extra = [value.format(**bad_inputs) for value in change]
@@ -136,3 +138,10 @@ def test_bad_flag_prints_one_error_line_and_exits_1(tiny_model, tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == ["error: unrecognized arguments: --num_images_per_promt 2"]
     assert not list(tmp_path.iterdir())
+
+
+def test_every_scheduler_samples_at_two_steps(tiny_model, tmp_path):
+    # PNDM's Runge-Kutta warm-up needs more steps than this unless skipped, as Stable Diffusion's config does.
+    for name in ("pndm", "ddim", "euler_a", "unipc"):
+        written = infer.main(infer_args(tiny_model, tmp_path / name, "--prompt", "a toy", "--scheduler", name))
+        assert pixels(written[0]).shape == (32, 32, 3)

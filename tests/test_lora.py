@@ -132,6 +132,24 @@ def test_infer_with_lora_and_scale(tiny_model, instance_dir, tmp_path):
     assert np.abs(off - plain).max() <= 1
 
 
+def test_infer_stacks_a_lora_checkpoint_and_scaled_loras_additively(tiny_model, instance_dir, tmp_path):
+    output = tmp_path / "out"
+    train_dreambooth.main(train_args(tiny_model, instance_dir, output, *LORA, "--max_train_steps", "2",
+                                     "--checkpointing_steps", "1"))
+    common = ["--checkpoint", str(output / "checkpoint-1"), "--prompt", "a photo of sks toy", "--seed", "0",
+              "--num_images_per_prompt", "1", "--num_inference_steps", "3"]
+
+    def pixels(name, *extra):
+        written = infer.main([*common, "--output_dir", str(tmp_path / name), *extra])
+        return np.asarray(Image.open(written[0]), dtype=np.int16)
+
+    # The checkpoint's adapter at full strength, the --lora files at theirs: 0.5 + 0.8 of one LoRA is 1.3 of it.
+    twice = pixels("twice", "--lora", str(output), "--lora", str(output), "--lora_scale", "0.5", "0.8")
+    once = pixels("once", "--lora", str(output), "--lora_scale", "1.3")
+    assert np.abs(twice - once).max() <= 1
+    assert np.abs(twice - pixels("alone")).max() > 1
+
+
 def test_lora_bad_inputs(tiny_model, instance_dir, tmp_path):
     with pytest.raises(DreamBoothError, match="--rank 0: must be at least 1"):
         train_dreambooth.main(train_args(tiny_model, instance_dir, tmp_path / "a", "--use_lora", "--rank", "0"))
