@@ -266,6 +266,15 @@ def model_card_text(output_dir: str | Path, info: CardInfo) -> str:
     return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n"
 
 
+def card_for_repo(text: str, repo_id: str) -> str:
+    """A card written for another name (the output folder's, before the repo was chosen) with its
+    title and usage snippet naming ``repo_id``; other text is left as it is."""
+    name = repo_id.rsplit("/", 1)[-1]
+    text = re.sub(r"^(# DreamBooth (?:LoRA )?- ).*$", lambda m: m.group(1) + name, text, count=1, flags=re.M)
+    call = "pipe.load_lora_weights" if "pipe.load_lora_weights(" in text else "StableDiffusionPipeline.from_pretrained"
+    return re.sub(rf'({re.escape(call)}\()"[^"]*"', lambda m: f'{m.group(1)}"{repo_id}"', text, count=1)
+
+
 def write_model_card(output_dir: str | Path, info: CardInfo) -> Path:
     """Write ``output_dir/README.md``: Hub metadata, usage snippet, settings and samples."""
     from huggingface_hub import ModelCard
@@ -341,12 +350,20 @@ def push_output(output_dir: str | Path, repo_id: str, token: str | None = None, 
 
     folder = check_finished_output(output_dir)
     patterns = ignore_patterns(include_checkpoints)
+    card = folder / "README.md"
+    text = card.read_text(encoding="utf-8") if card.is_file() else None
+    renamed = card_for_repo(text, repo_id) if text is not None else None
+    if renamed != text:
+        patterns.append("README.md")  # uploaded renamed below; the folder itself is only read
     api = HfApi()
     try:
         # private=None, not False: a new repo then gets the account's default visibility.
         url = api.create_repo(repo_id, token=token, private=True if private else None, exist_ok=True)
         api.upload_folder(repo_id=repo_id, folder_path=str(folder), token=token,
                           commit_message="Upload DreamBooth model", ignore_patterns=patterns)
+        if renamed != text:
+            api.upload_file(path_or_fileobj=renamed.encode("utf-8"), path_in_repo="README.md", repo_id=repo_id,
+                            token=token, commit_message=f"Model card for {repo_id}")
     except _network_errors() as error:
         retry = ["python", "push_to_hub.py", str(output_dir), "--hub_model_id", repo_id,
                  *(["--private"] if private else []), *(["--push_checkpoints"] if include_checkpoints else [])]

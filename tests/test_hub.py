@@ -170,8 +170,13 @@ def hub_calls(monkeypatch) -> list[tuple[str, dict]]:
         calls.append(("upload_folder", kwargs))
         return "commit"
 
+    def upload_file(self, **kwargs):
+        calls.append(("upload_file", kwargs))
+        return "commit"
+
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(HfApi, "upload_file", upload_file)
     return calls
 
 
@@ -193,6 +198,31 @@ def test_push_creates_repo_and_uploads_the_finished_files(finished_output, hub_c
     assert uploaded_files(finished_output, upload["ignore_patterns"]) == {
         "model_index.json", "unet/diffusion_pytorch_model.safetensors", "samples/final.png", "train_config.yaml"}
     assert snapshot(finished_output) == before
+
+
+@pytest.mark.parametrize("use_lora", [False, True])
+def test_push_names_the_repo_in_the_card_it_uploads(finished_output, hub_calls, use_lora):
+    # Trained without --push_to_hub: the card names the output folder; pushed later under another name.
+    write_model_card(finished_output, card_info("stable-diffusion-v1-5/stable-diffusion-v1-5", use_lora=use_lora))
+    call = "pipe.load_lora_weights" if use_lora else "StableDiffusionPipeline.from_pretrained"
+    written = (finished_output / "README.md").read_text()
+    assert f'{call}("sks-dog"' in written
+    before = snapshot(finished_output)
+
+    push_output(finished_output, "me/robot", token=TOKEN)
+
+    (_, _), (_, folder), (name, card) = hub_calls
+    assert "README.md" not in uploaded_files(finished_output, folder["ignore_patterns"])
+    assert name == "upload_file" and card["path_in_repo"] == "README.md" and card["repo_id"] == "me/robot"
+    uploaded = card["path_or_fileobj"].decode()
+    assert f'{call}("me/robot"' in uploaded and "# DreamBooth " + ("LoRA " if use_lora else "") + "- robot" in uploaded
+    assert uploaded.replace("me/robot", "sks-dog").replace("- robot", "- sks-dog") == written
+    assert snapshot(finished_output) == before
+    hub_calls.clear()
+    write_model_card(finished_output, card_info("stable-diffusion-v1-5/stable-diffusion-v1-5", use_lora=use_lora,
+                                                hub_model_id="me/robot"))
+    push_output(finished_output, "me/robot")  # the card already names the repo: uploaded with the folder
+    assert [name for name, _ in hub_calls] == ["create_repo", "upload_folder"]
 
 
 def test_push_checkpoints_on_request_and_token_none_left_to_huggingface_hub(finished_output, hub_calls):
