@@ -14,28 +14,30 @@ from torch.utils.data import Dataset, Sampler
 
 from .errors import DreamBoothError
 
+
+class CorruptImageError(DreamBoothError):
+    """The file itself is broken (empty, truncated, not an image): regenerating it is safe."""
+
+
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-# Files that belong beside images (captions, metadata.jsonl, kohya's latent caches): skipped without a warning.
-COMPANION_EXTENSIONS = (".txt", ".caption", ".tags", ".json", ".jsonl", ".yaml", ".yml", ".npz", ".md")
 
 
 def list_image_files(folder: str | Path, flag: str) -> list[Path]:
-    """Image files of ``folder`` in name order; other files (an unsupported .gif, .heic, ...) are
-    skipped with a warning, captions and metadata silently."""
+    """Image files of ``folder`` in name order. Other files are skipped with a warning (an
+    unsupported .gif, a caption named unlike its image), except an image's own companions
+    (photo1.txt or photo1.jpg.txt beside photo1.jpg) and metadata.jsonl."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DreamBoothError(f"{flag} {folder}: folder not found")
-    images, skipped = [], []
+    images, others = [], []
     for path in sorted(folder.iterdir()):
         if path.name.startswith(".") or path.is_dir():
             continue
-        suffix = path.suffix.lower()
-        if suffix in IMAGE_EXTENSIONS:
-            images.append(path)
-        elif suffix not in COMPANION_EXTENSIONS:
-            skipped.append(path)
+        (images if path.suffix.lower() in IMAGE_EXTENSIONS else others).append(path)
+    companions_of = {path.stem for path in images} | {path.name for path in images} | {"metadata"}
+    skipped = [path for path in others if path.stem not in companions_of]
     if skipped:
         names = ", ".join(path.name for path in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
         logger.warning("%s %s: skipping %d non-image file(s): %s", flag, folder, len(skipped), names)
@@ -54,15 +56,17 @@ def load_image(path: str | Path) -> Image.Image:
     except OSError as error:  # a broken link, or no permission
         raise DreamBoothError(f"{path}: cannot read it ({error.strerror or error}); remove or replace it") from None
     if size == 0:
-        raise DreamBoothError(f"{path}: empty file (0 bytes); remove or replace it")
+        raise CorruptImageError(f"{path}: empty file (0 bytes); remove or replace it")
     try:
         with Image.open(path) as opened:
             opened.load()
             image = ImageOps.exif_transpose(opened)
     except Image.DecompressionBombError as error:
         raise DreamBoothError(f"{path}: too large to decode safely ({error}); downscale it") from None
+    except PermissionError as error:
+        raise DreamBoothError(f"{path}: cannot read it ({error.strerror}); remove or replace it") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        raise DreamBoothError(f"{path}: corrupt or truncated image ({error}); remove or replace it") from None
+        raise CorruptImageError(f"{path}: corrupt or truncated image ({error}); remove or replace it") from None
     return _to_rgb(image)
 
 

@@ -335,8 +335,12 @@ def _read_prompts_json(path: Path) -> list[tuple[str, str, Optional[int]]]:
 
 def _png_prompt_and_seed(path: Path) -> tuple[Optional[str], Optional[int]]:
     """infer.py's 'prompt' and 'seed' text fields, or the first line of a web UI's 'parameters'."""
-    with Image.open(path) as image:
-        text = dict(getattr(image, "text", {}) or {})
+    try:
+        with Image.open(path) as image:
+            text = dict(getattr(image, "text", {}) or {})
+    except (OSError, SyntaxError, ValueError) as error:  # PIL's UnidentifiedImageError is an OSError
+        raise DreamBoothError(f"--generated_dir: {path}: cannot read it as an image ({error}); "
+                              "remove or replace it") from None
     prompt = text.get("prompt") or (text["parameters"].splitlines()[0] if text.get("parameters") else None)
     seed = text.get("seed", "")
     return prompt, int(seed) if seed.lstrip("-").isdigit() else None

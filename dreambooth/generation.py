@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .data import derived_seed, list_image_files, load_image
+from .data import CorruptImageError, derived_seed, list_image_files, load_image
 from .errors import DreamBoothError
 
 logger = logging.getLogger(__name__)
@@ -218,10 +218,14 @@ def _scan_class_folder(folder: Path, remove_corrupt: bool) -> tuple[int, set[int
     for path in list_image_files(folder, "--class_data_dir"):
         try:
             load_image(path)
-        except DreamBoothError as error:
+        except CorruptImageError as error:  # an unreadable or oversized image is an error, kept on disk
             if remove_corrupt:
                 logger.warning("%s; removing it, a new class image replaces it", error)
-                path.unlink(missing_ok=True)
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError as unlink_error:
+                    raise DreamBoothError(f"--class_data_dir {folder}: cannot remove the corrupt {path.name} "
+                                          f"({unlink_error.strerror}); remove or replace it") from None
             continue
         valid += 1
         match = _CLASS_IMAGE_NAME.match(path.name)
@@ -233,7 +237,10 @@ def _scan_class_folder(folder: Path, remove_corrupt: bool) -> tuple[int, set[int
 def missing_class_indices(job: ClassImageJob, remove_corrupt: bool = False) -> list[int]:
     """Indices of the images still to generate: the lowest ones no existing file uses."""
     folder = Path(job.class_data_dir)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DreamBoothError(f"--class_data_dir {folder}: cannot create it ({error.strerror or error})") from None
     valid, used = _scan_class_folder(folder, remove_corrupt)
     missing, index = [], 0
     while len(missing) < job.num_class_images - valid:
@@ -283,7 +290,8 @@ def generate_class_images(job: ClassImageJob, state=None) -> int:
     if not missing:
         return 0
     # Batches are cut from the global list before being dealt out, so each image is made in the
-    # same batch (and so bitwise the same) whatever the number of processes.
+    # same batch (and so bitwise the same) whatever the number of processes. On a CPU the thread
+    # count matters too: torchrun sets OMP_NUM_THREADS=1, which moves some pixels by 1 level.
     batches = [missing[i:i + job.sample_batch_size] for i in range(0, len(missing), job.sample_batch_size)]
     mine = batches[state.process_index::state.num_processes]
     if state.is_main_process:

@@ -61,6 +61,8 @@ RESUME_CASES = {
     "plain": [],
     "prior_preservation": ["--with_prior_preservation", "--class_prompt", "a photo of a toy", "--num_class_images", "5"],
     "accumulation_flip_text_encoder": ["--gradient_accumulation_steps", "2", "--random_flip", "--train_text_encoder"],
+    "buckets_prior_preservation": ["--enable_bucket", "--with_prior_preservation", "--class_prompt", "a photo of a toy",
+                                   "--num_class_images", "5", "--random_flip"],
     "bf16_gradients_text_encoder": ["--mixed_precision", "bf16", "--bf16_gradients", "--train_text_encoder",
                                     "--text_encoder_lr", "3e-4"],
 }

@@ -121,6 +121,29 @@ def test_corrupt_image_is_reported_and_replaced(tiny_model, tmp_path, generation
     assert contents(folder) == original
 
 
+def test_a_valid_image_that_cannot_be_read_is_an_error_and_kept(tiny_model, tmp_path, monkeypatch):
+    folder = tmp_path / "class"
+    folder.mkdir()
+    big = write_user_image(folder / "panorama.png", (10, 20, 30))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # the image is now too large to decode safely
+    with pytest.raises(DreamBoothError, match=r"panorama\.png: too large to decode safely"):
+        generate_class_images.main(class_args(tiny_model, folder, "--num_class_images", "1"))
+    assert contents(folder) == {"panorama.png": big}
+
+
+def test_a_corrupt_image_that_cannot_be_removed_is_an_error(tiny_model, tmp_path, monkeypatch):
+    folder = tmp_path / "class"
+    folder.mkdir()
+    (folder / "junk.png").write_bytes(b"not a png at all")
+
+    def read_only(self, missing_ok=False):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    with pytest.raises(DreamBoothError, match=r"--class_data_dir .*: cannot remove the corrupt junk\.png"):
+        generate_class_images.main(class_args(tiny_model, folder, "--num_class_images", "1"))
+
+
 def test_resume_after_interruption_matches_one_uninterrupted_run(tiny_model, tmp_path):
     generate_class_images.main(class_args(tiny_model, tmp_path / "a", "--num_class_images", "4"))
     generate_class_images.main(class_args(tiny_model, tmp_path / "b", "--num_class_images", "2"))

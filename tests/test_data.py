@@ -215,7 +215,7 @@ def test_load_image_bad_file_is_a_user_error_naming_it(tmp_path, name, content):
 
 def test_list_image_files_accepts_extensions_in_any_case_sorted(tmp_path, caplog):
     names = ["a.jpg", "b.JPEG", "c.png", "D.PNG", "e.webp", "f.Bmp", "g.jpeg"]
-    for name in names + ["notes.txt", "metadata.jsonl", "clip.gif", ".hidden.png"]:
+    for name in names + ["notes.txt", "a.txt", "c.png.txt", "metadata.jsonl", "clip.gif", ".hidden.png"]:
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "album.png").mkdir()
     solid(tmp_path / "album.png" / "inner.png")
@@ -228,9 +228,9 @@ def test_list_image_files_accepts_extensions_in_any_case_sorted(tmp_path, caplog
     warnings = [record for record in caplog.records if record.name == "dreambooth.data"]
     assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
     message = warnings[0].getMessage()
-    assert "clip.gif" in message and "--instance_data_dir" in message
-    # Captions and metadata belong beside the images: no warning for them.
-    assert "notes.txt" not in message and "metadata" not in message
+    assert "clip.gif" in message and "notes.txt" in message and "--instance_data_dir" in message
+    # An image's own caption and the folder's metadata belong there: no warning for them.
+    assert "a.txt" not in message and "c.png.txt" not in message and "metadata" not in message
     assert "hidden" not in message and "album" not in message
 
 

@@ -204,8 +204,11 @@ def bad(tmp_path) -> dict[str, str]:
     unlabeled = tmp_path / "unlabeled"
     unlabeled.mkdir()
     noise_images(1, 0)[0].save(unlabeled / "image.png")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "001-partial.png").write_bytes(b"")
     return {"empty": str(empty), "plain": str(no_placeholder), "unlabeled": str(unlabeled),
-            "missing": str(tmp_path / "missing")}
+            "missing": str(tmp_path / "missing"), "broken": str(broken)}
 
 
 @pytest.mark.parametrize("change, message", [
@@ -217,6 +220,7 @@ def bad(tmp_path) -> dict[str, str]:
     (["--prompt_set", "people"], r"--prompt_set.*invalid choice: 'people'"),
     (["--generated_dir", "{missing}"], r"--generated_dir .*missing: folder not found"),
     (["--generated_dir", "{unlabeled}"], r"--generated_dir .*no image with a prompt"),
+    (["--generated_dir", "{broken}"], r"--generated_dir: .*001-partial\.png: cannot read it as an image"),
     (["--dino_model", "{missing}"], r"--dino_model .*missing: no such folder"),
     (["--generated_dir", "{unlabeled}", "--dino_model", "nobody/no-dino"],
      r"--dino_model nobody/no-dino: cannot be loaded \(.*\); the default models need one download.*local folder"),
