@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from dreambooth.checkpoints import (
     Checkpointer,
+    check_checkpoint_fits,
     TrainState,
     adapt_to_process_count,
     all_finite,
@@ -112,6 +113,9 @@ def build_optimization(cfg: TrainConfig, accelerator, trained: list[torch.nn.Mod
               for module, rate in zip(trained, rates)]
     optimizer = build_optimizer(groups, learning_rate, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_weight_decay,
                                 cfg.adam_epsilon, cfg.use_8bit_adam, accelerator.device)
+    if cfg.lr_scheduler == "polynomial" and cfg.lr_warmup_steps >= schedule.max_train_steps:
+        raise DreamBoothError(f"--lr_warmup_steps {cfg.lr_warmup_steps}: leaves --lr_scheduler polynomial no step of "
+                              f"the {schedule.max_train_steps} to decay over; use fewer warm-up steps")
     # Accelerate steps the schedule once per process for each optimizer step.
     lr_scheduler = get_scheduler(
         cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
@@ -219,6 +223,7 @@ def start_state(cfg: TrainConfig, accelerator) -> tuple[TrainState, Path | None]
 
     resume = resolve_resume(cfg.output_dir, cfg.resume_from_checkpoint)
     if resume is not None:
+        check_checkpoint_fits(resume, cfg.use_lora, cfg.train_text_encoder)
         return adapt_to_process_count(read_state(resume), accelerator.num_processes, resume), resume
     # Without --seed, the processes must still agree on one data order.
     data_seed = [cfg.seed if cfg.seed is not None else random.randrange(2**31)]

@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 import torch
 from accelerate.utils import DistributedType
 
-from .errors import DreamBoothError
+from .errors import DreamBoothError, first_reason
 from .models import whole_model
 
 logger = logging.getLogger(__name__)
@@ -60,8 +60,11 @@ def adapt_to_process_count(state: TrainState, num_processes: int, checkpoint: Pa
 
 
 def find_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints of ``output_dir`` as (step, path), oldest first. Incomplete ones are
-    skipped with a warning; other folders and files are ignored."""
+    """Complete checkpoints of ``output_dir`` as (step, path), in the order they were written
+    (their markers' serial numbers): a run resumed from an earlier checkpoint, or started afresh
+    with --overwrite_output_dir, writes after the higher-numbered checkpoints it abandoned, so
+    ``latest`` and pruning follow it. Incomplete ones are skipped with a warning; other folders
+    and files are ignored."""
     folder = Path(output_dir)
     if not folder.is_dir():
         return []
@@ -73,8 +76,42 @@ def find_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
         if not (path / MARKER).is_file():
             logger.warning("%s is incomplete (no %s, probably killed while saving); ignoring it", path, MARKER)
             continue
-        found.append((int(match.group(1)), path))
-    return sorted(found)
+        found.append((_serial(path), int(match.group(1)), path))
+    return [(step, path) for _, step, path in sorted(found)]
+
+
+def _serial(checkpoint: Path) -> int:
+    """The checkpoint's place in the order of writing (0 for a marker from before serials)."""
+    try:
+        return int(json.loads((checkpoint / MARKER).read_text()).get("serial", 0))
+    except (OSError, ValueError, AttributeError):
+        return 0
+
+
+def check_checkpoint_fits(checkpoint: Path, use_lora: bool, train_text_encoder: bool) -> None:
+    """A checkpoint resumes only the kind of run that saved it: LoRA or full weights, with or
+    without the text encoder."""
+    from safetensors import safe_open
+
+    from .lora import LORA_WEIGHTS
+
+    lora_file = checkpoint / LORA_WEIGHTS
+    saved_lora = lora_file.is_file()
+    if saved_lora:
+        with safe_open(lora_file, "pt") as handle:
+            saved_text_encoder = any(key.startswith("text_encoder.") for key in handle.keys())
+    else:
+        saved_text_encoder = (checkpoint / "text_encoder").is_dir()
+
+    def kind(lora: bool, text_encoder: bool) -> str:
+        return f"{'LoRA on the ' if lora else ''}UNet{' and text encoder' if text_encoder else ''}"
+
+    if (saved_lora, saved_text_encoder) != (use_lora, train_text_encoder):
+        raise DreamBoothError(
+            f"--resume_from_checkpoint {checkpoint}: it trains {kind(saved_lora, saved_text_encoder)}, these flags "
+            f"{kind(use_lora, train_text_encoder)}; resume with the flags it was saved with (--use_lora, "
+            "--train_text_encoder)"
+        )
 
 
 def resolve_resume(output_dir: str | Path, resume_from: str | None) -> Path | None:
@@ -163,8 +200,10 @@ class Checkpointer:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 (temporary / LOSS_HISTORY).write_text(json.dumps([list(entry) for entry in loss_history]))
-                marker = {"step": state.global_step, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                          "train_state": asdict(state)}
+                written = find_checkpoints(self.output_dir)
+                serial = 1 + max((_serial(path) for _, path in written), default=0)
+                marker = {"step": state.global_step, "serial": serial,
+                          "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "train_state": asdict(state)}
                 (temporary / MARKER).write_text(json.dumps(marker, indent=1))
                 if final.exists():
                     shutil.rmtree(final)
@@ -183,6 +222,7 @@ class Checkpointer:
         return final
 
     def prune(self) -> None:
+        """Remove all but the ``total_limit`` checkpoints written last."""
         if not self.total_limit:
             return
         checkpoints = find_checkpoints(self.output_dir)
@@ -193,7 +233,13 @@ class Checkpointer:
     def load(self, checkpoint: Path, lr_scheduler=None) -> list[tuple[int, float]]:
         """Restore the models, optimizer, schedule and RNG states saved in ``checkpoint``; returns
         the loss history saved with it."""
-        self.accelerator.load_state(str(checkpoint))
+        try:
+            self.accelerator.load_state(str(checkpoint))
+        except (OSError, ValueError, RuntimeError, KeyError) as error:
+            raise DreamBoothError(
+                f"--resume_from_checkpoint {checkpoint}: does not fit this run ({first_reason(error)}); resume with the "
+                "flags it was saved with (--rank, --lora_target_modules, --train_text_encoder, ...)"
+            ) from None
         state = read_state(checkpoint)
         if lr_scheduler is not None and state.num_processes != self.accelerator.num_processes:
             _rescale_schedule(lr_scheduler, state.global_step * self.accelerator.num_processes)

@@ -356,6 +356,9 @@ class TrainConfig:
             raise DreamBoothError(f"--snr_gamma {self.snr_gamma}: must be positive")
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise DreamBoothError(f"--lr_scheduler {self.lr_scheduler}: choose one of {', '.join(LR_SCHEDULERS)}")
+        if self.lr_scheduler == "polynomial" and self.learning_rate <= 1e-7:
+            raise DreamBoothError(f"--learning_rate {self.learning_rate}: --lr_scheduler polynomial decays to 1e-7, "
+                                  "so the rate must be above it")
         if self.report_to not in ("tensorboard", "wandb", "all", "none"):
             raise DreamBoothError(f"--report_to {self.report_to}: choose tensorboard, wandb, all or none")
         if self.enable_xformers_memory_efficient_attention and not _importable("xformers"):
@@ -380,6 +383,8 @@ class TrainConfig:
             raise DreamBoothError(f"--caption_dropout {self.caption_dropout}: must be in [0, 1)")
         if self.text_encoder_lr is not None and self.text_encoder_lr <= 0:
             raise DreamBoothError(f"--text_encoder_lr {self.text_encoder_lr}: must be positive")
+        if self.stop_text_encoder_training is not None and self.stop_text_encoder_training < 0:
+            raise DreamBoothError(f"--stop_text_encoder_training {self.stop_text_encoder_training}: must not be negative")
         if self.stop_text_encoder_training is not None and not self.train_text_encoder:
             raise DreamBoothError("--stop_text_encoder_training needs --train_text_encoder")
         self._check_concepts()
@@ -485,10 +490,18 @@ class TrainConfig:
     def _refuse_to_overwrite(self) -> None:
         from .checkpoints import find_checkpoints
 
-        if self.resume_from_checkpoint or self.overwrite_output_dir:
+        if self.overwrite_output_dir:
             return
         output = Path(self.output_dir)
-        if (output / "model_index.json").is_file() or (output / "pytorch_lora_weights.safetensors").is_file():
+        finished = (output / "model_index.json").is_file() or (output / "pytorch_lora_weights.safetensors").is_file()
+        if self.resume_from_checkpoint == "latest" and finished and not find_checkpoints(output):
+            raise DreamBoothError(
+                f"--resume_from_checkpoint latest: {output} holds a trained model and no checkpoint to resume; "
+                "choose another --output_dir, or pass --overwrite_output_dir to train it afresh"
+            )
+        if self.resume_from_checkpoint:
+            return
+        if finished:
             raise DreamBoothError(
                 f"--output_dir {output} already holds a trained model; choose another folder, or pass "
                 "--overwrite_output_dir to replace it"

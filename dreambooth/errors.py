@@ -18,3 +18,10 @@ def redact(text: str, token: str | None) -> str:
     if token:
         text = text.replace(token, "<redacted>")
     return _TOKEN_LIKE.sub("<redacted>", text)
+
+
+def first_reason(error: BaseException, limit: int = 300) -> str:
+    """The line of a library's (often multi-line) message that says what went wrong."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reason = next((line for line in lines if "mismatch" in line), lines[0] if lines else type(error).__name__)
+    return reason if len(reason) <= limit else reason[:limit] + "..."

@@ -20,7 +20,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .data import CorruptImageError, derived_seed, list_image_files, load_image
-from .errors import DreamBoothError
+from .errors import DreamBoothError, first_reason
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def apply_loras(pipeline, loras: Sequence[tuple[str, str | Path, float]]) -> Non
                 warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
                 pipeline.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=name)
         except (ValueError, KeyError, RuntimeError, OSError) as error:
-            raise DreamBoothError(f"{flag} {path}: does not fit this base model ({_first_reason(error)})") from None
+            raise DreamBoothError(f"{flag} {path}: does not fit this base model ({first_reason(error)})") from None
         names.append(name)
         weights.append(weight)
     if names:
@@ -131,12 +131,6 @@ def apply_loras(pipeline, loras: Sequence[tuple[str, str | Path, float]]) -> Non
 def lora_scales(scales: Sequence[float], count: int) -> list[float]:
     """--lora_scale for each of ``count`` --lora: none means 1, one value is for all."""
     return list(scales) * count if len(scales) == 1 else list(scales) or [1.0] * count
-
-
-def _first_reason(error: Exception, limit: int = 300) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    reason = next((line for line in lines if "mismatch" in line), lines[0] if lines else type(error).__name__)
-    return reason if len(reason) <= limit else reason[:limit] + "..."
 
 
 def load_inference_pipeline(cfg):

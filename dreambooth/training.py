@@ -429,6 +429,10 @@ class Trainer:
         progress = tqdm(total=schedule.max_train_steps, initial=state.global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)
         stop_now = StopAgreement(accelerator)
+        if state.batches_in_epoch >= len(self.dataloader):
+            # A checkpoint from a run with longer epochs (more images, or a smaller batch) is past
+            # the end of this run's epoch: carry on from the next one.
+            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
         with GracefulStop(extra_steps=stop_now.lag) as stop:
             while state.global_step < schedule.max_train_steps and not self.interrupted:
                 for batch in self._epoch_batches():

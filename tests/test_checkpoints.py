@@ -141,6 +141,63 @@ def test_total_limit_keeps_the_newest(tiny_model, instance_dir, tmp_path):
     assert checkpoint_steps(output) == [6, 8, 10]
 
 
+def test_a_run_branching_from_an_earlier_checkpoint_keeps_its_own(tiny_model, instance_dir, tmp_path):
+    """Checkpoints count in the order they were written: the abandoned higher-numbered ones go first."""
+    output = tmp_path / "out"
+    args = train_args(tiny_model, instance_dir, output, "--max_train_steps", "6", "--checkpointing_steps", "3")
+    train_dreambooth.main(args)
+    assert checkpoint_steps(output) == [3, 6]
+    branch = ["--max_train_steps", "5", "--checkpointing_steps", "1", "--resume_from_checkpoint", "checkpoint-3"]
+    train_dreambooth.main(args + branch + ["--checkpoints_total_limit", "1"])
+    assert checkpoint_steps(output) == [5]
+    # Without a limit, `latest` is the branch's last checkpoint, not the abandoned step 6.
+    train_dreambooth.main(args + ["--max_train_steps", "4", "--checkpointing_steps", "2", "--overwrite_output_dir"])
+    assert checkpoint_steps(output) == [5, 2, 4] and resolve_resume(output, "latest") == output / "checkpoint-4"
+
+
+def test_resume_refuses_a_checkpoint_of_another_kind_of_run(tiny_model, instance_dir, tmp_path):
+    lora, full = tmp_path / "lora", tmp_path / "full"
+    common = ["--max_train_steps", "1", "--checkpointing_steps", "1"]
+    train_dreambooth.main(train_args(tiny_model, instance_dir, lora, *common, "--use_lora"))
+    train_dreambooth.main(train_args(tiny_model, instance_dir, full, *common))
+    cases = [
+        (lora, [], r"it trains LoRA on the UNet, these flags UNet;"),
+        (full, ["--use_lora"], r"it trains UNet, these flags LoRA on the UNet;"),
+        (full, ["--train_text_encoder"], r"it trains UNet, these flags UNet and text encoder;"),
+        (lora, ["--use_lora", "--rank", "8"], r"does not fit this run \(.*size mismatch"),
+    ]
+    for run, flags, message in cases:
+        before = sorted(path.name for path in run.iterdir())
+        with pytest.raises(DreamBoothError, match=message):
+            train_dreambooth.main(train_args(tiny_model, instance_dir, run, *common, "--max_train_steps", "2",
+                                             "--resume_from_checkpoint", "checkpoint-1", *flags))
+        assert sorted(path.name for path in run.iterdir()) == before
+
+
+def test_resume_past_the_end_of_a_shorter_epoch_goes_on_with_the_next(tiny_model, instance_dir, tmp_path):
+    output = tmp_path / "out"
+    # Batches of 1 over 5 images: checkpoint-3 is 3 batches into epoch 0.
+    train_dreambooth.main(train_args(tiny_model, instance_dir, output, "--max_train_steps", "3",
+                                     "--checkpointing_steps", "3"))
+    # Batches of 4: an epoch is 2 batches, so position 3 is past its end (this hung).
+    resumed = train_dreambooth.main(train_args(tiny_model, instance_dir, output, "--max_train_steps", "5",
+                                               "--train_batch_size", "4", "--resume_from_checkpoint", "latest"))
+    assert resumed.state.global_step == 5 and resumed.state.epoch == 2
+
+
+def test_polynomial_schedule_numbers_are_checked_before_training(tiny_model, instance_dir, tmp_path):
+    output = tmp_path / "out"
+    with pytest.raises(DreamBoothError, match="--lr_warmup_steps 2: leaves --lr_scheduler polynomial no step"):
+        train_dreambooth.main(train_args(tiny_model, instance_dir, output, "--lr_scheduler", "polynomial",
+                                         "--lr_warmup_steps", "2"))
+    with pytest.raises(DreamBoothError, match="--learning_rate 1e-08: --lr_scheduler polynomial decays to 1e-7"):
+        train_dreambooth.main(train_args(tiny_model, instance_dir, output, "--lr_scheduler", "polynomial",
+                                         "--learning_rate", "1e-8"))
+    trainer = train_dreambooth.main(train_args(tiny_model, instance_dir, output, "--lr_scheduler", "polynomial",
+                                               "--lr_warmup_steps", "1"))
+    assert trainer.state.global_step == 2
+
+
 def test_latest_skips_incomplete_and_stray_folders(tiny_model, instance_dir, tmp_path, caplog):
     output = tmp_path / "out"
     train_dreambooth.main(train_args(tiny_model, instance_dir, output, "--max_train_steps", "4",
@@ -159,6 +216,9 @@ def test_latest_with_no_checkpoint_starts_fresh_and_missing_path_is_an_error(tin
     trainer = train_dreambooth.main(train_args(tiny_model, instance_dir, tmp_path / "a",
                                                "--resume_from_checkpoint", "latest"))
     assert trainer.state.global_step == 2
+    # Finished, with no checkpoint (the default interval is 500 steps): nothing to resume, the model stays.
+    with pytest.raises(DreamBoothError, match="holds a trained model and no checkpoint to resume"):
+        train_dreambooth.main(train_args(tiny_model, instance_dir, tmp_path / "a", "--resume_from_checkpoint", "latest"))
     with pytest.raises(DreamBoothError, match="--resume_from_checkpoint .*no such checkpoint"):
         train_dreambooth.main(train_args(tiny_model, instance_dir, tmp_path / "b",
                                          "--resume_from_checkpoint", str(tmp_path / "nope")))
