@@ -237,8 +237,8 @@ class Checkpointer:
             self.accelerator.load_state(str(checkpoint))
         except (OSError, ValueError, RuntimeError, KeyError) as error:
             raise DreamBoothError(
-                f"--resume_from_checkpoint {checkpoint}: does not fit this run ({first_reason(error)}); resume with the "
-                "flags it was saved with (--rank, --lora_target_modules, --train_text_encoder, ...)"
+                f"--resume_from_checkpoint {checkpoint}: does not fit this run ({first_reason(error)}); resume "
+                "with the flags it was saved with (--rank, --lora_target_modules, --train_text_encoder, ...)"
             ) from None
         state = read_state(checkpoint)
         if lr_scheduler is not None and state.num_processes != self.accelerator.num_processes:

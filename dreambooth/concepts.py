@@ -71,7 +71,8 @@ def load_concepts_list(path: str) -> list[Concept]:
         for key, value in entry.items():
             wanted = int if key in _WHOLE_NUMBERS else str
             if not isinstance(value, wanted) or isinstance(value, bool):
-                raise DreamBoothError(f"{where}: {key} {value!r}: must be {'a whole number' if wanted is int else 'text'}")
+                what = "a whole number" if wanted is int else "text"
+                raise DreamBoothError(f"{where}: {key} {value!r}: must be {what}")
         missing = [key for key in _REQUIRED if not entry.get(key)]
         if missing:
             raise DreamBoothError(f"{where}: missing key '{missing[0]}'")

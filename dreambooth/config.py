@@ -41,13 +41,15 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         help = action.help or ""
-        if (action.default in (None, [], argparse.SUPPRESS) or any(says in help for says in ("(default", "default:", "by default"))
-                or isinstance(action, argparse._StoreFalseAction)):
+        explained = any(says in help for says in ("(default", "default:", "by default"))
+        switch_off = isinstance(action, argparse._StoreFalseAction)
+        if explained or switch_off or action.default in (None, [], argparse.SUPPRESS):
             return help
         return f"{help} (default: %(default)s)"
 
 
-def build_parser(config_class: type, description: str | None = None, positional: str | None = None) -> HfArgumentParser:
+def build_parser(config_class: type, description: str | None = None,
+                 positional: str | None = None) -> HfArgumentParser:
     usage = f"%(prog)s {positional.upper() + ' ' if positional else ''}[--config FILE.yaml] [--flag value ...]"
     parser = _Parser(config_class, description=description, allow_abbrev=False, formatter_class=_HelpFormatter,
                      usage=usage)
@@ -384,7 +386,8 @@ class TrainConfig:
         if self.text_encoder_lr is not None and self.text_encoder_lr <= 0:
             raise DreamBoothError(f"--text_encoder_lr {self.text_encoder_lr}: must be positive")
         if self.stop_text_encoder_training is not None and self.stop_text_encoder_training < 0:
-            raise DreamBoothError(f"--stop_text_encoder_training {self.stop_text_encoder_training}: must not be negative")
+            raise DreamBoothError(
+                f"--stop_text_encoder_training {self.stop_text_encoder_training}: must not be negative")
         if self.stop_text_encoder_training is not None and not self.train_text_encoder:
             raise DreamBoothError("--stop_text_encoder_training needs --train_text_encoder")
         self._check_concepts()

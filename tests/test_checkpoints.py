@@ -218,7 +218,8 @@ def test_latest_with_no_checkpoint_starts_fresh_and_missing_path_is_an_error(tin
     assert trainer.state.global_step == 2
     # Finished, with no checkpoint (the default interval is 500 steps): nothing to resume, the model stays.
     with pytest.raises(DreamBoothError, match="holds a trained model and no checkpoint to resume"):
-        train_dreambooth.main(train_args(tiny_model, instance_dir, tmp_path / "a", "--resume_from_checkpoint", "latest"))
+        train_dreambooth.main(train_args(tiny_model, instance_dir, tmp_path / "a",
+                                         "--resume_from_checkpoint", "latest"))
     with pytest.raises(DreamBoothError, match="--resume_from_checkpoint .*no such checkpoint"):
         train_dreambooth.main(train_args(tiny_model, instance_dir, tmp_path / "b",
                                          "--resume_from_checkpoint", str(tmp_path / "nope")))
