@@ -207,7 +207,9 @@ def build_dataset(cfg, data_seed: int) -> DreamBoothDataset:
                      instance_examples(concept, number, cfg.caption_extension, cfg.caption_column or "text")]
     classes = None
     if cfg.with_prior_preservation:
-        classes = [examples_from_folder(concept.class_data_dir, concept.class_prompt, number, "--class_data_dir")
+        # The first num_class_images of the folder, as diffusers' script takes: a shared folder may hold more.
+        classes = [examples_from_folder(concept.class_data_dir, concept.class_prompt, number,
+                                        "--class_data_dir")[:concept.num_class_images]
                    for number, concept in enumerate(concepts)]
     if cfg.enable_bucket:
         instances = assign_buckets(instances, cfg.resolution)

@@ -84,6 +84,16 @@ def test_caption_oddities_byte_order_mark_null_numbers_and_lone_filewords(tmp_pa
         "a photo of sks toy, café sks toy", "a photo of sks toy", "a photo of 1990 sks toy"]
 
 
+def test_training_takes_the_first_num_class_images_of_a_fuller_folder(tmp_path):
+    instance, classes = make_images(tmp_path / "toy", 2), make_images(tmp_path / "toys", 5, colour=(0, 0, 200))
+    cfg = parse_config(TrainConfig, ["--instance_data_dir", str(instance), "--instance_prompt", "a sks toy",
+                                     "--with_prior_preservation", "--class_data_dir", str(classes),
+                                     "--class_prompt", "a toy", "--num_class_images", "3"])
+    dataset = build_dataset(cfg, 0)
+    assert [example.source.name for example in dataset.classes[0]] == ["img_0.png", "img_1.png", "img_2.png"]
+    assert len(dataset) == 3
+
+
 def test_caption_dropout_is_seeded_and_listed(tmp_path):
     examples = examples_from_folder(make_images(tmp_path / "photos", 8), "a photo of sks toy")
     dataset = DreamBoothDataset(examples, 16, center_crop=True, seed=3, caption_dropout=0.5)
