@@ -21,8 +21,9 @@ from .errors import DreamBoothError, redact
 
 ConfigT = TypeVar("ConfigT")
 
-# Keys whose values must never be written to disk or logs.
+# Keys whose values must never be written to disk or logs, and what is written instead.
 SECRET_FIELDS = ("hub_token",)
+REDACTED = "<redacted>"
 
 
 class _Parser(HfArgumentParser):
@@ -60,8 +61,9 @@ def build_parser(config_class: type, description: str | None = None,
     return parser
 
 
-def _yaml_to_flags(path: str, config_class: type) -> list[str]:
-    """Turn ``key: value`` pairs into ``--key value`` tokens, rejecting unknown keys."""
+def _yaml_to_flags(path: str, config_class: type, given: Sequence[str] = ()) -> list[str]:
+    """Turn ``key: value`` pairs into ``--key value`` tokens, rejecting unknown keys. Keys among
+    ``given`` (flags on the command line) are left out: the command line replaces them, lists too."""
     file = Path(path)
     if not file.is_file():
         raise DreamBoothError(f"--config {path}: file not found")
@@ -71,20 +73,28 @@ def _yaml_to_flags(path: str, config_class: type) -> list[str]:
         raise DreamBoothError(f"--config {path}: not valid YAML ({str(error).splitlines()[0]})") from None
     if not isinstance(values, dict):
         raise DreamBoothError(f"--config {path}: expected a mapping of flag names to values")
-    known = {field.name for field in dataclasses.fields(config_class)}
+    fields = {field.name: field for field in dataclasses.fields(config_class)}
     flags: list[str] = []
     for key, value in values.items():
         name = str(key).replace("-", "_")
-        if name not in known:
+        if name not in fields:
             raise DreamBoothError(f"--config {path}: unknown key '{key}'")
-        if value is None:
-            continue
+        if value is None or name in given or (name in SECRET_FIELDS and value == REDACTED):
+            continue  # a saved config's redacted token means none, not the token '<redacted>'
         items = value if isinstance(value, list) else [value]
         if not items:
             continue
         flags.append(f"--{name}")
-        flags.extend(str(item).lower() if isinstance(item, bool) else str(item) for item in items)
+        flags.extend(_yaml_scalar(item, fields[name]) for item in items)
     return flags
+
+
+def _yaml_scalar(value: Any, field: dataclasses.Field) -> str:
+    if not isinstance(value, bool):
+        return str(value)
+    if field.type in (bool, "bool"):
+        return str(value).lower()
+    return "yes" if value else "no"  # YAML reads a bare `no` (mixed_precision: no) as false
 
 
 def parse_config(config_class: type[ConfigT], argv: Sequence[str] | None, description: str | None = None,
@@ -119,7 +129,7 @@ def _possible_secrets(argv: Sequence[str]) -> list[str]:
     secrets = []
     for index, arg in enumerate(argv):
         flag, sep, value = arg.partition("=")
-        if flag.startswith("-") and "tok" in flag.lower():
+        if flag.startswith("-") and "tok" in flag.lower() and "tokenizer" not in flag.lower():
             secrets.append(value if sep else (argv[index + 1] if index + 1 < len(argv) else ""))
     return [secret for secret in secrets if secret]
 
@@ -132,7 +142,8 @@ def _parse(config_class: type[ConfigT], argv: list[str], description: str | None
     known, _ = pre.parse_known_args(argv)
     yaml_flags: list[str] = []
     if known.config:
-        yaml_flags = _yaml_to_flags(known.config, config_class)
+        given = {arg.lstrip("-").split("=")[0].replace("-", "_") for arg in argv if arg.startswith("--")}
+        yaml_flags = _yaml_to_flags(known.config, config_class, given)
         try:
             parser.parse_args(yaml_flags)
         except DreamBoothError as error:
@@ -153,7 +164,7 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     values = dataclasses.asdict(config)
     for key in SECRET_FIELDS:
         if values.get(key):
-            values[key] = "<redacted>"
+            values[key] = REDACTED
     return values
 
 
@@ -402,7 +413,8 @@ class TrainConfig:
                 "--num_validation_images must not be negative; --validation_steps and --logging_steps must be at least 1"
             )
         if self.num_validation_images or self.eval_steps:
-            _check_generation_numbers(8, self.validation_inference_steps, self.validation_scheduler)
+            _check_generation_numbers(8, self.validation_inference_steps, self.validation_scheduler,
+                                      flags=("--resolution", "--validation_inference_steps", "--validation_scheduler"))
         if self.eval_steps is not None:
             self._check_evaluation()
         if self.checkpointing_steps < 1:
@@ -579,13 +591,15 @@ class GenerateClassImagesConfig:
         check_writable_dir(self.class_data_dir, "--class_data_dir")
 
 
-def _check_generation_numbers(resolution: int, steps: int, scheduler: str, flag: str = "--resolution") -> None:
+def _check_generation_numbers(resolution: int, steps: int, scheduler: str,
+                              flags: tuple[str, str, str] = ("--resolution", "--num_inference_steps", "--scheduler")):
+    resolution_flag, steps_flag, scheduler_flag = flags
     if resolution <= 0 or resolution % 8:
-        raise DreamBoothError(f"{flag} {resolution}: must be a positive multiple of 8")
+        raise DreamBoothError(f"{resolution_flag} {resolution}: must be a positive multiple of 8")
     if steps < 1:
-        raise DreamBoothError(f"--num_inference_steps {steps}: must be at least 1")
+        raise DreamBoothError(f"{steps_flag} {steps}: must be at least 1")
     if scheduler not in SCHEDULER_NAMES:
-        raise DreamBoothError(f"--scheduler {scheduler}: choose one of {', '.join(SCHEDULER_NAMES)}")
+        raise DreamBoothError(f"{scheduler_flag} {scheduler}: choose one of {', '.join(SCHEDULER_NAMES)}")
 
 
 def check_device(device: str) -> None:

@@ -39,9 +39,9 @@ def mixed_precision_dtype(mixed_precision: str | None) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision or "no", torch.float32)
 
 
-def check_precision_supported(mixed_precision: str | None) -> None:
+def check_precision_supported(mixed_precision: str | None, source: str = "--mixed_precision fp16") -> None:
     if mixed_precision == "fp16" and not (torch.cuda.is_available() or _has_xpu() or torch.backends.mps.is_available()):
-        raise DreamBoothError("--mixed_precision fp16 needs a GPU; on CPU use --mixed_precision bf16 or no")
+        raise DreamBoothError(f"{source} needs a GPU; on CPU use --mixed_precision bf16 or no")
 
 
 def _has_xpu() -> bool:

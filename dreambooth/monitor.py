@@ -164,6 +164,19 @@ class Metrics:
     _last_time: float = field(default_factory=time.perf_counter)
     _images: int = 0
 
+    def restart_clock(self) -> None:
+        """Time the interval from now (training starts after loading, resuming, ...)."""
+        self._last_time = time.perf_counter()
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Leave the time spent inside (sampling, evaluating, saving) out of the speed figures."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._last_time += time.perf_counter() - start
+
     def add(self, loss: torch.Tensor, images: int) -> None:
         """One optimizer step: its loss and the images it trained on (class images and all processes included)."""
         self.pending.append(loss.detach().float())

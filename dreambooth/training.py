@@ -311,6 +311,7 @@ class Trainer:
         self.logging_steps, self.max_nonfinite_steps = logging_steps, max_nonfinite_steps
         self.metrics = Metrics()
         self._window_images = 0
+        self._window_losses: list[torch.Tensor] = []  # of this accumulation window's batches
         self.interrupted = False
         self._window_nonfinite: torch.Tensor | None = None
         self._skipped: list[torch.Tensor] = []  # per step, read back at logging steps
@@ -346,6 +347,7 @@ class Trainer:
         with accelerator.accumulate(*self.trained):
             losses = self.loss_fn(batch)
             self._window_images += len(batch["prompts"])
+            self._window_losses.append(losses["loss"].detach())
             nonfinite = (~torch.isfinite(losses["loss"].detach())).float()
             self._window_nonfinite = nonfinite if self._window_nonfinite is None else self._window_nonfinite + nonfinite
             if self.step_in_backward:
@@ -406,17 +408,26 @@ class Trainer:
         if state.batches_in_epoch >= len(self.dataloader):
             # The epoch is complete: a checkpoint taken now resumes at the next one, on any process count.
             state.epoch, state.batches_in_epoch = state.epoch + 1, 0
-        self.metrics.add(losses["loss"], self._window_images * self.accelerator.num_processes)
-        self._window_images = 0
+        self.metrics.add(self._step_loss(), self._window_images * self.accelerator.num_processes)
+        self._window_images, self._window_losses = 0, []
         progress.update(1)
         if state.global_step % self.logging_steps == 0 or state.global_step == self.schedule.max_train_steps:
             self._check_skipped_steps()
             self._log(progress)
-        for callback in self.step_callbacks:
-            callback(state)
-        if self.checkpointer and self.checkpointing_steps and state.global_step % self.checkpointing_steps == 0:
-            self._check_skipped_steps()
-            self.checkpointer.save(state, self.trained, self.metrics.losses_so_far(state.global_step))
+        with self.metrics.paused():
+            for callback in self.step_callbacks:
+                callback(state)
+            if self.checkpointer and self.checkpointing_steps and state.global_step % self.checkpointing_steps == 0:
+                self._check_skipped_steps()
+                self.checkpointer.save(state, self.trained, self.metrics.losses_so_far(state.global_step))
+
+    def _step_loss(self) -> torch.Tensor:
+        """The step's loss: the mean over its accumulation window and over the processes (on the
+        device: no wait for the GPU)."""
+        loss = torch.stack(self._window_losses).float().mean()
+        if self.accelerator.num_processes > 1:
+            loss = self.accelerator.reduce(loss, reduction="mean")
+        return loss
 
     def _log(self, progress) -> None:
         logs = self.metrics.read(self.state.global_step)
@@ -429,6 +440,7 @@ class Trainer:
         progress = tqdm(total=schedule.max_train_steps, initial=state.global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)
         stop_now = StopAgreement(accelerator)
+        self.metrics.restart_clock()
         if state.batches_in_epoch >= len(self.dataloader):
             # A checkpoint from a run with longer epochs (more images, or a smaller batch) is past
             # the end of this run's epoch: carry on from the next one.

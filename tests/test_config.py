@@ -132,3 +132,23 @@ def test_help_usage_names_the_positional_argument(capsys):
         export.main(["--help"])
     usage = capsys.readouterr().out.splitlines()[0]
     assert usage.startswith("usage: ") and usage.endswith(" OUTPUT_DIR [--config FILE.yaml] [--flag value ...]")
+
+
+def test_a_saved_config_feeds_back_without_its_redacted_token(tmp_path):
+    from dreambooth.config import save_config
+
+    cfg = parse_config(TrainConfig, ["--instance_prompt", "a sks toy", "--hub_token", "hf_secretsecretsecret",
+                                     "--mixed_precision", "no", "--validation_prompt", "a", "--validation_prompt", "b"])
+    saved = save_config(cfg, tmp_path / "train_config.yaml")
+    assert "hf_secret" not in saved.read_text()
+    again = parse_config(TrainConfig, ["--config", str(saved)])
+    assert again.hub_token is None  # not the literal '<redacted>': HF_TOKEN or the login apply
+    assert dataclasses.replace(again, hub_token=cfg.hub_token) == cfg
+
+
+def test_yaml_no_and_command_line_lists_replace_the_file(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("mixed_precision: no\nvalidation_prompt: [a sks toy, a sks toy on the beach]\n")  # bare no: false
+    assert parse_config(TrainConfig, ["--config", str(config)]).mixed_precision == "no"
+    cfg = parse_config(TrainConfig, ["--config", str(config), "--validation_prompt", "a sks toy in snow"])
+    assert cfg.validation_prompt == ["a sks toy in snow"]

@@ -143,3 +143,54 @@ def test_eval_subject_is_read_off_the_prompts():
         "sks", "dog")
     assert TrainConfig(instance_prompt="a photo of zwx robot").eval_subject() == ("zwx", "robot")
     assert TrainConfig(instance_prompt="sks toy, on a table", eval_class_noun="toy").eval_subject() == ("sks", "toy")
+
+
+def test_logged_loss_is_the_mean_over_the_accumulation_window():
+    from accelerate import Accelerator
+
+    from dreambooth.training import Schedule, Trainer
+
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    batches = torch.utils.data.DataLoader(ListDataset([float(i + 1) for i in range(8)]), batch_size=1,
+                                          collate_fn=lambda values: {"value": torch.tensor(values), "prompts": ["p"]})
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    model, optimizer, batches, schedule = accelerator.prepare(model, optimizer, batches, schedule)
+
+    def loss_fn(batch):  # micro-batch k has loss k + 1
+        return {"loss": batch["value"].mean() + 0 * model.weight.sum()}
+
+    trainer = Trainer(accelerator, [model], optimizer, schedule, batches, Schedule(1, 1, 4, 1), loss_fn,
+                      max_grad_norm=0, logging_steps=2)
+    trainer.train()
+    assert trainer.metrics.history == [(1, 1.5), (2, 3.5), (3, 5.5), (4, 7.5)]
+    assert [interval["loss"] for interval in trainer.metrics.intervals] == [2.5, 6.5]
+
+
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self, values):
+        self.values = values
+
+    def __len__(self):
+        return len(self.values)
+
+    def __getitem__(self, index):
+        return self.values[index]
+
+    def set_epoch(self, epoch):
+        pass
+
+
+def test_speed_figures_leave_out_sampling_and_saving(monkeypatch):
+    from dreambooth import monitor
+
+    clock = iter([0.0, 10.0, 40.0, 42.0]).__next__  # restart, pause start, pause end, read
+    monkeypatch.setattr(monitor.time, "perf_counter", clock)
+    metrics = monitor.Metrics()
+    metrics.restart_clock()
+    metrics.add(torch.tensor(1.0), images=4)
+    with metrics.paused():  # 30 s of sampling
+        pass
+    logs = metrics.read(1)
+    assert logs["seconds_per_step"] == 12.0 and logs["images_per_second"] == 4 / 12.0

@@ -92,6 +92,23 @@ def test_fp16_on_cpu_is_refused(tiny_model, instance_dir, tmp_path, no_model_loa
                         "fp16 needs a GPU")
 
 
+def test_fp16_from_the_accelerate_config_on_cpu_is_refused(tiny_model, instance_dir, tmp_path, no_model_loading,
+                                                           monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # what `accelerate launch` sets from its config
+    run_expecting_error(train_args(tiny_model, instance_dir, tmp_path / "out"),
+                        r"mixed_precision fp16 \(from the accelerate config\) needs a GPU")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--validation_scheduler", "euler_ancestral"], "--validation_scheduler euler_ancestral: choose one of"),
+    (["--validation_inference_steps", "0"], "--validation_inference_steps 0: must be at least 1"),
+])
+def test_validation_sampler_errors_name_their_own_flags(tiny_model, instance_dir, tmp_path, no_model_loading,
+                                                        flags, message):
+    run_expecting_error(train_args(tiny_model, instance_dir, tmp_path / "out", "--num_validation_images", "1",
+                                   *flags), message)
+
+
 def test_non_image_files_are_skipped_with_a_warning(tiny_model, instance_dir, tmp_path, capfd):
     (instance_dir / "notes.txt").write_text("shot on a sunny day")
     train_dreambooth.main(train_args(tiny_model, instance_dir, tmp_path / "out", "--max_train_steps", "1"))
