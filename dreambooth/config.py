@@ -592,7 +592,8 @@ class GenerateClassImagesConfig:
 
 
 def _check_generation_numbers(resolution: int, steps: int, scheduler: str,
-                              flags: tuple[str, str, str] = ("--resolution", "--num_inference_steps", "--scheduler")):
+                              flags: tuple[str, str, str] = ("--resolution", "--num_inference_steps", "--scheduler"),
+                              ) -> None:
     resolution_flag, steps_flag, scheduler_flag = flags
     if resolution <= 0 or resolution % 8:
         raise DreamBoothError(f"{resolution_flag} {resolution}: must be a positive multiple of 8")
