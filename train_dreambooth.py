@@ -262,7 +262,7 @@ def finish(cfg: TrainConfig, accelerator, trainer: Trainer, components: Componen
         logger.info("stopped at step %d with a checkpoint; to continue, run the same command with "
                     "--resume_from_checkpoint latest", trainer.state.global_step)
         return
-    final_grid = sampler.sample("final", trainer.state.global_step) if cfg.num_validation_images else None
+    final_grid = sampler.final(trainer.state.global_step) if cfg.num_validation_images else None
     weights = trained_weights(cfg, accelerator, trainer)
     if accelerator.is_main_process:
         save_trained(cfg, weights, components)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +52,7 @@ class ValidationSampler:
                  output_dir: str | Path):
         self.accelerator, self.components, self.trained = accelerator, components, trained
         self.settings, self.samples_dir = settings, Path(output_dir) / "samples"
+        self._drawn: dict[int, Path] = {}  # step -> its grid (main process)
 
     def _pipeline(self):
         from diffusers import StableDiffusionPipeline
@@ -96,6 +98,15 @@ class ValidationSampler:
         self.accelerator.wait_for_everyone()
         return path
 
+    def final(self, step: int) -> Path | None:
+        """``samples/final.png``: the grid of the last step, a copy where that step already drew one."""
+        if not (self.accelerator.is_main_process and step in self._drawn):
+            return self.sample("final", step)
+        path = self.samples_dir / "final.png"
+        shutil.copyfile(self._drawn[step], path)
+        self.accelerator.wait_for_everyone()
+        return path
+
     def _sample_on_main(self, name: str, step: int | None) -> Path:
         settings = self.settings
         seeds = [settings.seed + j for j in range(settings.num_images)]
@@ -106,6 +117,8 @@ class ValidationSampler:
         path = self.samples_dir / f"{name}.png"
         labelled_grid(rows).save(path)
         self._log(name, step, rows)
+        if step is not None:
+            self._drawn[step] = path
         return path
 
     def evaluate(self, step: int, evaluation: "TrainingEvaluation") -> dict[str, float] | None:

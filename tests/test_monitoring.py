@@ -31,14 +31,28 @@ def test_validation_does_not_change_the_training_result(tiny_model, instance_dir
     assert all(torch.equal(plain[key], sampled[key]) for key in plain)
 
 
-def test_sample_grids_at_the_validation_steps(tiny_model, instance_dir, tmp_path):
+def test_sample_grids_at_the_validation_steps(tiny_model, instance_dir, tmp_path, monkeypatch):
+    from dreambooth.monitor import ValidationSampler
+
+    drawn = []
+    original = ValidationSampler._sample_on_main
+    monkeypatch.setattr(ValidationSampler, "_sample_on_main",
+                        lambda self, name, step: drawn.append(name) or original(self, name, step))
     output = tmp_path / "out"
+    prompts = ["--validation_prompt", "a photo of sks toy", "--validation_prompt", "sks toy in the snow",
+               "--validation_prompt", "a toy"]
     train_dreambooth.main(train_args(tiny_model, instance_dir, output, "--max_train_steps", "5", *SAMPLES,
-                                     "--validation_steps", "2", "--validation_prompt", "a photo of sks toy",
-                                     "--validation_prompt", "sks toy in the snow", "--validation_prompt", "a toy"))
+                                     "--validation_steps", "2", *prompts))
     assert sorted(path.name for path in (output / "samples").iterdir()) == ["final.png", "step_2.png", "step_4.png"]
     grid = Image.open(output / "samples" / "final.png")
     assert grid.size == (2 * 32, 3 * (32 + 20))  # 2 images a row, one labelled row per prompt
+    # When the last step drew a grid, final.png is that grid, not drawn twice.
+    drawn.clear()
+    again = tmp_path / "again"
+    train_dreambooth.main(train_args(tiny_model, instance_dir, again, "--max_train_steps", "4", *SAMPLES,
+                                     "--validation_steps", "2", *prompts))
+    assert drawn == ["step_2", "step_4"]
+    assert (again / "samples" / "final.png").read_bytes() == (again / "samples" / "step_4.png").read_bytes()
 
 
 def test_tracking_logs_interval_metrics_and_a_loss_curve(tiny_model, instance_dir, tmp_path):
