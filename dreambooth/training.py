@@ -313,7 +313,6 @@ class Trainer:
         self._window_images = 0
         self._window_losses: list[torch.Tensor] = []  # of this accumulation window's batches
         self.interrupted = False
-        self._window_nonfinite: torch.Tensor | None = None
         self._skipped: list[torch.Tensor] = []  # per step, read back at logging steps
         self._nonfinite_streak = 0
         self.step_callbacks: list[Callable[[TrainState], None]] = []  # after each optimizer step
@@ -348,10 +347,8 @@ class Trainer:
             losses = self.loss_fn(batch)
             self._window_images += len(batch["prompts"])
             self._window_losses.append(losses["loss"].detach())
-            nonfinite = (~torch.isfinite(losses["loss"].detach())).float()
-            self._window_nonfinite = nonfinite if self._window_nonfinite is None else self._window_nonfinite + nonfinite
             if self.step_in_backward:
-                self.step_in_backward.arm(nonfinite)
+                self.step_in_backward.arm((~torch.isfinite(self._window_losses[-1])).float())
             accelerator.backward(losses["loss"])
             if self.step_in_backward:
                 self.step_in_backward.flush()
@@ -361,8 +358,8 @@ class Trainer:
 
     def _update(self) -> None:
         accelerator = self.accelerator
-        skip = (accelerator.reduce(self._window_nonfinite, reduction="sum") > 0).float()
-        self._window_nonfinite = None
+        nonfinite = (~torch.isfinite(torch.stack(self._window_losses))).float().sum()
+        skip = (accelerator.reduce(nonfinite, reduction="sum") > 0).float()
         self._skipped.append(skip)
         on_device = steps_on_device(self.optimizer)
         if not on_device and bool(skip):
