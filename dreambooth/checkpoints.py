@@ -22,7 +22,7 @@ import torch
 from accelerate.utils import DistributedType
 
 from .errors import DreamBoothError, first_reason
-from .models import whole_model
+from .models import default_file_mode, whole_model
 
 logger = logging.getLogger(__name__)
 
@@ -205,6 +205,7 @@ class Checkpointer:
                 marker = {"step": state.global_step, "serial": serial,
                           "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "train_state": asdict(state)}
                 (temporary / MARKER).write_text(json.dumps(marker, indent=1))
+                default_file_mode(temporary)
                 if final.exists():
                     shutil.rmtree(final)
                 temporary.rename(final)

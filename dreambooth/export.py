@@ -17,7 +17,6 @@ import dataclasses
 import json
 import logging
 import os
-
 import tempfile
 from pathlib import Path
 from typing import NamedTuple, Optional
@@ -37,8 +36,9 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 OPEN_CLIP_PREFIX = "cond_stage_model.model."
-
-
+# What single-file loaders assume, since they read no metadata: diffusers' from_single_file and ComfyUI
+# go by the architecture alone, SD 1.x as epsilon and SD 2.x as the 768 v-prediction model.
+ASSUMED_PREDICTION = {"1.x": "epsilon", "2.x": "v"}
 
 
 def resolve_format(output_dir: Path, requested: str) -> str:
@@ -77,8 +77,10 @@ def export_run(cfg) -> Exported:
     """Convert the run in ``cfg.output_dir`` and write ``cfg.output`` (atomically)."""
     folder, output = Path(cfg.output_dir), Path(cfg.output)
     fmt = cfg.resolved_format()
+    check_not_a_source(output, folder, fmt)
     if fmt == "sd":
         state_dict, metadata = pipeline_to_original(folder)
+        warn_if_prediction_is_guessed_wrong(metadata, output)
         precision = cfg.precision or "fp16"
     else:
         state_dict, metadata = lora_to_kohya(folder / LORA_WEIGHTS_NAME, read_run_config(folder))
@@ -89,6 +91,30 @@ def export_run(cfg) -> Exported:
     save_safetensors_atomically(state_dict, output, metadata, overwrite=cfg.overwrite)
     dtypes = sorted({str(tensor.dtype).removeprefix("torch.") for tensor in state_dict.values()})
     return Exported(output, fmt, "/".join(dtypes), len(state_dict))
+
+
+def check_not_a_source(output: Path, folder: Path, fmt: str) -> None:
+    """Refuse an ``--output`` that would replace one of the files the export reads."""
+    names = [LORA_WEIGHTS_NAME] if fmt == "kohya" else ["unet", "vae", "text_encoder"]
+    target = output.resolve()
+    for name in names:
+        source = (folder / name).resolve()
+        if target == source or source in target.parents:
+            raise DreamBoothError(f"--output {output}: would overwrite the run's own {name}, which the export "
+                                  "reads; choose another file")
+
+
+def warn_if_prediction_is_guessed_wrong(metadata: dict[str, str], output: Path) -> None:
+    """An SD 1.x v-prediction or SD 2.x epsilon (512 base) model is read wrongly by loaders that guess."""
+    prediction = metadata["modelspec.prediction_type"]
+    version = "1.x" if metadata["modelspec.architecture"] == "stable-diffusion-v1" else "2.x"
+    if prediction == ASSUMED_PREDICTION[version]:
+        return
+    logger.warning(
+        "%s predicts %s, but single-file loaders assume %s for an SD %s model: load it with "
+        "StableDiffusionPipeline.from_single_file(path, config=<this run's folder>), choose %s in ComfyUI's "
+        "ModelSamplingDiscrete node, or put a matching .yaml beside it for AUTOMATIC1111",
+        output.name, prediction, ASSUMED_PREDICTION[version], version, prediction)
 
 
 # --- Full fine-tune: diffusers pipeline -> original checkpoint -------------------------------------
@@ -314,6 +340,7 @@ def _checkpoint_metadata(folder: Path, layout: str, image_size: int) -> dict[str
         "format": "pt",
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": architecture,
+        "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
         "modelspec.prediction_type": prediction,
         "modelspec.title": folder.resolve().name,
         "modelspec.resolution": f"{image_size}x{image_size}",
@@ -428,12 +455,57 @@ def lora_to_kohya(lora_file: Path, run_config: dict | None = None) -> tuple[dict
         converted.update(kohya)
     if not ranks:
         raise DreamBoothError(f"{lora_file}: no LoRA weights (lora_A/lora.down) found")
-    return converted, _kohya_metadata(ranks, alphas, run_config)
+    return converted, _kohya_metadata(ranks, alphas, run_config, base_model_version(state_dict, run_config))
 
 
-def _kohya_metadata(ranks: set[int], alphas: set[float], run_config: dict) -> dict[str, str]:
-    """The ``ss_*`` fields web UIs show for a LoRA (kohya's sd-scripts names)."""
+def _base_config(base: str, relative: str) -> dict:
+    """A config file of the base model from a local folder or the Hub cache (never the network); {} if neither."""
+    from huggingface_hub import try_to_load_from_cache
+
+    path = Path(base).expanduser() / relative
+    if not path.is_file():
+        try:
+            cached = try_to_load_from_cache(base, relative)
+        except ValueError:  # not a Hub id
+            cached = None
+        if not isinstance(cached, str):
+            return {}
+        path = Path(cached)
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return values if isinstance(values, dict) else {}
+
+
+_DOWN_NAMES = (".lora_A.", ".lora.down.", ".lora_linear_layer.down.")
+
+
+def base_model_version(state_dict: dict[str, torch.Tensor], run_config: dict) -> Optional[str]:
+    """kohya's ``sd_v1`` / ``sd_v2`` (+ ``_v`` for v-prediction): from the base model's configs where they can
+    be read, else from the LoRA's shapes (the cross-attention and text widths: 768 for SD 1.x, 1024 for 2.x)."""
+    base = str(run_config.get("pretrained_model_name_or_path") or "")
+    activation = _base_config(base, "text_encoder/config.json").get("hidden_act") if base else None
+    if activation in ("quick_gelu", "gelu"):
+        v2 = activation == "gelu"
+    else:
+        downs = [tensor for key, tensor in state_dict.items() if any(down in key for down in _DOWN_NAMES)
+                 and ("attn2.to_k" in key or "self_attn.q_proj" in key)]
+        widths = {tensor.shape[1] for tensor in downs}
+        if widths not in ({768}, {1024}):
+            return None
+        v2 = widths == {1024}
+    prediction = _base_config(base, "scheduler/scheduler_config.json").get("prediction_type") if base else None
+    return ("sd_v2" if v2 else "sd_v1") + ("_v" if prediction == "v_prediction" else "")
+
+
+def _kohya_metadata(ranks: set[int], alphas: set[float], run_config: dict, version: Optional[str]) -> dict[str, str]:
+    """The ``ss_*`` fields web UIs show for a LoRA (kohya's sd-scripts names); AUTOMATIC1111 lists a LoRA
+    for SD 2.x models only when ``ss_v2`` says so."""
     metadata = {"format": "pt", "ss_network_module": "networks.lora"}
+    if version:
+        metadata.update(ss_base_model_version=version, ss_v2=str(version.startswith("sd_v2")),
+                        ss_v_parameterization=str(version.endswith("_v")))
     if len(ranks) == 1:
         metadata["ss_network_dim"] = str(next(iter(ranks)))
     if len(alphas) == 1:
@@ -457,8 +529,12 @@ def cast_state_dict(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> 
 
 def save_safetensors_atomically(state_dict: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str],
                                 overwrite: bool = False) -> Path:
-    """Write to a temporary file beside ``path``, then rename: readers never see half a file."""
+    """Write to a temporary file beside ``path``, then rename: readers never see half a file. The file gets
+    the mode the umask gives new files, not a temporary file's owner-only one."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
+
+    from .models import default_file_mode
 
     path = Path(path)
     if path.exists() and not overwrite:
@@ -471,9 +547,10 @@ def save_safetensors_atomically(state_dict: dict[str, torch.Tensor], path: str |
         raise DreamBoothError(f"--output {path}: cannot write there ({error.strerror or error})") from None
     try:
         save_file({key: tensor.contiguous() for key, tensor in state_dict.items()}, temporary, metadata=metadata)
+        default_file_mode(Path(temporary))
         os.replace(temporary, path)
-    except OSError as error:
-        raise DreamBoothError(f"--output {path}: could not write ({error.strerror or error})") from None
+    except (OSError, SafetensorError) as error:
+        raise DreamBoothError(f"--output {path}: could not write ({getattr(error, 'strerror', None) or error})") from None
     finally:
         Path(temporary).unlink(missing_ok=True)
     return path

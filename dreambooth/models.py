@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -193,6 +194,7 @@ def save_pipeline(output_dir: str | Path, base_model: str, trained_states: dict[
         shutil.rmtree(staging, ignore_errors=True)
         pipeline.save_pretrained(staging, safe_serialization=True)
         _load_text_encoder_in_fp32_by_default(staging)
+        default_file_mode(staging)
         _publish(staging, output_dir)
     except OSError as error:
         shutil.rmtree(staging, ignore_errors=True)
@@ -211,6 +213,17 @@ def _load_text_encoder_in_fp32_by_default(folder: Path) -> None:
         config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def default_file_mode(path: Path) -> None:
+    """Give ``path``'s .safetensors files (``path`` itself, or every one below it) the mode the umask gives
+    new files. safetensors >= 0.8 writes them owner-only (safetensors/safetensors#782), which locks out a
+    web UI or inference server running as another user."""
+    mask = os.umask(0)
+    os.umask(mask)
+    files = [path] if path.is_file() else path.rglob("*.safetensors")
+    for file in files:
+        os.chmod(file, 0o666 & ~mask)
+
+
 def publish_file(write: Callable[[Path], Path], target_dir: Path) -> Path:
     """Run ``write(folder)`` in a hidden staging folder, then rename the file it returns into
     ``target_dir``: readers never see half a file."""
@@ -219,6 +232,7 @@ def publish_file(write: Callable[[Path], Path], target_dir: Path) -> Path:
     try:
         staging.mkdir(parents=True)
         written = Path(write(staging))
+        default_file_mode(written)
         return written.replace(Path(target_dir) / written.name)
     except OSError as error:
         raise DreamBoothError(f"could not save to {target_dir} ({error.strerror or error})") from None

@@ -50,6 +50,20 @@ def fresh_accelerate_state():
     GradientState._reset_state()
 
 
+@pytest.fixture
+def umask_022():
+    previous = os.umask(0o022)
+    yield
+    os.umask(previous)
+
+
+def assert_readable_by_all(path: Path) -> None:
+    """``path``'s .safetensors files (or ``path`` itself) have the mode a new file gets under umask 022."""
+    files = [path] if path.is_file() else list(path.rglob("*.safetensors"))
+    modes = {file.relative_to(path.parent).as_posix(): oct(file.stat().st_mode & 0o777) for file in files}
+    assert files and set(modes.values()) == {"0o644"}, modes
+
+
 def train_args(model: str, instance: Path, output: Path, *extra: str) -> list[str]:
     """A fast tiny-model training command line; ``extra`` flags override."""
     return [

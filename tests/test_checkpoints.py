@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import infer
 import train_dreambooth
-from conftest import ROOT, TOY_SUBJECT, train_args
+from conftest import ROOT, TOY_SUBJECT, assert_readable_by_all, train_args
 from dreambooth.checkpoints import MARKER, find_checkpoints, read_loss_history, resolve_resume
 from dreambooth.errors import DreamBoothError
 from dreambooth.training import Trainer
@@ -118,10 +118,11 @@ def test_second_ctrl_c_aborts_at_once(tiny_model, instance_dir, tmp_path, monkey
     assert signal.getsignal(signal.SIGINT) == handler_before  # the run's handler is gone
 
 
-def test_checkpoint_holds_diffusers_weights_and_samples_with_infer(tiny_model, instance_dir, tmp_path):
+def test_checkpoint_holds_diffusers_weights_and_samples_with_infer(tiny_model, instance_dir, tmp_path, umask_022):
     output = tmp_path / "out"
     train_dreambooth.main(train_args(tiny_model, instance_dir, output, "--checkpointing_steps", "2"))
     checkpoint = output / "checkpoint-2"
+    assert_readable_by_all(checkpoint)
     # The checkpoint keeps fp32 training weights; the final model is saved in fp16 by default.
     assert_bitwise_equal({k: v.half() for k, v in unet_weights(checkpoint).items()}, unet_weights(output))
     assert not list(checkpoint.glob("model*.safetensors")), "weights must be stored once, in unet/"

@@ -14,7 +14,7 @@ import torch
 import yaml
 from safetensors import safe_open
 
-from conftest import ROOT
+from conftest import ROOT, assert_readable_by_all
 from dreambooth.errors import DreamBoothError
 from dreambooth.export import lora_to_kohya
 from export import main
@@ -121,6 +121,20 @@ def test_sd_export_uses_the_original_key_names(checkpoints):
     assert metadata["format"] == "pt" and metadata["modelspec.architecture"] == "stable-diffusion-v1"
 
 
+def test_sd_export_warns_when_loaders_would_guess_the_prediction_type_wrong(tiny_model, tmp_path, caplog):
+    folder = Path(shutil.copytree(tiny_model, tmp_path / "tiny-sd-v"))
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    config_file.write_text(config_file.read_text().replace('"epsilon"', '"v_prediction"'))
+    main([str(folder), "--output", str(tmp_path / "v.safetensors")])
+    _, metadata = read_file(tmp_path / "v.safetensors")
+    assert metadata["modelspec.prediction_type"] == "v"
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert len(warnings) == 1 and "v.safetensors predicts v, but single-file loaders assume epsilon" in warnings[0]
+    caplog.clear()
+    main([tiny_model, "--output", str(tmp_path / "eps.safetensors")])
+    assert not [record for record in caplog.records if record.levelname == "WARNING"]
+
+
 def test_sd_export_is_fp16_by_default_at_half_the_size(checkpoints):
     tensors, _ = read_file(checkpoints["default"])
     assert {tensor.dtype for tensor in tensors.values()} == {torch.float16}
@@ -168,6 +182,26 @@ def test_kohya_export_names_counts_and_alphas(lora_run, tmp_path):
     assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in tensors
     assert metadata["ss_network_dim"] == str(LORA_RANK) and metadata["ss_network_alpha"] == str(LORA_ALPHA)
     assert metadata["format"] == "pt"
+    # AUTOMATIC1111 lists a LoRA for SD 2.x models only when ss_v2 says "True".
+    assert (metadata["ss_base_model_version"], metadata["ss_v2"]) == ("sd_v1", "False")
+
+
+def test_kohya_export_names_the_sd2_base_from_its_config_or_the_lora_shapes(tiny_model, tmp_path):
+    from safetensors.torch import save_file
+
+    base = Path(shutil.copytree(tiny_model, tmp_path / "tiny-sd2-v"))
+    for part, old, new in (("text_encoder/config.json", '"quick_gelu"', '"gelu"'),
+                           ("scheduler/scheduler_config.json", '"epsilon"', '"v_prediction"')):
+        (base / part).write_text((base / part).read_text().replace(old, new))
+    module = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    lora = tmp_path / "lora.safetensors"
+    for width, run_config, expected in ((32, {"pretrained_model_name_or_path": str(base)}, ("sd_v2_v", "True")),
+                                        (1024, {}, ("sd_v2", "True")), (768, {}, ("sd_v1", "False"))):
+        save_file({f"{module}.lora_A.weight": torch.ones(4, width), f"{module}.lora_B.weight": torch.ones(32, 4)}, lora)
+        _, metadata = lora_to_kohya(lora, run_config)
+        assert (metadata["ss_base_model_version"], metadata["ss_v2"]) == expected, width
+    save_file({f"{module}.lora_A.weight": torch.ones(4, 32), f"{module}.lora_B.weight": torch.ones(32, 4)}, lora)
+    assert "ss_v2" not in lora_to_kohya(lora, {})[1]  # neither a readable base nor an SD width: no guess
 
 
 def test_kohya_lora_gives_the_same_image_as_the_diffusers_lora(tiny_model, lora_run, tmp_path):
@@ -198,6 +232,8 @@ def test_kohya_alpha_comes_from_the_run_config_when_the_file_has_none(tmp_path):
     ("sd_of_lora", "a LoRA run has no full weights to export; use --format kohya"),
     ("kohya_of_pipeline", "has no LoRA weights .*use --format sd"),
     ("exists", "file exists; pass --overwrite"),
+    ("own_lora", "would overwrite the run's own pytorch_lora_weights.safetensors"),
+    ("own_unet", "would overwrite the run's own unet"),
     ("suffix", "must end in .safetensors"),
     ("no_output", "--output is required"),
     ("missing_dir", "no such folder"),
@@ -212,6 +248,8 @@ def test_bad_input_is_a_one_line_error(case, message, tiny_model, lora_run, tmp_
         "sd_of_lora": [str(lora_run), "--output", str(output), "--format", "sd"],
         "kohya_of_pipeline": [tiny_model, "--output", str(output), "--format", "kohya"],
         "exists": [tiny_model, "--output", str(output)],
+        "own_lora": [str(lora_run), "--output", str(lora_run / "pytorch_lora_weights.safetensors"), "--overwrite"],
+        "own_unet": [tiny_model, "--output", str(Path(tiny_model) / "unet" / "x.safetensors")],
         "suffix": [tiny_model, "--output", str(tmp_path / "out.ckpt")],
         "no_output": [tiny_model],
         "missing_dir": [str(tmp_path / "nowhere"), "--output", str(output)],
@@ -229,13 +267,29 @@ def test_bad_input_is_a_one_line_error(case, message, tiny_model, lora_run, tmp_
         assert output.read_bytes() == b"keep me"
 
 
-def test_overwrite_replaces_the_file_and_leaves_no_temporary_files(lora_run, tmp_path):
+def test_overwrite_replaces_the_file_and_leaves_no_temporary_files(lora_run, tmp_path, umask_022):
     output = tmp_path / "lora.safetensors"
     output.write_bytes(b"old")
     main([str(lora_run), "--output", str(output), "--overwrite", "--precision", "fp16"])
     tensors, _ = read_file(output)
     assert {tensor.dtype for tensor in tensors.values()} == {torch.float16}
     assert [path.name for path in tmp_path.iterdir()] == ["lora.safetensors"]
+    assert_readable_by_all(output)  # not the temporary file's owner-only mode
+
+
+def test_a_failed_write_is_one_line_and_leaves_nothing(lora_run, tmp_path, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def disk_full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(DreamBoothError, match="could not write .*No space left on device") as error:
+        main([str(lora_run), "--output", str(tmp_path / "lora.safetensors")])
+    assert "\n" not in str(error.value)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_script_prints_one_error_line_and_exits_1(tmp_path):

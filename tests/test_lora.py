@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import infer
 import train_dreambooth
-from conftest import train_args
+from conftest import assert_readable_by_all, train_args
 from dreambooth.errors import DreamBoothError
 from dreambooth.lora import LORA_WEIGHTS
 from dreambooth.training import Trainer
@@ -26,7 +26,8 @@ def image(pipeline) -> np.ndarray:
                     output_type="np").images[0]
 
 
-def test_lora_trains_only_adapters_and_loads_with_load_lora_weights(tiny_model, instance_dir, tmp_path, monkeypatch):
+def test_lora_trains_only_adapters_and_loads_with_load_lora_weights(tiny_model, instance_dir, tmp_path, monkeypatch,
+                                                                  umask_022):
     from diffusers import StableDiffusionPipeline
 
     seen = {}
@@ -58,6 +59,7 @@ def test_lora_trains_only_adapters_and_loads_with_load_lora_weights(tiny_model, 
     assert any(key.startswith("unet.") for key in weights) and any(key.startswith("text_encoder.") for key in weights)
     assert not (output / "model_index.json").exists()
     assert (output / LORA_WEIGHTS).stat().st_size < 200_000
+    assert_readable_by_all(output / LORA_WEIGHTS)
 
     pipeline = StableDiffusionPipeline.from_pretrained(tiny_model, safety_checker=None)
     plain = image(pipeline)

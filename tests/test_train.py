@@ -15,7 +15,7 @@ import yaml
 from safetensors.torch import load_file
 
 import train_dreambooth
-from conftest import ROOT, TOY_SUBJECT, train_args
+from conftest import ROOT, TOY_SUBJECT, assert_readable_by_all, train_args
 from dreambooth.data import DreamBoothCollator, DreamBoothDataset, examples_from_folder, list_image_files
 from dreambooth.caching import VaeLatents
 from dreambooth.models import load_components
@@ -45,9 +45,10 @@ def generate_one(folder) -> np.ndarray:
     return image
 
 
-def test_full_fine_tune_output_loads_and_generates(tiny_model, instance_dir, tmp_path):
+def test_full_fine_tune_output_loads_and_generates(tiny_model, instance_dir, tmp_path, umask_022):
     output = tmp_path / "out"
     train_dreambooth.main(train_args(tiny_model, instance_dir, output))
+    assert_readable_by_all(output)
     image = generate_one(output)
     assert image.shape == (64, 64, 3) and np.isfinite(image).all()
     for part in ("model_index.json", "scheduler/scheduler_config.json", "tokenizer/tokenizer_config.json"):
