@@ -107,8 +107,8 @@ def build_optimization(cfg: TrainConfig, accelerator, trained: list[torch.nn.Mod
         cfg.gradient_accumulation_steps, cfg.max_train_steps, cfg.num_train_epochs,
     )
     scale = schedule.total_batch_size if cfg.scale_lr else 1
-    learning_rate = cfg.learning_rate * scale
-    rates = [learning_rate, (cfg.text_encoder_lr or cfg.learning_rate) * scale]
+    learning_rate = cfg.peak_learning_rate() * scale
+    rates = [learning_rate, (cfg.text_encoder_lr or cfg.peak_learning_rate()) * scale]
     groups = [{"params": [p for p in module.parameters() if p.requires_grad], "lr": rate}
               for module, rate in zip(trained, rates)]
     optimizer = build_optimizer(groups, learning_rate, (cfg.adam_beta1, cfg.adam_beta2), cfg.adam_weight_decay,
@@ -269,7 +269,8 @@ def finish(cfg: TrainConfig, accelerator, trainer: Trainer, components: Componen
         plot_loss_curve(trainer.metrics.history, Path(cfg.output_dir) / "loss_curve.png")
         samples = [final_grid.relative_to(cfg.output_dir).as_posix()] if final_grid else []
         write_model_card(cfg.output_dir, card_info_from_config(
-            cfg, instance_prompt=cfg.concepts()[0].instance_prompt, num_processes=accelerator.num_processes,
+            cfg, instance_prompt=cfg.concepts()[0].instance_prompt, learning_rate=cfg.peak_learning_rate(),
+            num_processes=accelerator.num_processes,
             mixed_precision=accelerator.mixed_precision,
             max_train_steps=trainer.state.global_step, sample_images=samples,
             rank=cfg.rank if cfg.use_lora else None, hub_model_id=hub_repo_id(cfg) if cfg.push_to_hub else None,

@@ -30,6 +30,8 @@ PREFIX = "checkpoint-"
 MARKER = "checkpoint_complete.json"
 LOSS_HISTORY = "loss_history.json"
 _NAME = re.compile(rf"^{PREFIX}(\d+)$")
+_FOREIGN = (f"no {MARKER}, so not a checkpoint of this suite (diffusers' train_dreambooth.py writes such "
+            "folders, which this suite cannot resume)")
 
 
 @dataclass
@@ -63,8 +65,9 @@ def find_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
     """Complete checkpoints of ``output_dir`` as (step, path), in the order they were written
     (their markers' serial numbers): a run resumed from an earlier checkpoint, or started afresh
     with --overwrite_output_dir, writes after the higher-numbered checkpoints it abandoned, so
-    ``latest`` and pruning follow it. Incomplete ones are skipped with a warning; other folders
-    and files are ignored."""
+    ``latest`` and pruning follow it. A ``checkpoint-<step>`` folder without a marker was not
+    written by this suite (its saves are renamed into place after the marker is written) and is
+    skipped with a warning; other folders and files are ignored."""
     folder = Path(output_dir)
     if not folder.is_dir():
         return []
@@ -74,7 +77,7 @@ def find_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
         if not match or not path.is_dir():
             continue
         if not (path / MARKER).is_file():
-            logger.warning("%s is incomplete (no %s, probably killed while saving); ignoring it", path, MARKER)
+            logger.warning("%s: %s; ignoring it", path, _FOREIGN)
             continue
         found.append((_serial(path), int(match.group(1)), path))
     return [(step, path) for _, step, path in sorted(found)]
@@ -120,6 +123,12 @@ def resolve_resume(output_dir: str | Path, resume_from: str | None) -> Path | No
         return None
     if resume_from == "latest":
         checkpoints = find_checkpoints(output_dir)
+        foreign = sorted((int(match.group(1)), path) for path in Path(output_dir).glob(f"{PREFIX}*/")
+                         if (match := _NAME.match(path.name)))
+        if not checkpoints and foreign:
+            raise DreamBoothError(
+                f"--resume_from_checkpoint latest: {foreign[-1][1]} has {_FOREIGN}; start a new run in another "
+                "--output_dir (its trained UNet is in its unet/ folder)")
         if not checkpoints:
             logger.info("--resume_from_checkpoint latest: no checkpoint in %s yet; starting a fresh run", output_dir)
             return None
@@ -130,7 +139,7 @@ def resolve_resume(output_dir: str | Path, resume_from: str | None) -> Path | No
     if not path.is_dir():
         raise DreamBoothError(f"--resume_from_checkpoint {resume_from}: no such checkpoint folder")
     if not (path / MARKER).is_file():
-        raise DreamBoothError(f"--resume_from_checkpoint {resume_from}: incomplete checkpoint (no {MARKER})")
+        raise DreamBoothError(f"--resume_from_checkpoint {resume_from}: {_FOREIGN}")
     return path
 
 

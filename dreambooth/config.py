@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import tempfile
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, TypeVar
@@ -20,6 +21,7 @@ from transformers import HfArgumentParser
 from .errors import DreamBoothError, redact
 
 ConfigT = TypeVar("ConfigT")
+logger = logging.getLogger(__name__)
 
 # Keys whose values must never be written to disk or logs, and what is written instead.
 SECRET_FIELDS = ("hub_token",)
@@ -203,7 +205,7 @@ class TrainConfig:
     num_class_images: int = _field(100, "Class images wanted in --class_data_dir; missing ones are generated.")
     sample_batch_size: int = _field(4, "Batch size when generating class images.")
     prior_generation_precision: Optional[Literal["no", "fp32", "fp16", "bf16"]] = _field(
-        None, "Precision for generating class images (default: fp16 on GPU, fp32 on CPU)."
+        None, "Precision for generating class images (default or no: fp16 on GPU, fp32 on CPU)."
     )
     concepts_list: Optional[str] = _field(
         None, "JSON or YAML list of concepts (instance_data_dir, instance_prompt, class_data_dir, class_prompt, "
@@ -229,7 +231,9 @@ class TrainConfig:
     # Output and logging
     output_dir: str = _field("dreambooth-model", "Folder for the trained pipeline, checkpoints and logs.")
     logging_dir: str = _field("logs", "Tracker log folder, relative to --output_dir.")
-    report_to: str = _field("tensorboard", "Trackers: tensorboard, wandb, all or none.")
+    report_to: str = _field(
+        "tensorboard", "Tracker: tensorboard, wandb, any other Accelerate tracker (comet_ml, mlflow, ...), all or none."
+    )
     seed: Optional[int] = _field(None, "Random seed for a reproducible run.")
     # LoRA
     use_lora: bool = _field(False, "Train LoRA adapters (peft) instead of the full weights; the base stays frozen.")
@@ -292,7 +296,7 @@ class TrainConfig:
     max_train_steps: Optional[int] = _field(None, "Optimizer steps in total; overrides --num_train_epochs.")
     gradient_accumulation_steps: int = _field(1, "Batches accumulated per optimizer step.")
     gradient_checkpointing: bool = _field(False, "Recompute activations in backward to save memory.")
-    learning_rate: float = _field(5e-6, "Peak learning rate.")
+    learning_rate: Optional[float] = _field(None, "Peak learning rate (default: 5e-6, or 1e-4 with --use_lora).")
     text_encoder_lr: Optional[float] = _field(None, "Learning rate of the text encoder (default: --learning_rate).")
     stop_text_encoder_training: Optional[int] = _field(
         None, "Freeze the text encoder after this many steps and free its optimizer state."
@@ -354,6 +358,9 @@ class TrainConfig:
             raise DreamBoothError("--pretrained_model_name_or_path is required")
         check_model_source(self.pretrained_model_name_or_path, "--pretrained_model_name_or_path")
         self._check_data_source()
+        if not self.with_prior_preservation and (self.class_data_dir or self.class_prompt):
+            logger.warning("--class_data_dir and --class_prompt are used only with --with_prior_preservation; "
+                           "training without class images")
         if self.resolution <= 0 or self.resolution % 8:
             raise DreamBoothError(f"--resolution {self.resolution}: must be a positive multiple of 8")
         for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "sample_batch_size"):
@@ -361,7 +368,7 @@ class TrainConfig:
                 raise DreamBoothError(f"--{name} {getattr(self, name)}: must be at least 1")
         if self.max_train_steps is not None and self.max_train_steps < 1:
             raise DreamBoothError(f"--max_train_steps {self.max_train_steps}: must be at least 1")
-        if self.learning_rate <= 0:
+        if self.learning_rate is not None and self.learning_rate <= 0:
             raise DreamBoothError(f"--learning_rate {self.learning_rate}: must be positive")
         if self.lr_warmup_steps < 0 or self.dataloader_num_workers < 0 or self.max_grad_norm < 0:
             raise DreamBoothError("--lr_warmup_steps, --dataloader_num_workers and --max_grad_norm must not be negative")
@@ -369,11 +376,10 @@ class TrainConfig:
             raise DreamBoothError(f"--snr_gamma {self.snr_gamma}: must be positive")
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise DreamBoothError(f"--lr_scheduler {self.lr_scheduler}: choose one of {', '.join(LR_SCHEDULERS)}")
-        if self.lr_scheduler == "polynomial" and self.learning_rate <= 1e-7:
-            raise DreamBoothError(f"--learning_rate {self.learning_rate}: --lr_scheduler polynomial decays to 1e-7, "
+        if self.lr_scheduler == "polynomial" and self.peak_learning_rate() <= 1e-7:
+            raise DreamBoothError(f"--learning_rate {self.peak_learning_rate()}: --lr_scheduler polynomial decays to 1e-7, "
                                   "so the rate must be above it")
-        if self.report_to not in ("tensorboard", "wandb", "all", "none"):
-            raise DreamBoothError(f"--report_to {self.report_to}: choose tensorboard, wandb, all or none")
+        self._check_tracker()
         if self.enable_xformers_memory_efficient_attention and not _importable("xformers"):
             raise DreamBoothError(
                 "--enable_xformers_memory_efficient_attention: xformers is not installed (pip install xformers, "
@@ -381,8 +387,6 @@ class TrainConfig:
             )
         if self.use_8bit_adam and not _importable("bitsandbytes"):
             raise DreamBoothError("--use_8bit_adam: bitsandbytes is not installed (pip install bitsandbytes)")
-        if self.report_to in ("wandb", "all") and not _importable("wandb"):
-            raise DreamBoothError(f"--report_to {self.report_to}: wandb is not installed (pip install wandb)")
         if self.compile_mode not in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
             raise DreamBoothError(f"--compile_mode {self.compile_mode}: choose default, reduce-overhead or max-autotune")
         if self.with_prior_preservation and self.prior_loss_weight < 0:
@@ -422,7 +426,38 @@ class TrainConfig:
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
             raise DreamBoothError(f"--checkpoints_total_limit {self.checkpoints_total_limit}: must be at least 1")
         check_writable_dir(self.output_dir, "--output_dir")
+        if self.push_to_hub:
+            self._check_hub()
         self._refuse_to_overwrite()
+
+    def peak_learning_rate(self) -> float:
+        """--learning_rate, or its default: 5e-6 for the full weights (diffusers' train_dreambooth.py),
+        1e-4 for LoRA adapters, which start at zero and need larger steps."""
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return 1e-4 if self.use_lora else 5e-6
+
+    def _check_tracker(self) -> None:
+        from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+
+        if self.report_to in ("all", "none"):
+            return
+        if self.report_to not in LOGGER_TYPE_TO_CLASS:
+            raise DreamBoothError(f"--report_to {self.report_to}: choose {', '.join(LOGGER_TYPE_TO_CLASS)}, all or none")
+        if self.report_to not in {str(tracker.value) for tracker in get_available_trackers()}:
+            raise DreamBoothError(f"--report_to {self.report_to}: it is not installed (pip install {self.report_to})")
+
+    def _check_hub(self) -> None:
+        """What the push after training needs, checked before training: a repo id and a token."""
+        from huggingface_hub import get_token
+
+        if self.hub_model_id:
+            check_repo_id(self.hub_model_id, "--hub_model_id")
+        else:
+            check_repo_id(Path(self.output_dir).resolve().name, "--push_to_hub without --hub_model_id: the "
+                          "--output_dir name")
+        if not (self.hub_token or get_token()):
+            raise DreamBoothError("--push_to_hub: no Hub token; run `hf auth login`, set HF_TOKEN or pass --hub_token")
 
     def _check_data_source(self) -> None:
         given = [flag for flag, value in (("--instance_data_dir", self.instance_data_dir),
@@ -568,7 +603,7 @@ class GenerateClassImagesConfig:
     guidance_scale: float = _field(7.5, "Classifier-free guidance scale.")
     scheduler: str = _field("dpm++", f"Sampler: {', '.join(SCHEDULER_NAMES)}.")
     prior_generation_precision: Optional[Literal["no", "fp32", "fp16", "bf16"]] = _field(
-        None, "Precision (default: fp16 on GPU, fp32 on CPU)."
+        None, "Precision (default or no: fp16 on GPU, fp32 on CPU)."
     )
     seed: int = _field(0, "Base seed; image i uses a seed derived from (seed, i).")
     channels_last: bool = _field(False, "Keep the UNet and VAE in channels_last memory format (often faster on GPUs).")
@@ -727,9 +762,6 @@ class PushToHubConfig:
     push_checkpoints: bool = _field(False, "Upload the checkpoint-* folders too.")
 
     def validate(self) -> None:
-        from huggingface_hub.errors import HFValidationError
-        from huggingface_hub.utils import validate_repo_id
-
         if not self.output_dir:
             raise DreamBoothError("give the output folder: python push_to_hub.py OUTPUT_DIR --hub_model_id owner/name")
         from .hub import check_finished_output
@@ -737,12 +769,19 @@ class PushToHubConfig:
         check_finished_output(self.output_dir)
         if not self.hub_model_id:
             raise DreamBoothError("--hub_model_id is required, e.g. --hub_model_id your-name/sks-dog")
-        try:
-            validate_repo_id(self.hub_model_id)
-        except HFValidationError:
-            raise DreamBoothError(
-                f"--hub_model_id {self.hub_model_id}: not a repo id like 'owner/name' (letters, digits, '-', '_', '.')"
-            ) from None
+        check_repo_id(self.hub_model_id, "--hub_model_id")
+
+
+def check_repo_id(repo_id: str, what: str) -> None:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise DreamBoothError(
+            f"{what} {repo_id}: not a repo id like 'owner/name' (letters, digits, '-', '_', '.')"
+        ) from None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,7 +35,7 @@ SCHEDULERS = {
     "pndm": ("PNDMScheduler", {"skip_prk_steps": True}, "PLMS"),
     "ddpm": ("DDPMScheduler", {}, "DDPM"),
 }
-PRECISIONS = {"fp32": torch.float32, "no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -50,8 +50,9 @@ def pick_device(device: str | None = None) -> torch.device:
 
 
 def pick_dtype(device: torch.device, precision: str | None = None) -> torch.dtype:
-    """The requested precision, or fp16 on a GPU and fp32 on the CPU (where half is slow)."""
-    if precision and precision != "auto":
+    """The requested precision, or fp16 on a GPU and fp32 on the CPU (where half is slow). "no" is the
+    default too, as in diffusers' --prior_generation_precision."""
+    if precision and precision not in ("auto", "no"):
         if precision not in PRECISIONS:
             raise DreamBoothError(f"unknown precision '{precision}': choose fp32, fp16 or bf16")
         return PRECISIONS[precision]

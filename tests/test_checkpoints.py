@@ -208,9 +208,13 @@ def test_latest_skips_incomplete_and_stray_folders(tiny_model, instance_dir, tmp
         (output / stray).mkdir()
     (output / "checkpoint-9").write_text("a file, not a folder")
     assert resolve_resume(output, "latest") == output / "checkpoint-2"
-    assert "checkpoint-4 is incomplete" in caplog.text
-    with pytest.raises(DreamBoothError, match="incomplete checkpoint"):
+    assert "checkpoint-4: no checkpoint_complete.json, so not a checkpoint of this suite" in caplog.text
+    with pytest.raises(DreamBoothError, match="checkpoint-4: no checkpoint_complete.json, so not a checkpoint"):
         resolve_resume(output, "checkpoint-4")
+    # Only unmarked checkpoints (another script's, e.g. diffusers'): "latest" refuses rather than start afresh.
+    (output / "checkpoint-2" / MARKER).unlink()
+    with pytest.raises(DreamBoothError, match="latest: .*checkpoint-4 has no checkpoint_complete.json"):
+        resolve_resume(output, "latest")
 
 
 def test_latest_with_no_checkpoint_starts_fresh_and_missing_path_is_an_error(tiny_model, instance_dir, tmp_path):

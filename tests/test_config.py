@@ -152,3 +152,19 @@ def test_yaml_no_and_command_line_lists_replace_the_file(tmp_path):
     assert parse_config(TrainConfig, ["--config", str(config)]).mixed_precision == "no"
     cfg = parse_config(TrainConfig, ["--config", str(config), "--validation_prompt", "a sks toy in snow"])
     assert cfg.validation_prompt == ["a sks toy in snow"]
+
+
+def test_learning_rate_defaults_to_the_full_or_the_lora_rate():
+    assert parse_config(TrainConfig, []).peak_learning_rate() == 5e-6  # diffusers' train_dreambooth.py
+    assert parse_config(TrainConfig, ["--use_lora"]).peak_learning_rate() == 1e-4
+    assert parse_config(TrainConfig, ["--use_lora", "--learning_rate", "3e-4"]).peak_learning_rate() == 3e-4
+
+
+def test_prior_generation_precision_no_means_the_default():
+    import torch
+
+    from dreambooth.generation import pick_dtype
+
+    for device, default in ((torch.device("cuda"), torch.float16), (torch.device("cpu"), torch.float32)):
+        assert pick_dtype(device, "no") == pick_dtype(device, None) == default
+    assert pick_dtype(torch.device("cuda"), "fp32") == torch.float32

@@ -137,3 +137,25 @@ def test_missing_optional_package_is_named(tiny_model, instance_dir, tmp_path, n
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else real_find_spec(name, *a))
     run_expecting_error(train_args(tiny_model, instance_dir, tmp_path / "out", flag), f"{flag}: {module} is not installed")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--report_to", "neptune"], "--report_to neptune: choose aim, comet_ml, mlflow, tensorboard, wandb"),
+    (["--report_to", "comet_ml"], r"--report_to comet_ml: it is not installed \(pip install comet_ml\)"),
+    (["--push_to_hub", "--hub_model_id", "me/bad id!", "--hub_token", "hf_x"], "--hub_model_id me/bad id!: not a repo id"),
+    (["--push_to_hub"], "--push_to_hub: no Hub token"),
+])
+def test_tracker_and_hub_problems_are_found_before_training(tiny_model, instance_dir, tmp_path, no_model_loading,
+                                                           monkeypatch, flags, message):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no cached login
+    monkeypatch.setattr("accelerate.tracking.get_available_trackers", lambda: [])  # none installed
+    run_expecting_error(train_args(tiny_model, instance_dir, tmp_path / "out", *flags), message)
+
+
+def test_class_flags_without_prior_preservation_are_named_in_a_warning(tiny_model, instance_dir, tmp_path, caplog):
+    from dreambooth.config import TrainConfig, parse_config
+
+    parse_config(TrainConfig, train_args(tiny_model, instance_dir, tmp_path / "out", "--class_prompt",
+                                         "a photo of a toy")).validate()
+    assert "used only with --with_prior_preservation" in caplog.text
