@@ -169,6 +169,22 @@ def generate(pipeline, prompt: str, seeds: Sequence[int], height: int, width: in
     ).images
 
 
+def read_prompts(path: str | Path, flag: str) -> list[str]:
+    """The prompts of a text file, one a line; blank lines and ``#`` comment lines are skipped.
+    ``flag`` names the file in errors, e.g. '--prompts_file prompts.txt'."""
+    path = Path(path)
+    if not path.is_file():
+        raise DreamBoothError(f"{flag}: file not found")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise DreamBoothError(f"{flag}: cannot read ({error})") from None
+    prompts = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    if not prompts:
+        raise DreamBoothError(f"{flag}: no prompts in the file")
+    return prompts
+
+
 def make_grid(images: Sequence[Image.Image], columns: int | None = None) -> Image.Image:
     columns = columns or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / columns)

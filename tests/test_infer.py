@@ -89,9 +89,11 @@ def test_images_are_deterministic_for_a_seed(tiny_model, tmp_path):
         assert np.abs(batched[seed].astype(int) - one_by_one[seed].astype(int)).max() <= 1
 
 
-def test_prompts_file_is_read_one_prompt_a_line(tiny_model, tmp_path):
+def test_prompts_file_is_read_one_prompt_a_line_without_comments(tiny_model, tmp_path):
+    # The reader evaluate.py uses for its templates: comment and blank lines are not prompts.
     prompts_file = tmp_path / "prompts.txt"
-    prompts_file.write_text("a photo of sks toy\n\n   \n  a sks toy in the snow  \n\n", encoding="utf-8")
+    prompts_file.write_text("# sks toy prompts\na photo of sks toy\n\n   \n  # in the snow:\n  a sks toy in the snow  \n",
+                            encoding="utf-8")
 
     written = infer.main(infer_args(tiny_model, tmp_path / "out", "--prompts_file", str(prompts_file)))
 
