@@ -10,7 +10,9 @@ LoRA adapters over a base model (repeat --lora to stack several):
         --lora sks-dog-lora --lora_scale 0.8 --prompt "a photo of sks dog" --seed 0
 
 Writes one PNG per image, with the prompt, seed and settings in its text metadata (the
-'parameters' field that Stable Diffusion web UIs read), and one grid per prompt.
+'parameters' field that Stable Diffusion web UIs read), and one grid per prompt. Each prompt's
+files share a number ('003-a-photo-of-sks-dog-seed0.png', '003-...-grid.png') that carries on
+after the highest one already in --output_dir, so a rerun overwrites nothing.
 On several GPUs, `accelerate launch infer.py ...` works too, but one process is enough.
 """
 
@@ -26,7 +28,14 @@ from PIL.PngImagePlugin import PngInfo
 
 from dreambooth.cli import run_cli, setup_logging
 from dreambooth.config import InferConfig, parse_config
-from dreambooth.generation import SCHEDULERS, generate, load_inference_pipeline, make_grid, save_png_atomically
+from dreambooth.generation import (
+    SCHEDULERS,
+    generate,
+    load_inference_pipeline,
+    make_grid,
+    next_output_number,
+    save_png_atomically,
+)
 
 
 def png_metadata(cfg: InferConfig, prompt: str, seed: int, width: int, height: int) -> PngInfo:
@@ -63,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     width = cfg.width or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     base_seed = cfg.seed if cfg.seed is not None else random.randrange(2**31)
     output_dir, written = Path(cfg.output_dir), []
-    for number, prompt in enumerate(prompts):
+    for number, prompt in enumerate(prompts, start=next_output_number(output_dir)):
         seeds = [base_seed + j for j in range(cfg.num_images_per_prompt)]
         images = []
         for start in range(0, len(seeds), cfg.batch_size):

@@ -260,6 +260,18 @@ def missing_class_indices(job: ClassImageJob, remove_corrupt: bool = False) -> l
     return missing
 
 
+_NUMBERED_NAME = re.compile(r"^(\d+)-")
+
+
+def next_output_number(folder: Path) -> int:
+    """One past the highest number that starts a file name in ``folder`` ('007-...'), 0 in a new
+    folder: AUTOMATIC1111's numbering, so a new run into the same folder overwrites nothing."""
+    if not folder.is_dir():
+        return 0
+    numbers = [int(match.group(1)) for path in folder.iterdir() if (match := _NUMBERED_NAME.match(path.name))]
+    return max(numbers, default=-1) + 1
+
+
 def save_png_atomically(image: Image.Image, folder: Path, name_for_hash, pnginfo=None) -> Path:
     """Write a PNG under a temporary name, then rename: a kill never leaves half a file behind."""
     buffer = io.BytesIO()

@@ -101,6 +101,20 @@ def test_prompts_file_is_read_one_prompt_a_line_without_comments(tiny_model, tmp
     assert len(list((tmp_path / "out").glob("*-grid.png"))) == 2
 
 
+def test_numbering_carries_on_after_the_folder_s_highest_so_nothing_is_overwritten(tiny_model, tmp_path):
+    earlier = {name: name.encode() for name in ("000-a-sks-toy-seed7.png", "000-a-sks-toy-grid.png",
+                                                "002-a-sks-toy-seed7.png")}
+    for name, data in earlier.items():
+        (tmp_path / name).write_bytes(data)
+
+    written = infer.main(infer_args(tiny_model, tmp_path, "--prompt", "a sks toy", "--prompt", "a sks toy in the snow"))
+
+    assert [path.name for path in written] == ["003-a-sks-toy-seed7.png", "004-a-sks-toy-in-the-snow-seed7.png"]
+    assert (tmp_path / "003-a-sks-toy-grid.png").is_file() and (tmp_path / "004-a-sks-toy-in-the-snow-grid.png").is_file()
+    assert {name: (tmp_path / name).read_bytes() for name in earlier} == earlier
+    assert len(list(tmp_path.iterdir())) == 7
+
+
 @pytest.fixture
 def bad_inputs(tmp_path) -> dict[str, Path]:
     empty_prompts = tmp_path / "empty.txt"
