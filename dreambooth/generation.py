@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .data import CorruptImageError, derived_seed, list_image_files, load_image
 from .errors import DreamBoothError, first_reason
+from .image_metadata import LoraUse, Weights, model_label
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def checkpoint_components(checkpoint: str | Path, dtype: torch.dtype) -> dict:
     from transformers import CLIPTextModel
 
     folder = Path(checkpoint)
-    if not (folder / "unet").is_dir():
+    if not is_full_checkpoint(folder):
         return {}
     components = {"unet": UNet2DConditionModel.from_pretrained(folder / "unet", dtype=dtype)}
     if (folder / "text_encoder").is_dir():
@@ -133,6 +134,19 @@ def lora_scales(scales: Sequence[float], count: int) -> list[float]:
     return list(scales) * count if len(scales) == 1 else list(scales) or [1.0] * count
 
 
+def is_full_checkpoint(checkpoint: str | Path) -> bool:
+    """A full fine-tune's checkpoint (trained unet/), not a LoRA run's (an adapter file)."""
+    return (Path(checkpoint) / "unet").is_dir()
+
+
+def inference_loras(cfg) -> list[tuple[str, Path, float]]:
+    """The LoRAs an ``InferConfig`` puts over its model, as (flag, path, strength)."""
+    # A LoRA run's checkpoint is an adapter at full strength; --lora_scale is for the --lora files.
+    loras = [("--checkpoint", Path(cfg.checkpoint), 1.0)] if cfg.checkpoint and not is_full_checkpoint(cfg.checkpoint) else []
+    return loras + [("--lora", Path(path), scale)
+                    for path, scale in zip(cfg.lora, lora_scales(cfg.lora_scale, len(cfg.lora)))]
+
+
 def load_inference_pipeline(cfg):
     """The pipeline an ``InferConfig`` names: a trained folder, or a checkpoint over its base,
     with any LoRAs applied."""
@@ -140,11 +154,21 @@ def load_inference_pipeline(cfg):
     dtype = pick_dtype(device, cfg.dtype)
     trained = checkpoint_components(cfg.checkpoint, dtype) if cfg.checkpoint else {}
     pipeline = load_pipeline(cfg.base_model(), device, dtype, cfg.scheduler, cfg.revision, cfg.variant, **trained)
-    # A LoRA run's checkpoint is an adapter at full strength; --lora_scale is for the --lora files.
-    loras = [("--checkpoint", cfg.checkpoint, 1.0)] if cfg.checkpoint and not trained else []
-    loras += [("--lora", path, scale) for path, scale in zip(cfg.lora, lora_scales(cfg.lora_scale, len(cfg.lora)))]
-    apply_loras(pipeline, loras)
+    apply_loras(pipeline, inference_loras(cfg))
     return pipeline
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, known in PRECISIONS.items() if known == dtype and name != "no")
+
+
+def describe_weights(cfg, pipeline) -> Weights:
+    """The weights an ``InferConfig``'s pipeline samples with, by name, for the images' metadata."""
+    base = model_label(cfg.base_model())
+    checkpoint = model_label(cfg.checkpoint) if cfg.checkpoint else None
+    return Weights(model=checkpoint if checkpoint and is_full_checkpoint(cfg.checkpoint) else base, base_model=base,
+                   dtype=dtype_name(pipeline.unet.dtype), checkpoint=checkpoint,
+                   loras=tuple(LoraUse.of(path, scale) for _, path, scale in inference_loras(cfg)))
 
 
 def release(pipeline) -> None:
