@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
+from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 _HASH_CHUNK = 1 << 20
@@ -140,3 +141,14 @@ def png_metadata(sampling: Sampling, weights: Weights) -> PngInfo:
     for key, value in metadata_fields(sampling, weights).items():
         info.add_text(key, value)
     return info
+
+
+def recorded_prompt(path: str | Path) -> Optional[str]:
+    """The prompt an image's PNG text records, as ours write it; None for an image without one
+    (a photo, say). Only the chunks before the pixel data are read."""
+    try:
+        with Image.open(path) as image:
+            prompt = image.info.get("prompt")
+    except (OSError, ValueError, SyntaxError):
+        return None
+    return prompt if isinstance(prompt, str) else None
