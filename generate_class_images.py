@@ -3,7 +3,9 @@ r"""Generate class images for DreamBooth's prior-preservation loss.
 Only the images missing to reach --num_class_images are made: existing valid images count,
 corrupt ones are replaced, and a rerun after a kill continues where it stopped. Image i is
 drawn from a seed derived from (--seed, i), so the same command gives the same images on
-any number of processes (on a CPU, at the same thread count).
+any number of processes (on a CPU, at the same thread count). Each image records its prompt,
+seed and settings in its PNG text; images recording another prompt than --class_prompt (the
+flag changed since) are warned about, as they still count.
 
 Single GPU or CPU:
     python generate_class_images.py --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \

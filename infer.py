@@ -9,8 +9,11 @@ LoRA adapters over a base model (repeat --lora to stack several):
     python infer.py --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
         --lora sks-dog-lora --lora_scale 0.8 --prompt "a photo of sks dog" --seed 0
 
-Writes one PNG per image, with the prompt, seed and settings in its text metadata (the
-'parameters' field that Stable Diffusion web UIs read), and one grid per prompt.
+Writes one PNG per image, with the prompt, seed, settings and weights in its text metadata (the
+'parameters' field that Stable Diffusion web UIs and civitai read, with each LoRA's scale and hash;
+models and LoRAs by name, never by a local path), and one grid per prompt. Each prompt's
+files share a number ('003-a-photo-of-sks-dog-seed0.png', '003-...-grid.png') that carries on
+after the highest one already in --output_dir, so a rerun overwrites nothing.
 On several GPUs, `accelerate launch infer.py ...` works too, but one process is enough.
 """
 
@@ -22,31 +25,17 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from PIL.PngImagePlugin import PngInfo
-
 from dreambooth.cli import run_cli, setup_logging
 from dreambooth.config import InferConfig, parse_config
-from dreambooth.generation import SCHEDULERS, generate, load_inference_pipeline, make_grid, save_png_atomically
-
-
-def png_metadata(cfg: InferConfig, prompt: str, seed: int, width: int, height: int) -> PngInfo:
-    info = PngInfo()
-    settings = (
-        f"Steps: {cfg.num_inference_steps}, Sampler: {SCHEDULERS[cfg.scheduler][2]}, CFG scale: {cfg.guidance_scale}, "
-        f"Seed: {seed}, Size: {width}x{height}, Model: {Path(model_name(cfg)).name}"
-    )
-    negative = f"\nNegative prompt: {cfg.negative_prompt}" if cfg.negative_prompt else ""
-    info.add_text("parameters", f"{prompt}{negative}\n{settings}")
-    fields = {"prompt": prompt, "negative_prompt": cfg.negative_prompt or "", "seed": seed,
-              "steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale, "scheduler": cfg.scheduler,
-              "model": model_name(cfg)}
-    for key, value in fields.items():
-        info.add_text(key, str(value))
-    return info
-
-
-def model_name(cfg: InferConfig) -> str:
-    return cfg.checkpoint or cfg.base_model()
+from dreambooth.generation import (
+    describe_weights,
+    generate,
+    load_inference_pipeline,
+    make_grid,
+    next_output_number,
+    save_png_atomically,
+)
+from dreambooth.image_metadata import Sampling, png_metadata
 
 
 def slug(prompt: str, length: int = 40) -> str:
@@ -59,11 +48,12 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     cfg.validate()
     prompts = cfg.prompts()
     pipeline = load_inference_pipeline(cfg)
+    weights = describe_weights(cfg, pipeline)
     height = cfg.height or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     width = cfg.width or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
     base_seed = cfg.seed if cfg.seed is not None else random.randrange(2**31)
     output_dir, written = Path(cfg.output_dir), []
-    for number, prompt in enumerate(prompts):
+    for number, prompt in enumerate(prompts, start=next_output_number(output_dir)):
         seeds = [base_seed + j for j in range(cfg.num_images_per_prompt)]
         images = []
         for start in range(0, len(seeds), cfg.batch_size):
@@ -72,7 +62,8 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
                                cfg.guidance_scale, cfg.negative_prompt)
         stem = f"{number:03d}-{slug(prompt)}"
         for seed, image in zip(seeds, images):
-            metadata = png_metadata(cfg, prompt, seed, width, height)
+            metadata = png_metadata(Sampling(prompt, seed, width, height, cfg.num_inference_steps, cfg.guidance_scale,
+                                             cfg.scheduler, cfg.negative_prompt), weights)
             written.append(save_png_atomically(image, output_dir, lambda _, seed=seed: f"{stem}-seed{seed}.png", metadata))
         grid = save_png_atomically(make_grid(images), output_dir, lambda _: f"{stem}-grid.png")
         print(f"{prompt!r}: {len(images)} image(s) and {grid}")

@@ -678,7 +678,7 @@ class InferConfig(ModelSource):
     """Flags of infer.py."""
 
     prompt: list[str] = _field([], "Prompt; repeat the flag for several.", action="extend")
-    prompts_file: Optional[str] = _field(None, "Text file with one prompt a line.")
+    prompts_file: Optional[str] = _field(None, "Text file with one prompt a line (blank and # lines skipped).")
     negative_prompt: Optional[str] = _field(None, "What the images should not show.")
     num_images_per_prompt: int = _field(4, "Images per prompt.")
     seed: Optional[int] = _field(None, "Seed of the first image of each prompt; image j uses seed + j (default: random).")
@@ -734,16 +734,11 @@ class InferConfig(ModelSource):
         return None
 
     def prompts(self) -> list[str]:
+        from .generation import read_prompts
+
         prompts = list(self.prompt)
         if self.prompts_file:
-            try:
-                lines = Path(self.prompts_file).read_text(encoding="utf-8").splitlines()
-            except (OSError, UnicodeDecodeError) as error:
-                raise DreamBoothError(f"--prompts_file {self.prompts_file}: cannot read ({error})") from None
-            from_file = [line.strip() for line in lines if line.strip()]
-            if not from_file:
-                raise DreamBoothError(f"--prompts_file {self.prompts_file}: no prompts in the file")
-            prompts += from_file
+            prompts += read_prompts(self.prompts_file, f"--prompts_file {self.prompts_file}")
         return prompts
 
 

@@ -63,15 +63,9 @@ SHEET_IMAGES_PER_PROMPT = 4
 
 def read_templates(path: Path, flag: str) -> list[str]:
     """Prompt templates, one a line, ``{}`` where the subject goes; blank and # lines skipped."""
-    if not path.is_file():
-        raise DreamBoothError(f"{flag}: file not found")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
-        raise DreamBoothError(f"{flag}: cannot read ({error})") from None
-    templates = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
-    if not templates:
-        raise DreamBoothError(f"{flag}: no prompts in the file")
+    from .generation import read_prompts
+
+    templates = read_prompts(path, flag)
     for template in templates:
         if "{}" not in template:
             raise DreamBoothError(f"{flag}: prompt '{template}' has no {{}} where the subject goes")

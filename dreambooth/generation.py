@@ -9,7 +9,7 @@ import logging
 import math
 import re
 import warnings
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .data import CorruptImageError, derived_seed, list_image_files, load_image
 from .errors import DreamBoothError, first_reason
+from .image_metadata import LoraUse, Sampling, Weights, model_label, png_metadata, recorded_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +102,7 @@ def checkpoint_components(checkpoint: str | Path, dtype: torch.dtype) -> dict:
     from transformers import CLIPTextModel
 
     folder = Path(checkpoint)
-    if not (folder / "unet").is_dir():
+    if not is_full_checkpoint(folder):
         return {}
     components = {"unet": UNet2DConditionModel.from_pretrained(folder / "unet", dtype=dtype)}
     if (folder / "text_encoder").is_dir():
@@ -134,6 +135,19 @@ def lora_scales(scales: Sequence[float], count: int) -> list[float]:
     return list(scales) * count if len(scales) == 1 else list(scales) or [1.0] * count
 
 
+def is_full_checkpoint(checkpoint: str | Path) -> bool:
+    """A full fine-tune's checkpoint (trained unet/), not a LoRA run's (an adapter file)."""
+    return (Path(checkpoint) / "unet").is_dir()
+
+
+def inference_loras(cfg) -> list[tuple[str, Path, float]]:
+    """The LoRAs an ``InferConfig`` puts over its model, as (flag, path, strength)."""
+    # A LoRA run's checkpoint is an adapter at full strength; --lora_scale is for the --lora files.
+    loras = [("--checkpoint", Path(cfg.checkpoint), 1.0)] if cfg.checkpoint and not is_full_checkpoint(cfg.checkpoint) else []
+    return loras + [("--lora", Path(path), scale)
+                    for path, scale in zip(cfg.lora, lora_scales(cfg.lora_scale, len(cfg.lora)))]
+
+
 def load_inference_pipeline(cfg):
     """The pipeline an ``InferConfig`` names: a trained folder, or a checkpoint over its base,
     with any LoRAs applied."""
@@ -141,11 +155,21 @@ def load_inference_pipeline(cfg):
     dtype = pick_dtype(device, cfg.dtype)
     trained = checkpoint_components(cfg.checkpoint, dtype) if cfg.checkpoint else {}
     pipeline = load_pipeline(cfg.base_model(), device, dtype, cfg.scheduler, cfg.revision, cfg.variant, **trained)
-    # A LoRA run's checkpoint is an adapter at full strength; --lora_scale is for the --lora files.
-    loras = [("--checkpoint", cfg.checkpoint, 1.0)] if cfg.checkpoint and not trained else []
-    loras += [("--lora", path, scale) for path, scale in zip(cfg.lora, lora_scales(cfg.lora_scale, len(cfg.lora)))]
-    apply_loras(pipeline, loras)
+    apply_loras(pipeline, inference_loras(cfg))
     return pipeline
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(name for name, known in PRECISIONS.items() if known == dtype and name != "no")
+
+
+def describe_weights(cfg, pipeline) -> Weights:
+    """The weights an ``InferConfig``'s pipeline samples with, by name, for the images' metadata."""
+    base = model_label(cfg.base_model())
+    checkpoint = model_label(cfg.checkpoint) if cfg.checkpoint else None
+    return Weights(model=checkpoint if checkpoint and is_full_checkpoint(cfg.checkpoint) else base, base_model=base,
+                   dtype=dtype_name(pipeline.unet.dtype), checkpoint=checkpoint,
+                   loras=tuple(LoraUse.of(path, scale) for _, path, scale in inference_loras(cfg)))
 
 
 def release(pipeline) -> None:
@@ -170,6 +194,22 @@ def generate(pipeline, prompt: str, seeds: Sequence[int], height: int, width: in
     ).images
 
 
+def read_prompts(path: str | Path, flag: str) -> list[str]:
+    """The prompts of a text file, one a line; blank lines and ``#`` comment lines are skipped.
+    ``flag`` names the file in errors, e.g. '--prompts_file prompts.txt'."""
+    path = Path(path)
+    if not path.is_file():
+        raise DreamBoothError(f"{flag}: file not found")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise DreamBoothError(f"{flag}: cannot read ({error})") from None
+    prompts = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    if not prompts:
+        raise DreamBoothError(f"{flag}: no prompts in the file")
+    return prompts
+
+
 def make_grid(images: Sequence[Image.Image], columns: int | None = None) -> Image.Image:
     columns = columns or math.ceil(math.sqrt(len(images)))
     rows = math.ceil(len(images) / columns)
@@ -188,7 +228,8 @@ _CLASS_IMAGE_NAME = re.compile(r"^(\d+)-[0-9a-f]{12}\.png$")
 
 @dataclass(frozen=True)
 class ClassImageJob:
-    """Top ``class_data_dir`` up to ``num_class_images`` images of ``class_prompt``."""
+    """Top ``class_data_dir`` up to ``num_class_images`` images of ``class_prompt``. Each image
+    records its prompt and settings in its PNG text."""
 
     model: str
     class_prompt: str
@@ -205,11 +246,12 @@ class ClassImageJob:
     variant: str | None = None
     channels_last: bool = False
     compile: bool = False
+    negative_prompt: str | None = None
 
 
-def _scan_class_folder(folder: Path, remove_corrupt: bool) -> tuple[int, set[int]]:
-    """Count the valid images; return them with the indices our own file names already use."""
-    valid, used = 0, set()
+def _scan_class_folder(folder: Path, remove_corrupt: bool) -> tuple[list[Path], set[int]]:
+    """The valid images, and the indices our own file names already use."""
+    valid, used = [], set()
     for path in list_image_files(folder, "--class_data_dir"):
         try:
             load_image(path)
@@ -222,27 +264,56 @@ def _scan_class_folder(folder: Path, remove_corrupt: bool) -> tuple[int, set[int
                     raise DreamBoothError(f"--class_data_dir {folder}: cannot remove the corrupt {path.name} "
                                           f"({unlink_error.strerror}); remove or replace it") from None
             continue
-        valid += 1
+        valid.append(path)
         match = _CLASS_IMAGE_NAME.match(path.name)
         if match:
             used.add(int(match.group(1)))
     return valid, used
 
 
-def missing_class_indices(job: ClassImageJob, remove_corrupt: bool = False) -> list[int]:
-    """Indices of the images still to generate: the lowest ones no existing file uses."""
+def missing_class_indices(job: ClassImageJob, remove_corrupt: bool = False,
+                          check_prompts: bool = False) -> list[int]:
+    """Indices of the images still to generate: the lowest ones no existing file uses. With
+    ``check_prompts``, warn about images that record another prompt than ``job.class_prompt``."""
     folder = Path(job.class_data_dir)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise DreamBoothError(f"--class_data_dir {folder}: cannot create it ({error.strerror or error})") from None
     valid, used = _scan_class_folder(folder, remove_corrupt)
+    if check_prompts:
+        _warn_about_other_prompts(folder, valid, job.class_prompt)
     missing, index = [], 0
-    while len(missing) < job.num_class_images - valid:
+    while len(missing) < job.num_class_images - len(valid):
         if index not in used:
             missing.append(index)
         index += 1
     return missing
+
+
+_NUMBERED_NAME = re.compile(r"^(\d+)-")
+
+
+def next_output_number(folder: Path) -> int:
+    """One past the highest number that starts a file name in ``folder`` ('007-...'), 0 in a new
+    folder: AUTOMATIC1111's numbering, so a new run into the same folder overwrites nothing."""
+    if not folder.is_dir():
+        return 0
+    numbers = [int(match.group(1)) for path in folder.iterdir() if (match := _NUMBERED_NAME.match(path.name))]
+    return max(numbers, default=-1) + 1
+
+
+def _warn_about_other_prompts(folder: Path, images: list[Path], class_prompt: str) -> None:
+    """One warning for the images made from another prompt (a changed --class_prompt): they stay
+    in the folder and prior preservation trains on them. Images that record no prompt (photos) pass."""
+    recorded = Counter(recorded_prompt(path) for path in images)
+    other = Counter({prompt: count for prompt, count in recorded.items()
+                     if prompt is not None and prompt.strip() != class_prompt.strip()})
+    if other:
+        made = ", ".join(f"{count} from {prompt!r}" for prompt, count in other.most_common())
+        logger.warning("--class_data_dir %s: %d image(s) were generated from another prompt (%s), not --class_prompt "
+                       "%r; they count as class images: remove them or use another folder",
+                       folder, sum(other.values()), made, class_prompt)
 
 
 def save_png_atomically(image: Image.Image, folder: Path, name_for_hash, pnginfo=None) -> Path:
@@ -277,7 +348,7 @@ def generate_class_images(job: ClassImageJob, state=None) -> int:
     (an accelerate PartialState). Returns how many this process wrote."""
     state = state or launch_state()
     if state.is_main_process:
-        missing_class_indices(job, remove_corrupt=True)
+        missing_class_indices(job, remove_corrupt=True, check_prompts=True)
     state.wait_for_everyone()
     missing = missing_class_indices(job)
     # Every process reads the folder before any of them writes to it, so all agree on the list.
@@ -308,6 +379,8 @@ def _run_class_batches(job: ClassImageJob, batches: list[list[int]], state) -> i
     pipeline = load_pipeline(job.model, device, pick_dtype(device, job.precision), job.scheduler,
                              job.revision, job.variant)
     speed_up(pipeline, job.channels_last, job.compile)
+    weights = Weights(model=model_label(job.model), base_model=model_label(job.model),
+                      dtype=dtype_name(pipeline.unet.dtype))
     folder = Path(job.class_data_dir)
     progress = tqdm(total=sum(map(len, batches)), desc="Class images", unit="img",
                     disable=not state.is_local_main_process)
@@ -317,8 +390,12 @@ def _run_class_batches(job: ClassImageJob, batches: list[list[int]], state) -> i
         for batch in batches:
             seeds = [derived_seed(job.seed, index) for index in batch]
             images = generate(pipeline, job.class_prompt, seeds, job.resolution, job.resolution,
-                              job.num_inference_steps, job.guidance_scale)
-            pending.extend(writer.submit(_save_class_image, image, folder, index) for index, image in zip(batch, images))
+                              job.num_inference_steps, job.guidance_scale, job.negative_prompt)
+            for index, seed, image in zip(batch, seeds, images):
+                metadata = png_metadata(Sampling(job.class_prompt, seed, job.resolution, job.resolution,
+                                                 job.num_inference_steps, job.guidance_scale, job.scheduler,
+                                                 job.negative_prompt), weights)
+                pending.append(writer.submit(_save_class_image, image, folder, index, metadata))
             while len(pending) > len(batch):  # at most one batch waits to be written
                 pending.popleft().result()
                 progress.update(1)
@@ -330,9 +407,9 @@ def _run_class_batches(job: ClassImageJob, batches: list[list[int]], state) -> i
     return sum(map(len, batches))
 
 
-def _save_class_image(image: Image.Image, folder: Path, index: int) -> Path:
+def _save_class_image(image: Image.Image, folder: Path, index: int, metadata) -> Path:
     try:
-        return save_png_atomically(image, folder, lambda digest: f"{index:05d}-{digest}.png")
+        return save_png_atomically(image, folder, lambda digest: f"{index:05d}-{digest}.png", metadata)
     except OSError as error:
         raise DreamBoothError(f"--class_data_dir {folder}: could not write class image {index} "
                               f"({error.strerror or error})") from None

@@ -19,7 +19,7 @@ from PIL import Image
 
 import generate_class_images
 from conftest import ROOT
-from dreambooth.data import load_image
+from dreambooth.data import derived_seed, load_image
 from dreambooth.errors import DreamBoothError
 
 CLASS_IMAGE_NAME = re.compile(r"(\d{5})-([0-9a-f]{12})\.png")
@@ -87,6 +87,33 @@ def test_top_up_generates_only_the_missing_images(tiny_model, tmp_path):
     assert sorted(generated_indices({name: after[name] for name in new_names})) == [0, 1, 2]
     assert {name: after[name] for name in user_images} == user_images
     assert all(load_image(folder / name).size == (32, 32) for name in new_names)
+
+
+def test_images_record_their_settings_and_a_changed_prompt_is_warned_about(tiny_model, tmp_path, capsys,
+                                                                             tmp_path_factory):
+    folder = tmp_path / "class"
+    folder.mkdir()
+    write_user_image(folder / "photo.png", (200, 30, 30))  # records no prompt: never warned about
+    generate_class_images.main(class_args(tiny_model, folder))
+    assert "WARNING" not in capsys.readouterr().err
+    next(folder.glob("00001-*.png")).unlink()
+
+    written = generate_class_images.main(class_args(tiny_model, folder, "--class_prompt", "a photo of a CAT"))
+
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 1
+    assert warnings[0].startswith(f"WARNING: --class_data_dir {folder}: 2 image(s) were generated from another prompt "
+                                  "(2 from 'a photo of a toy'), not --class_prompt 'a photo of a CAT'")
+    assert written == 1
+    with Image.open(next(folder.glob("00001-*.png"))) as image:
+        fields = dict(image.text)
+    seed = derived_seed(0, 1)
+    assert fields["parameters"].splitlines() == [
+        "a photo of a CAT", f"Steps: 2, Sampler: DPM++ 2M, CFG scale: 7.5, Seed: {seed}, Size: 32x32, Model: tiny-sd"]
+    assert {key: fields[key] for key in ("prompt", "seed", "steps", "scheduler", "width", "height", "base_model")} == {
+        "prompt": "a photo of a CAT", "seed": str(seed), "steps": "2", "scheduler": "dpm++", "width": "32",
+        "height": "32", "base_model": "tiny-sd"}
+    assert not [value for value in fields.values() if str(tmp_path_factory.getbasetemp()) in value]
 
 
 def test_rerun_generates_nothing(tiny_model, tmp_path):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,11 +19,11 @@ from conftest import ROOT
 from dreambooth.errors import DreamBoothError
 
 
-def infer_args(model: str, output: Path, *extra: str, size: int | None = 32) -> list[str]:
-    """A fast tiny-model command line for one image a prompt (``size`` None: the model's size);
-    ``extra`` flags override."""
+def infer_args(model: str | None, output: Path, *extra: str, size: int | None = 32) -> list[str]:
+    """A fast tiny-model command line for one image a prompt (``model`` None: no base model flag;
+    ``size`` None: the model's size); ``extra`` flags override."""
     return [
-        "--pretrained_model_name_or_path", model,
+        *(["--pretrained_model_name_or_path", model] if model else []),
         "--output_dir", str(output),
         "--num_images_per_prompt", "1",
         "--num_inference_steps", "2",
@@ -89,14 +92,79 @@ def test_images_are_deterministic_for_a_seed(tiny_model, tmp_path):
         assert np.abs(batched[seed].astype(int) - one_by_one[seed].astype(int)).max() <= 1
 
 
-def test_prompts_file_is_read_one_prompt_a_line(tiny_model, tmp_path):
+def test_prompts_file_is_read_one_prompt_a_line_without_comments(tiny_model, tmp_path):
+    # The reader evaluate.py uses for its templates: comment and blank lines are not prompts.
     prompts_file = tmp_path / "prompts.txt"
-    prompts_file.write_text("a photo of sks toy\n\n   \n  a sks toy in the snow  \n\n", encoding="utf-8")
+    prompts_file.write_text("# sks toy prompts\na photo of sks toy\n\n   \n  # in the snow:\n  a sks toy in the snow  \n",
+                            encoding="utf-8")
 
     written = infer.main(infer_args(tiny_model, tmp_path / "out", "--prompts_file", str(prompts_file)))
 
     assert [text(path)["prompt"] for path in written] == ["a photo of sks toy", "a sks toy in the snow"]
     assert len(list((tmp_path / "out").glob("*-grid.png"))) == 2
+
+
+@pytest.fixture
+def lora_run(tiny_model, tmp_path) -> tuple[Path, Path]:
+    """A LoRA folder, and a LoRA run's checkpoint whose train_config.yaml gives the base model's path."""
+    from diffusers import UNet2DConditionModel
+
+    from dreambooth.checkpoints import MARKER
+    from dreambooth.lora import LORA_WEIGHTS, add_lora_adapters, save_lora
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    add_lora_adapters(unet, None, rank=2, alpha=2, dropout=0.0)
+    lora = save_lora([unet], tmp_path / "sks-toy-lora").parent
+    checkpoint = tmp_path / "run" / "checkpoint-400"
+    checkpoint.mkdir(parents=True)
+    shutil.copy(lora / LORA_WEIGHTS, checkpoint / LORA_WEIGHTS)
+    (checkpoint / MARKER).write_text("{}")
+    (checkpoint.parent / "train_config.yaml").write_text(f"pretrained_model_name_or_path: {tiny_model}\n")
+    return lora, checkpoint
+
+
+def test_metadata_names_the_weights_and_lora_scale_but_no_local_path(tiny_model, lora_run, tmp_path,
+                                                                      tmp_path_factory):
+    from dreambooth.lora import LORA_WEIGHTS
+
+    lora, checkpoint = lora_run
+    runs = {scale: text(infer.main(infer_args(None, tmp_path / "out", "--checkpoint", str(checkpoint),
+                                              "--lora", str(lora), "--lora_scale", scale, "--prompt", "a sks toy",
+                                              "--negative_prompt", "blurry"))[0])
+            for scale in ("0.5", "1.0")}
+
+    # A1111's LoRA hash: the sha256 of the tensor data after the safetensors header, 12 hex digits.
+    data = (lora / LORA_WEIGHTS).read_bytes()
+    short_hash = hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()[:12]
+    half, full = runs["0.5"], runs["1.0"]
+    assert half["parameters"] != full["parameters"] and half["loras"] != full["loras"]
+    assert half["parameters"].splitlines() == [
+        "a sks toy <lora:checkpoint-400:1> <lora:sks-toy-lora:0.5>",
+        "Negative prompt: blurry",
+        "Steps: 2, Sampler: DPM++ 2M, CFG scale: 7.5, Seed: 7, Size: 32x32, Model: tiny-sd, "
+        f'Lora hashes: "checkpoint-400: {short_hash}, sks-toy-lora: {short_hash}"',
+    ]
+    assert json.loads(half["loras"]) == [{"name": "checkpoint-400", "scale": 1.0, "hash": short_hash},
+                                         {"name": "sks-toy-lora", "scale": 0.5, "hash": short_hash}]
+    assert json.loads(full["loras"])[1]["scale"] == 1.0
+    assert (half["checkpoint"], half["base_model"], half["model"], half["dtype"]) == (
+        "checkpoint-400", "tiny-sd", "tiny-sd", "fp32")
+    local = str(tmp_path_factory.getbasetemp())
+    assert not [(key, value) for image in runs.values() for key, value in image.items() if local in value]
+
+
+def test_numbering_carries_on_after_the_folder_s_highest_so_nothing_is_overwritten(tiny_model, tmp_path):
+    earlier = {name: name.encode() for name in ("000-a-sks-toy-seed7.png", "000-a-sks-toy-grid.png",
+                                                "002-a-sks-toy-seed7.png")}
+    for name, data in earlier.items():
+        (tmp_path / name).write_bytes(data)
+
+    written = infer.main(infer_args(tiny_model, tmp_path, "--prompt", "a sks toy", "--prompt", "a sks toy in the snow"))
+
+    assert [path.name for path in written] == ["003-a-sks-toy-seed7.png", "004-a-sks-toy-in-the-snow-seed7.png"]
+    assert (tmp_path / "003-a-sks-toy-grid.png").is_file() and (tmp_path / "004-a-sks-toy-in-the-snow-grid.png").is_file()
+    assert {name: (tmp_path / name).read_bytes() for name in earlier} == earlier
+    assert len(list(tmp_path.iterdir())) == 7
 
 
 @pytest.fixture
