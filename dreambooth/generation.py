@@ -160,7 +160,7 @@ def load_inference_pipeline(cfg):
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    return next(name for name, known in PRECISIONS.items() if known == dtype and name != "no")
+    return next(name for name, known in PRECISIONS.items() if known == dtype)
 
 
 def describe_weights(cfg, pipeline) -> Weights:
