@@ -43,6 +43,9 @@ def test_two_concepts_train_together_each_with_its_class(tiny_model, tmp_path, p
                            "--max_train_steps", "6"])
     pairs = Counter(tuple(prompts) for prompts in prompts_seen)
     assert set(pairs) == {("a photo of sks toy", "a toy"), ("a photo of zwx cup", "a cup")}
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "- **`a photo of sks toy`** (class prompt `a toy`)\n- **`a photo of zwx cup`** (class prompt `a cup`)" in card
+    assert "| Class prompts | `a toy`; `a cup` |" in card
     # 2 toy images x 2 repeats against 2 cup images: an epoch of 6 items, 4 of them the toy's.
     dataset = build_dataset(parse_config(TrainConfig, flags), 0)
     assert Counter(example.prompt for example in dataset.instances) == {"a photo of sks toy": 4,

@@ -43,9 +43,11 @@ def test_sample_grids_at_the_validation_steps(tiny_model, instance_dir, tmp_path
                "--validation_prompt", "a toy"]
     train_dreambooth.main(train_args(tiny_model, instance_dir, output, "--max_train_steps", "5", *SAMPLES,
                                      "--validation_steps", "2", *prompts))
-    assert sorted(path.name for path in (output / "samples").iterdir()) == ["final.png", "step_2.png", "step_4.png"]
+    assert sorted(path.name for path in (output / "samples").iterdir()) == [
+        "final.png", "final_0.png", "final_1.png", "final_2.png", "step_2.png", "step_4.png"]
     grid = Image.open(output / "samples" / "final.png")
     assert grid.size == (2 * 32, 3 * (32 + 20))  # 2 images a row, one labelled row per prompt
+    assert_first_images_of_rows(output / "samples" / "final.png", output / "samples", 3)
     # When the last step drew a grid, final.png is that grid, not drawn twice.
     drawn.clear()
     again = tmp_path / "again"
@@ -53,6 +55,16 @@ def test_sample_grids_at_the_validation_steps(tiny_model, instance_dir, tmp_path
                                      "--validation_steps", "2", *prompts))
     assert drawn == ["step_2", "step_4"]
     assert (again / "samples" / "final.png").read_bytes() == (again / "samples" / "step_4.png").read_bytes()
+    assert_first_images_of_rows(again / "samples" / "step_4.png", again / "samples", 3)
+
+
+def assert_first_images_of_rows(grid_path, samples, rows: int, size: int = 32) -> None:
+    """samples/final_<i>.png is the first image of row i of the labelled grid (20 px label above each row)."""
+    grid = Image.open(grid_path).convert("RGB")
+    for row in range(rows):
+        top = row * (size + 20) + 20
+        first = grid.crop((0, top, size, top + size))
+        assert list(Image.open(samples / f"final_{row}.png").convert("RGB").getdata()) == list(first.getdata())
 
 
 def test_tracking_logs_interval_metrics_and_a_loss_curve(tiny_model, instance_dir, tmp_path):
@@ -70,14 +82,21 @@ def test_tracking_logs_interval_metrics_and_a_loss_curve(tiny_model, instance_di
 
 def test_model_cards_of_full_and_lora_runs(tiny_model, instance_dir, tmp_path):
     full, lora = tmp_path / "full", tmp_path / "lora"
-    train_dreambooth.main(train_args(tiny_model, instance_dir, full, *SAMPLES))
-    train_dreambooth.main(train_args(tiny_model, instance_dir, lora, *SAMPLES, "--use_lora"))
+    train_dreambooth.main(train_args(tiny_model, instance_dir, full, *SAMPLES, "--validation_prompt", "a sks toy in Paris"))
+    train_dreambooth.main(train_args(tiny_model, instance_dir, lora, *SAMPLES, "--use_lora",
+                                     "--instance_prompt", "a photo of sks toy, [filewords]"))
+    prompts = {full: ["a sks toy in Paris"], lora: ["a photo of sks toy", "a photo of sks toy on the beach"]}
     for output, is_lora in ((full, False), (lora, True)):
         text = (output / "README.md").read_text()
         card = ModelCard.load(output / "README.md")
-        assert card.data.instance_prompt == "a photo of sks toy"
+        assert card.data.instance_prompt == "a photo of sks toy" and "filewords" not in text
         assert ("lora" in card.data.tags) is is_lora and "dreambooth" in card.data.tags
-        assert card.data.widget[0]["output"]["url"] == "samples/final.png"
+        # One widget entry per row of samples/final.png: its prompt and the row's first image.
+        assert card.data.widget == [{"text": prompt, "output": {"url": f"samples/final_{index}.png"}}
+                                    for index, prompt in enumerate(prompts[output])]
+        assert_first_images_of_rows(output / "samples" / "final.png", output / "samples", len(prompts[output]))
+        assert "".join(f"{number}. `{prompt}`\n" for number, prompt in enumerate(prompts[output], 1)) in text
+        assert "2 images a row (seeds 0 to 1 in every row), 2 steps of the `dpm++` sampler, 32x32 px" in text
         assert ("load_lora_weights" in text) is is_lora
         assert str(tmp_path) not in text and "| Training steps | 2 |" in text
 
