@@ -5,19 +5,21 @@ from what it knew (``CardInfo``), ``push_output`` uploads the folder. Neither is
 inside the training loop, and ``push_to_hub.py`` pushes a folder again later.
 
 Nothing here may leak a secret or a local path: the card names the base model only by its Hub
-id, and every error text passes through ``redact`` before it reaches the user.
+id, the uploaded configs name local folders by their last component only, and every error text
+passes through ``redact`` before it reaches the user.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import glob
 import json
 import logging
 import os
 import re
 import shlex
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any, Mapping, Optional, Sequence
 
 import yaml
@@ -43,6 +45,10 @@ BASE_TAGS = ("text-to-image", "diffusers", "dreambooth", "stable-diffusion", "st
 # folders at any depth, generated class images and tracker logs.
 CHECKPOINT_PATTERNS = ("checkpoint-*/**",)
 ALWAYS_IGNORED = (".*", "*/.*", "class_images/**", "logs/**")
+
+# Uploaded files that record local paths: the saved training config, and the diffusers and
+# transformers configs (their _name_or_path is the folder the base model was loaded from).
+PATH_BEARING_FILES = ("train_config.yaml", "model_index.json", "*config.json")
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 # How huggingface_hub names a downloaded repo in its cache: .../models--owner--name/snapshots/<sha>/...
@@ -392,12 +398,62 @@ def _cause(error: BaseException, repo_id: str) -> str:
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
+def _public_path(value: str) -> str:
+    """A local path as its last component, a path into the Hub cache as its Hub id, anything else
+    (a Hub id, a name, a number) as it is."""
+    cached = _CACHE_PATH.search(value)
+    if cached:
+        return f"{cached.group(1)}/{cached.group(2)}"
+    windows = PureWindowsPath(value)
+    if windows.drive and windows.root:  # C:\Users\... or \\server\share\...
+        return windows.name or value
+    path = Path(value).expanduser()
+    local = path.is_absolute() or ".." in path.parts or (len(path.parts) > 1 and path.exists())
+    return (path.name or value) if local else value
+
+
+def _without_local_paths(value: Any, key: str = "") -> Any:
+    if isinstance(value, dict):
+        return {name: _without_local_paths(item, str(name)) for name, item in value.items()}
+    if isinstance(value, list):
+        return [_without_local_paths(item, key) for item in value]
+    if isinstance(value, str) and "prompt" not in key:  # a prompt is never a path, whatever it looks like
+        return _public_path(value)
+    return value
+
+
+def public_copies(folder: Path, patterns: Sequence[str]) -> dict[str, bytes]:
+    """The files an upload of ``folder`` (less ``patterns``) would take that record local paths,
+    rewritten without them, by path in the repo. The folder itself is only read."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    names = [path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()]
+    copies = {}
+    for name in filter_repo_objects(names, ignore_patterns=list(patterns)):
+        if not any(fnmatch.fnmatch(name, pattern) for pattern in PATH_BEARING_FILES):
+            continue
+        is_yaml = name.endswith(".yaml")
+        try:
+            text = (folder / name).read_text(encoding="utf-8")
+            recorded = yaml.safe_load(text) if is_yaml else json.loads(text)
+        except (OSError, ValueError, yaml.YAMLError):
+            logger.warning("%s: not readable as %s; uploaded as it is", name, "YAML" if is_yaml else "JSON")
+            continue
+        public = _without_local_paths(recorded)
+        if public != recorded:
+            text = yaml.safe_dump(public, sort_keys=False) if is_yaml else json.dumps(public, indent=2) + "\n"
+            copies[name] = text.encode("utf-8")
+    return copies
+
+
 def push_output(output_dir: str | Path, repo_id: str, token: str | None = None, private: bool = False,
                 include_checkpoints: bool = False) -> str:
     """Create ``repo_id`` if needed and upload the finished output folder; return the repo URL.
 
     ``token`` None means huggingface_hub's own choice (HF_TOKEN, then the cached login).
-    The folder is only read. Any failure is one DreamBoothError line without the token.
+    The folder is only read: the model card renamed for ``repo_id`` and the configs without local
+    paths (``public_copies``) are uploaded from memory instead of their files. Any failure is one
+    DreamBoothError line without the token.
     """
     from huggingface_hub import HfApi
 
@@ -406,17 +462,20 @@ def push_output(output_dir: str | Path, repo_id: str, token: str | None = None, 
     card = folder / "README.md"
     text = card.read_text(encoding="utf-8") if card.is_file() else None
     renamed = card_for_repo(text, repo_id) if text is not None else None
+    copies = public_copies(folder, patterns)
     if renamed != text:
-        patterns.append("README.md")  # uploaded renamed below; the folder itself is only read
+        copies["README.md"] = renamed.encode("utf-8")
+    patterns += [glob.escape(name) for name in copies]  # uploaded from memory below
     api = HfApi()
     try:
         # private=None, not False: a new repo then gets the account's default visibility.
         url = api.create_repo(repo_id, token=token, private=True if private else None, exist_ok=True)
         api.upload_folder(repo_id=repo_id, folder_path=str(folder), token=token,
                           commit_message="Upload DreamBooth model", ignore_patterns=patterns)
-        if renamed != text:
-            api.upload_file(path_or_fileobj=renamed.encode("utf-8"), path_in_repo="README.md", repo_id=repo_id,
-                            token=token, commit_message=f"Model card for {repo_id}")
+        for name, content in copies.items():
+            what = f"Model card for {repo_id}" if name == "README.md" else f"{name} without local paths"
+            api.upload_file(path_or_fileobj=content, path_in_repo=name, repo_id=repo_id, token=token,
+                            commit_message=what)
     except _network_errors() as error:
         retry = ["python", "push_to_hub.py", str(output_dir), "--hub_model_id", repo_id,
                  *(["--private"] if private else []), *(["--push_checkpoints"] if include_checkpoints else [])]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import huggingface_hub
 import pytest
+import yaml
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import filter_repo_objects
@@ -270,6 +271,42 @@ def test_push_names_the_repo_in_the_card_it_uploads(finished_output, hub_calls, 
                                                 hub_model_id="me/robot"))
     push_output(finished_output, "me/robot")  # the card already names the repo: uploaded with the folder
     assert [name for name, _ in hub_calls] == ["create_repo", "upload_folder"]
+
+
+def test_pushed_configs_name_local_folders_only_by_their_last_component(finished_output, hub_calls, tmp_path):
+    base = tmp_path / "home" / "alice" / "models" / "sd15"
+    recorded = {"pretrained_model_name_or_path": str(base), "output_dir": str(finished_output),
+                "instance_data_dir": str(tmp_path / "photos"), "concepts_list": str(tmp_path / "concepts.yaml"),
+                "tokenizer_name": "/root/.cache/huggingface/hub/models--openai--clip-vit-large-patch14/snapshots/0a1b",
+                "resume_from_checkpoint": "C:\\Users\\alice\\runs\\checkpoint-10", "logging_dir": "logs",
+                "eval_dino_model": "facebook/dino-vits16", "instance_prompt": "/imagine sks dog",
+                "validation_prompt": ["/imagine sks dog on the beach"], "hub_token": "<redacted>", "seed": 0}
+    (finished_output / "train_config.yaml").write_text(yaml.safe_dump(recorded, sort_keys=False))
+    configs = {"model_index.json": str(base), "unet/config.json": str(base / "unet"),
+               "vae/config.json": str(base / "vae"), "text_encoder/config.json": str(base / "text_encoder"),
+               "scheduler/scheduler_config.json": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
+    for name, name_or_path in configs.items():
+        (finished_output / name).parent.mkdir(exist_ok=True)
+        (finished_output / name).write_text(json.dumps({"_class_name": "X", "_name_or_path": name_or_path}))
+    before = snapshot(finished_output)
+
+    push_output(finished_output, "me/sks-dog", token=TOKEN)
+
+    (_, _), (_, folder), *files = hub_calls
+    uploaded = {call["path_in_repo"]: call["path_or_fileobj"].decode() for _, call in files}
+    assert set(uploaded) == {"train_config.yaml", "model_index.json", "unet/config.json", "vae/config.json",
+                             "text_encoder/config.json"}
+    assert not set(uploaded) & uploaded_files(finished_output, folder["ignore_patterns"])
+    assert "scheduler/scheduler_config.json" in uploaded_files(finished_output, folder["ignore_patterns"])
+    assert yaml.safe_load(uploaded["train_config.yaml"]) == {
+        **recorded, "pretrained_model_name_or_path": "sd15", "output_dir": "sks-dog", "instance_data_dir": "photos",
+        "concepts_list": "concepts.yaml", "tokenizer_name": "openai/clip-vit-large-patch14",
+        "resume_from_checkpoint": "checkpoint-10"}
+    assert [json.loads(uploaded[name])["_name_or_path"] for name in configs if name in uploaded] == [
+        "sd15", "unet", "vae", "text_encoder"]
+    for text in uploaded.values():
+        assert_no_local_path(text, tmp_path)
+    assert snapshot(finished_output) == before
 
 
 def test_push_checkpoints_on_request_and_token_none_left_to_huggingface_hub(finished_output, hub_calls):

@@ -112,8 +112,12 @@ def hub_calls(monkeypatch):
     def upload_folder(self, **kwargs):
         calls.append(("upload_folder", kwargs["repo_id"], kwargs))
 
+    def upload_file(self, **kwargs):
+        calls.append(("upload_file", kwargs["repo_id"], kwargs))
+
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(HfApi, "upload_file", upload_file)
     return calls
 
 
@@ -123,10 +127,17 @@ def test_push_to_hub_uploads_the_finished_output_and_the_token_leaks_nowhere(tin
     train_dreambooth.main(train_args(tiny_model, instance_dir, output, *SAMPLES, "--report_to", "tensorboard",
                                      "--checkpointing_steps", "1", "--push_to_hub", "--hub_model_id", "me/sks-toy",
                                      "--hub_token", TOKEN, "--hub_private_repo"))
-    (create, repo, create_args), (upload, upload_repo, upload_args) = hub_calls
+    (create, repo, create_args), (upload, upload_repo, upload_args), *files = hub_calls
     assert (create, repo, upload, upload_repo) == ("create_repo", "me/sks-toy", "upload_folder", "me/sks-toy")
     assert create_args["private"] is True and create_args["token"] == TOKEN and upload_args["token"] == TOKEN
     assert upload_args["folder_path"] == str(output) and "checkpoint-*/**" in upload_args["ignore_patterns"]
+    # The configs recording the local base, data and output folders go up from memory, without those paths.
+    uploaded = {args["path_in_repo"]: args["path_or_fileobj"] for _, _, args in files}
+    assert set(uploaded) == {"train_config.yaml", "model_index.json", "unet/config.json", "vae/config.json"}
+    assert all(name in upload_args["ignore_patterns"] for name in uploaded)
+    for content in uploaded.values():
+        assert str(tmp_path).encode() not in content and TOKEN.encode() not in content
+    assert b"pretrained_model_name_or_path: tiny-sd\n" in uploaded["train_config.yaml"]
     captured = capfd.readouterr()
     assert TOKEN not in captured.out + captured.err
     for path in output.rglob("*"):
