@@ -262,17 +262,17 @@ def finish(cfg: TrainConfig, accelerator, trainer: Trainer, components: Componen
         logger.info("stopped at step %d with a checkpoint; to continue, run the same command with "
                     "--resume_from_checkpoint latest", trainer.state.global_step)
         return
-    final_grid = sampler.final(trainer.state.global_step) if cfg.num_validation_images else None
+    final = sampler.final(trainer.state.global_step) if cfg.num_validation_images else None
     weights = trained_weights(cfg, accelerator, trainer)
     if accelerator.is_main_process:
         save_trained(cfg, weights, components)
         plot_loss_curve(trainer.metrics.history, Path(cfg.output_dir) / "loss_curve.png")
-        samples = [final_grid.relative_to(cfg.output_dir).as_posix()] if final_grid else []
+        concepts = [(concept.instance_prompt, concept.class_prompt) for concept in cfg.concepts()]
         write_model_card(cfg.output_dir, card_info_from_config(
-            cfg, instance_prompt=cfg.concepts()[0].instance_prompt, learning_rate=cfg.peak_learning_rate(),
+            cfg, instance_prompt=concepts[0][0], concepts=concepts, learning_rate=cfg.peak_learning_rate(),
             num_processes=accelerator.num_processes,
-            mixed_precision=accelerator.mixed_precision,
-            max_train_steps=trainer.state.global_step, sample_images=samples,
+            mixed_precision=accelerator.mixed_precision, max_train_steps=trainer.state.global_step,
+            sample_images=[final.grid] if final else [], prompt_samples=final.by_prompt if final else [],
             rank=cfg.rank if cfg.use_lora else None, hub_model_id=hub_repo_id(cfg) if cfg.push_to_hub else None,
         ))
         if cfg.push_to_hub:

@@ -130,6 +130,15 @@ def without_filewords(prompt: str) -> str:
     return " ".join(prompt.replace(FILEWORDS, " ").split()) if FILEWORDS in prompt else prompt
 
 
+def trigger_phrase(prompt: str) -> str:
+    """``prompt`` as a user would type it to get the subject: ``[filewords]`` taken out with the
+    comma that joined it ('a photo of sks toy, [filewords]' -> 'a photo of sks toy')."""
+    if FILEWORDS not in prompt:
+        return prompt
+    parts = (without_filewords(part) if FILEWORDS in part else part.strip() for part in prompt.split(","))
+    return ", ".join(part for part in parts if part)
+
+
 def _read_text(path: Path) -> str:
     try:
         # utf-8-sig: a byte-order mark (Windows Notepad's "UTF-8 with BOM") is not part of the caption.

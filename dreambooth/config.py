@@ -249,7 +249,7 @@ class TrainConfig:
     # Validation samples and tracking
     validation_prompt: list[str] = _field(
         [], "Prompt for samples during training; repeat the flag for several "
-        "(default: the instance prompt and the instance prompt 'on the beach').", action="extend",
+        "(default: each concept's instance prompt, and that prompt 'on the beach').", action="extend",
     )
     num_validation_images: int = _field(4, "Samples per validation prompt (0 turns sampling off).")
     validation_steps: int = _field(100, "Sample every N steps; a final grid is always made.")
@@ -526,10 +526,10 @@ class TrainConfig:
     def validation_prompts(self) -> list[str]:
         if self.validation_prompt:
             return list(self.validation_prompt)
-        from .concepts import without_filewords
+        from .concepts import trigger_phrase
 
-        prompt = without_filewords(self.concepts()[0].instance_prompt)
-        return [prompt, f"{prompt} on the beach"]
+        prompts = dict.fromkeys(trigger_phrase(concept.instance_prompt) for concept in self.concepts())
+        return [text for prompt in prompts for text in (prompt, f"{prompt} on the beach")]
 
     def save_dtype(self):
         import torch

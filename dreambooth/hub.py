@@ -5,19 +5,21 @@ from what it knew (``CardInfo``), ``push_output`` uploads the folder. Neither is
 inside the training loop, and ``push_to_hub.py`` pushes a folder again later.
 
 Nothing here may leak a secret or a local path: the card names the base model only by its Hub
-id, and every error text passes through ``redact`` before it reaches the user.
+id, the uploaded configs name local folders by their last component only, and every error text
+passes through ``redact`` before it reaches the user.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import glob
 import json
 import logging
 import os
 import re
 import shlex
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any, Mapping, Optional, Sequence
 
 import yaml
@@ -44,6 +46,10 @@ BASE_TAGS = ("text-to-image", "diffusers", "dreambooth", "stable-diffusion", "st
 CHECKPOINT_PATTERNS = ("checkpoint-*/**",)
 ALWAYS_IGNORED = (".*", "*/.*", "class_images/**", "logs/**")
 
+# Uploaded files that record local paths: the saved training config, and the diffusers and
+# transformers configs (their _name_or_path is the folder the base model was loaded from).
+PATH_BEARING_FILES = ("train_config.yaml", "model_index.json", "*config.json")
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 # How huggingface_hub names a downloaded repo in its cache: .../models--owner--name/snapshots/<sha>/...
 _CACHE_PATH = re.compile(r"models--([\w.-]+?)--([\w.-]+)[/\\]snapshots[/\\]")
@@ -57,6 +63,8 @@ class CardInfo:
     base_model: str
     instance_prompt: str
     class_prompt: Optional[str] = None
+    # (instance prompt, class prompt) of each concept of a --concepts_list run; default: the two above
+    concepts: Sequence[tuple[str, Optional[str]]] = ()
     use_lora: bool = False
     train_text_encoder: bool = False
     max_train_steps: Optional[int] = None
@@ -69,8 +77,13 @@ class CardInfo:
     mixed_precision: Optional[str] = None
     num_processes: int = 1
     rank: Optional[int] = None
-    sample_images: Sequence[str] = ()
-    sample_prompt: Optional[str] = None
+    sample_images: Sequence[str] = ()  # grids, one labelled row per prompt (samples/final.png)
+    # (prompt, the first image of its row) for each row of the grids, in order; the widget shows these
+    prompt_samples: Sequence[tuple[str, str]] = ()
+    num_validation_images: Optional[int] = None
+    validation_seed: Optional[int] = None
+    validation_inference_steps: Optional[int] = None
+    validation_scheduler: Optional[str] = None
     hub_model_id: Optional[str] = None
     license: Optional[str] = None
 
@@ -159,26 +172,62 @@ def describe_base(base_model: str) -> tuple[str | None, dict[str, Any]]:
 # Model card
 
 
-def _relative_samples(output_dir: Path, sample_images: Sequence[str]) -> list[str]:
-    """Sample paths relative to the output folder, POSIX style; missing files are left out."""
-    kept = []
-    for sample in sample_images:
-        path = Path(sample)
-        if path.is_absolute():
-            try:
-                path = path.resolve().relative_to(output_dir.resolve())
-            except ValueError:
-                raise DreamBoothError(f"sample image {sample}: not inside the output folder {output_dir}") from None
-        if ".." in path.parts:
-            raise DreamBoothError(f"sample image {sample}: must be inside the output folder {output_dir}")
-        if not (output_dir / path).is_file():
-            logger.warning("sample image %s not found in %s; left out of the model card", path.as_posix(), output_dir)
-            continue
-        kept.append(path.as_posix())
-    return kept
+def _relative_sample(output_dir: Path, sample: str | Path) -> str | None:
+    """A sample's path relative to the output folder, POSIX style; None (with a warning) when missing."""
+    path = Path(sample)
+    if path.is_absolute():
+        try:
+            path = path.resolve().relative_to(output_dir.resolve())
+        except ValueError:
+            raise DreamBoothError(f"sample image {sample}: not inside the output folder {output_dir}") from None
+    if ".." in path.parts:
+        raise DreamBoothError(f"sample image {sample}: must be inside the output folder {output_dir}")
+    if not (output_dir / path).is_file():
+        logger.warning("sample image %s not found in %s; left out of the model card", path.as_posix(), output_dir)
+        return None
+    return path.as_posix()
 
 
-def _snippet(info: CardInfo, repo: str, base_hub_id: str | None) -> str:
+def _subjects(info: CardInfo) -> list[tuple[str, str | None]]:
+    """(trigger phrase, class prompt) of each concept, the phrase as a user would type it: without
+    the ``[filewords]`` placeholder that captions filled in during training. The class prompt is
+    None where prior preservation did not use it."""
+    from .concepts import trigger_phrase
+
+    concepts = info.concepts or [(info.instance_prompt, info.class_prompt)]
+    return [(trigger_phrase(instance_prompt), class_prompt if info.with_prior_preservation else None)
+            for instance_prompt, class_prompt in concepts]
+
+
+def _how_sampled(info: CardInfo) -> str:
+    """The validation sampler's settings, as far as the run recorded them."""
+    parts = []
+    if info.num_validation_images:
+        count, seed = info.num_validation_images, info.validation_seed or 0
+        seeds = f"seed {seed}" if count == 1 else f"seeds {seed} to {seed + count - 1}"
+        parts.append(f"{count} image{'s' if count > 1 else ''} a row ({seeds} in every row)")
+    if info.validation_inference_steps:
+        parts.append(f"{info.validation_inference_steps} steps of the `{info.validation_scheduler or 'dpm++'}` sampler")
+    if info.resolution:
+        parts.append(f"{info.resolution}x{info.resolution} px")
+    return f": {', '.join(parts)}" if parts else ""
+
+
+def _samples_section(info: CardInfo, grids: list[str], shown: list[tuple[str, str]]) -> list[str]:
+    lines = ["", "## Samples", ""]
+    if info.prompt_samples:
+        lines += [f"From the final weights, one row per prompt{_how_sampled(info)}. The rows' prompts, top to "
+                  "bottom:", ""]
+        lines += [f"{number}. `{prompt}`" for number, (prompt, _) in enumerate(info.prompt_samples, 1)]
+        lines.append("")
+    lines += [f"![{Path(grid).stem}]({grid})" for grid in grids]
+    if shown:
+        lines += ["", "The widget shows each row's first image with its prompt: "
+                  + ", ".join(f"`{image}`" for _, image in shown) + "."]
+    return lines
+
+
+def _snippet(info: CardInfo, phrase: str, repo: str, base_hub_id: str | None) -> str:
     lines = ["```python", "import torch", "from diffusers import StableDiffusionPipeline", ""]
     if info.use_lora:
         base = base_hub_id or "path/to/the-base-model"  # the local base is not named: its path is private
@@ -186,7 +235,7 @@ def _snippet(info: CardInfo, repo: str, base_hub_id: str | None) -> str:
                   f'pipe.load_lora_weights("{repo}")']
     else:
         lines += [f'pipe = StableDiffusionPipeline.from_pretrained("{repo}", torch_dtype=torch.float16).to("cuda")']
-    lines += [f"image = pipe({json.dumps(info.instance_prompt)}, num_inference_steps=25).images[0]",
+    lines += [f"image = pipe({json.dumps(phrase)}, num_inference_steps=25).images[0]",
               'image.save("sample.png")', "```"]
     return "\n".join(lines)
 
@@ -195,12 +244,13 @@ def _cell(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def _settings_table(info: CardInfo, base_name: str) -> str:
+def _settings_table(info: CardInfo, base_name: str, subjects: list[tuple[str, str | None]]) -> str:
     effective_batch = info.train_batch_size * info.gradient_accumulation_steps * info.num_processes
+    plural = "s" if len(subjects) > 1 else ""
     rows = [
         ("Base model", base_name),
         ("Method", "LoRA" if info.use_lora else "full fine-tune"),
-        ("Instance prompt", f"`{info.instance_prompt}`"),
+        (f"Instance prompt{plural}", "; ".join(f"`{phrase}`" for phrase, _ in subjects)),
     ]
     if info.use_lora and info.rank is not None:
         rows.append(("LoRA rank", info.rank))
@@ -208,8 +258,8 @@ def _settings_table(info: CardInfo, base_name: str) -> str:
         ("Text encoder trained", "yes" if info.train_text_encoder else "no"),
         ("Prior preservation", f"yes (weight {info.prior_loss_weight})" if info.with_prior_preservation else "no"),
     ]
-    if info.with_prior_preservation and info.class_prompt:
-        rows.append(("Class prompt", f"`{info.class_prompt}`"))
+    if any(class_prompt for _, class_prompt in subjects):
+        rows.append((f"Class prompt{plural}", "; ".join(f"`{class_prompt or '-'}`" for _, class_prompt in subjects)))
     rows += [
         ("Training steps", info.max_train_steps if info.max_train_steps is not None else "-"),
         ("Learning rate", info.learning_rate if info.learning_rate is not None else "-"),
@@ -221,6 +271,14 @@ def _settings_table(info: CardInfo, base_name: str) -> str:
     return "\n".join(["| Setting | Value |", "|---|---|", *(f"| {_cell(k)} | {_cell(v)} |" for k, v in rows)])
 
 
+def _trigger_lines(subjects: list[tuple[str, str | None]]) -> list[str]:
+    if len(subjects) == 1:
+        return [f"Trigger phrase: **`{subjects[0][0]}`**. Use it in a prompt to get the subject."]
+    return ["Trigger phrases, one per subject; use one in a prompt to get its subject:", "",
+            *(f"- **`{phrase}`**" + (f" (class prompt `{class_prompt}`)" if class_prompt else "")
+              for phrase, class_prompt in subjects)]
+
+
 def model_card_text(output_dir: str | Path, info: CardInfo) -> str:
     """The README.md text (YAML metadata and body) for a finished run in ``output_dir``."""
     from huggingface_hub import ModelCardData
@@ -229,8 +287,10 @@ def model_card_text(output_dir: str | Path, info: CardInfo) -> str:
     base_hub_id, license_meta = describe_base(info.base_model)
     if info.license:
         license_meta = {"license": info.license}
-    samples = _relative_samples(output_dir, info.sample_images)
-    sample_prompt = info.sample_prompt or info.instance_prompt
+    grids = [path for path in (_relative_sample(output_dir, grid) for grid in info.sample_images) if path]
+    shown = [(prompt, path) for prompt, path in ((prompt, _relative_sample(output_dir, image))
+                                                 for prompt, image in info.prompt_samples) if path]
+    subjects = _subjects(info)
     repo = info.hub_model_id or output_dir.resolve().name
     tags = [*BASE_TAGS, *(["lora"] if info.use_lora else []), "diffusers-training"]
     data = ModelCardData(
@@ -239,8 +299,8 @@ def model_card_text(output_dir: str | Path, info: CardInfo) -> str:
         library_name="diffusers",
         pipeline_tag="text-to-image",
         tags=tags,
-        instance_prompt=info.instance_prompt,
-        widget=[{"text": sample_prompt, "output": {"url": sample}} for sample in samples] or None,
+        instance_prompt=subjects[0][0],
+        widget=[{"text": prompt, "output": {"url": image}} for prompt, image in shown] or None,
     )
     base_name = f"[{base_hub_id}](https://huggingface.co/{base_hub_id})" if base_hub_id else "a local model"
     what = "LoRA weights for" if info.use_lora else "a full fine-tune of"
@@ -250,19 +310,18 @@ def model_card_text(output_dir: str | Path, info: CardInfo) -> str:
         f"{'These are' if info.use_lora else 'This is'} {what} {base_name}, trained with "
         "[DreamBooth](https://dreambooth.github.io/) to learn a new subject.",
         "",
-        f"Trigger phrase: **`{info.instance_prompt}`**. Use it in a prompt to get the subject.",
+        *_trigger_lines(subjects),
         "",
         "## Use with diffusers",
         "",
-        _snippet(info, repo, base_hub_id),
+        _snippet(info, subjects[0][0], repo, base_hub_id),
         "",
         "## Training settings",
         "",
-        _settings_table(info, base_name),
+        _settings_table(info, base_name, subjects),
     ]
-    if samples:
-        body += ["", "## Samples", "", f"Prompt: `{sample_prompt}`", ""]
-        body += [f"![{Path(sample).stem}]({sample})" for sample in samples]
+    if grids or shown:
+        body += _samples_section(info, grids, shown)
     return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n"
 
 
@@ -339,12 +398,62 @@ def _cause(error: BaseException, repo_id: str) -> str:
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
+def _public_path(value: str) -> str:
+    """A local path as its last component, a path into the Hub cache as its Hub id, anything else
+    (a Hub id, a name, a number) as it is."""
+    cached = _CACHE_PATH.search(value)
+    if cached:
+        return f"{cached.group(1)}/{cached.group(2)}"
+    windows = PureWindowsPath(value)
+    if windows.drive and windows.root:  # C:\Users\... or \\server\share\...
+        return windows.name or value
+    path = Path(value).expanduser()
+    local = path.is_absolute() or ".." in path.parts or (len(path.parts) > 1 and path.exists())
+    return (path.name or value) if local else value
+
+
+def _without_local_paths(value: Any, key: str = "") -> Any:
+    if isinstance(value, dict):
+        return {name: _without_local_paths(item, str(name)) for name, item in value.items()}
+    if isinstance(value, list):
+        return [_without_local_paths(item, key) for item in value]
+    if isinstance(value, str) and "prompt" not in key:  # a prompt is never a path, whatever it looks like
+        return _public_path(value)
+    return value
+
+
+def public_copies(folder: Path, patterns: Sequence[str]) -> dict[str, bytes]:
+    """The files an upload of ``folder`` (less ``patterns``) would take that record local paths,
+    rewritten without them, by path in the repo. The folder itself is only read."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    names = [path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()]
+    copies = {}
+    for name in filter_repo_objects(names, ignore_patterns=list(patterns)):
+        if not any(fnmatch.fnmatch(name, pattern) for pattern in PATH_BEARING_FILES):
+            continue
+        is_yaml = name.endswith(".yaml")
+        try:
+            text = (folder / name).read_text(encoding="utf-8")
+            recorded = yaml.safe_load(text) if is_yaml else json.loads(text)
+        except (OSError, ValueError, yaml.YAMLError):
+            logger.warning("%s: not readable as %s; uploaded as it is", name, "YAML" if is_yaml else "JSON")
+            continue
+        public = _without_local_paths(recorded)
+        if public != recorded:
+            text = yaml.safe_dump(public, sort_keys=False) if is_yaml else json.dumps(public, indent=2) + "\n"
+            copies[name] = text.encode("utf-8")
+    return copies
+
+
 def push_output(output_dir: str | Path, repo_id: str, token: str | None = None, private: bool = False,
                 include_checkpoints: bool = False) -> str:
     """Create ``repo_id`` if needed and upload the finished output folder; return the repo URL.
 
     ``token`` None means huggingface_hub's own choice (HF_TOKEN, then the cached login).
-    The folder is only read. Any failure is one DreamBoothError line without the token.
+    The folder is only read: the model card renamed for ``repo_id`` and the configs without local
+    paths (``public_copies``) are uploaded from memory instead of their files. Any failure is one
+    DreamBoothError line without the token.
     """
     from huggingface_hub import HfApi
 
@@ -353,17 +462,20 @@ def push_output(output_dir: str | Path, repo_id: str, token: str | None = None, 
     card = folder / "README.md"
     text = card.read_text(encoding="utf-8") if card.is_file() else None
     renamed = card_for_repo(text, repo_id) if text is not None else None
+    copies = public_copies(folder, patterns)
     if renamed != text:
-        patterns.append("README.md")  # uploaded renamed below; the folder itself is only read
+        copies["README.md"] = renamed.encode("utf-8")
+    patterns += [glob.escape(name) for name in copies]  # uploaded from memory below
     api = HfApi()
     try:
         # private=None, not False: a new repo then gets the account's default visibility.
         url = api.create_repo(repo_id, token=token, private=True if private else None, exist_ok=True)
         api.upload_folder(repo_id=repo_id, folder_path=str(folder), token=token,
                           commit_message="Upload DreamBooth model", ignore_patterns=patterns)
-        if renamed != text:
-            api.upload_file(path_or_fileobj=renamed.encode("utf-8"), path_in_repo="README.md", repo_id=repo_id,
-                            token=token, commit_message=f"Model card for {repo_id}")
+        for name, content in copies.items():
+            what = f"Model card for {repo_id}" if name == "README.md" else f"{name} without local paths"
+            api.upload_file(path_or_fileobj=content, path_in_repo=name, repo_id=repo_id, token=token,
+                            commit_message=what)
     except _network_errors() as error:
         retry = ["python", "push_to_hub.py", str(output_dir), "--hub_model_id", repo_id,
                  *(["--private"] if private else []), *(["--push_checkpoints"] if include_checkpoints else [])]

@@ -29,6 +29,22 @@ class SampleSettings:
     resolution: int = 512
 
 
+@dataclass(frozen=True)
+class FinalSamples:
+    """What the final sampling left in ``samples/``: the labelled grid, and per prompt (in the grid's
+    row order) the first image of its row, with its own file for a Hub widget."""
+
+    grid: Path
+    by_prompt: tuple[tuple[str, Path], ...]
+
+
+@dataclass(frozen=True)
+class _Drawn:
+    step: int | None
+    grid: Path
+    firsts: tuple[tuple[str, Image.Image], ...]
+
+
 def labelled_grid(rows: list[tuple[str, list[Image.Image]]]) -> Image.Image:
     """One row of images per prompt, the prompt written above its row."""
     label_height = 20
@@ -52,7 +68,7 @@ class ValidationSampler:
                  output_dir: str | Path):
         self.accelerator, self.components, self.trained = accelerator, components, trained
         self.settings, self.samples_dir = settings, Path(output_dir) / "samples"
-        self._drawn: dict[int, Path] = {}  # step -> its grid (main process)
+        self._latest: _Drawn | None = None  # the last grid drawn (main process)
 
     def _pipeline(self):
         from diffusers import StableDiffusionPipeline
@@ -98,14 +114,23 @@ class ValidationSampler:
         self.accelerator.wait_for_everyone()
         return path
 
-    def final(self, step: int) -> Path | None:
-        """``samples/final.png``: the grid of the last step, a copy where that step already drew one."""
-        if not (self.accelerator.is_main_process and step in self._drawn):
-            return self.sample("final", step)
-        path = self.samples_dir / "final.png"
-        shutil.copyfile(self._drawn[step], path)
+    def final(self, step: int) -> FinalSamples | None:
+        """``samples/final.png``, the grid of the last step (a copy where that step already drew one),
+        and ``samples/final_<i>.png``, the first image of prompt i's row; None on other processes."""
+        samples = None
+        if self.accelerator.is_main_process:
+            if self._latest is None or self._latest.step != step:
+                self._sample_on_main("final", step)
+            grid = self.samples_dir / "final.png"
+            if self._latest.grid != grid:
+                shutil.copyfile(self._latest.grid, grid)
+            by_prompt = []
+            for index, (prompt, image) in enumerate(self._latest.firsts):
+                image.save(self.samples_dir / f"final_{index}.png")
+                by_prompt.append((prompt, self.samples_dir / f"final_{index}.png"))
+            samples = FinalSamples(grid, tuple(by_prompt))
         self.accelerator.wait_for_everyone()
-        return path
+        return samples
 
     def _sample_on_main(self, name: str, step: int | None) -> Path:
         settings = self.settings
@@ -117,8 +142,7 @@ class ValidationSampler:
         path = self.samples_dir / f"{name}.png"
         labelled_grid(rows).save(path)
         self._log(name, step, rows)
-        if step is not None:
-            self._drawn[step] = path
+        self._latest = _Drawn(step, path, tuple((prompt, images[0]) for prompt, images in rows))
         return path
 
     def evaluate(self, step: int, evaluation: "TrainingEvaluation") -> dict[str, float] | None:

@@ -14,7 +14,8 @@ from PIL import Image
 import train_dreambooth
 from conftest import TOY_SUBJECT, train_args
 from dreambooth.buckets import BucketBatchSampler, assign_buckets, bucket_sizes, nearest_bucket
-from dreambooth.concepts import Concept, build_dataset, compose_prompt, instance_examples, load_concepts_list
+from dreambooth.concepts import (Concept, build_dataset, compose_prompt, instance_examples, load_concepts_list,
+                                 trigger_phrase)
 from dreambooth.config import TrainConfig, parse_config
 from dreambooth.data import DreamBoothDataset, examples_from_folder
 from dreambooth.errors import DreamBoothError
@@ -42,6 +43,9 @@ def test_two_concepts_train_together_each_with_its_class(tiny_model, tmp_path, p
                            "--max_train_steps", "6"])
     pairs = Counter(tuple(prompts) for prompts in prompts_seen)
     assert set(pairs) == {("a photo of sks toy", "a toy"), ("a photo of zwx cup", "a cup")}
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "- **`a photo of sks toy`** (class prompt `a toy`)\n- **`a photo of zwx cup`** (class prompt `a cup`)" in card
+    assert "| Class prompts | `a toy`; `a cup` |" in card
     # 2 toy images x 2 repeats against 2 cup images: an epoch of 6 items, 4 of them the toy's.
     dataset = build_dataset(parse_config(TrainConfig, flags), 0)
     assert Counter(example.prompt for example in dataset.instances) == {"a photo of sks toy": 4,
@@ -70,6 +74,24 @@ def test_sidecar_captions_metadata_and_placeholders(tmp_path):
     assert [example.prompt for example in examples] == [
         "sks toy on a red chair", "a photo of sks toy, close-up", "sks toy from above", "a photo of sks toy"]
     assert compose_prompt("a photo of sks toy, [filewords]", "on a chair") == "a photo of sks toy, on a chair"
+
+
+def test_default_validation_prompts_cover_every_concept_without_filewords(tmp_path):
+    assert trigger_phrase("a photo of sks toy, [filewords]") == "a photo of sks toy"
+    assert trigger_phrase("[filewords], a photo of sks toy, close-up") == "a photo of sks toy, close-up"
+    assert trigger_phrase("a photo of [filewords] sks toy") == "a photo of sks toy"
+    assert trigger_phrase("a photo of sks toy,close-up") == "a photo of sks toy,close-up"  # no placeholder: as given
+    single = parse_config(TrainConfig, ["--instance_prompt", "a photo of sks toy, [filewords]"])
+    assert single.validation_prompts() == ["a photo of sks toy", "a photo of sks toy on the beach"]
+    concepts = [{"instance_data_dir": "toy", "instance_prompt": "a photo of sks toy, [filewords]"},
+                {"instance_data_dir": "cup", "instance_prompt": "a photo of zwx cup"}]
+    (tmp_path / "concepts.json").write_text(json.dumps(concepts))
+    several = parse_config(TrainConfig, ["--concepts_list", str(tmp_path / "concepts.json")])
+    assert several.validation_prompts() == ["a photo of sks toy", "a photo of sks toy on the beach",
+                                            "a photo of zwx cup", "a photo of zwx cup on the beach"]
+    chosen = parse_config(TrainConfig, ["--concepts_list", str(tmp_path / "concepts.json"),
+                                        "--validation_prompt", "a sks toy in Paris"])
+    assert chosen.validation_prompts() == ["a sks toy in Paris"]
 
 
 def test_caption_oddities_byte_order_mark_null_numbers_and_lone_filewords(tmp_path):

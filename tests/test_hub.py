@@ -12,6 +12,7 @@ from pathlib import Path
 
 import huggingface_hub
 import pytest
+import yaml
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import filter_repo_objects
@@ -89,7 +90,7 @@ def test_full_run_card_parses_back_with_metadata(finished_output, tmp_path):
     assert meta["instance_prompt"] == "a photo of sks dog"
     assert meta["tags"] == ["text-to-image", "diffusers", "dreambooth", "stable-diffusion",
                             "stable-diffusion-diffusers", "diffusers-training"]
-    assert meta["widget"] == [{"text": "a photo of sks dog", "output": {"url": "samples/final.png"}}]
+    assert "widget" not in meta  # a grid of several prompts is no single prompt's picture
     assert 'StableDiffusionPipeline.from_pretrained("me/sks-dog"' in card.text
     assert "load_lora_weights" not in card.text
     assert "full fine-tune" in card.text and "![final](samples/final.png)" in card.text
@@ -140,10 +141,57 @@ def test_license_from_known_base_ids(finished_output, base_model, license_id):
 
 def test_explicit_license_wins_and_missing_samples_are_left_out(finished_output):
     info = card_info("runwayml/stable-diffusion-v1-5", license="other",
-                     sample_images=[str(finished_output / "samples" / "final.png"), "samples/gone.png"])
+                     sample_images=[str(finished_output / "samples" / "final.png"), "samples/gone.png"],
+                     prompt_samples=[("a sks dog", str(finished_output / "samples" / "final.png")),
+                                     ("a sks dog, gone", "samples/gone.png")])
     meta = ModelCard.load(write_model_card(finished_output, info)).data.to_dict()
     assert meta["license"] == "other"
-    assert meta["widget"] == [{"text": "a photo of sks dog", "output": {"url": "samples/final.png"}}]
+    assert meta["widget"] == [{"text": "a sks dog", "output": {"url": "samples/final.png"}}]
+
+
+def test_samples_name_each_rows_prompt_and_the_widget_pairs_each_prompt_with_its_image(finished_output):
+    for index in range(2):
+        (finished_output / "samples" / f"final_{index}.png").write_bytes(b"\x89PNG fake")
+    prompts = ["a sks dog in Paris", "a sks dog on the moon"]
+    info = card_info("runwayml/stable-diffusion-v1-5", num_validation_images=4, validation_seed=7,
+                     validation_inference_steps=25, validation_scheduler="euler",
+                     prompt_samples=[(prompt, f"samples/final_{index}.png") for index, prompt in enumerate(prompts)])
+    card = ModelCard.load(write_model_card(finished_output, info))
+
+    assert card.data.to_dict()["widget"] == [{"text": "a sks dog in Paris", "output": {"url": "samples/final_0.png"}},
+                                             {"text": "a sks dog on the moon",
+                                              "output": {"url": "samples/final_1.png"}}]
+    samples = card.text.split("## Samples")[1]
+    assert "1. `a sks dog in Paris`\n2. `a sks dog on the moon`\n\n![final](samples/final.png)" in samples
+    assert "4 images a row (seeds 7 to 10 in every row), 25 steps of the `euler` sampler, 512x512 px" in samples
+    assert "a photo of sks dog" not in samples
+
+
+def test_filewords_placeholder_stays_out_of_the_card(finished_output):
+    info = card_info("runwayml/stable-diffusion-v1-5", instance_prompt="a photo of sks dog, [filewords]",
+                     hub_model_id="me/sks-dog")
+    path = write_model_card(finished_output, info)
+
+    text = path.read_text()
+    assert "filewords" not in text
+    assert ModelCard.load(path).data.to_dict()["instance_prompt"] == "a photo of sks dog"
+    assert "Trigger phrase: **`a photo of sks dog`**." in text and 'pipe("a photo of sks dog",' in text
+    assert "| Instance prompt | `a photo of sks dog` |" in text
+
+
+def test_multi_concept_card_lists_every_trigger_phrase_and_class_prompt(finished_output):
+    # As a --concepts_list run records it: no single-concept class prompt.
+    info = card_info("runwayml/stable-diffusion-v1-5", class_prompt=None, concepts=[
+        ("a photo of sks dog", "a photo of a dog"), ("a photo of zwx cup, [filewords]", "a photo of a cup")])
+    path = write_model_card(finished_output, info)
+
+    text = path.read_text()
+    assert ModelCard.load(path).data.to_dict()["instance_prompt"] == "a photo of sks dog"
+    assert ("- **`a photo of sks dog`** (class prompt `a photo of a dog`)\n"
+            "- **`a photo of zwx cup`** (class prompt `a photo of a cup`)\n") in text
+    assert "| Instance prompts | `a photo of sks dog`; `a photo of zwx cup` |" in text
+    assert "| Class prompts | `a photo of a dog`; `a photo of a cup` |" in text
+    assert "filewords" not in text
 
 
 def test_card_info_from_a_training_config_dict():
@@ -223,6 +271,42 @@ def test_push_names_the_repo_in_the_card_it_uploads(finished_output, hub_calls, 
                                                 hub_model_id="me/robot"))
     push_output(finished_output, "me/robot")  # the card already names the repo: uploaded with the folder
     assert [name for name, _ in hub_calls] == ["create_repo", "upload_folder"]
+
+
+def test_pushed_configs_name_local_folders_only_by_their_last_component(finished_output, hub_calls, tmp_path):
+    base = tmp_path / "home" / "alice" / "models" / "sd15"
+    recorded = {"pretrained_model_name_or_path": str(base), "output_dir": str(finished_output),
+                "instance_data_dir": str(tmp_path / "photos"), "concepts_list": str(tmp_path / "concepts.yaml"),
+                "tokenizer_name": "/root/.cache/huggingface/hub/models--openai--clip-vit-large-patch14/snapshots/0a1b",
+                "resume_from_checkpoint": "C:\\Users\\alice\\runs\\checkpoint-10", "logging_dir": "logs",
+                "eval_dino_model": "facebook/dino-vits16", "instance_prompt": "/imagine sks dog",
+                "validation_prompt": ["/imagine sks dog on the beach"], "hub_token": "<redacted>", "seed": 0}
+    (finished_output / "train_config.yaml").write_text(yaml.safe_dump(recorded, sort_keys=False))
+    configs = {"model_index.json": str(base), "unet/config.json": str(base / "unet"),
+               "vae/config.json": str(base / "vae"), "text_encoder/config.json": str(base / "text_encoder"),
+               "scheduler/scheduler_config.json": "stable-diffusion-v1-5/stable-diffusion-v1-5"}
+    for name, name_or_path in configs.items():
+        (finished_output / name).parent.mkdir(exist_ok=True)
+        (finished_output / name).write_text(json.dumps({"_class_name": "X", "_name_or_path": name_or_path}))
+    before = snapshot(finished_output)
+
+    push_output(finished_output, "me/sks-dog", token=TOKEN)
+
+    (_, _), (_, folder), *files = hub_calls
+    uploaded = {call["path_in_repo"]: call["path_or_fileobj"].decode() for _, call in files}
+    assert set(uploaded) == {"train_config.yaml", "model_index.json", "unet/config.json", "vae/config.json",
+                             "text_encoder/config.json"}
+    assert not set(uploaded) & uploaded_files(finished_output, folder["ignore_patterns"])
+    assert "scheduler/scheduler_config.json" in uploaded_files(finished_output, folder["ignore_patterns"])
+    assert yaml.safe_load(uploaded["train_config.yaml"]) == {
+        **recorded, "pretrained_model_name_or_path": "sd15", "output_dir": "sks-dog", "instance_data_dir": "photos",
+        "concepts_list": "concepts.yaml", "tokenizer_name": "openai/clip-vit-large-patch14",
+        "resume_from_checkpoint": "checkpoint-10"}
+    assert [json.loads(uploaded[name])["_name_or_path"] for name in configs if name in uploaded] == [
+        "sd15", "unet", "vae", "text_encoder"]
+    for text in uploaded.values():
+        assert_no_local_path(text, tmp_path)
+    assert snapshot(finished_output) == before
 
 
 def test_push_checkpoints_on_request_and_token_none_left_to_huggingface_hub(finished_output, hub_calls):

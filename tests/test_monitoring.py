@@ -43,9 +43,11 @@ def test_sample_grids_at_the_validation_steps(tiny_model, instance_dir, tmp_path
                "--validation_prompt", "a toy"]
     train_dreambooth.main(train_args(tiny_model, instance_dir, output, "--max_train_steps", "5", *SAMPLES,
                                      "--validation_steps", "2", *prompts))
-    assert sorted(path.name for path in (output / "samples").iterdir()) == ["final.png", "step_2.png", "step_4.png"]
+    assert sorted(path.name for path in (output / "samples").iterdir()) == [
+        "final.png", "final_0.png", "final_1.png", "final_2.png", "step_2.png", "step_4.png"]
     grid = Image.open(output / "samples" / "final.png")
     assert grid.size == (2 * 32, 3 * (32 + 20))  # 2 images a row, one labelled row per prompt
+    assert_first_images_of_rows(output / "samples" / "final.png", output / "samples", 3)
     # When the last step drew a grid, final.png is that grid, not drawn twice.
     drawn.clear()
     again = tmp_path / "again"
@@ -53,6 +55,16 @@ def test_sample_grids_at_the_validation_steps(tiny_model, instance_dir, tmp_path
                                      "--validation_steps", "2", *prompts))
     assert drawn == ["step_2", "step_4"]
     assert (again / "samples" / "final.png").read_bytes() == (again / "samples" / "step_4.png").read_bytes()
+    assert_first_images_of_rows(again / "samples" / "step_4.png", again / "samples", 3)
+
+
+def assert_first_images_of_rows(grid_path, samples, rows: int, size: int = 32) -> None:
+    """samples/final_<i>.png is the first image of row i of the labelled grid (20 px label above each row)."""
+    grid = Image.open(grid_path).convert("RGB")
+    for row in range(rows):
+        top = row * (size + 20) + 20
+        first = grid.crop((0, top, size, top + size))
+        assert list(Image.open(samples / f"final_{row}.png").convert("RGB").getdata()) == list(first.getdata())
 
 
 def test_tracking_logs_interval_metrics_and_a_loss_curve(tiny_model, instance_dir, tmp_path):
@@ -70,14 +82,21 @@ def test_tracking_logs_interval_metrics_and_a_loss_curve(tiny_model, instance_di
 
 def test_model_cards_of_full_and_lora_runs(tiny_model, instance_dir, tmp_path):
     full, lora = tmp_path / "full", tmp_path / "lora"
-    train_dreambooth.main(train_args(tiny_model, instance_dir, full, *SAMPLES))
-    train_dreambooth.main(train_args(tiny_model, instance_dir, lora, *SAMPLES, "--use_lora"))
+    train_dreambooth.main(train_args(tiny_model, instance_dir, full, *SAMPLES, "--validation_prompt", "a sks toy in Paris"))
+    train_dreambooth.main(train_args(tiny_model, instance_dir, lora, *SAMPLES, "--use_lora",
+                                     "--instance_prompt", "a photo of sks toy, [filewords]"))
+    prompts = {full: ["a sks toy in Paris"], lora: ["a photo of sks toy", "a photo of sks toy on the beach"]}
     for output, is_lora in ((full, False), (lora, True)):
         text = (output / "README.md").read_text()
         card = ModelCard.load(output / "README.md")
-        assert card.data.instance_prompt == "a photo of sks toy"
+        assert card.data.instance_prompt == "a photo of sks toy" and "filewords" not in text
         assert ("lora" in card.data.tags) is is_lora and "dreambooth" in card.data.tags
-        assert card.data.widget[0]["output"]["url"] == "samples/final.png"
+        # One widget entry per row of samples/final.png: its prompt and the row's first image.
+        assert card.data.widget == [{"text": prompt, "output": {"url": f"samples/final_{index}.png"}}
+                                    for index, prompt in enumerate(prompts[output])]
+        assert_first_images_of_rows(output / "samples" / "final.png", output / "samples", len(prompts[output]))
+        assert "".join(f"{number}. `{prompt}`\n" for number, prompt in enumerate(prompts[output], 1)) in text
+        assert "2 images a row (seeds 0 to 1 in every row), 2 steps of the `dpm++` sampler, 32x32 px" in text
         assert ("load_lora_weights" in text) is is_lora
         assert str(tmp_path) not in text and "| Training steps | 2 |" in text
 
@@ -93,8 +112,12 @@ def hub_calls(monkeypatch):
     def upload_folder(self, **kwargs):
         calls.append(("upload_folder", kwargs["repo_id"], kwargs))
 
+    def upload_file(self, **kwargs):
+        calls.append(("upload_file", kwargs["repo_id"], kwargs))
+
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(HfApi, "upload_file", upload_file)
     return calls
 
 
@@ -104,10 +127,17 @@ def test_push_to_hub_uploads_the_finished_output_and_the_token_leaks_nowhere(tin
     train_dreambooth.main(train_args(tiny_model, instance_dir, output, *SAMPLES, "--report_to", "tensorboard",
                                      "--checkpointing_steps", "1", "--push_to_hub", "--hub_model_id", "me/sks-toy",
                                      "--hub_token", TOKEN, "--hub_private_repo"))
-    (create, repo, create_args), (upload, upload_repo, upload_args) = hub_calls
+    (create, repo, create_args), (upload, upload_repo, upload_args), *files = hub_calls
     assert (create, repo, upload, upload_repo) == ("create_repo", "me/sks-toy", "upload_folder", "me/sks-toy")
     assert create_args["private"] is True and create_args["token"] == TOKEN and upload_args["token"] == TOKEN
     assert upload_args["folder_path"] == str(output) and "checkpoint-*/**" in upload_args["ignore_patterns"]
+    # The configs recording the local base, data and output folders go up from memory, without those paths.
+    uploaded = {args["path_in_repo"]: args["path_or_fileobj"] for _, _, args in files}
+    assert set(uploaded) == {"train_config.yaml", "model_index.json", "unet/config.json", "vae/config.json"}
+    assert all(name in upload_args["ignore_patterns"] for name in uploaded)
+    for content in uploaded.values():
+        assert str(tmp_path).encode() not in content and TOKEN.encode() not in content
+    assert b"pretrained_model_name_or_path: tiny-sd\n" in uploaded["train_config.yaml"]
     captured = capfd.readouterr()
     assert TOKEN not in captured.out + captured.err
     for path in output.rglob("*"):

@@ -217,7 +217,8 @@ def test_only_the_main_process_writes_files(checkpointed_two_process_run, tiny_m
     assert [path.relative_to(output) for path in output.rglob("model_index.json")] == [Path("model_index.json")]
     assert [path.relative_to(output) for path in output.rglob("README.md")] == [Path("README.md")]
     assert [path.relative_to(output) for path in output.rglob("train_config.yaml")] == [Path("train_config.yaml")]
-    assert sorted(path.name for path in (output / "samples").iterdir()) == ["final.png", "step_2.png", "step_4.png"]
+    assert sorted(path.name for path in (output / "samples").iterdir()) == [
+        "final.png", "final_0.png", "final_1.png", "step_2.png", "step_4.png"]
     # Both models were trained (and saved in fp32 by the main process).
     for weights, base in ((unet_weights(output), unet_weights(Path(tiny_model))),
                           (text_encoder_weights(output), text_encoder_weights(Path(tiny_model)))):
