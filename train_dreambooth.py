@@ -58,10 +58,12 @@ from dreambooth.models import (
 from dreambooth.monitor import SampleSettings, TrainingEvaluation, ValidationSampler, plot_loss_curve
 from dreambooth.training import (
     BatchDraws,
+    GracefulStop,
     LossSettings,
     PromptEncoder,
     Schedule,
     Trainer,
+    any_process,
     build_optimizer,
     freeze_module,
     tracker_config,
@@ -257,15 +259,20 @@ def hub_repo_id(cfg: TrainConfig) -> str:
 
 def finish(cfg: TrainConfig, accelerator, trainer: Trainer, components: Components,
            sampler: ValidationSampler | None) -> None:
-    """Final samples, weights, loss curve, model card and Hub upload; or, after a signal, how to resume."""
+    """The trained weights first (a signal now waits for them), then the final samples, loss curve,
+    model card and Hub upload; or, after a signal during training, how to resume."""
     if trainer.interrupted:
         logger.info("stopped at step %d with a checkpoint; to continue, run the same command with "
                     "--resume_from_checkpoint latest", trainer.state.global_step)
         return
-    final = sampler.final(trainer.state.global_step) if cfg.num_validation_images else None
     weights = trained_weights(cfg, accelerator, trainer)
+    with GracefulStop(finishing="saving the trained model") as stop:
+        if accelerator.is_main_process:
+            save_trained(cfg, weights, components)
+    del weights
+    stopped = any_process(accelerator, stop.requested)
+    final = sampler.final(trainer.state.global_step) if cfg.num_validation_images and not stopped else None
     if accelerator.is_main_process:
-        save_trained(cfg, weights, components)
         plot_loss_curve(trainer.metrics.history, Path(cfg.output_dir) / "loss_curve.png")
         concepts = [(concept.instance_prompt, concept.class_prompt) for concept in cfg.concepts()]
         write_model_card(cfg.output_dir, card_info_from_config(
@@ -275,10 +282,14 @@ def finish(cfg: TrainConfig, accelerator, trainer: Trainer, components: Componen
             sample_images=[final.grid] if final else [], prompt_samples=final.by_prompt if final else [],
             rank=cfg.rank if cfg.use_lora else None, hub_model_id=hub_repo_id(cfg) if cfg.push_to_hub else None,
         ))
-        if cfg.push_to_hub:
+        if cfg.push_to_hub and not stopped:
             url = push_output(cfg.output_dir, hub_repo_id(cfg), cfg.hub_token, cfg.hub_private_repo,
                               cfg.push_checkpoints)
             logger.info("uploaded to %s", url)
+    if stopped:
+        trainer.exit_status = stop.exit_status
+        logger.info("stopped after saving the trained model to %s; the final samples%s were skipped",
+                    cfg.output_dir, " and the upload" if cfg.push_to_hub else "")
     accelerator.wait_for_everyone()
 
 

@@ -25,13 +25,14 @@ def setup_logging(verbose: bool = True) -> None:
 
 
 def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
-    """Run a script's ``main``; a DreamBoothError becomes one ``error: ...`` line and exit status 1."""
+    """Run a script's ``main``; a DreamBoothError becomes one ``error: ...`` line and exit status 1.
+    A result with an ``exit_status`` (a training run stopped by a signal) exits with it."""
     try:
-        main(argv)
+        result = main(argv)
     except DreamBoothError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130
-    return 0
+    return int(getattr(result, "exit_status", 0))

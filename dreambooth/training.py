@@ -220,21 +220,32 @@ class Schedule:
 
 class GracefulStop:
     """SIGINT/SIGTERM: finish the current step (and up to ``extra_steps`` more, for the processes
-    to agree), save a checkpoint, exit. A second Ctrl-C aborts."""
+    to agree), save a checkpoint, exit. A second Ctrl-C aborts. ``finishing`` says what is
+    finished before stopping, where that is not a step."""
 
-    def __init__(self, extra_steps: int = 0):
+    def __init__(self, extra_steps: int = 0, finishing: str | None = None):
         self.requested = False
+        self.signum: int | None = None  # the first signal's
         self.extra_steps = extra_steps
+        self.finishing = finishing
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum, frame) -> None:
         if self.requested and signum == signal.SIGINT:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
-        self.requested = True
-        finishing = "this step" if not self.extra_steps else f"this step and at most {self.extra_steps} more"
-        print(f"\n{signal.Signals(signum).name}: finishing {finishing} and saving a checkpoint "
+        self.requested, self.signum = True, self.signum or signum
+        finishing = self.finishing or ("this step and saving a checkpoint" if not self.extra_steps else
+                                       f"this step and at most {self.extra_steps} more and saving a checkpoint")
+        print(f"\n{signal.Signals(signum).name}: finishing {finishing} "
               "(press Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
+
+    @property
+    def exit_status(self) -> int:
+        """What a process stopped by a signal exits with, by the shell's convention: 128 + the signal
+        (130 for Ctrl-C, 143 for SIGTERM), so ``train && push`` does not go on and a scheduler sees
+        the run as unfinished. A process stopped because another was signalled says SIGTERM."""
+        return 128 + int(self.signum or signal.SIGTERM)
 
     def __enter__(self) -> "GracefulStop":
         if threading.current_thread() is threading.main_thread():
@@ -280,6 +291,15 @@ class StopAgreement:
         return total.item() > 0
 
 
+def any_process(accelerator, flag: bool) -> bool:
+    """Whether ``flag`` is set on any process (every process gets the same answer; one wait for the
+    device, so not for every step: see StopAgreement)."""
+    if accelerator.num_processes == 1:
+        return flag
+    total = accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), reduction="sum")
+    return bool(total.item() > 0)
+
+
 def _copy_to_host(tensor: torch.Tensor) -> tuple[torch.Tensor, Any]:
     """``tensor`` copied to pinned host memory without waiting, and the event that marks the copy
     done (None where the tensor is already on the CPU)."""
@@ -313,6 +333,7 @@ class Trainer:
         self._window_images = 0
         self._window_losses: list[torch.Tensor] = []  # of this accumulation window's batches
         self.interrupted = False
+        self.exit_status = 0  # non-zero once a signal stopped the run
         self._skipped: list[torch.Tensor] = []  # per step, read back at logging steps
         self._nonfinite_streak = 0
         self.step_callbacks: list[Callable[[TrainState], None]] = []  # after each optimizer step
@@ -454,6 +475,7 @@ class Trainer:
                     self._after_step(losses, progress)
                     if stop_now(stop.requested):
                         self._save_on_stop()
+                        self.exit_status = stop.exit_status
                         break
                     if state.global_step >= schedule.max_train_steps:
                         break

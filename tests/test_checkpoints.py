@@ -99,11 +99,31 @@ def test_sigterm_between_checkpoints_saves_the_current_step(tiny_model, instance
     stop_after_step(monkeypatch, 3)
     trainer = train_dreambooth.main(train_args(tiny_model, instance_dir, output, "--max_train_steps", "8",
                                                "--checkpointing_steps", "2"))
-    assert trainer.interrupted
+    assert trainer.interrupted and trainer.exit_status == 128 + signal.SIGTERM
     assert checkpoint_steps(output) == [2, 3]
     assert [step for step, _ in read_loss_history(output / "checkpoint-3")] == [1, 2, 3]
     assert read_loss_history(output / "checkpoint-2") == read_loss_history(output / "checkpoint-3")[:2]
     assert "--resume_from_checkpoint latest" in capfd.readouterr().err
+
+
+def test_a_signal_while_the_trained_model_is_saved_waits_for_it_then_skips_the_rest(tiny_model, instance_dir,
+                                                                                  tmp_path, monkeypatch, capfd):
+    from dreambooth.cli import run_cli
+
+    original = train_dreambooth.save_trained
+
+    def signalled_save(*args):
+        signal.raise_signal(signal.SIGINT)  # Ctrl-C just as the last step's weights are being saved
+        original(*args)
+
+    monkeypatch.setattr(train_dreambooth, "save_trained", signalled_save)
+    output = tmp_path / "out"
+    status = run_cli(train_dreambooth.main, train_args(tiny_model, instance_dir, output, "--num_validation_images",
+                                                       "1", "--validation_inference_steps", "1"))
+    assert status == 128 + signal.SIGINT
+    assert (output / "model_index.json").is_file() and (output / "README.md").is_file()
+    assert not (output / "samples").exists()  # the final sampling was skipped
+    assert "stopped after saving the trained model" in capfd.readouterr().err
 
 
 def test_second_ctrl_c_aborts_at_once(tiny_model, instance_dir, tmp_path, monkeypatch):
@@ -332,7 +352,7 @@ def test_sigterm_to_a_live_run_leaves_a_resumable_checkpoint(tiny_model, instanc
             assert process.poll() is None and time.time() < deadline
             time.sleep(0.1)
         process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=120) == 0
+        assert process.wait(timeout=120) == 128 + signal.SIGTERM
     text = (tmp_path / "log.txt").read_text()
     assert "SIGTERM: finishing this step" in text and "--resume_from_checkpoint latest" in text
     steps = checkpoint_steps(output)
