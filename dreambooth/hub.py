@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import glob
 import json
 import logging
 import os
@@ -422,14 +421,20 @@ def _without_local_paths(value: Any, key: str = "") -> Any:
     return value
 
 
-def public_copies(folder: Path, patterns: Sequence[str]) -> dict[str, bytes]:
-    """The files an upload of ``folder`` (less ``patterns``) would take that record local paths,
-    rewritten without them, by path in the repo. The folder itself is only read."""
+def upload_list(folder: Path, patterns: Sequence[str]) -> list[str]:
+    """The files of ``folder`` an upload takes (huggingface_hub's own filter, less ``patterns``),
+    as paths in the repo."""
     from huggingface_hub.utils import filter_repo_objects
 
-    names = [path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()]
+    names = sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
+    return list(filter_repo_objects(names, ignore_patterns=list(patterns)))
+
+
+def public_copies(folder: Path, names: Sequence[str]) -> dict[str, bytes]:
+    """Those of ``names`` (files of ``folder``) that record local paths, rewritten without them, by
+    path in the repo. The folder itself is only read."""
     copies = {}
-    for name in filter_repo_objects(names, ignore_patterns=list(patterns)):
+    for name in names:
         if not any(fnmatch.fnmatch(name, pattern) for pattern in PATH_BEARING_FILES):
             continue
         is_yaml = name.endswith(".yaml")
@@ -448,34 +453,29 @@ def public_copies(folder: Path, patterns: Sequence[str]) -> dict[str, bytes]:
 
 def push_output(output_dir: str | Path, repo_id: str, token: str | None = None, private: bool = False,
                 include_checkpoints: bool = False) -> str:
-    """Create ``repo_id`` if needed and upload the finished output folder; return the repo URL.
+    """Create ``repo_id`` if needed and upload the finished output folder in one commit; return the
+    repo URL.
 
     ``token`` None means huggingface_hub's own choice (HF_TOKEN, then the cached login).
     The folder is only read: the model card renamed for ``repo_id`` and the configs without local
-    paths (``public_copies``) are uploaded from memory instead of their files. Any failure is one
-    DreamBoothError line without the token.
+    paths (``public_copies``) go up from memory in place of their files, in the same commit, so the
+    repo never holds the model without them. Any failure is one DreamBoothError line without the token.
     """
-    from huggingface_hub import HfApi
+    from huggingface_hub import CommitOperationAdd, HfApi
 
     folder = check_finished_output(output_dir)
-    patterns = ignore_patterns(include_checkpoints)
-    card = folder / "README.md"
-    text = card.read_text(encoding="utf-8") if card.is_file() else None
-    renamed = card_for_repo(text, repo_id) if text is not None else None
-    copies = public_copies(folder, patterns)
-    if renamed != text:
-        copies["README.md"] = renamed.encode("utf-8")
-    patterns += [glob.escape(name) for name in copies]  # uploaded from memory below
+    names = upload_list(folder, ignore_patterns(include_checkpoints))
+    contents: dict[str, str | bytes] = {name: str(folder / name) for name in names}
+    contents.update(public_copies(folder, names))
+    if "README.md" in contents:
+        text = (folder / "README.md").read_text(encoding="utf-8")
+        contents["README.md"] = card_for_repo(text, repo_id).encode("utf-8")
     api = HfApi()
     try:
         # private=None, not False: a new repo then gets the account's default visibility.
         url = api.create_repo(repo_id, token=token, private=True if private else None, exist_ok=True)
-        api.upload_folder(repo_id=repo_id, folder_path=str(folder), token=token,
-                          commit_message="Upload DreamBooth model", ignore_patterns=patterns)
-        for name, content in copies.items():
-            what = f"Model card for {repo_id}" if name == "README.md" else f"{name} without local paths"
-            api.upload_file(path_or_fileobj=content, path_in_repo=name, repo_id=repo_id, token=token,
-                            commit_message=what)
+        api.create_commit(repo_id=repo_id, token=token, commit_message="Upload DreamBooth model", operations=[
+            CommitOperationAdd(path_in_repo=name, path_or_fileobj=content) for name, content in contents.items()])
     except _network_errors() as error:
         retry = ["python", "push_to_hub.py", str(output_dir), "--hub_model_id", repo_id,
                  *(["--private"] if private else []), *(["--push_checkpoints"] if include_checkpoints else [])]

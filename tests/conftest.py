@@ -64,6 +64,15 @@ def assert_readable_by_all(path: Path) -> None:
     assert files and set(modes.values()) == {"0o644"}, modes
 
 
+def committed_files(operations) -> dict[str, bytes]:
+    """What a commit's operations put in the repo, by path: a file's bytes, or the bytes given."""
+    files = {}
+    for operation in operations:
+        content = operation.path_or_fileobj
+        files[operation.path_in_repo] = content if isinstance(content, bytes) else Path(content).read_bytes()
+    return files
+
+
 def train_args(model: str, instance: Path, output: Path, *extra: str) -> list[str]:
     """A fast tiny-model training command line; ``extra`` flags override."""
     return [

@@ -15,10 +15,9 @@ import pytest
 import yaml
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import HfHubHTTPError
-from huggingface_hub.utils import filter_repo_objects
 
 import push_to_hub
-from conftest import ROOT
+from conftest import ROOT, committed_files
 from dreambooth.errors import DreamBoothError
 from dreambooth.errors import redact
 from dreambooth.hub import CardInfo, card_info_from_config, push_output, write_model_card
@@ -214,23 +213,13 @@ def hub_calls(monkeypatch) -> list[tuple[str, dict]]:
         calls.append(("create_repo", {"repo_id": repo_id, **kwargs}))
         return f"https://huggingface.co/{repo_id}"
 
-    def upload_folder(self, **kwargs):
-        calls.append(("upload_folder", kwargs))
-        return "commit"
-
-    def upload_file(self, **kwargs):
-        calls.append(("upload_file", kwargs))
+    def create_commit(self, **kwargs):
+        calls.append(("create_commit", {**kwargs, "files": committed_files(kwargs.pop("operations"))}))
         return "commit"
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-    monkeypatch.setattr(HfApi, "upload_file", upload_file)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
     return calls
-
-
-def uploaded_files(folder: Path, patterns: list[str]) -> set[str]:
-    """The files huggingface_hub's own filter keeps under ``patterns``."""
-    return set(filter_repo_objects(snapshot(folder), ignore_patterns=patterns))
 
 
 def test_push_creates_repo_and_uploads_the_finished_files(finished_output, hub_calls):
@@ -238,13 +227,12 @@ def test_push_creates_repo_and_uploads_the_finished_files(finished_output, hub_c
     url = push_output(finished_output, "me/sks-dog", token=TOKEN, private=True)
 
     assert url == "https://huggingface.co/me/sks-dog"
-    (create_name, create), (upload_name, upload) = hub_calls
-    assert create_name == "create_repo" and upload_name == "upload_folder"
+    (create_name, create), (commit_name, commit) = hub_calls
+    assert create_name == "create_repo" and commit_name == "create_commit"  # one commit: never half a model
     assert create == {"repo_id": "me/sks-dog", "token": TOKEN, "private": True, "exist_ok": True}
-    assert upload["repo_id"] == "me/sks-dog" and upload["token"] == TOKEN
-    assert Path(upload["folder_path"]) == finished_output
-    assert uploaded_files(finished_output, upload["ignore_patterns"]) == {
-        "model_index.json", "unet/diffusion_pytorch_model.safetensors", "samples/final.png", "train_config.yaml"}
+    assert commit["repo_id"] == "me/sks-dog" and commit["token"] == TOKEN
+    assert commit["files"] == {name: before[name] for name in (
+        "model_index.json", "unet/diffusion_pytorch_model.safetensors", "samples/final.png", "train_config.yaml")}
     assert snapshot(finished_output) == before
 
 
@@ -259,18 +247,16 @@ def test_push_names_the_repo_in_the_card_it_uploads(finished_output, hub_calls, 
 
     push_output(finished_output, "me/robot", token=TOKEN)
 
-    (_, _), (_, folder), (name, card) = hub_calls
-    assert "README.md" not in uploaded_files(finished_output, folder["ignore_patterns"])
-    assert name == "upload_file" and card["path_in_repo"] == "README.md" and card["repo_id"] == "me/robot"
-    uploaded = card["path_or_fileobj"].decode()
+    (_, _), (_, commit) = hub_calls
+    uploaded = commit["files"]["README.md"].decode()
     assert f'{call}("me/robot"' in uploaded and "# DreamBooth " + ("LoRA " if use_lora else "") + "- robot" in uploaded
     assert uploaded.replace("me/robot", "sks-dog").replace("- robot", "- sks-dog") == written
     assert snapshot(finished_output) == before
     hub_calls.clear()
     write_model_card(finished_output, card_info("stable-diffusion-v1-5/stable-diffusion-v1-5", use_lora=use_lora,
                                                 hub_model_id="me/robot"))
-    push_output(finished_output, "me/robot")  # the card already names the repo: uploaded with the folder
-    assert [name for name, _ in hub_calls] == ["create_repo", "upload_folder"]
+    push_output(finished_output, "me/robot")  # the card already names the repo: uploaded as it is
+    assert hub_calls[1][1]["files"]["README.md"] == (finished_output / "README.md").read_bytes()
 
 
 def test_pushed_configs_name_local_folders_only_by_their_last_component(finished_output, hub_calls, tmp_path):
@@ -292,12 +278,11 @@ def test_pushed_configs_name_local_folders_only_by_their_last_component(finished
 
     push_output(finished_output, "me/sks-dog", token=TOKEN)
 
-    (_, _), (_, folder), *files = hub_calls
-    uploaded = {call["path_in_repo"]: call["path_or_fileobj"].decode() for _, call in files}
+    (_, _), (_, commit) = hub_calls
+    uploaded = {name: content.decode() for name, content in commit["files"].items() if content != before[name]}
     assert set(uploaded) == {"train_config.yaml", "model_index.json", "unet/config.json", "vae/config.json",
                              "text_encoder/config.json"}
-    assert not set(uploaded) & uploaded_files(finished_output, folder["ignore_patterns"])
-    assert "scheduler/scheduler_config.json" in uploaded_files(finished_output, folder["ignore_patterns"])
+    assert "scheduler/scheduler_config.json" in commit["files"]  # a Hub id is no local path: as it is
     assert yaml.safe_load(uploaded["train_config.yaml"]) == {
         **recorded, "pretrained_model_name_or_path": "sd15", "output_dir": "sks-dog", "instance_data_dir": "photos",
         "concepts_list": "concepts.yaml", "tokenizer_name": "openai/clip-vit-large-patch14",
@@ -312,9 +297,9 @@ def test_pushed_configs_name_local_folders_only_by_their_last_component(finished
 def test_push_checkpoints_on_request_and_token_none_left_to_huggingface_hub(finished_output, hub_calls):
     push_output(finished_output, "me/sks-dog", include_checkpoints=True)
 
-    (_, create), (_, upload) = hub_calls
-    assert create["token"] is None and upload["token"] is None and create["private"] is None
-    kept = uploaded_files(finished_output, upload["ignore_patterns"])
+    (_, create), (_, commit) = hub_calls
+    assert create["token"] is None and commit["token"] is None and create["private"] is None
+    kept = set(commit["files"])
     assert "checkpoint-200/unet/weights.bin" in kept
     assert not {"class_images/00000.png", ".tmp-save/unet.bin", "unet/.partial"} & kept
 
@@ -329,14 +314,14 @@ def http_error(status: int) -> HfHubHTTPError:
 @pytest.mark.parametrize("failing, error, expected", [
     ("create_repo", http_error(401), "401"),
     ("create_repo", http_error(403), "403"),
-    ("upload_folder", http_error(500), "500 Client Error"),
-    ("upload_folder", http_client.ConnectError(f"cannot connect with {TOKEN}"), "ConnectError"),
+    ("create_commit", http_error(500), "500 Client Error"),
+    ("create_commit", http_client.ConnectError(f"cannot connect with {TOKEN}"), "ConnectError"),
     ("create_repo", OSError(f"disk trouble {TOKEN}"), "disk trouble"),
 ])
 def test_failed_push_names_the_repo_hides_the_token_and_keeps_the_output(finished_output, monkeypatch,
                                                                         failing, error, expected):
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kwargs: f"https://huggingface.co/{repo_id}")
-    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kwargs: "commit")
+    monkeypatch.setattr(HfApi, "create_commit", lambda self, **kwargs: "commit")
 
     def fail(*args, **kwargs):
         raise error
@@ -380,16 +365,16 @@ def test_script_pushes_a_folder_given_first(finished_output, hub_calls, capsys):
                             "--private", "--push_checkpoints"])
 
     assert url == "https://huggingface.co/me/sks-dog"
-    (_, create), (_, upload) = hub_calls
+    (_, create), (_, commit) = hub_calls
     assert create["private"] is True and create["token"] == TOKEN
-    assert not any(pattern.startswith("checkpoint") for pattern in upload["ignore_patterns"])
+    assert "checkpoint-200/unet/weights.bin" in commit["files"]
     out, err = capsys.readouterr()
     assert TOKEN not in out + err and "https://huggingface.co/me/sks-dog" in out
 
 
 def test_script_accepts_output_dir_flag(finished_output, hub_calls):
     push_to_hub.main(["--hub_model_id", "me/sks-dog", "--output_dir", str(finished_output)])
-    assert Path(hub_calls[1][1]["folder_path"]) == finished_output
+    assert "model_index.json" in hub_calls[1][1]["files"]
 
 
 @pytest.mark.parametrize("make_args, expected", [

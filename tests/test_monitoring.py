@@ -11,7 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train_dreambooth
-from conftest import train_args
+from conftest import committed_files, train_args
 from dreambooth.errors import DreamBoothError
 
 TOKEN = "hf_PLANTEDsecretTOKEN1234567890abcdefXYZ"
@@ -109,15 +109,11 @@ def hub_calls(monkeypatch):
         calls.append(("create_repo", repo_id, kwargs))
         return f"https://huggingface.co/{repo_id}"
 
-    def upload_folder(self, **kwargs):
-        calls.append(("upload_folder", kwargs["repo_id"], kwargs))
-
-    def upload_file(self, **kwargs):
-        calls.append(("upload_file", kwargs["repo_id"], kwargs))
+    def create_commit(self, **kwargs):
+        calls.append(("create_commit", kwargs["repo_id"], {**kwargs, "files": committed_files(kwargs["operations"])}))
 
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-    monkeypatch.setattr(HfApi, "upload_file", upload_file)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
     return calls
 
 
@@ -127,14 +123,14 @@ def test_push_to_hub_uploads_the_finished_output_and_the_token_leaks_nowhere(tin
     train_dreambooth.main(train_args(tiny_model, instance_dir, output, *SAMPLES, "--report_to", "tensorboard",
                                      "--checkpointing_steps", "1", "--push_to_hub", "--hub_model_id", "me/sks-toy",
                                      "--hub_token", TOKEN, "--hub_private_repo"))
-    (create, repo, create_args), (upload, upload_repo, upload_args), *files = hub_calls
-    assert (create, repo, upload, upload_repo) == ("create_repo", "me/sks-toy", "upload_folder", "me/sks-toy")
-    assert create_args["private"] is True and create_args["token"] == TOKEN and upload_args["token"] == TOKEN
-    assert upload_args["folder_path"] == str(output) and "checkpoint-*/**" in upload_args["ignore_patterns"]
-    # The configs recording the local base, data and output folders go up from memory, without those paths.
-    uploaded = {args["path_in_repo"]: args["path_or_fileobj"] for _, _, args in files}
-    assert set(uploaded) == {"train_config.yaml", "model_index.json", "unet/config.json", "vae/config.json"}
-    assert all(name in upload_args["ignore_patterns"] for name in uploaded)
+    (create, repo, create_args), (commit, commit_repo, commit_args) = hub_calls
+    assert (create, repo, commit, commit_repo) == ("create_repo", "me/sks-toy", "create_commit", "me/sks-toy")
+    assert create_args["private"] is True and create_args["token"] == TOKEN and commit_args["token"] == TOKEN
+    uploaded = commit_args["files"]
+    assert "model_index.json" in uploaded and not any(name.startswith("checkpoint-") for name in uploaded)
+    # The configs recording the local base, data and output folders go up without those paths.
+    rewritten = {name for name, content in uploaded.items() if content != (output / name).read_bytes()}
+    assert rewritten == {"train_config.yaml", "model_index.json", "unet/config.json", "vae/config.json"}
     for content in uploaded.values():
         assert str(tmp_path).encode() not in content and TOKEN.encode() not in content
     assert b"pretrained_model_name_or_path: tiny-sd\n" in uploaded["train_config.yaml"]
