@@ -315,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> Trainer:
         trainer.metrics.history = trainer.checkpointer.load(resume, trainer.lr_scheduler)
     sampler = add_validation(cfg, accelerator, components, trainer)
     if accelerator.is_main_process:
-        save_config(cfg, os.path.join(cfg.output_dir, "train_config.yaml"))
+        save_config(cfg.with_absolute_paths(), os.path.join(cfg.output_dir, "train_config.yaml"))
     accelerator.init_trackers("dreambooth", config=tracker_config(config_to_dict(cfg)))
     trainer.train()
     finish(cfg, accelerator, trainer, components, sampler)

@@ -430,6 +430,19 @@ class TrainConfig:
             self._check_hub()
         self._refuse_to_overwrite()
 
+    # Flags that may name a local file or folder; a saved config records those as absolute paths.
+    PATH_FLAGS = ("pretrained_model_name_or_path", "tokenizer_name", "instance_data_dir", "class_data_dir",
+                  "concepts_list", "dataset_name", "output_dir", "resume_from_checkpoint", "eval_dino_model",
+                  "eval_clip_model")
+
+    def with_absolute_paths(self) -> "TrainConfig":
+        """This config with every local path made absolute, so the saved ``train_config.yaml`` works as
+        ``--config`` from any folder (and ``infer.py --checkpoint`` finds a local base). A Hub id, or a
+        name that is no local path, stays as it is; the Hub upload reduces local paths to their names."""
+        resolved = {name: str(Path(value).expanduser().resolve()) for name in self.PATH_FLAGS
+                    if (value := getattr(self, name)) and (name == "output_dir" or Path(value).expanduser().exists())}
+        return dataclasses.replace(self, **resolved)
+
     def peak_learning_rate(self) -> float:
         """--learning_rate, or its default: 5e-6 for the full weights (diffusers' train_dreambooth.py),
         1e-4 for LoRA adapters, which start at zero and need larger steps."""

@@ -168,3 +168,14 @@ def test_prior_generation_precision_no_means_the_default():
     for device, default in ((torch.device("cuda"), torch.float16), (torch.device("cpu"), torch.float32)):
         assert pick_dtype(device, "no") == pick_dtype(device, None) == default
     assert pick_dtype(torch.device("cuda"), "fp32") == torch.float32
+
+
+def test_a_saved_config_records_local_paths_absolutely_and_hub_ids_as_they_are(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photos").mkdir()
+    cfg = parse_config(TrainConfig, ["--pretrained_model_name_or_path", "org/model", "--instance_data_dir", "photos",
+                                     "--output_dir", "runs/dog", "--resume_from_checkpoint", "latest"])
+    saved = cfg.with_absolute_paths()
+    assert (saved.instance_data_dir, saved.output_dir) == (str(tmp_path / "photos"), str(tmp_path / "runs" / "dog"))
+    assert (saved.pretrained_model_name_or_path, saved.resume_from_checkpoint) == ("org/model", "latest")
+    assert dataclasses.replace(saved, instance_data_dir="photos", output_dir="runs/dog") == cfg
