@@ -22,7 +22,7 @@ import torch
 from accelerate.utils import DistributedType
 
 from .errors import DreamBoothError, first_reason
-from .models import default_file_mode, whole_model
+from .models import WRITE_ERRORS, default_file_mode, whole_model, write_failure, writing
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +205,8 @@ class Checkpointer:
                 shutil.rmtree(temporary, ignore_errors=True)
                 temporary.mkdir(parents=True)
             accelerator.wait_for_everyone()
-            accelerator.save_state(str(temporary))
+            with writing():
+                accelerator.save_state(str(temporary))
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 (temporary / LOSS_HISTORY).write_text(json.dumps([list(entry) for entry in loss_history]))
@@ -218,14 +219,12 @@ class Checkpointer:
                 if final.exists():
                     shutil.rmtree(final)
                 temporary.rename(final)
-        except OSError as error:
+        except WRITE_ERRORS as error:
             if accelerator.is_main_process:
                 shutil.rmtree(temporary, ignore_errors=True)
             previous = find_checkpoints(self.output_dir)
             kept = f"; {previous[-1][1]} is intact" if previous else ""
-            raise DreamBoothError(
-                f"could not write checkpoint {final} ({error.strerror or error}){kept}"
-            ) from None
+            raise DreamBoothError(f"could not write checkpoint {final} ({write_failure(error)}){kept}") from None
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             self.prune()

@@ -5,20 +5,23 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 import infer
 import train_dreambooth
 from conftest import ROOT, TOY_SUBJECT, assert_readable_by_all, train_args
-from dreambooth.checkpoints import MARKER, find_checkpoints, read_loss_history, resolve_resume
+from dreambooth.checkpoints import MARKER, Checkpointer, TrainState, find_checkpoints, read_loss_history, resolve_resume
 from dreambooth.errors import DreamBoothError
 from dreambooth.training import Trainer
 
@@ -377,3 +380,72 @@ def test_failed_final_save_leaves_no_half_pipeline(tiny_model, instance_dir, tmp
     assert not (output / "model_index.json").exists() and not (output / "unet").exists()
     assert not (output / ".pipeline.tmp").exists()
     assert checkpoint_steps(output) == [2]
+
+DISK_FULL = {  # what a full disk raises, as the writers raise it
+    "safetensors": (lambda: SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+                    r"Error while serializing: I/O error: No space left on device \(os error 28\)"),
+    "torch.save": (lambda: RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1216 vs 1114"),
+                   r"\[enforce fail at inline_container.cc:672\] . unexpected pos 1216 vs 1114"),
+}
+
+
+def write_half_then_fail(path, error):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\0" * 512)
+    raise DISK_FULL[error][0]()
+
+
+def small_checkpointer(output, save_models):
+    """A Checkpointer over a real Accelerator training one linear layer: saving it writes optimizer.bin,
+    scheduler.bin and random_states_0.pkl with torch.save, and the weights with ``save_models``."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(4, 4)
+    model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters()))
+    return Checkpointer(accelerator, output, save_models, lambda models, folder: None), model
+
+
+@pytest.mark.parametrize("error", list(DISK_FULL))
+def test_a_full_disk_while_checkpointing_is_a_one_line_error(tmp_path, monkeypatch, error):
+    output = tmp_path / "out"
+
+    def save_weights(models, folder):
+        save_file(models[0].state_dict(), folder / "model.safetensors")
+
+    checkpointer, model = small_checkpointer(output, save_weights)
+    checkpointer.save(TrainState(global_step=2), [model])
+    with monkeypatch.context() as patch:
+        if error == "safetensors":
+            checkpointer._save_models = lambda models, folder: write_half_then_fail(folder / "model.safetensors", error)
+        else:
+            patch.setattr(torch, "save", lambda obj, path, *args, **kwargs: write_half_then_fail(Path(path), error))
+        with pytest.raises(DreamBoothError, match=rf"^could not write checkpoint {re.escape(str(output))}/checkpoint-4 "
+                                                  rf"\({DISK_FULL[error][1]}\); .*checkpoint-2 is intact$"):
+            checkpointer.save(TrainState(global_step=4), [model])
+    assert checkpoint_steps(output) == [2]
+    assert sorted(path.name for path in output.iterdir()) == ["checkpoint-2"]
+
+
+@pytest.mark.parametrize("error", list(DISK_FULL))
+def test_a_full_disk_while_saving_the_trained_model_is_a_one_line_error(tiny_model, tmp_path, monkeypatch, error):
+    from diffusers import DiffusionPipeline
+    from transformers import AutoTokenizer
+
+    from dreambooth.models import publish_file, save_pipeline
+
+    def fails_midway(self, folder, **kwargs):
+        write_half_then_fail(Path(folder) / "unet" / "diffusion_pytorch_model.safetensors", error)
+
+    monkeypatch.setattr(DiffusionPipeline, "save_pretrained", fails_midway)
+    output = tmp_path / "out"
+    output.mkdir()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model, subfolder="tokenizer")
+    with pytest.raises(DreamBoothError, match=rf"^could not save the pipeline to {re.escape(str(output))} "
+                                              rf"\({DISK_FULL[error][1]}\)$"):
+        save_pipeline(output, tiny_model, {}, tokenizer)
+    assert list(output.iterdir()) == []
+    with pytest.raises(DreamBoothError, match=rf"^could not save to {re.escape(str(output))} \({DISK_FULL[error][1]}\)$"):
+        publish_file(lambda folder: write_half_then_fail(folder / "pytorch_lora_weights.safetensors", error), output)
+    assert list(output.iterdir()) == []
+
