@@ -175,6 +175,15 @@ class Checkpointer:
         self._save_models, self._load_models = save_models, load_models
         accelerator.register_save_state_pre_hook(self._save_hook)
         accelerator.register_load_state_pre_hook(self._load_hook)
+        if accelerator.is_main_process:
+            self._remove_unfinished_saves()
+
+    def _remove_unfinished_saves(self) -> None:
+        """A kill mid-save leaves a hidden ``.checkpoint-<step>.tmp`` folder, of any step and gigabytes big;
+        nothing ever resumes from one."""
+        for path in sorted(self.output_dir.glob(f".{PREFIX}*.tmp")):
+            logger.info("removing %s, left by a save that did not finish", path)
+            shutil.rmtree(path, ignore_errors=True)
 
     def _save_hook(self, models, weights, folder) -> None:
         accelerator = self.accelerator

@@ -427,6 +427,16 @@ def test_a_full_disk_while_checkpointing_is_a_one_line_error(tmp_path, monkeypat
     assert sorted(path.name for path in output.iterdir()) == ["checkpoint-2"]
 
 
+def test_a_checkpointer_removes_the_saves_a_kill_left_unfinished(tmp_path):
+    output = tmp_path / "out"
+    for name in (".checkpoint-6.tmp", ".checkpoint-500.tmp"):
+        (output / name / "unet").mkdir(parents=True)
+        (output / name / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"\0" * 1024)
+    (output / ".checkpoint-notes.txt").write_text("not a save")
+    small_checkpointer(output, lambda models, folder: None)
+    assert sorted(path.name for path in output.iterdir()) == [".checkpoint-notes.txt"]
+
+
 @pytest.mark.parametrize("error", list(DISK_FULL))
 def test_a_full_disk_while_saving_the_trained_model_is_a_one_line_error(tiny_model, tmp_path, monkeypatch, error):
     from diffusers import DiffusionPipeline
