@@ -64,8 +64,9 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
         for seed, image in zip(seeds, images):
             metadata = png_metadata(Sampling(prompt, seed, width, height, cfg.num_inference_steps, cfg.guidance_scale,
                                              cfg.scheduler, cfg.negative_prompt), weights)
-            written.append(save_png_atomically(image, output_dir, lambda _, seed=seed: f"{stem}-seed{seed}.png", metadata))
-        grid = save_png_atomically(make_grid(images), output_dir, lambda _: f"{stem}-grid.png")
+            written.append(save_png_atomically(image, output_dir, lambda _, seed=seed: f"{stem}-seed{seed}.png",
+                                               metadata, flag="--output_dir"))
+        grid = save_png_atomically(make_grid(images), output_dir, lambda _: f"{stem}-grid.png", flag="--output_dir")
         print(f"{prompt!r}: {len(images)} image(s) and {grid}")
     print(f"wrote {len(written)} image(s) to {output_dir} (seeds from {base_seed})")
     return written

@@ -14,15 +14,17 @@ import logging
 import re
 import shutil
 import time
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from accelerate.utils import DistributedType
+from safetensors import SafetensorError
 
 from .errors import DreamBoothError, first_reason
-from .models import default_file_mode, whole_model
+from .models import WRITE_ERRORS, default_file_mode, whole_model, write_failure, writing
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +69,7 @@ def find_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
     with --overwrite_output_dir, writes after the higher-numbered checkpoints it abandoned, so
     ``latest`` and pruning follow it. A ``checkpoint-<step>`` folder without a marker was not
     written by this suite (its saves are renamed into place after the marker is written) and is
-    skipped with a warning; other folders and files are ignored."""
+    skipped with a warning, as is one whose marker is malformed; other folders and files are ignored."""
     folder = Path(output_dir)
     if not folder.is_dir():
         return []
@@ -79,25 +81,48 @@ def find_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
         if not (path / MARKER).is_file():
             logger.warning("%s: %s; ignoring it", path, _FOREIGN)
             continue
-        found.append((_serial(path), int(match.group(1)), path))
+        try:
+            serial = _serial(_read_marker(path))
+        except DreamBoothError as error:
+            logger.warning("%s; ignoring %s", error, path.name)
+            continue
+        found.append((serial, int(match.group(1)), path))
     return [(step, path) for _, step, path in sorted(found)]
 
 
-def _serial(checkpoint: Path) -> int:
-    """The checkpoint's place in the order of writing (0 for a marker from before serials)."""
+def _read_marker(checkpoint: Path) -> dict:
+    """The checkpoint's marker, its train state and serial checked; an error naming it where it cannot be
+    read or is malformed (a disk that filled up or a hand edit)."""
+    path = checkpoint / MARKER
     try:
-        return int(json.loads((checkpoint / MARKER).read_text()).get("serial", 0))
-    except (OSError, ValueError, AttributeError):
-        return 0
+        marker = json.loads(path.read_text())
+        if not isinstance(marker, dict):
+            raise TypeError("not a JSON object")
+        TrainState(**marker["train_state"])
+        _serial(marker)
+        return marker
+    except OSError as error:
+        problem = f"cannot be read ({error.strerror or error})"
+    except KeyError as error:
+        problem = f"is malformed (no {error} in it)"
+    except (ValueError, TypeError, AttributeError) as error:  # JSONDecodeError is a ValueError
+        problem = f"is malformed ({first_reason(error)})"
+    raise DreamBoothError(f"{path} {problem}")
+
+
+def _serial(marker: dict) -> int:
+    """The checkpoint's place in the order of writing (0 for a marker from before serials)."""
+    return int(marker.get("serial", 0))
 
 
 def check_checkpoint_fits(checkpoint: Path, use_lora: bool, train_text_encoder: bool) -> None:
     """A checkpoint resumes only the kind of run that saved it: LoRA or full weights, with or
-    without the text encoder."""
+    without the text encoder; and only when its files can be read."""
     from safetensors import safe_open
 
     from .lora import LORA_WEIGHTS
 
+    check_checkpoint_files(checkpoint)
     lora_file = checkpoint / LORA_WEIGHTS
     saved_lora = lora_file.is_file()
     if saved_lora:
@@ -117,6 +142,40 @@ def check_checkpoint_fits(checkpoint: Path, use_lora: bool, train_text_encoder: 
         )
 
 
+def check_checkpoint_files(checkpoint: Path) -> None:
+    """Every file of ``checkpoint`` is whole, as far as can be told without loading it: the headers of
+    safetensors files cover their data, torch.save's zip archives have their directory at the end, JSON
+    files parse. A truncated file (a full disk, an interrupted copy) is an error naming it."""
+    from safetensors import safe_open
+
+    read_state(checkpoint)
+    read_loss_history(checkpoint)
+    for path in sorted(checkpoint.rglob("*")):
+        if not path.is_file() or path.name in (MARKER, LOSS_HISTORY):
+            continue
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(path, "pt") as handle:
+                    handle.keys()
+            elif path.suffix == ".json":
+                json.loads(path.read_text())
+            elif path.suffix in (".bin", ".pkl", ".pt"):
+                _check_zip_archive(path)
+        except (OSError, ValueError, SafetensorError, zipfile.BadZipFile) as error:
+            raise DreamBoothError(f"--resume_from_checkpoint {checkpoint}: {path.relative_to(checkpoint)} cannot be "
+                                  f"read ({first_reason(error)}); resume from another checkpoint") from None
+
+
+def _check_zip_archive(path: Path) -> None:
+    """torch.save writes a zip archive (starting with "PK"), its directory at the end; files in older
+    formats are left to torch.load."""
+    with path.open("rb") as file:
+        if file.read(2) not in (b"PK", b""):
+            return
+    with zipfile.ZipFile(path):
+        pass
+
+
 def resolve_resume(output_dir: str | Path, resume_from: str | None) -> Path | None:
     """The checkpoint folder to resume from: ``latest``, a path, or a name inside ``output_dir``."""
     if not resume_from:
@@ -125,6 +184,10 @@ def resolve_resume(output_dir: str | Path, resume_from: str | None) -> Path | No
         checkpoints = find_checkpoints(output_dir)
         foreign = sorted((int(match.group(1)), path) for path in Path(output_dir).glob(f"{PREFIX}*/")
                          if (match := _NAME.match(path.name)))
+        if not checkpoints and foreign and (foreign[-1][1] / MARKER).is_file():
+            raise DreamBoothError(
+                f"--resume_from_checkpoint latest: {foreign[-1][1] / MARKER} is malformed, and no other checkpoint "
+                f"can be resumed; remove {foreign[-1][1]}, or start a new run in another --output_dir")
         if not checkpoints and foreign:
             raise DreamBoothError(
                 f"--resume_from_checkpoint latest: {foreign[-1][1]} has {_FOREIGN}; start a new run in another "
@@ -144,13 +207,25 @@ def resolve_resume(output_dir: str | Path, resume_from: str | None) -> Path | No
 
 
 def read_state(checkpoint: Path) -> TrainState:
-    return TrainState(**json.loads((checkpoint / MARKER).read_text())["train_state"])
+    try:
+        return TrainState(**_read_marker(checkpoint)["train_state"])
+    except DreamBoothError as error:
+        raise DreamBoothError(f"--resume_from_checkpoint: {error}; resume from another checkpoint") from None
 
 
 def read_loss_history(checkpoint: Path) -> list[tuple[int, float]]:
     """The (step, loss) of every step up to the checkpoint; none from a checkpoint without them."""
     path = checkpoint / LOSS_HISTORY
-    return [(int(step), float(loss)) for step, loss in json.loads(path.read_text())] if path.is_file() else []
+    if not path.is_file():
+        return []
+    try:
+        return [(int(step), float(loss)) for step, loss in json.loads(path.read_text())]
+    except OSError as error:
+        problem = f"cannot be read ({error.strerror or error})"
+    except (ValueError, TypeError) as error:
+        problem = f"is malformed ({first_reason(error)})"
+    raise DreamBoothError(f"--resume_from_checkpoint: {path} {problem}; remove it to resume without the loss "
+                          "curve of the steps before the checkpoint")
 
 
 def all_finite(tensors) -> bool:
@@ -175,6 +250,15 @@ class Checkpointer:
         self._save_models, self._load_models = save_models, load_models
         accelerator.register_save_state_pre_hook(self._save_hook)
         accelerator.register_load_state_pre_hook(self._load_hook)
+        if accelerator.is_main_process:
+            self._remove_unfinished_saves()
+
+    def _remove_unfinished_saves(self) -> None:
+        """A kill mid-save leaves a hidden ``.checkpoint-<step>.tmp`` folder, of any step and gigabytes big;
+        nothing ever resumes from one."""
+        for path in sorted(self.output_dir.glob(f".{PREFIX}*.tmp")):
+            logger.info("removing %s, left by a save that did not finish", path)
+            shutil.rmtree(path, ignore_errors=True)
 
     def _save_hook(self, models, weights, folder) -> None:
         accelerator = self.accelerator
@@ -205,12 +289,13 @@ class Checkpointer:
                 shutil.rmtree(temporary, ignore_errors=True)
                 temporary.mkdir(parents=True)
             accelerator.wait_for_everyone()
-            accelerator.save_state(str(temporary))
+            with writing():
+                accelerator.save_state(str(temporary))
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 (temporary / LOSS_HISTORY).write_text(json.dumps([list(entry) for entry in loss_history]))
                 written = find_checkpoints(self.output_dir)
-                serial = 1 + max((_serial(path) for _, path in written), default=0)
+                serial = 1 + max((_serial(_read_marker(path)) for _, path in written), default=0)
                 marker = {"step": state.global_step, "serial": serial,
                           "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "train_state": asdict(state)}
                 (temporary / MARKER).write_text(json.dumps(marker, indent=1))
@@ -218,14 +303,12 @@ class Checkpointer:
                 if final.exists():
                     shutil.rmtree(final)
                 temporary.rename(final)
-        except OSError as error:
+        except WRITE_ERRORS as error:
             if accelerator.is_main_process:
                 shutil.rmtree(temporary, ignore_errors=True)
             previous = find_checkpoints(self.output_dir)
             kept = f"; {previous[-1][1]} is intact" if previous else ""
-            raise DreamBoothError(
-                f"could not write checkpoint {final} ({error.strerror or error}){kept}"
-            ) from None
+            raise DreamBoothError(f"could not write checkpoint {final} ({write_failure(error)}){kept}") from None
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             self.prune()
@@ -243,18 +326,30 @@ class Checkpointer:
     def load(self, checkpoint: Path, lr_scheduler=None) -> list[tuple[int, float]]:
         """Restore the models, optimizer, schedule and RNG states saved in ``checkpoint``; returns
         the loss history saved with it."""
+        state, history = read_state(checkpoint), read_loss_history(checkpoint)
         try:
             self.accelerator.load_state(str(checkpoint))
-        except (OSError, ValueError, RuntimeError, KeyError) as error:
-            raise DreamBoothError(
-                f"--resume_from_checkpoint {checkpoint}: does not fit this run ({first_reason(error)}); resume "
-                "with the flags it was saved with (--rank, --lora_target_modules, --train_text_encoder, ...)"
-            ) from None
-        state = read_state(checkpoint)
+        except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as error:
+            if _is_mismatch(error):
+                raise DreamBoothError(
+                    f"--resume_from_checkpoint {checkpoint}: does not fit this run ({first_reason(error)}); resume "
+                    "with the flags it was saved with (--rank, --lora_target_modules, --train_text_encoder, ...)"
+                ) from None
+            raise DreamBoothError(f"--resume_from_checkpoint {checkpoint}: its files cannot be read "
+                                  f"({first_reason(error)}); resume from another checkpoint") from None
         if lr_scheduler is not None and state.num_processes != self.accelerator.num_processes:
             _rescale_schedule(lr_scheduler, state.global_step * self.accelerator.num_processes)
         logger.info("resumed from %s at step %d", checkpoint, state.global_step)
-        return read_loss_history(checkpoint)
+        return history
+
+
+_MISMATCHES = ("mismatch", "Missing key", "Unexpected key", "doesn't match", "different number of parameter groups")
+
+
+def _is_mismatch(error: BaseException) -> bool:
+    """Whether loading failed because the checkpoint's weights or optimizer state have other shapes or names
+    than this run's (other flags), rather than because its files are damaged."""
+    return isinstance(error, KeyError) or any(text in str(error) for text in _MISMATCHES)
 
 
 def _rescale_schedule(lr_scheduler, last_epoch: int) -> None:

@@ -508,6 +508,8 @@ class TrainConfig:
             if concept.class_data_dir and Path(concept.class_data_dir).exists() and not Path(
                     concept.class_data_dir).is_dir():
                 raise DreamBoothError(f"--class_data_dir {concept.class_data_dir}: exists and is not a folder")
+            if self.with_prior_preservation:
+                _check_class_folder(concept.class_data_dir, concept.num_class_images)
         if self.dataset_name:
             dataset_examples(self.dataset_name, self.image_column, self.caption_column, self.instance_prompt)
 
@@ -584,6 +586,15 @@ def _importable(module: str) -> bool:
 
 SCHEDULER_NAMES = ("dpm++", "unipc", "ddim", "euler", "euler_a", "pndm", "ddpm")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+
+
+def _check_class_folder(folder: str, num_class_images: int) -> None:
+    """A class folder that class images will be generated into must take them: found now, not after a
+    first batch was generated."""
+    from .data import list_image_files
+
+    if not Path(folder).is_dir() or len(list_image_files(folder, "--class_data_dir")) < num_class_images:
+        check_writable_dir(folder, "--class_data_dir")
 
 
 def check_writable_dir(path: str, flag: str) -> Path:

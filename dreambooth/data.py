@@ -29,13 +29,17 @@ def list_image_files(folder: str | Path, flag: str) -> list[Path]:
     unsupported .gif, a caption named unlike its image), except an image's own companions
     (photo1.txt or photo1.jpg.txt beside photo1.jpg) and metadata.jsonl."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise DreamBoothError(f"{flag} {folder}: folder not found")
     images, others = [], []
-    for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or path.is_dir():
-            continue
-        (images if path.suffix.lower() in IMAGE_EXTENSIONS else others).append(path)
+    try:
+        if not folder.is_dir():
+            raise DreamBoothError(f"{flag} {folder}: folder not found")
+        for path in sorted(folder.iterdir()):
+            if path.name.startswith(".") or path.is_dir():
+                continue
+            (images if path.suffix.lower() in IMAGE_EXTENSIONS else others).append(path)
+    except OSError as error:  # no permission to list the folder (r) or to look at its files (x)
+        raise DreamBoothError(f"{flag} {folder}: cannot read the folder ({error.strerror or error}); "
+                              "check its permissions") from None
     companions_of = {path.stem for path in images} | {path.name for path in images} | {"metadata"}
     skipped = [path for path in others if path.stem not in companions_of]
     if skipped:

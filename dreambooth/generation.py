@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import io
@@ -316,15 +317,22 @@ def _warn_about_other_prompts(folder: Path, images: list[Path], class_prompt: st
                        folder, sum(other.values()), made, class_prompt)
 
 
-def save_png_atomically(image: Image.Image, folder: Path, name_for_hash, pnginfo=None) -> Path:
-    """Write a PNG under a temporary name, then rename: a kill never leaves half a file behind."""
+def save_png_atomically(image: Image.Image, folder: Path, name_for_hash, pnginfo=None, flag: str | None = None) -> Path:
+    """Write a PNG under a temporary name, then rename: a kill never leaves half a file behind, nor does
+    a failed write (a full disk), which is an error naming ``folder`` (and the ``flag`` that gave it)."""
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=pnginfo)
     data = buffer.getvalue()
     path = folder / name_for_hash(hashlib.sha1(data).hexdigest()[:12])
     temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_bytes(data)
-    temporary.replace(path)
+    try:
+        temporary.write_bytes(data)
+        temporary.replace(path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        where = f"{flag} {folder}" if flag else str(folder)
+        raise DreamBoothError(f"{where}: could not write {path.name} ({error.strerror or error})") from None
     return path
 
 
@@ -408,8 +416,4 @@ def _run_class_batches(job: ClassImageJob, batches: list[list[int]], state) -> i
 
 
 def _save_class_image(image: Image.Image, folder: Path, index: int, metadata) -> Path:
-    try:
-        return save_png_atomically(image, folder, lambda digest: f"{index:05d}-{digest}.png", metadata)
-    except OSError as error:
-        raise DreamBoothError(f"--class_data_dir {folder}: could not write class image {index} "
-                              f"({error.strerror or error})") from None
+    return save_png_atomically(image, folder, lambda digest: f"{index:05d}-{digest}.png", metadata, "--class_data_dir")

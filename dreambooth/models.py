@@ -13,10 +13,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors import SafetensorError
 
-from .errors import DreamBoothError
+from .errors import DreamBoothError, first_reason
 
 logger = logging.getLogger(__name__)
+
+# What a failed write of weights raises: OSError, or from safetensors >= 0.8 a SafetensorError
+# ("Error while serializing: I/O error: No space left on device (os error 28)").
+WRITE_ERRORS = (OSError, SafetensorError)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 
@@ -144,6 +149,25 @@ def on_device(modules: list[torch.nn.Module | None], device: torch.device):
 TRAINED_NAMES = ("unet", "text_encoder")
 
 
+@contextlib.contextmanager
+def writing():
+    """Around calls that write with torch.save: it reports a failed write (a full disk: "[enforce fail at
+    inline_container.cc:672] . unexpected pos ...") as a plain RuntimeError, raised here as an OSError so
+    that it is handled like any other. Only around the writing calls: elsewhere a RuntimeError is a bug.
+    Its subclasses (CUDA out of memory, a distributed backend's failure) are not write failures."""
+    try:
+        yield
+    except RuntimeError as error:
+        if type(error) is not RuntimeError:
+            raise
+        raise OSError(first_reason(error)) from error
+
+
+def write_failure(error: BaseException) -> str:
+    """The one-line reason of one of WRITE_ERRORS."""
+    return (error.strerror if isinstance(error, OSError) else None) or first_reason(error)
+
+
 def save_models(models: list[torch.nn.Module], folder: Path) -> None:
     """The trained models (``[unet]`` or ``[unet, text_encoder]``) in diffusers format, one subfolder each."""
     for name, model in zip(TRAINED_NAMES, models):
@@ -192,13 +216,14 @@ def save_pipeline(output_dir: str | Path, base_model: str, trained_states: dict[
     staging = output_dir / ".pipeline.tmp"
     try:
         shutil.rmtree(staging, ignore_errors=True)
-        pipeline.save_pretrained(staging, safe_serialization=True)
+        with writing():
+            pipeline.save_pretrained(staging, safe_serialization=True)
         _load_text_encoder_in_fp32_by_default(staging)
         default_file_mode(staging)
         _publish(staging, output_dir)
-    except OSError as error:
+    except WRITE_ERRORS as error:
         shutil.rmtree(staging, ignore_errors=True)
-        raise DreamBoothError(f"could not save the pipeline to {output_dir} ({error.strerror or error})") from None
+        raise DreamBoothError(f"could not save the pipeline to {output_dir} ({write_failure(error)})") from None
     return output_dir
 
 
@@ -231,11 +256,12 @@ def publish_file(write: Callable[[Path], Path], target_dir: Path) -> Path:
     shutil.rmtree(staging, ignore_errors=True)
     try:
         staging.mkdir(parents=True)
-        written = Path(write(staging))
+        with writing():
+            written = Path(write(staging))
         default_file_mode(written)
         return written.replace(Path(target_dir) / written.name)
-    except OSError as error:
-        raise DreamBoothError(f"could not save to {target_dir} ({error.strerror or error})") from None
+    except WRITE_ERRORS as error:
+        raise DreamBoothError(f"could not save to {target_dir} ({write_failure(error)})") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +12,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .generation import generate, make_grid, set_scheduler
+from .errors import DreamBoothError
+from .generation import generate, make_grid, save_png_atomically, set_scheduler
 from .models import on_device
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class FinalSamples:
 @dataclass(frozen=True)
 class _Drawn:
     step: int | None
-    grid: Path
+    grid: Image.Image
     firsts: tuple[tuple[str, Image.Image], ...]
 
 
@@ -62,7 +62,8 @@ def labelled_grid(rows: list[tuple[str, list[Image.Image]]]) -> Image.Image:
 class ValidationSampler:
     """Draws validation samples from the models being trained, leaving training undisturbed:
     every random number comes from the samples' own seeded generators (and the global RNG
-    state is restored regardless), and the models go back to train mode."""
+    state is restored regardless), and the models go back to train mode. Samples are optional:
+    one that cannot be written or logged (a full disk) is a warning, and training goes on."""
 
     def __init__(self, accelerator, components, trained: list[torch.nn.Module], settings: SampleSettings,
                  output_dir: str | Path):
@@ -120,29 +121,52 @@ class ValidationSampler:
         samples = None
         if self.accelerator.is_main_process:
             if self._latest is None or self._latest.step != step:
-                self._sample_on_main("final", step)
-            grid = self.samples_dir / "final.png"
-            if self._latest.grid != grid:
-                shutil.copyfile(self._latest.grid, grid)
-            by_prompt = []
-            for index, (prompt, image) in enumerate(self._latest.firsts):
-                image.save(self.samples_dir / f"final_{index}.png")
-                by_prompt.append((prompt, self.samples_dir / f"final_{index}.png"))
-            samples = FinalSamples(grid, tuple(by_prompt))
+                grid = self._sample_on_main("final", step)
+            else:
+                grid = self._save(self._latest.grid, "final.png")
+            samples = self._final_samples(grid)
         self.accelerator.wait_for_everyone()
         return samples
 
-    def _sample_on_main(self, name: str, step: int | None) -> Path:
+    def _final_samples(self, grid: Path | None) -> FinalSamples | None:
+        """The final grid with the first image of each row in a file of its own; None where a file
+        could not be written."""
+        if grid is None:
+            return None
+        by_prompt = []
+        for index, (prompt, image) in enumerate(self._latest.firsts):
+            path = self._save(image, f"final_{index}.png")
+            if path is None:
+                return None
+            by_prompt.append((prompt, path))
+        return FinalSamples(grid, tuple(by_prompt))
+
+    def _save(self, image: Image.Image, name: str) -> Path | None:
+        """``samples/<name>``, or None with a warning where it cannot be written (samples are optional)."""
+        try:
+            self.samples_dir.mkdir(parents=True, exist_ok=True)
+            return save_png_atomically(image, self.samples_dir, lambda _: name)
+        except OSError as error:
+            problem = f"{self.samples_dir / name}: could not write it ({error.strerror or error})"
+        except DreamBoothError as error:
+            problem = str(error)  # names the folder, the file and why
+        logger.warning("%s; the run goes on without it", problem)
+        return None
+
+    def _sample_on_main(self, name: str, step: int | None) -> Path | None:
         settings = self.settings
         seeds = [settings.seed + j for j in range(settings.num_images)]
         with self.sampling() as pipeline:
             rows = [(prompt, generate(pipeline, prompt, seeds, settings.resolution, settings.resolution,
                                       settings.num_inference_steps)) for prompt in settings.prompts]
-        self.samples_dir.mkdir(parents=True, exist_ok=True)
-        path = self.samples_dir / f"{name}.png"
-        labelled_grid(rows).save(path)
-        self._log(name, step, rows)
-        self._latest = _Drawn(step, path, tuple((prompt, images[0]) for prompt, images in rows))
+        grid = labelled_grid(rows)
+        path = self._save(grid, f"{name}.png")
+        try:
+            self._log(name, step, rows)
+        except OSError as error:
+            logger.warning("could not log the samples %s to the trackers (%s); training goes on", name,
+                           error.strerror or error)
+        self._latest = _Drawn(step, grid, tuple((prompt, images[0]) for prompt, images in rows))
         return path
 
     def evaluate(self, step: int, evaluation: "TrainingEvaluation") -> dict[str, float] | None:

@@ -5,20 +5,33 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 import infer
 import train_dreambooth
 from conftest import ROOT, TOY_SUBJECT, assert_readable_by_all, train_args
-from dreambooth.checkpoints import MARKER, find_checkpoints, read_loss_history, resolve_resume
+from dreambooth.checkpoints import (
+    LOSS_HISTORY,
+    MARKER,
+    Checkpointer,
+    TrainState,
+    check_checkpoint_fits,
+    find_checkpoints,
+    read_loss_history,
+    read_state,
+    resolve_resume,
+)
 from dreambooth.errors import DreamBoothError
 from dreambooth.training import Trainer
 
@@ -377,3 +390,137 @@ def test_failed_final_save_leaves_no_half_pipeline(tiny_model, instance_dir, tmp
     assert not (output / "model_index.json").exists() and not (output / "unet").exists()
     assert not (output / ".pipeline.tmp").exists()
     assert checkpoint_steps(output) == [2]
+
+
+DISK_FULL = {  # what a full disk raises, as the writers raise it
+    "safetensors": (lambda: SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+                    r"Error while serializing: I/O error: No space left on device \(os error 28\)"),
+    "torch.save": (lambda: RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1216 vs 1114"),
+                   r"\[enforce fail at inline_container.cc:672\] . unexpected pos 1216 vs 1114"),
+}
+
+
+def write_half_then_fail(path, error):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\0" * 512)
+    raise DISK_FULL[error][0]()
+
+
+def small_checkpointer(output, save_models):
+    """A Checkpointer over a real Accelerator training one linear layer: saving it writes optimizer.bin,
+    scheduler.bin and random_states_0.pkl with torch.save, and the weights with ``save_models``."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(4, 4)
+    model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters()))
+    return Checkpointer(accelerator, output, save_models, lambda models, folder: None), model
+
+
+@pytest.mark.parametrize("error", list(DISK_FULL))
+def test_a_full_disk_while_checkpointing_is_a_one_line_error(tmp_path, monkeypatch, error):
+    output = tmp_path / "out"
+
+    def save_weights(models, folder):
+        save_file(models[0].state_dict(), folder / "model.safetensors")
+
+    checkpointer, model = small_checkpointer(output, save_weights)
+    checkpointer.save(TrainState(global_step=2), [model])
+    with monkeypatch.context() as patch:
+        if error == "safetensors":
+            checkpointer._save_models = lambda models, folder: write_half_then_fail(folder / "model.safetensors", error)
+        else:
+            patch.setattr(torch, "save", lambda obj, path, *args, **kwargs: write_half_then_fail(Path(path), error))
+        with pytest.raises(DreamBoothError, match=rf"^could not write checkpoint {re.escape(str(output))}/checkpoint-4 "
+                                                  rf"\({DISK_FULL[error][1]}\); .*checkpoint-2 is intact$"):
+            checkpointer.save(TrainState(global_step=4), [model])
+    assert checkpoint_steps(output) == [2]
+    assert sorted(path.name for path in output.iterdir()) == ["checkpoint-2"]
+
+
+def test_a_checkpointer_removes_the_saves_a_kill_left_unfinished(tmp_path):
+    output = tmp_path / "out"
+    for name in (".checkpoint-6.tmp", ".checkpoint-500.tmp"):
+        (output / name / "unet").mkdir(parents=True)
+        (output / name / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"\0" * 1024)
+    (output / ".checkpoint-notes.txt").write_text("not a save")
+    small_checkpointer(output, lambda models, folder: None)
+    assert sorted(path.name for path in output.iterdir()) == [".checkpoint-notes.txt"]
+
+
+@pytest.mark.parametrize("error", list(DISK_FULL))
+def test_a_full_disk_while_saving_the_trained_model_is_a_one_line_error(tiny_model, tmp_path, monkeypatch, error):
+    from diffusers import DiffusionPipeline
+    from transformers import AutoTokenizer
+
+    from dreambooth.models import publish_file, save_pipeline
+
+    def fails_midway(self, folder, **kwargs):
+        write_half_then_fail(Path(folder) / "unet" / "diffusion_pytorch_model.safetensors", error)
+
+    monkeypatch.setattr(DiffusionPipeline, "save_pretrained", fails_midway)
+    output = tmp_path / "out"
+    output.mkdir()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model, subfolder="tokenizer")
+    with pytest.raises(DreamBoothError, match=rf"^could not save the pipeline to {re.escape(str(output))} "
+                                              rf"\({DISK_FULL[error][1]}\)$"):
+        save_pipeline(output, tiny_model, {}, tokenizer)
+    assert list(output.iterdir()) == []
+    with pytest.raises(DreamBoothError, match=rf"^could not save to {re.escape(str(output))} \({DISK_FULL[error][1]}\)$"):
+        publish_file(lambda folder: write_half_then_fail(folder / "pytorch_lora_weights.safetensors", error), output)
+    assert list(output.iterdir()) == []
+
+
+def fake_checkpoint(output, step: int, serial: int):
+    """A checkpoint folder as Checkpointer.save leaves it, with small files."""
+    folder = output / f"checkpoint-{step}"
+    (folder / "unet").mkdir(parents=True)
+    save_file({"conv.weight": torch.ones(64, 64)}, folder / "unet" / "diffusion_pytorch_model.safetensors")
+    (folder / "unet" / "config.json").write_text("{}")
+    torch.save({"state": {}, "param_groups": []}, folder / "optimizer.bin")
+    (folder / LOSS_HISTORY).write_text(json.dumps([[s, 0.5] for s in range(1, step + 1)]))
+    (folder / MARKER).write_text(json.dumps({"step": step, "serial": serial, "train_state": {"global_step": step}}))
+    return folder
+
+
+def cut_in_half(path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def test_damaged_checkpoint_files_are_named_and_latest_skips_a_malformed_marker(tmp_path, caplog):
+    output = tmp_path / "out"
+    older, newest = fake_checkpoint(output, 2, serial=1), fake_checkpoint(output, 4, serial=2)
+    check_checkpoint_fits(newest, use_lora=False, train_text_encoder=False)
+    cut_in_half(newest / MARKER)
+    assert resolve_resume(output, "latest") == older
+    assert f"{newest / MARKER} is malformed (" in caplog.text
+    with pytest.raises(DreamBoothError, match=rf"^--resume_from_checkpoint: {re.escape(str(newest / MARKER))} is "
+                                              r"malformed \(.*\); resume from another checkpoint$"):
+        read_state(newest)
+
+    for damaged, message in [(LOSS_HISTORY, rf"{re.escape(str(older / LOSS_HISTORY))} is malformed \(.*\); remove it"),
+                             ("unet/diffusion_pytorch_model.safetensors", r"unet/diffusion_pytorch_model.safetensors "
+                                                                          r"cannot be read \(.*header.*\)"),
+                             ("optimizer.bin", r"optimizer.bin cannot be read \(.*zip.*\)")]:
+        saved = (older / damaged).read_bytes()
+        cut_in_half(older / damaged)
+        with pytest.raises(DreamBoothError, match=rf"^--resume_from_checkpoint.*{message}") as caught:
+            check_checkpoint_fits(older, use_lora=False, train_text_encoder=False)
+        assert "\n" not in str(caught.value) and "does not fit" not in str(caught.value)
+        (older / damaged).write_bytes(saved)
+
+
+def test_a_checkpoint_that_fails_to_load_for_another_reason_than_a_mismatch_is_not_said_to_misfit(tmp_path):
+    from types import SimpleNamespace
+
+    checkpoint = fake_checkpoint(tmp_path, 2, serial=1)
+
+    def load_state(folder):
+        raise RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central directory")
+
+    accelerator = SimpleNamespace(is_main_process=True, register_save_state_pre_hook=lambda hook: None,
+                                  register_load_state_pre_hook=lambda hook: None, load_state=load_state)
+    checkpointer = Checkpointer(accelerator, tmp_path, save_models=None, load_models=None)
+    with pytest.raises(DreamBoothError, match=rf"^--resume_from_checkpoint {re.escape(str(checkpoint))}: its files "
+                                              r"cannot be read \(PytorchStreamReader failed .*\); resume from another"):
+        checkpointer.load(checkpoint)

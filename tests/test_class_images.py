@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -289,21 +290,21 @@ def test_a_failure_mid_run_keeps_the_images_already_made(tiny_model, tmp_path, m
 
 
 def test_a_full_disk_is_a_one_line_error_naming_the_folder(tiny_model, tmp_path, monkeypatch):
-    from dreambooth import generation
+    write_bytes = Path.write_bytes
 
-    save = generation.save_png_atomically
+    def disk_full_for_image_3(self, data):
+        if self.name.startswith(".00003-"):
+            write_bytes(self, data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_bytes(self, data)
 
-    def disk_full_for_image_3(image, folder, name_for_hash, pnginfo=None):
-        if name_for_hash("0" * 12).startswith("00003"):
-            raise OSError(28, "No space left on device")
-        return save(image, folder, name_for_hash, pnginfo)
-
-    monkeypatch.setattr(generation, "save_png_atomically", disk_full_for_image_3)
+    monkeypatch.setattr(Path, "write_bytes", disk_full_for_image_3)
     folder = tmp_path / "class"
-    with pytest.raises(DreamBoothError, match=rf"--class_data_dir {re.escape(str(folder))}: could not write "
-                                              r"class image 3 \(No space left on device\)"):
+    with pytest.raises(DreamBoothError, match=rf"^--class_data_dir {re.escape(str(folder))}: could not write "
+                                              r"00003-[0-9a-f]{12}\.png \(No space left on device\)$"):
         generate_class_images.main(class_args(tiny_model, folder))
 
+    # The half-written temporary file is gone with the error.
     assert sorted(generated_indices(contents(folder))) == [0, 1, 2]
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,6 +58,32 @@ def test_sample_grids_at_the_validation_steps(tiny_model, instance_dir, tmp_path
     assert drawn == ["step_2", "step_4"]
     assert (again / "samples" / "final.png").read_bytes() == (again / "samples" / "step_4.png").read_bytes()
     assert_first_images_of_rows(again / "samples" / "step_4.png", again / "samples", 3)
+
+
+def test_a_sample_that_cannot_be_written_or_logged_is_a_warning_and_training_goes_on(tiny_model, instance_dir,
+                                                                                   tmp_path, monkeypatch, caplog):
+    from dreambooth.monitor import ValidationSampler
+
+    write_bytes = Path.write_bytes
+
+    def disk_full_for_step_1(self, data):
+        if self.name == ".step_1.png.tmp":
+            write_bytes(self, data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_bytes(self, data)
+
+    def tracker_fails(self, name, step, rows):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(Path, "write_bytes", disk_full_for_step_1)
+    monkeypatch.setattr(ValidationSampler, "_log", tracker_fails)
+    output = tmp_path / "out"
+    trainer = train_dreambooth.main(train_args(tiny_model, instance_dir, output, *SAMPLES, "--validation_steps", "1"))
+    assert trainer.state.global_step == 2 and (output / "model_index.json").is_file()
+    assert sorted(path.name for path in (output / "samples").iterdir()) == [
+        "final.png", "final_0.png", "final_1.png", "step_2.png"]
+    assert f"{output / 'samples'}: could not write step_1.png (No space left on device)" in caplog.text
+    assert "could not log the samples step_1 to the trackers (Input/output error)" in caplog.text
 
 
 def assert_first_images_of_rows(grid_path, samples, rows: int, size: int = 32) -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -159,3 +162,61 @@ def test_class_flags_without_prior_preservation_are_named_in_a_warning(tiny_mode
     parse_config(TrainConfig, train_args(tiny_model, instance_dir, tmp_path / "out", "--class_prompt",
                                          "a photo of a toy")).validate()
     assert "used only with --with_prior_preservation" in caplog.text
+
+
+@pytest.fixture
+def denied(monkeypatch):
+    """``denied(folder, what)``: reading ``folder`` fails as it does without permission, whether listing it
+    (chmod 000) or looking at a file inside (chmod 444: is_dir on an entry); tests run as root, which
+    chmod does not stop."""
+    def deny(folder: Path, what: str) -> None:
+        def refuse(path):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+        if what == "listing":
+            iterdir = Path.iterdir
+            monkeypatch.setattr(Path, "iterdir", lambda self: refuse(self) if self == folder else iterdir(self))
+        else:
+            is_dir = Path.is_dir
+            monkeypatch.setattr(Path, "is_dir", lambda self: refuse(self) if self.parent == folder else is_dir(self))
+
+    return deny
+
+
+@pytest.mark.parametrize("flag, what", [("--instance_data_dir", "listing"), ("--instance_data_dir", "entries"),
+                                        ("--class_data_dir", "listing")])
+def test_an_unreadable_folder_is_named_with_its_flag(tiny_model, instance_dir, tmp_path, no_model_loading, denied,
+                                                     flag, what):
+    class_dir = tmp_path / "class"
+    class_dir.mkdir()
+    folder = instance_dir if flag == "--instance_data_dir" else class_dir
+    denied(folder, what)
+    run_expecting_error(train_args(tiny_model, instance_dir, tmp_path / "out", "--with_prior_preservation",
+                                   "--class_data_dir", str(class_dir), "--class_prompt", "a photo of a toy"),
+                        rf"^{flag} {re.escape(str(folder))}: cannot read the folder \(Permission denied\)")
+
+
+def test_a_class_folder_to_top_up_must_be_writable_before_anything_is_generated(tiny_model, instance_dir, tmp_path,
+                                                                                no_model_loading, monkeypatch):
+    import tempfile
+
+    from dreambooth.config import TrainConfig, parse_config
+
+    class_dir = tmp_path / "class"
+    class_dir.mkdir()
+    for name in sorted(os.listdir(instance_dir))[:2]:
+        (class_dir / name).write_bytes((instance_dir / name).read_bytes())
+    temporary_file = tempfile.NamedTemporaryFile
+
+    def read_only_class_dir(*args, dir=None, **kwargs):
+        if Path(dir) == class_dir:
+            raise PermissionError(errno.EACCES, "Permission denied", str(dir))
+        return temporary_file(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only_class_dir)
+    args = train_args(tiny_model, instance_dir, tmp_path / "out", "--with_prior_preservation", "--class_data_dir",
+                      str(class_dir), "--class_prompt", "a photo of a toy")
+    run_expecting_error(args + ["--num_class_images", "3"],
+                        rf"^--class_data_dir {re.escape(str(class_dir))}: not writable \(Permission denied\)$")
+    # A folder that already holds enough class images is only read.
+    parse_config(TrainConfig, args + ["--num_class_images", "2"]).validate()
