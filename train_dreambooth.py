@@ -31,6 +31,7 @@ from dreambooth.checkpoints import (
     TrainState,
     adapt_to_process_count,
     all_finite,
+    find_checkpoints,
     read_state,
     resolve_resume,
 )
@@ -253,6 +254,20 @@ def save_trained(cfg: TrainConfig, weights: dict, components: Components) -> Non
     logger.info("saved the trained %s to %s", "LoRA" if cfg.use_lora else "pipeline", cfg.output_dir)
 
 
+def save_final_weights(cfg: TrainConfig, accelerator, trainer: Trainer, components: Components) -> None:
+    """The trained weights, saved; where that fails (a full disk), the error says what can be resumed."""
+    weights = trained_weights(cfg, accelerator, trainer)
+    if not accelerator.is_main_process:
+        return
+    try:
+        save_trained(cfg, weights, components)
+    except DreamBoothError as error:
+        checkpoints = find_checkpoints(cfg.output_dir)
+        last = (f"the last checkpoint is {checkpoints[-1][1].name}: fix that and run the same command with "
+                "--resume_from_checkpoint latest") if checkpoints else "no checkpoint was written"
+        raise DreamBoothError(f"{error}; {last}") from None
+
+
 def hub_repo_id(cfg: TrainConfig) -> str:
     return cfg.hub_model_id or Path(cfg.output_dir).resolve().name
 
@@ -265,11 +280,8 @@ def finish(cfg: TrainConfig, accelerator, trainer: Trainer, components: Componen
         logger.info("stopped at step %d with a checkpoint; to continue, run the same command with "
                     "--resume_from_checkpoint latest", trainer.state.global_step)
         return
-    weights = trained_weights(cfg, accelerator, trainer)
     with GracefulStop(finishing="saving the trained model") as stop:
-        if accelerator.is_main_process:
-            save_trained(cfg, weights, components)
-    del weights
+        save_final_weights(cfg, accelerator, trainer, components)
     stopped = any_process(accelerator, stop.requested)
     final = sampler.final(trainer.state.global_step) if cfg.num_validation_images and not stopped else None
     if accelerator.is_main_process:

@@ -385,7 +385,8 @@ def test_failed_final_save_leaves_no_half_pipeline(tiny_model, instance_dir, tmp
 
     monkeypatch.setattr(DiffusionPipeline, "save_pretrained", fails_midway)
     output = tmp_path / "out"
-    with pytest.raises(DreamBoothError, match="could not save the pipeline.*No space left"):
+    with pytest.raises(DreamBoothError, match="could not save the pipeline.*No space left.*; the last checkpoint is "
+                                              "checkpoint-2: .* --resume_from_checkpoint latest"):
         train_dreambooth.main(train_args(tiny_model, instance_dir, output, "--checkpointing_steps", "2"))
     assert not (output / "model_index.json").exists() and not (output / "unet").exists()
     assert not (output / ".pipeline.tmp").exists()
