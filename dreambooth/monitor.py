@@ -162,7 +162,7 @@ class ValidationSampler:
         grid = labelled_grid(rows)
         path = self._save(grid, f"{name}.png")
         try:
-            self._log(name, step, rows)
+            self._log(step, rows, grid)
         except OSError as error:
             logger.warning("could not log the samples %s to the trackers (%s); training goes on", name,
                            error.strerror or error)
@@ -181,11 +181,12 @@ class ValidationSampler:
         self.accelerator.wait_for_everyone()
         return metrics
 
-    def _log(self, name: str, step: int | None, rows) -> None:
+    def _log(self, step: int | None, rows, grid: Image.Image) -> None:
+        """TensorBoard gets the labelled grid under one tag, so its step slider goes through the run;
+        wandb gets each image with its prompt as caption."""
         for tracker in self.accelerator.trackers:
             if tracker.name == "tensorboard":
-                images = np.stack([np.asarray(image) for _, images in rows for image in images])
-                tracker.writer.add_images(f"samples/{name}", images, step, dataformats="NHWC")
+                tracker.writer.add_image("samples", np.asarray(grid.convert("RGB")), step, dataformats="HWC")
             elif tracker.name == "wandb":
                 import wandb
 

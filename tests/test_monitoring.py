@@ -72,7 +72,7 @@ def test_a_sample_that_cannot_be_written_or_logged_is_a_warning_and_training_goe
             raise OSError(errno.ENOSPC, "No space left on device")
         return write_bytes(self, data)
 
-    def tracker_fails(self, name, step, rows):
+    def tracker_fails(self, step, rows, grid):
         raise OSError(errno.EIO, "Input/output error")
 
     monkeypatch.setattr(Path, "write_bytes", disk_full_for_step_1)
@@ -100,11 +100,17 @@ def test_tracking_logs_interval_metrics_and_a_loss_curve(tiny_model, instance_di
 
     output = tmp_path / "out"
     train_dreambooth.main(train_args(tiny_model, instance_dir, output, "--max_train_steps", "6",
-                                     "--logging_steps", "2", "--report_to", "tensorboard"))
+                                     "--logging_steps", "2", "--report_to", "tensorboard", *SAMPLES,
+                                     "--validation_steps", "4"))
     runs = [path.parent for path in (output / "logs").rglob("events.out.tfevents.*")]
     events = EventAccumulator(str(runs[0])).Reload()
     for tag in ("loss", "lr", "seconds_per_step", "images_per_second"):
         assert [event.step for event in events.Scalars(tag)] == [2, 4, 6], tag
+    # The labelled grids, prompts written above their rows, one tag along the run.
+    logged = events.Images("samples")
+    assert [event.step for event in logged] == [4, 6]
+    grid = Image.open(output / "samples" / "final.png")
+    assert (logged[-1].width, logged[-1].height) == grid.size
     assert Image.open(output / "loss_curve.png").size[0] > 100
 
 
