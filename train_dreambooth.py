@@ -31,7 +31,9 @@ from dreambooth.checkpoints import (
     TrainState,
     adapt_to_process_count,
     all_finite,
+    any_process,
     find_checkpoints,
+    first_failure,
     read_state,
     resolve_resume,
 )
@@ -64,7 +66,6 @@ from dreambooth.training import (
     PromptEncoder,
     Schedule,
     Trainer,
-    any_process,
     build_optimizer,
     freeze_module,
     tracker_config,
@@ -257,15 +258,18 @@ def save_trained(cfg: TrainConfig, weights: dict, components: Components) -> Non
 def save_final_weights(cfg: TrainConfig, accelerator, trainer: Trainer, components: Components) -> None:
     """The trained weights, saved; where that fails (a full disk), the error says what can be resumed."""
     weights = trained_weights(cfg, accelerator, trainer)
-    if not accelerator.is_main_process:
-        return
-    try:
-        save_trained(cfg, weights, components)
-    except DreamBoothError as error:
+    failure = None
+    if accelerator.is_main_process:
+        try:
+            save_trained(cfg, weights, components)
+        except DreamBoothError as error:
+            failure = str(error)
+    failure = first_failure(accelerator, failure)
+    if failure:
         checkpoints = find_checkpoints(cfg.output_dir)
         last = (f"the last checkpoint is {checkpoints[-1][1].name}: fix that and run the same command with "
                 "--resume_from_checkpoint latest") if checkpoints else "no checkpoint was written"
-        raise DreamBoothError(f"{error}; {last}") from None
+        raise DreamBoothError(f"{failure}; {last}")
 
 
 def hub_repo_id(cfg: TrainConfig) -> str:

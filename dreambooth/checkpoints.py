@@ -63,6 +63,25 @@ def adapt_to_process_count(state: TrainState, num_processes: int, checkpoint: Pa
     return TrainState(state.global_step, state.epoch, seen // num_processes, state.data_seed, num_processes)
 
 
+def any_process(accelerator, flag: bool) -> bool:
+    """Whether ``flag`` is set on any process; every process gets the same answer. It waits for the
+    device, so it is for rare moments, not every step (see training.StopAgreement)."""
+    if accelerator.num_processes == 1:
+        return flag
+    total = accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), reduction="sum")
+    return bool(total.item() > 0)
+
+
+def first_failure(accelerator, failure: str | None) -> str | None:
+    """The reason of the first process that failed (``failure`` is this process's, or None), the same
+    on every process: where one process writes alone, all stop with its reason instead of waiting."""
+    if accelerator.num_processes == 1:
+        return failure
+    from accelerate.utils import gather_object
+
+    return next((reason for reason in gather_object([failure]) if reason), None)
+
+
 def find_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
     """Complete checkpoints of ``output_dir`` as (step, path), in the order they were written
     (their markers' serial numbers): a run resumed from an earlier checkpoint, or started afresh
@@ -284,6 +303,7 @@ class Checkpointer:
         temporary = self.output_dir / f".{final.name}.tmp"
         if not all_finite(p for model in trained for p in accelerator.unwrap_model(model).parameters()):
             raise DreamBoothError(f"step {state.global_step}: weights are not finite; not saving a checkpoint")
+        failure = None
         try:
             if accelerator.is_main_process:
                 shutil.rmtree(temporary, ignore_errors=True)
@@ -306,9 +326,12 @@ class Checkpointer:
         except WRITE_ERRORS as error:
             if accelerator.is_main_process:
                 shutil.rmtree(temporary, ignore_errors=True)
+            failure = write_failure(error)
+        failure = first_failure(accelerator, failure)
+        if failure:
             previous = find_checkpoints(self.output_dir)
             kept = f"; {previous[-1][1]} is intact" if previous else ""
-            raise DreamBoothError(f"could not write checkpoint {final} ({write_failure(error)}){kept}") from None
+            raise DreamBoothError(f"could not write checkpoint {final} ({failure}){kept}")
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             self.prune()

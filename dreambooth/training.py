@@ -291,15 +291,6 @@ class StopAgreement:
         return total.item() > 0
 
 
-def any_process(accelerator, flag: bool) -> bool:
-    """Whether ``flag`` is set on any process (every process gets the same answer; one wait for the
-    device, so not for every step: see StopAgreement)."""
-    if accelerator.num_processes == 1:
-        return flag
-    total = accelerator.reduce(torch.tensor(float(flag), device=accelerator.device), reduction="sum")
-    return bool(total.item() > 0)
-
-
 def _copy_to_host(tensor: torch.Tensor) -> tuple[torch.Tensor, Any]:
     """``tensor`` copied to pinned host memory without waiting, and the event that marks the copy
     done (None where the tensor is already on the CPU)."""

@@ -290,6 +290,37 @@ def test_sigterm_to_one_process_stops_all_at_the_same_step(tiny_model, tmp_path)
     assert not (output / "model_index.json").exists()
 
 
+FULL_DISK_ON_THE_MAIN_PROCESS = """
+import errno, sys
+from pathlib import Path
+sys.path.insert(0, {root!r})
+import train_dreambooth
+from dreambooth.cli import run_cli
+
+write_text = Path.write_text
+
+def full_disk(self, *args, **kwargs):
+    if self.name == "loss_history.json":  # written by the main process alone
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return write_text(self, *args, **kwargs)
+
+Path.write_text = full_disk
+sys.exit(run_cli(train_dreambooth.main))
+"""
+
+
+def test_a_checkpoint_the_main_process_cannot_write_stops_every_process(tiny_model, tmp_path):
+    script = tmp_path / "full_disk.py"
+    script.write_text(FULL_DISK_ON_THE_MAIN_PROCESS.format(root=str(ROOT)))
+    data = tmp_path / "instance"
+    shutil.copytree(TOY_SUBJECT, data)
+    result = launch(train_args(tiny_model, data, tmp_path / "out", "--max_train_steps", "4", "--checkpointing_steps",
+                               "2"), script=script, check=False)  # a process left waiting would time out
+    # Every process that got to say it gives the main process's reason (the launcher may end one first).
+    reasons = set(re.findall(r"error: could not write checkpoint \S+ \(([^)]*)\)", result.stderr))
+    assert result.returncode != 0 and reasons == {"No space left on device"}, result.stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def checkpointed_one_process_run(tiny_model, tmp_path_factory) -> tuple[Path, list[str]]:
     """One epoch of the 5 toy images on 1 process, batch 1, a checkpoint after every step."""
