@@ -531,10 +531,9 @@ def save_safetensors_atomically(state_dict: dict[str, torch.Tensor], path: str |
                                 overwrite: bool = False) -> Path:
     """Write to a temporary file beside ``path``, then rename: readers never see half a file. The file gets
     the mode the umask gives new files, not a temporary file's owner-only one."""
-    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    from .models import default_file_mode
+    from .models import WRITE_ERRORS, default_file_mode, write_failure
 
     path = Path(path)
     if path.exists() and not overwrite:
@@ -549,8 +548,8 @@ def save_safetensors_atomically(state_dict: dict[str, torch.Tensor], path: str |
         save_file({key: tensor.contiguous() for key, tensor in state_dict.items()}, temporary, metadata=metadata)
         default_file_mode(Path(temporary))
         os.replace(temporary, path)
-    except (OSError, SafetensorError) as error:
-        raise DreamBoothError(f"--output {path}: could not write ({getattr(error, 'strerror', None) or error})") from None
+    except WRITE_ERRORS as error:
+        raise DreamBoothError(f"--output {path}: could not write ({write_failure(error)})") from None
     finally:
         Path(temporary).unlink(missing_ok=True)
     return path
