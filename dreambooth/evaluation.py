@@ -399,6 +399,8 @@ def format_table(metrics: dict[str, float | None]) -> str:
 def contact_sheet(generations: Sequence[Generation], per_prompt: int = SHEET_IMAGES_PER_PROMPT,
                   thumb: int = 128, label_height: int = 16) -> Image.Image:
     """One row per prompt, in order: its prompt as a label above its first ``per_prompt`` images."""
+    from .generation import fit_text
+
     rows: dict[str, list[Image.Image]] = {}
     for item in generations:
         rows.setdefault(item.prompt, []).append(item.image)
@@ -408,18 +410,10 @@ def contact_sheet(generations: Sequence[Generation], per_prompt: int = SHEET_IMA
     draw = ImageDraw.Draw(sheet)
     for number, (prompt, images) in enumerate(rows.items()):
         top = number * row_height
-        draw.text((2, top + 2), _fit(draw, prompt, columns * thumb - 4), fill="black")
+        draw.text((2, top + 2), fit_text(draw, prompt, columns * thumb - 4), fill="black")
         for column, image in enumerate(images[:columns]):
             sheet.paste(ImageOps.fit(image, (thumb, thumb)), (column * thumb, top + label_height))
     return sheet
-
-
-def _fit(draw: ImageDraw.ImageDraw, text: str, width: int) -> str:
-    if draw.textlength(text) <= width:
-        return text
-    while text and draw.textlength(text + "...") > width:
-        text = text[:-1]
-    return text + "..."
 
 
 def write_report(output_dir: str | Path, metrics: dict, generations: Sequence[Generation], description: dict) -> Path:

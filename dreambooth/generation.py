@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from .data import CorruptImageError, derived_seed, list_image_files, load_image
@@ -209,6 +209,15 @@ def read_prompts(path: str | Path, flag: str) -> list[str]:
     if not prompts:
         raise DreamBoothError(f"{flag}: no prompts in the file")
     return prompts
+
+
+def fit_text(draw: ImageDraw.ImageDraw, text: str, width: int) -> str:
+    """``text`` as it fits in ``width`` pixels, cut with "..." where it is longer."""
+    if draw.textlength(text) <= width:
+        return text
+    while text and draw.textlength(text + "...") > width:
+        text = text[:-1]
+    return text + "..."
 
 
 def make_grid(images: Sequence[Image.Image], columns: int | None = None) -> Image.Image:

@@ -13,7 +13,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .errors import DreamBoothError
-from .generation import generate, make_grid, save_png_atomically, set_scheduler
+from .generation import fit_text, generate, make_grid, save_png_atomically, set_scheduler
 from .models import on_device
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def labelled_grid(rows: list[tuple[str, list[Image.Image]]]) -> Image.Image:
     sheet = Image.new("RGB", (width, sum(image.height + label_height for image in row_images)), "white")
     draw, top = ImageDraw.Draw(sheet), 0
     for (prompt, _), image in zip(rows, row_images):
-        draw.text((4, top + 4), prompt, fill="black")
+        draw.text((4, top + 4), fit_text(draw, prompt, width - 8), fill="black")
         sheet.paste(image, (0, top + label_height))
         top += image.height + label_height
     return sheet

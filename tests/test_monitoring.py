@@ -268,3 +268,21 @@ def test_speed_figures_leave_out_sampling_and_saving(monkeypatch):
         pass
     logs = metrics.read(1)
     assert logs["seconds_per_step"] == 12.0 and logs["images_per_second"] == 4 / 12.0
+
+
+def test_a_row_label_longer_than_its_row_is_cut_with_an_ellipsis():
+    from PIL import ImageDraw
+
+    from dreambooth.generation import fit_text
+    from dreambooth.monitor import labelled_grid
+
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    prompt = "a photo of sks toy on the beach at sunset"
+    assert fit_text(draw, prompt, 1000) == prompt
+    cut = fit_text(draw, prompt, 60)
+    assert cut.endswith("...") and prompt.startswith(cut[:-3]) and draw.textlength(cut) <= 60
+    tiles = [Image.new("RGB", (32, 32), "gray")] * 2
+    grid = labelled_grid([(prompt, tiles)])
+    expected = Image.new("RGB", grid.size, "white")
+    ImageDraw.Draw(expected).text((4, 4), fit_text(draw, prompt, 64 - 8), fill="black")
+    assert list(grid.crop((0, 0, 64, 20)).getdata()) == list(expected.crop((0, 0, 64, 20)).getdata())
