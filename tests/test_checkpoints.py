@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -163,6 +164,11 @@ def test_checkpoint_holds_diffusers_weights_and_samples_with_infer(tiny_model, i
     written = infer.main(["--checkpoint", str(checkpoint), "--prompt", "a photo of sks toy", "--num_images_per_prompt",
                           "1", "--num_inference_steps", "2", "--seed", "0", "--output_dir", str(tmp_path / "samples")])
     assert len(written) == 1 and written[0].is_file()
+    # The image names the checkpoint that drew it and its base, by name only.
+    info = Image.open(written[0]).info
+    assert info["parameters"].endswith("Model: checkpoint-2")
+    assert (info["checkpoint"], info["base_model"]) == ("checkpoint-2", Path(tiny_model).name)
+    assert not any(str(tmp_path) in value or str(Path(tiny_model).parent) in value for value in info.values())
 
 
 def test_total_limit_keeps_the_newest(tiny_model, instance_dir, tmp_path):
