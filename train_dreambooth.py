@@ -272,10 +272,6 @@ def save_final_weights(cfg: TrainConfig, accelerator, trainer: Trainer, componen
         raise DreamBoothError(f"{failure}; {last}")
 
 
-def hub_repo_id(cfg: TrainConfig) -> str:
-    return cfg.hub_model_id or Path(cfg.output_dir).resolve().name
-
-
 def finish(cfg: TrainConfig, accelerator, trainer: Trainer, components: Components,
            sampler: ValidationSampler | None) -> None:
     """The trained weights first (a signal now waits for them), then the final samples, loss curve,
@@ -296,10 +292,10 @@ def finish(cfg: TrainConfig, accelerator, trainer: Trainer, components: Componen
             num_processes=accelerator.num_processes,
             mixed_precision=accelerator.mixed_precision, max_train_steps=trainer.state.global_step,
             sample_images=[final.grid] if final else [], prompt_samples=final.by_prompt if final else [],
-            rank=cfg.rank if cfg.use_lora else None, hub_model_id=hub_repo_id(cfg) if cfg.push_to_hub else None,
+            rank=cfg.rank if cfg.use_lora else None, hub_model_id=cfg.hub_repo_id() if cfg.push_to_hub else None,
         ))
         if cfg.push_to_hub and not stopped:
-            url = push_output(cfg.output_dir, hub_repo_id(cfg), cfg.hub_token, cfg.hub_private_repo,
+            url = push_output(cfg.output_dir, cfg.hub_repo_id(), cfg.hub_token, cfg.hub_private_repo,
                               cfg.push_checkpoints)
             logger.info("uploaded to %s", url)
     if stopped:

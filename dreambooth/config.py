@@ -460,15 +460,16 @@ class TrainConfig:
         if self.report_to not in {str(tracker.value) for tracker in get_available_trackers()}:
             raise DreamBoothError(f"--report_to {self.report_to}: it is not installed (pip install {self.report_to})")
 
+    def hub_repo_id(self) -> str:
+        """The repo a push goes to: --hub_model_id, else the output folder's name."""
+        return self.hub_model_id or Path(self.output_dir).resolve().name
+
     def _check_hub(self) -> None:
         """What the push after training needs, checked before training: a repo id and a token."""
         from huggingface_hub import get_token
 
-        if self.hub_model_id:
-            check_repo_id(self.hub_model_id, "--hub_model_id")
-        else:
-            check_repo_id(Path(self.output_dir).resolve().name, "--push_to_hub without --hub_model_id: the "
-                          "--output_dir name")
+        check_repo_id(self.hub_repo_id(), "--hub_model_id" if self.hub_model_id else
+                      "--push_to_hub without --hub_model_id: the --output_dir name")
         if not (self.hub_token or get_token()):
             raise DreamBoothError("--push_to_hub: no Hub token; run `hf auth login`, set HF_TOKEN or pass --hub_token")
 
