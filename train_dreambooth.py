@@ -42,7 +42,7 @@ from dreambooth.config import TrainConfig, config_to_dict, parse_config, save_co
 from dreambooth.caching import CachedLatents, VaeLatents
 from dreambooth.concepts import build_dataloader, training_items
 from dreambooth.data import DreamBoothDataset
-from dreambooth.engine import create_accelerator
+from dreambooth.engine import create_accelerator, with_engine_defaults
 from dreambooth.errors import DreamBoothError
 from dreambooth.generation import ClassImageJob, generate_class_images
 from dreambooth.hub import card_info_from_config, push_output, write_model_card
@@ -310,6 +310,7 @@ def main(argv: Sequence[str] | None = None) -> Trainer:
     cfg = parse_config(TrainConfig, argv, __doc__)
     cfg.validate()
     accelerator = create_accelerator(cfg)
+    cfg = with_engine_defaults(cfg, accelerator)
     state, resume = start_state(cfg, accelerator)
     if cfg.seed is not None:
         from accelerate.utils import set_seed

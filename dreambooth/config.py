@@ -251,7 +251,8 @@ class TrainConfig:
         [], "Prompt for samples during training; repeat the flag for several "
         "(default: each concept's instance prompt, and that prompt 'on the beach').", action="extend",
     )
-    num_validation_images: int = _field(4, "Samples per validation prompt (0 turns sampling off).")
+    num_validation_images: Optional[int] = _field(
+        None, "Samples per validation prompt (default 4, none under FSDP; 0 turns sampling off).")
     validation_steps: int = _field(100, "Sample every N steps; a final grid is always made.")
     validation_seed: int = _field(0, "Seed of the validation samples (image j uses seed + j).")
     validation_scheduler: str = _field("dpm++", "Sampler for validation samples.")
@@ -412,11 +413,11 @@ class TrainConfig:
             raise DreamBoothError("--lora_target_modules: name at least one module")
         if not 0 <= self.lora_dropout < 1:
             raise DreamBoothError(f"--lora_dropout {self.lora_dropout}: must be in [0, 1)")
-        if self.num_validation_images < 0 or self.validation_steps < 1 or self.logging_steps < 1:
+        if (self.num_validation_images or 0) < 0 or self.validation_steps < 1 or self.logging_steps < 1:
             raise DreamBoothError(
                 "--num_validation_images must not be negative; --validation_steps and --logging_steps must be at least 1"
             )
-        if self.num_validation_images or self.eval_steps:
+        if self.num_validation_images != 0 or self.eval_steps:
             _check_generation_numbers(8, self.validation_inference_steps, self.validation_scheduler,
                                       flags=("--resolution", "--validation_inference_steps", "--validation_scheduler"))
         if self.eval_steps is not None:

@@ -3,6 +3,7 @@ FSDP) cannot run, refused before anything loads."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -37,6 +38,19 @@ def create_accelerator(cfg: TrainConfig):
     return accelerator
 
 
+def with_engine_defaults(cfg: TrainConfig, accelerator) -> TrainConfig:
+    """The config with the defaults that depend on the engine filled in: 4 validation samples per
+    prompt, or none under FSDP, whose sharded weights the main process cannot sample alone."""
+    from accelerate.utils import DistributedType
+
+    if cfg.num_validation_images is not None:
+        return cfg
+    if accelerator.distributed_type == DistributedType.FSDP:
+        logging.getLogger("dreambooth").info("FSDP: no validation samples (sample checkpoints with infer.py)")
+        return dataclasses.replace(cfg, num_validation_images=0)
+    return dataclasses.replace(cfg, num_validation_images=4)
+
+
 def check_engine_support(cfg: TrainConfig, accelerator) -> None:
     """Flags this run's engine (one process or several, DeepSpeed, FSDP) cannot combine, said before anything loads."""
     from accelerate.utils import DistributedType
@@ -59,5 +73,5 @@ def check_engine_support(cfg: TrainConfig, accelerator) -> None:
                               "use a DDP config (examples/accelerate/multi_gpu.yaml)")
     if engine == "FSDP" and (cfg.num_validation_images or cfg.eval_steps):
         raise DreamBoothError("validation samples and --eval_steps are drawn by the main process alone, which "
-                              "sharded FSDP models cannot do; pass --num_validation_images 0 and no --eval_steps "
+                              "sharded FSDP models cannot do; drop --num_validation_images and --eval_steps "
                               "(sample and score checkpoints with infer.py and evaluate.py instead)")

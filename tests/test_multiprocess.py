@@ -28,7 +28,7 @@ import train_dreambooth
 from conftest import ROOT, TOY_SUBJECT, train_args
 from dreambooth.checkpoints import MARKER
 from dreambooth.config import TrainConfig, parse_config
-from dreambooth.engine import check_engine_support
+from dreambooth.engine import check_engine_support, with_engine_defaults
 from dreambooth.errors import DreamBoothError
 
 pytestmark = pytest.mark.slow
@@ -439,8 +439,8 @@ def assert_fsdp2_can_wrap_what_the_policy_picks(plugin) -> None:
 @pytest.mark.parametrize("engine, flags, message", [
     ("FSDP", ["--train_text_encoder"], "--train_text_encoder trains two models"),
     ("FSDP", ["--use_lora"], "--use_lora trains adapters of a few MB"),
-    ("FSDP", ["--num_validation_images", "2"], "pass --num_validation_images 0 and no --eval_steps"),
-    ("FSDP", ["--eval_steps", "100"], "pass --num_validation_images 0 and no --eval_steps"),
+    ("FSDP", ["--num_validation_images", "2"], "drop --num_validation_images and --eval_steps"),
+    ("FSDP", ["--eval_steps", "100"], "drop --num_validation_images and --eval_steps"),
     ("DEEPSPEED", ["--use_8bit_adam"], "--use_8bit_adam cannot be combined with DeepSpeed"),
     ("DEEPSPEED", ["--train_text_encoder"], "Accelerate's DeepSpeed engine takes one"),
 ])
@@ -455,3 +455,19 @@ def test_engines_refuse_what_they_cannot_run_before_loading(tiny_model, tmp_path
     # DDP runs them all.
     check_engine_support(cfg, SimpleNamespace(distributed_type=DistributedType.MULTI_GPU,
                                                                num_processes=2))
+
+
+def test_fsdp_runs_without_validation_samples_unless_asked(tiny_model, tmp_path):
+    from accelerate.utils import DistributedType
+
+    args = train_args(tiny_model, TOY_SUBJECT, tmp_path / "out")
+    at = args.index("--num_validation_images")
+    del args[at:at + 2]
+    cfg = parse_config(TrainConfig, args)
+    cfg.validate()
+    fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP, num_processes=2)
+    ddp = SimpleNamespace(distributed_type=DistributedType.MULTI_GPU, num_processes=2)
+    assert with_engine_defaults(cfg, ddp).num_validation_images == 4
+    check_engine_support(with_engine_defaults(cfg, fsdp), fsdp)
+    assert with_engine_defaults(cfg, fsdp).num_validation_images == 0
+    assert cfg.num_validation_images is None  # the parsed config itself is left as given
