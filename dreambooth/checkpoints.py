@@ -24,7 +24,7 @@ from accelerate.utils import DistributedType
 from safetensors import SafetensorError
 
 from .errors import DreamBoothError, first_reason
-from .models import WRITE_ERRORS, default_file_mode, whole_model, write_failure, writing
+from .models import WRITE_ERRORS, seal, sync_folder, whole_model, write_failure, writing
 
 logger = logging.getLogger(__name__)
 
@@ -319,10 +319,11 @@ class Checkpointer:
                 marker = {"step": state.global_step, "serial": serial,
                           "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "train_state": asdict(state)}
                 (temporary / MARKER).write_text(json.dumps(marker, indent=1))
-                default_file_mode(temporary)
+                seal(temporary)
                 if final.exists():
                     shutil.rmtree(final)
                 temporary.rename(final)
+                sync_folder(self.output_dir)
         except WRITE_ERRORS as error:
             if accelerator.is_main_process:
                 shutil.rmtree(temporary, ignore_errors=True)

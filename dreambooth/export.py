@@ -533,7 +533,7 @@ def save_safetensors_atomically(state_dict: dict[str, torch.Tensor], path: str |
     the mode the umask gives new files, not a temporary file's owner-only one."""
     from safetensors.torch import save_file
 
-    from .models import WRITE_ERRORS, default_file_mode, write_failure
+    from .models import WRITE_ERRORS, seal, sync_folder, write_failure
 
     path = Path(path)
     if path.exists() and not overwrite:
@@ -546,8 +546,9 @@ def save_safetensors_atomically(state_dict: dict[str, torch.Tensor], path: str |
         raise DreamBoothError(f"--output {path}: cannot write there ({error.strerror or error})") from None
     try:
         save_file({key: tensor.contiguous() for key, tensor in state_dict.items()}, temporary, metadata=metadata)
-        default_file_mode(Path(temporary))
+        seal(Path(temporary))
         os.replace(temporary, path)
+        sync_folder(path.parent)
     except WRITE_ERRORS as error:
         raise DreamBoothError(f"--output {path}: could not write ({write_failure(error)})") from None
     finally:

@@ -219,7 +219,7 @@ def save_pipeline(output_dir: str | Path, base_model: str, trained_states: dict[
         with writing():
             pipeline.save_pretrained(staging, safe_serialization=True)
         _load_text_encoder_in_fp32_by_default(staging)
-        default_file_mode(staging)
+        seal(staging)
         _publish(staging, output_dir)
     except WRITE_ERRORS as error:
         shutil.rmtree(staging, ignore_errors=True)
@@ -238,15 +238,33 @@ def _load_text_encoder_in_fp32_by_default(folder: Path) -> None:
         config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def default_file_mode(path: Path) -> None:
-    """Give ``path``'s .safetensors files (``path`` itself, or every one below it) the mode the umask gives
-    new files. safetensors >= 0.8 writes them owner-only (safetensors/safetensors#782), which locks out a
-    web UI or inference server running as another user."""
+def seal(path: Path) -> None:
+    """Make ``path`` (a file, or a folder and everything in it) ready to be renamed into view: the file,
+    or the folder's .safetensors files, get the mode the umask gives new files, and every file reaches the disk. safetensors
+    >= 0.8 writes files owner-only (safetensors/safetensors#782), which locks out a web UI or inference
+    server running as another user; and without the flush, a power cut soon after the rename can leave
+    the published name over empty files, where the previous checkpoint was intact."""
     mask = os.umask(0)
     os.umask(mask)
-    files = [path] if path.is_file() else path.rglob("*.safetensors")
+    files = [path] if path.is_file() else sorted(entry for entry in path.rglob("*") if entry.is_file())
     for file in files:
-        os.chmod(file, 0o666 & ~mask)
+        if file.suffix == ".safetensors" or file == path:
+            os.chmod(file, 0o666 & ~mask)
+        descriptor = os.open(file, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+def sync_folder(folder: Path) -> None:
+    """Flush ``folder``'s entries (a rename into it) to the disk, where the system allows it."""
+    with contextlib.suppress(OSError):
+        descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
 
 
 def publish_file(write: Callable[[Path], Path], target_dir: Path) -> Path:
@@ -258,8 +276,10 @@ def publish_file(write: Callable[[Path], Path], target_dir: Path) -> Path:
         staging.mkdir(parents=True)
         with writing():
             written = Path(write(staging))
-        default_file_mode(written)
-        return written.replace(Path(target_dir) / written.name)
+        seal(written)
+        published = written.replace(Path(target_dir) / written.name)
+        sync_folder(Path(target_dir))
+        return published
     except WRITE_ERRORS as error:
         raise DreamBoothError(f"could not save to {target_dir} ({write_failure(error)})") from None
     finally:
@@ -276,5 +296,7 @@ def _publish(staging: Path, target: Path) -> None:
         if destination.is_dir():
             shutil.rmtree(destination)
         entry.replace(destination)
+    sync_folder(target)
     (staging / "model_index.json").replace(target / "model_index.json")
+    sync_folder(target)
     staging.rmdir()

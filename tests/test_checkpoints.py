@@ -445,6 +445,24 @@ def test_a_full_disk_while_checkpointing_is_a_one_line_error(tmp_path, monkeypat
     assert sorted(path.name for path in output.iterdir()) == ["checkpoint-2"]
 
 
+def test_a_checkpoint_reaches_the_disk_before_its_name_appears(tmp_path, monkeypatch):
+    """Every file is flushed under the hidden name, then the rename: a power cut never leaves
+    checkpoint-N naming files the disk does not hold."""
+    output = tmp_path / "out"
+    checkpointer, model = small_checkpointer(
+        output, lambda models, folder: save_file(models[0].state_dict(), folder / "model.safetensors"))
+    flushed = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: flushed.append(Path(os.readlink(f"/proc/self/fd/{fd}"))) or
+                        real_fsync(fd))
+    final = checkpointer.save(TrainState(global_step=3), [model])
+    hidden = output / ".checkpoint-3.tmp"
+    written = {path.relative_to(final) for path in final.rglob("*") if path.is_file()}
+    assert {"model.safetensors", "optimizer.bin", MARKER} <= {path.name for path in written}
+    assert {path.relative_to(hidden) for path in flushed if path.is_relative_to(hidden)} == written
+    assert flushed[-1] == output  # the rename itself
+
+
 def test_a_checkpointer_removes_the_saves_a_kill_left_unfinished(tmp_path):
     output = tmp_path / "out"
     for name in (".checkpoint-6.tmp", ".checkpoint-500.tmp"):
