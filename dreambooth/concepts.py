@@ -26,6 +26,7 @@ from .data import (
     Example,
     examples_from_folder,
     list_image_files,
+    path_kind,
 )
 from .errors import DreamBoothError
 
@@ -50,10 +51,12 @@ _WHOLE_NUMBERS = ("num_class_images", "repeats")
 def load_concepts_list(path: str) -> list[Concept]:
     """Parse and check a --concepts_list file (JSON or YAML: a list of mappings)."""
     file = Path(path)
-    if not file.is_file():
+    if path_kind(file, f"--concepts_list {path}") != "file":
         raise DreamBoothError(f"--concepts_list {path}: file not found")
     try:
         entries = yaml.safe_load(file.read_text(encoding="utf-8"))  # JSON is YAML too
+    except OSError as error:
+        raise DreamBoothError(f"--concepts_list {path}: cannot read it ({error.strerror or error})") from None
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise DreamBoothError(f"--concepts_list {path}: not valid JSON or YAML ({str(error).splitlines()[0]})") from None
     if not isinstance(entries, list) or not entries:
@@ -85,10 +88,13 @@ def check_concepts(concepts: Sequence[Concept], with_prior_preservation: bool, c
     Errors name the flag for the single-concept flags, or the file and concept for a list."""
     seen: dict[Path, int] = {}
     for number, concept in enumerate(concepts):
-        def problem(key: str, value: Any, text: str) -> DreamBoothError:
+        def named(key: str, value: Any) -> str:
             if concepts_list is None:
-                return DreamBoothError(f"--{key} {value}: {text}")
-            return DreamBoothError(f"--concepts_list {concepts_list}, concept {number}: {key} {value}: {text}")
+                return f"--{key} {value}"
+            return f"--concepts_list {concepts_list}, concept {number}: {key} {value}"
+
+        def problem(key: str, value: Any, text: str) -> DreamBoothError:
+            return DreamBoothError(f"{named(key, value)}: {text}")
 
         if not str(concept.instance_prompt).strip():
             raise problem("instance_prompt", repr(concept.instance_prompt), "must not be empty")
@@ -96,7 +102,7 @@ def check_concepts(concepts: Sequence[Concept], with_prior_preservation: bool, c
             raise problem("repeats", concept.repeats, "must be at least 1")
         if concept.instance_data_dir is not None:
             folder = Path(concept.instance_data_dir).resolve()
-            if not folder.is_dir():
+            if path_kind(folder, named("instance_data_dir", concept.instance_data_dir)) != "folder":
                 raise problem("instance_data_dir", concept.instance_data_dir, "folder not found")
             if folder in seen:
                 raise problem("instance_data_dir", concept.instance_data_dir,
@@ -145,6 +151,8 @@ def _read_text(path: Path) -> str:
         return path.read_text(encoding="utf-8-sig").strip()
     except UnicodeDecodeError:
         raise DreamBoothError(f"{path}: caption file is not UTF-8 text; re-save it as UTF-8") from None
+    except OSError as error:
+        raise DreamBoothError(f"{path}: cannot read it ({error.strerror or error}); check its permissions") from None
 
 
 def metadata_captions(folder: Path, column: str) -> dict[str, str | None]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,6 +26,19 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 
 
+def path_kind(path: str | Path, name: str) -> str | None:
+    """"folder", "file", or None when nothing is there. A path that cannot be looked at, as when a
+    folder above it may not be entered, is a DreamBoothError beginning with ``name``."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as error:
+        raise DreamBoothError(f"{name}: cannot reach it ({error.strerror or error}); check the permissions of "
+                              "the folders above it") from None
+    return "folder" if stat.S_ISDIR(mode) else "file"
+
+
 def list_image_files(folder: str | Path, flag: str) -> list[Path]:
     """Image files of ``folder`` in name order. Other files are skipped with a warning (an
     unsupported .gif, a caption named unlike its image), except an image's own companions
@@ -39,7 +54,7 @@ def list_image_files(folder: str | Path, flag: str) -> list[Path]:
             (images if path.suffix.lower() in IMAGE_EXTENSIONS else others).append(path)
     except OSError as error:  # no permission to list the folder (r) or to look at its files (x)
         raise DreamBoothError(f"{flag} {folder}: cannot read the folder ({error.strerror or error}); "
-                              "check its permissions") from None
+                              "check the permissions of it and of the folders above it") from None
     companions_of = {path.stem for path in images} | {path.name for path in images} | {"metadata"}
     skipped = [path for path in others if path.stem not in companions_of]
     if skipped:

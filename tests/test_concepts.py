@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
 import re
 import shutil
 from collections import Counter
@@ -272,3 +274,54 @@ def test_duplicate_instance_dir_and_non_utf8_caption(tiny_model, tmp_path):
     (folder / "img_0.txt").write_bytes("sks toy caf\xe9".encode("latin-1"))
     with pytest.raises(DreamBoothError, match=r"img_0\.txt: caption file is not UTF-8"):
         train_dreambooth.main([*base, "--instance_data_dir", str(folder), "--instance_prompt", "a"])
+
+
+@pytest.fixture
+def as_a_user():
+    """Permissions apply to this test as to any user: a root run drops, for this thread, the
+    capabilities that let root read and enter any folder (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH)."""
+    if os.geteuid() != 0:
+        yield
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
+    sets = (ctypes.c_uint32 * 6)()  # (effective, permitted, inheritable) for capabilities 0-31, then 32-63
+    if libc.capget(header, sets) != 0:
+        pytest.skip("cannot read this thread's capabilities")
+    effective = sets[0]
+    sets[0] &= ~(1 << 1 | 1 << 2)
+    if libc.capset(header, sets) != 0:
+        pytest.skip("cannot drop root's permission override")
+    yield
+    sets[0] = effective
+    libc.capset(header, sets)
+
+
+@pytest.mark.parametrize("locked", ["instance_data_dir", "class_data_dir", "concepts_list"])
+def test_a_folder_inside_one_that_cannot_be_entered_is_one_line_naming_it(tiny_model, tmp_path, as_a_user, locked):
+    inside = tmp_path / "locked"
+    paths = {"instance_data_dir": make_images(tmp_path / "toy", 1), "class_data_dir": tmp_path / "toys",
+             "concepts_list": tmp_path / "concepts.yaml"}
+    paths[locked] = make_images(inside / "folder", 1) if locked != "concepts_list" else inside / "concepts.yaml"
+    inside.mkdir(exist_ok=True)
+    paths["concepts_list"].write_text(json.dumps([{
+        "instance_data_dir": str(paths["instance_data_dir"]), "instance_prompt": "a sks toy",
+        "class_data_dir": str(paths["class_data_dir"]), "class_prompt": "a toy"}]))
+    inside.chmod(0)
+    try:
+        with pytest.raises(DreamBoothError) as caught:
+            parse_config(TrainConfig, ["--pretrained_model_name_or_path", tiny_model, "--output_dir",
+                                       str(tmp_path / "out"), "--concepts_list", str(paths["concepts_list"]),
+                                       "--with_prior_preservation"]).validate()
+    finally:
+        inside.chmod(0o755)
+    assert re.search(rf"{locked} {re.escape(str(paths[locked]))}: cannot reach it \(Permission denied\); check "
+                     "the permissions of the folders above it$", str(caught.value)), caught.value
+
+
+def test_an_unreadable_caption_file_is_one_line_naming_it(tmp_path, as_a_user):
+    folder = make_images(tmp_path / "photos", 1)
+    (folder / "img_0.txt").write_text("sks toy")
+    (folder / "img_0.txt").chmod(0)
+    with pytest.raises(DreamBoothError, match=r"img_0\.txt: cannot read it \(Permission denied\)"):
+        instance_examples(Concept("a sks toy", str(folder)), 0, ".txt", "text")
