@@ -83,6 +83,22 @@ def load_concepts_list(path: str) -> list[Concept]:
     return concepts
 
 
+def save_concepts_list(concepts: Sequence[Concept], path: str | Path) -> Path:
+    """``concepts`` as a --concepts_list file whose folders are absolute: it gives the same images
+    whatever the current folder (relative folders in a list are relative to it, as in diffusers)."""
+    entries = []
+    for concept in concepts:
+        entry = {key: value for key, value in dataclasses.asdict(concept).items() if value is not None}
+        for key in ("instance_data_dir", "class_data_dir"):
+            if key in entry:
+                entry[key] = str(Path(entry[key]).resolve())
+        entries.append(entry)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(entries, sort_keys=False), encoding="utf-8")
+    return path
+
+
 def check_concepts(concepts: Sequence[Concept], with_prior_preservation: bool, concepts_list: str | None) -> None:
     """Problems a concept can have before any image is read: missing folders, duplicates, bad numbers.
     Errors name the flag for the single-concept flags, or the file and concept for a list."""

@@ -177,11 +177,28 @@ def save_config(config: Any, path: str | Path) -> Path:
     return path
 
 
+def save_train_config(cfg: "TrainConfig") -> Path:
+    """The run's ``train_config.yaml`` in its output folder, local paths absolute, so that ``--config``
+    repeats the run from any current folder. A --concepts_list is saved beside it with absolute
+    folders, and the saved config names that copy."""
+    from .concepts import save_concepts_list
+
+    output = Path(cfg.output_dir)
+    saved = cfg.with_absolute_paths()
+    if cfg.concepts_list:
+        concepts_list = save_concepts_list(cfg.concepts(), output / SAVED_CONCEPTS_LIST)
+        saved = dataclasses.replace(saved, concepts_list=str(concepts_list.resolve()))
+    return save_config(saved, output / "train_config.yaml")
+
+
 def _field(default: Any, help: str, **metadata: Any) -> Any:
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help, **metadata})
     return dataclasses.field(default=default, metadata={"help": help, **metadata})
 
+
+# A --concepts_list run's concepts as train_config.yaml's --concepts_list gives them, beside it.
+SAVED_CONCEPTS_LIST = "concepts_list.yaml"
 
 MixedPrecision = Literal["no", "fp16", "bf16"]
 

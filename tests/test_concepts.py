@@ -11,6 +11,7 @@ from collections import Counter
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 import train_dreambooth
@@ -325,3 +326,30 @@ def test_an_unreadable_caption_file_is_one_line_naming_it(tmp_path, as_a_user):
     (folder / "img_0.txt").chmod(0)
     with pytest.raises(DreamBoothError, match=r"img_0\.txt: cannot read it \(Permission denied\)"):
         instance_examples(Concept("a sks toy", str(folder)), 0, ".txt", "text")
+
+
+def test_a_saved_concepts_run_finds_its_folders_from_anywhere_and_uploads_none_of_them(tmp_path, monkeypatch):
+    from dreambooth.config import save_train_config
+    from dreambooth.hub import public_copies, upload_list
+
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    make_images(project / "toy", 1), make_images(elsewhere / "toy", 1, colour=(0, 0, 200))
+    (project / "lists").mkdir()
+    (project / "lists" / "concepts.yaml").write_text(
+        "- {instance_data_dir: toy, instance_prompt: a sks toy, class_data_dir: toys, class_prompt: a toy}\n")
+    monkeypatch.chdir(project)
+    cfg = parse_config(TrainConfig, ["--concepts_list", "lists/concepts.yaml", "--output_dir", "out"])
+    save_train_config(cfg)
+
+    monkeypatch.chdir(elsewhere)  # holds a toy/ of its own, which a resumed run must not take
+    resumed = parse_config(TrainConfig, ["--config", str(project / "out" / "train_config.yaml")])
+    assert resumed.concepts_list == str(project / "out" / "concepts_list.yaml")
+    assert [(concept.instance_data_dir, concept.class_data_dir) for concept in resumed.concepts()] == [
+        (str(project / "toy"), str(project / "toys"))]
+    assert load_concepts_list(str(project / "lists" / "concepts.yaml"))[0].instance_data_dir == "toy"  # untouched
+    uploaded = public_copies(project / "out", upload_list(project / "out", []))
+    assert yaml.safe_load(uploaded["concepts_list.yaml"]) == [
+        {"instance_prompt": "a sks toy", "instance_data_dir": "toy", "class_data_dir": "toys", "class_prompt": "a toy",
+         "num_class_images": 100, "repeats": 1}]
+    assert yaml.safe_load(uploaded["train_config.yaml"])["concepts_list"] == "concepts_list.yaml"
+    assert str(tmp_path) not in uploaded["concepts_list.yaml"].decode() + uploaded["train_config.yaml"].decode()
