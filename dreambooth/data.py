@@ -23,7 +23,12 @@ class CorruptImageError(DreamBoothError):
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# Phone and web formats that Pillow reads only with a plugin (HEIC) or in recent builds (AVIF).
+PLUGIN_EXTENSIONS = (".heic", ".heif", ".avif")
+# What Windows leaves in a folder of photos; skipped without a word, like macOS's hidden files.
+SYSTEM_FILES = ("thumbs.db", "desktop.ini")
+_warned: set[str] = set()
 
 
 def path_kind(path: str | Path, name: str) -> str | None:
@@ -40,27 +45,43 @@ def path_kind(path: str | Path, name: str) -> str | None:
 
 
 def list_image_files(folder: str | Path, flag: str) -> list[Path]:
-    """Image files of ``folder`` in name order. Other files are skipped with a warning (an
-    unsupported .gif, a caption named unlike its image), except an image's own companions
-    (photo1.txt or photo1.jpg.txt beside photo1.jpg) and metadata.jsonl."""
+    """Image files of ``folder`` in name order. Other files are skipped with a warning (a video, a
+    caption named unlike its image, a HEIC photo this Pillow cannot read), except an image's own
+    companions (photo1.txt or photo1.jpg.txt beside photo1.jpg), metadata.jsonl, hidden files and
+    folders, and Windows' Thumbs.db and desktop.ini."""
     folder = Path(folder)
+    readable = IMAGE_EXTENSIONS + tuple(set(PLUGIN_EXTENSIONS) & set(Image.registered_extensions()))
     images, others = [], []
     try:
         if not folder.is_dir():
             raise DreamBoothError(f"{flag} {folder}: folder not found")
         for path in sorted(folder.iterdir()):
-            if path.name.startswith(".") or path.is_dir():
+            if path.name.startswith(".") or path.name.lower() in SYSTEM_FILES or path.is_dir():
                 continue
-            (images if path.suffix.lower() in IMAGE_EXTENSIONS else others).append(path)
+            (images if path.suffix.lower() in readable else others).append(path)
     except OSError as error:  # no permission to list the folder (r) or to look at its files (x)
         raise DreamBoothError(f"{flag} {folder}: cannot read the folder ({error.strerror or error}); "
                               "check the permissions of it and of the folders above it") from None
     companions_of = {path.stem for path in images} | {path.name for path in images} | {"metadata"}
-    skipped = [path for path in others if path.stem not in companions_of]
+    photos = [path for path in others if path.suffix.lower() in PLUGIN_EXTENSIONS]
+    skipped = [path for path in others if path.stem not in companions_of and path not in photos]
+    if photos:
+        warn_once(f"{flag} {folder}: skipping {_some(photos)}: this Pillow cannot read "
+                   f"{'/'.join(sorted({path.suffix.upper()[1:] for path in photos}))} images; convert them to JPEG")
     if skipped:
-        names = ", ".join(path.name for path in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
-        logger.warning("%s %s: skipping %d non-image file(s): %s", flag, folder, len(skipped), names)
+        warn_once(f"{flag} {folder}: skipping {len(skipped)} non-image file(s): {_some(skipped)}")
     return images
+
+
+def _some(paths: Sequence[Path]) -> str:
+    return ", ".join(path.name for path in paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+
+
+def warn_once(message: str) -> None:
+    """Log ``message`` once per process: the start checks list a folder, and the dataset again."""
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning(message)
 
 
 def load_image(path: str | Path) -> Image.Image:
