@@ -27,6 +27,7 @@ from .data import (
     examples_from_folder,
     list_image_files,
     path_kind,
+    warn_once,
 )
 from .errors import DreamBoothError
 
@@ -190,14 +191,24 @@ def metadata_captions(folder: Path, column: str) -> dict[str, str | None]:
 
 
 def instance_examples(concept: Concept, number: int, caption_extension: str, caption_column: str) -> list[Example]:
-    """The concept's images with their prompts, repeated ``repeats`` times."""
+    """The concept's images with their prompts, repeated ``repeats`` times. A caption's line breaks
+    and runs of spaces become one space; an empty caption is none (the image gets the instance prompt,
+    not the empty prompt of an unconditional sample)."""
     folder = Path(concept.instance_data_dir)
     from_metadata = metadata_captions(folder, caption_column)
-    examples = []
+    examples, empty = [], []
     for path in list_image_files(folder, "--instance_data_dir"):
-        sidecar = path.with_suffix(caption_extension)
-        caption = _read_text(sidecar) if sidecar.is_file() else from_metadata.get(path.name)
+        named_like = (path.with_suffix(caption_extension), path.with_name(path.name + caption_extension))
+        sidecars = [file for file in named_like if file.is_file()]
+        caption = _read_text(sidecars[0]) if sidecars else from_metadata.get(path.name)
+        caption = None if caption is None else " ".join(caption.split())
+        if caption == "":
+            empty.append(path.name)
+            caption = None
         examples.append(Example(path, compose_prompt(concept.instance_prompt, caption), number))
+    if empty:
+        warn_once(f"--instance_data_dir {folder}: {len(empty)} image(s) with an empty caption train with the "
+                  f"instance prompt: {', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}")
     return examples * concept.repeats
 
 

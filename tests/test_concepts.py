@@ -109,6 +109,22 @@ def test_caption_oddities_byte_order_mark_null_numbers_and_lone_filewords(tmp_pa
         "a photo of sks toy, café sks toy", "a photo of sks toy", "a photo of 1990 sks toy"]
 
 
+def test_captions_from_windows_editors_and_empty_ones(tmp_path, caplog):
+    folder = make_images(tmp_path / "photos", 5)
+    (folder / "img_0.txt").write_bytes(b"\xef\xbb\xbfsks toy\r\non a red chair  \r\n")  # BOM, CRLF, trailing spaces
+    (folder / "img_1.txt").write_bytes(b"")
+    (folder / "img_2.txt").write_bytes(b"  \r\n")
+    (folder / "img_3.png.txt").write_text("sks toy from above")
+    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "img_4.png", "text": ""}) + "\n")
+    examples = instance_examples(Concept("a photo of sks toy", str(folder)), 0, ".txt", "text")
+    # An empty caption is no caption: the image still teaches the subject, not the unconditional prompt.
+    assert [example.prompt for example in examples] == [
+        "sks toy on a red chair", "a photo of sks toy", "a photo of sks toy", "sks toy from above",
+        "a photo of sks toy"]
+    assert "3 image(s) with an empty caption train with the instance prompt: img_1.png, img_2.png, img_4.png" \
+        in caplog.text
+
+
 def test_training_takes_the_first_num_class_images_of_a_fuller_folder(tmp_path):
     instance, classes = make_images(tmp_path / "toy", 2), make_images(tmp_path / "toys", 5, colour=(0, 0, 200))
     cfg = parse_config(TrainConfig, ["--instance_data_dir", str(instance), "--instance_prompt", "a sks toy",
