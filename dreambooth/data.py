@@ -84,11 +84,13 @@ def warn_once(message: str) -> None:
         logger.warning(message)
 
 
-def load_image(path: str | Path) -> Image.Image:
+def load_image(path: str | Path, min_side: int | None = None) -> Image.Image:
     """Decode an image fully, apply its EXIF orientation and convert it to 8-bit RGB.
 
     Transparent images are composited on white; 16-bit and float images are rescaled.
     A zero-byte, truncated or undecodable file is a DreamBoothError naming the file.
+    With ``min_side``, a JPEG may be decoded at 1/2, 1/4 or 1/8 scale, its sides kept at least
+    ``min_side``: a 6000x4000 phone photo trained at 512 px decodes several times faster.
     """
     path = Path(path)
     try:
@@ -99,6 +101,8 @@ def load_image(path: str | Path) -> Image.Image:
         raise CorruptImageError(f"{path}: empty file (0 bytes); remove or replace it")
     try:
         with Image.open(path) as opened:
+            if min_side:
+                opened.draft(None, (min_side, min_side))
             opened.load()
             image = ImageOps.exif_transpose(opened)
     except Image.DecompressionBombError as error:
@@ -134,7 +138,7 @@ def check_image_folder(folder: str | Path | None, flag: str, resolution: int, al
         raise DreamBoothError(f"{flag} {folder}: no images found ({', '.join(IMAGE_EXTENSIONS)})")
     small = []
     for path in images:
-        width, height = load_image(path).size
+        width, height = load_image(path, resolution).size  # any image at least this large keeps it
         if min(width, height) < resolution:
             small.append(f"{path.name} ({width}x{height})")
     if small:
@@ -192,14 +196,14 @@ class Example:
     size: tuple[int, int] | None = None
 
 
-def load_source(source: Path | DatasetRow) -> Image.Image:
+def load_source(source: Path | DatasetRow, min_side: int | None = None) -> Image.Image:
     if isinstance(source, DatasetRow):
         try:
             image = source.dataset[source.row][source.column]
             return _to_rgb(ImageOps.exif_transpose(image))
         except (OSError, ValueError, AttributeError) as error:
             raise DreamBoothError(f"--dataset_name {source.name}: cannot decode the image ({error})") from None
-    return load_image(source)
+    return load_image(source, min_side)
 
 
 def examples_from_folder(folder: str | Path, prompt: str, concept: int = 0, flag: str = "--instance_data_dir"):
@@ -300,7 +304,7 @@ class DreamBoothDataset(Dataset):
             flipped = self.random_flip and float(torch.rand(1, generator=generator)) < 0.5
             part = {"latent_key": (str(example.source), tuple(size), flipped)}
         else:
-            part = {"pixel_values": image_to_tensor(load_source(example.source), size, self.center_crop,
+            part = {"pixel_values": image_to_tensor(load_source(example.source, max(size)), size, self.center_crop,
                                                     self.random_flip, generator)}
         drop = dropout and self.caption_dropout and float(torch.rand(1, generator=generator)) < self.caption_dropout
         return {**part, "prompt": "" if drop else example.prompt}

@@ -157,6 +157,24 @@ def test_load_image_dark_16_bit_image_stays_dark(tmp_path):
     assert np.asarray(load_image(path)).max() == 1
 
 
+def test_a_large_jpeg_decodes_at_a_reduced_scale_that_still_covers_the_training_size(tmp_path, monkeypatch):
+    path = tmp_path / "phone.jpg"
+    halves(640, 480).save(path, quality=95)
+
+    reduced = load_image(path, min_side=64)
+
+    assert reduced.size == (160, 120)  # 1/4 scale: 1/8 would make the short side 60
+    full = image_to_tensor(load_image(path), 64, center_crop=True, random_flip=False)
+    assert (image_to_tensor(reduced, 64, center_crop=True, random_flip=False) - full).abs().mean() < 0.01
+    solid(tmp_path / "scan.png", size=(640, 480))
+    assert load_image(tmp_path / "scan.png", min_side=64).size == (640, 480)
+    # The dataset asks for the size it trains at, its bucket's longer side included.
+    asked = []
+    monkeypatch.setattr("dreambooth.data.load_image", lambda path, min_side: asked.append(min_side) or reduced)
+    DreamBoothDataset([Example(path, "p"), Example(path, "p", size=(96, 48))], 64)[1]
+    assert asked == [96]
+
+
 @pytest.mark.parametrize("name", ["clip.gif", "clip.webp"])
 def test_load_image_of_an_animation_is_its_first_frame(tmp_path, name):
     frames = [Image.new("RGB", (8, 8), colour) for colour in (RED, BLUE, GREEN)]
