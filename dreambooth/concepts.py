@@ -104,6 +104,8 @@ def check_concepts(concepts: Sequence[Concept], with_prior_preservation: bool, c
     """Problems a concept can have before any image is read: missing folders, duplicates, bad numbers.
     Errors name the flag for the single-concept flags, or the file and concept for a list."""
     seen: dict[Path, int] = {}
+    instance_folders = {Path(concept.instance_data_dir).resolve(): number for number, concept in enumerate(concepts)
+                        if concept.instance_data_dir is not None}
     for number, concept in enumerate(concepts):
         def named(key: str, value: Any) -> str:
             if concepts_list is None:
@@ -133,6 +135,13 @@ def check_concepts(concepts: Sequence[Concept], with_prior_preservation: bool, c
                        else problem(key, "(missing)", "prior preservation needs it"))
         if concept.num_class_images < 1:
             raise problem("num_class_images", concept.num_class_images, "must be at least 1")
+        owner = instance_folders.get(Path(concept.class_data_dir).resolve())
+        if owner is not None:
+            whose = ("the --instance_data_dir" if concepts_list is None else
+                     "its instance_data_dir" if owner == number else f"concept {owner}'s instance_data_dir")
+            raise problem("class_data_dir", concept.class_data_dir,
+                          f"also {whose}; generated class images would train as the subject, so give them a "
+                          "folder of their own")
 
 
 def compose_prompt(instance_prompt: str, caption: str | None) -> str:

@@ -17,8 +17,8 @@ from PIL import Image
 import train_dreambooth
 from conftest import TOY_SUBJECT, train_args
 from dreambooth.buckets import BucketBatchSampler, assign_buckets, bucket_sizes, nearest_bucket
-from dreambooth.concepts import (Concept, build_dataset, compose_prompt, instance_examples, load_concepts_list,
-                                 trigger_phrase)
+from dreambooth.concepts import (Concept, build_dataset, check_concepts, compose_prompt, instance_examples,
+                                 load_concepts_list, trigger_phrase)
 from dreambooth.config import TrainConfig, parse_config
 from dreambooth.data import DreamBoothDataset, examples_from_folder
 from dreambooth.errors import DreamBoothError
@@ -369,3 +369,16 @@ def test_a_saved_concepts_run_finds_its_folders_from_anywhere_and_uploads_none_o
          "num_class_images": 100, "repeats": 1}]
     assert yaml.safe_load(uploaded["train_config.yaml"])["concepts_list"] == "concepts_list.yaml"
     assert str(tmp_path) not in uploaded["concepts_list.yaml"].decode() + uploaded["train_config.yaml"].decode()
+
+
+def test_class_images_never_go_into_an_instance_folder(tmp_path):
+    toy, cup = make_images(tmp_path / "toy", 1), make_images(tmp_path / "cup", 1)
+    single = ["--instance_data_dir", str(toy), "--instance_prompt", "a sks toy", "--with_prior_preservation",
+              "--class_data_dir", str(toy) + "/", "--class_prompt", "a toy"]
+    with pytest.raises(DreamBoothError, match=r"^--class_data_dir .*/toy/: also the --instance_data_dir; generated"):
+        check_concepts(parse_config(TrainConfig, single).concepts(), True, None)
+    concepts = [Concept("a sks toy", str(toy), str(tmp_path / "toys"), "a toy"),
+                Concept("a zwx cup", str(cup), str(toy), "a cup")]
+    with pytest.raises(DreamBoothError, match=r"concept 1: class_data_dir .*/toy: also concept 0's instance_data_dir"):
+        check_concepts(concepts, True, "concepts.yaml")
+    check_concepts(concepts, False, "concepts.yaml")  # without prior preservation the class folders go unused
