@@ -121,8 +121,10 @@ def check_concepts(concepts: Sequence[Concept], with_prior_preservation: bool, c
             raise problem("repeats", concept.repeats, "must be at least 1")
         if concept.instance_data_dir is not None:
             folder = Path(concept.instance_data_dir).resolve()
-            if path_kind(folder, named("instance_data_dir", concept.instance_data_dir)) != "folder":
-                raise problem("instance_data_dir", concept.instance_data_dir, "folder not found")
+            kind = path_kind(folder, named("instance_data_dir", concept.instance_data_dir))
+            if kind != "folder":
+                raise problem("instance_data_dir", concept.instance_data_dir,
+                              "folder not found" if kind is None else "a file; give the folder that holds the images")
             if folder in seen:
                 raise problem("instance_data_dir", concept.instance_data_dir,
                               f"also concept {seen[folder]}'s; give each folder once (use repeats to weight it)")

@@ -135,7 +135,9 @@ def check_image_folder(folder: str | Path | None, flag: str, resolution: int, al
     """Decode every image of ``folder`` once, so that a bad file stops the run before any model loads."""
     images = list_image_files(folder, flag)
     if not images and not allow_empty:
-        raise DreamBoothError(f"{flag} {folder}: no images found ({', '.join(IMAGE_EXTENSIONS)})")
+        subfolders = sorted(path.name for path in Path(folder).iterdir() if path.is_dir() and path.name[0] != ".")
+        inside = f"; images in its subfolders ({', '.join(subfolders[:3])}) are not read" if subfolders else ""
+        raise DreamBoothError(f"{flag} {folder}: no images found ({', '.join(IMAGE_EXTENSIONS)}){inside}")
     small = []
     for path in images:
         width, height = load_image(path, resolution).size  # any image at least this large keeps it

@@ -382,3 +382,9 @@ def test_class_images_never_go_into_an_instance_folder(tmp_path):
     with pytest.raises(DreamBoothError, match=r"concept 1: class_data_dir .*/toy: also concept 0's instance_data_dir"):
         check_concepts(concepts, True, "concepts.yaml")
     check_concepts(concepts, False, "concepts.yaml")  # without prior preservation the class folders go unused
+
+
+def test_an_instance_dir_that_is_a_photo_says_so(tmp_path):
+    photo = make_images(tmp_path / "photos", 1) / "img_0.png"
+    with pytest.raises(DreamBoothError, match=r"^--instance_data_dir .*img_0\.png: a file; give the folder that "):
+        check_concepts([Concept("a sks toy", str(photo))], False, None)

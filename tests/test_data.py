@@ -295,6 +295,15 @@ def test_check_image_folder_empty_is_an_error(tmp_path):
         check_image_folder(tmp_path, "--instance_data_dir", 16)
 
 
+def test_check_image_folder_with_images_only_in_subfolders_says_so(tmp_path):
+    for album in ("2023", "2024", ".thumbnails"):
+        (tmp_path / album).mkdir()
+        solid(tmp_path / album / "dog.jpg")
+    with pytest.raises(DreamBoothError, match=r": no images found \(.*\); images in its subfolders \(2023, 2024\) "
+                                              "are not read$"):
+        check_image_folder(tmp_path, "--instance_data_dir", 16)
+
+
 def test_check_image_folder_empty_is_allowed_when_asked(tmp_path):
     assert check_image_folder(tmp_path, "--class_data_dir", 16, allow_empty=True) == []
 
