@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import sys
 from pathlib import Path
@@ -38,7 +37,7 @@ from dreambooth.checkpoints import (
     resolve_resume,
 )
 from dreambooth.cli import run_cli, setup_logging
-from dreambooth.config import TrainConfig, config_to_dict, parse_config, save_config
+from dreambooth.config import TrainConfig, config_to_dict, parse_config, save_train_config
 from dreambooth.caching import CachedLatents, VaeLatents
 from dreambooth.concepts import build_dataloader, training_items
 from dreambooth.data import DreamBoothDataset
@@ -328,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> Trainer:
         trainer.metrics.history = trainer.checkpointer.load(resume, trainer.lr_scheduler)
     sampler = add_validation(cfg, accelerator, components, trainer)
     if accelerator.is_main_process:
-        save_config(cfg.with_absolute_paths(), os.path.join(cfg.output_dir, "train_config.yaml"))
+        save_train_config(cfg)
     accelerator.init_trackers("dreambooth", config=tracker_config(config_to_dict(cfg)))
     trainer.train()
     finish(cfg, accelerator, trainer, components, sampler)

@@ -64,7 +64,7 @@ class CachedLatents:
     def _encode(self, vae, dataset: DreamBoothDataset, jobs: Sequence, device: torch.device) -> None:
         pixels = []
         for (_, size, flipped), example in jobs:
-            image = image_to_tensor(load_source(example.source), size, center_crop=True, random_flip=False)
+            image = image_to_tensor(load_source(example.source, max(size)), size, center_crop=True, random_flip=False)
             pixels.append(torch.flip(image, dims=[2]) if flipped else image)
         by_size: dict[tuple, list[int]] = {}
         for position, (key, _) in enumerate(jobs):

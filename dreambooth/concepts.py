@@ -26,6 +26,8 @@ from .data import (
     Example,
     examples_from_folder,
     list_image_files,
+    path_kind,
+    warn_once,
 )
 from .errors import DreamBoothError
 
@@ -50,10 +52,12 @@ _WHOLE_NUMBERS = ("num_class_images", "repeats")
 def load_concepts_list(path: str) -> list[Concept]:
     """Parse and check a --concepts_list file (JSON or YAML: a list of mappings)."""
     file = Path(path)
-    if not file.is_file():
+    if path_kind(file, f"--concepts_list {path}") != "file":
         raise DreamBoothError(f"--concepts_list {path}: file not found")
     try:
         entries = yaml.safe_load(file.read_text(encoding="utf-8"))  # JSON is YAML too
+    except OSError as error:
+        raise DreamBoothError(f"--concepts_list {path}: cannot read it ({error.strerror or error})") from None
     except (yaml.YAMLError, UnicodeDecodeError) as error:
         raise DreamBoothError(f"--concepts_list {path}: not valid JSON or YAML ({str(error).splitlines()[0]})") from None
     if not isinstance(entries, list) or not entries:
@@ -80,15 +84,36 @@ def load_concepts_list(path: str) -> list[Concept]:
     return concepts
 
 
+def save_concepts_list(concepts: Sequence[Concept], path: str | Path) -> Path:
+    """``concepts`` as a --concepts_list file whose folders are absolute: it gives the same images
+    whatever the current folder (relative folders in a list are relative to it, as in diffusers)."""
+    entries = []
+    for concept in concepts:
+        entry = {key: value for key, value in dataclasses.asdict(concept).items() if value is not None}
+        for key in ("instance_data_dir", "class_data_dir"):
+            if key in entry:
+                entry[key] = str(Path(entry[key]).resolve())
+        entries.append(entry)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(entries, sort_keys=False), encoding="utf-8")
+    return path
+
+
 def check_concepts(concepts: Sequence[Concept], with_prior_preservation: bool, concepts_list: str | None) -> None:
     """Problems a concept can have before any image is read: missing folders, duplicates, bad numbers.
     Errors name the flag for the single-concept flags, or the file and concept for a list."""
     seen: dict[Path, int] = {}
+    instance_folders = {Path(concept.instance_data_dir).resolve(): number for number, concept in enumerate(concepts)
+                        if concept.instance_data_dir is not None}
     for number, concept in enumerate(concepts):
-        def problem(key: str, value: Any, text: str) -> DreamBoothError:
+        def named(key: str, value: Any) -> str:
             if concepts_list is None:
-                return DreamBoothError(f"--{key} {value}: {text}")
-            return DreamBoothError(f"--concepts_list {concepts_list}, concept {number}: {key} {value}: {text}")
+                return f"--{key} {value}"
+            return f"--concepts_list {concepts_list}, concept {number}: {key} {value}"
+
+        def problem(key: str, value: Any, text: str) -> DreamBoothError:
+            return DreamBoothError(f"{named(key, value)}: {text}")
 
         if not str(concept.instance_prompt).strip():
             raise problem("instance_prompt", repr(concept.instance_prompt), "must not be empty")
@@ -96,8 +121,10 @@ def check_concepts(concepts: Sequence[Concept], with_prior_preservation: bool, c
             raise problem("repeats", concept.repeats, "must be at least 1")
         if concept.instance_data_dir is not None:
             folder = Path(concept.instance_data_dir).resolve()
-            if not folder.is_dir():
-                raise problem("instance_data_dir", concept.instance_data_dir, "folder not found")
+            kind = path_kind(folder, named("instance_data_dir", concept.instance_data_dir))
+            if kind != "folder":
+                raise problem("instance_data_dir", concept.instance_data_dir,
+                              "folder not found" if kind is None else "a file; give the folder that holds the images")
             if folder in seen:
                 raise problem("instance_data_dir", concept.instance_data_dir,
                               f"also concept {seen[folder]}'s; give each folder once (use repeats to weight it)")
@@ -110,6 +137,13 @@ def check_concepts(concepts: Sequence[Concept], with_prior_preservation: bool, c
                        else problem(key, "(missing)", "prior preservation needs it"))
         if concept.num_class_images < 1:
             raise problem("num_class_images", concept.num_class_images, "must be at least 1")
+        owner = instance_folders.get(Path(concept.class_data_dir).resolve())
+        if owner is not None:
+            whose = ("the --instance_data_dir" if concepts_list is None else
+                     "its instance_data_dir" if owner == number else f"concept {owner}'s instance_data_dir")
+            raise problem("class_data_dir", concept.class_data_dir,
+                          f"also {whose}; generated class images would train as the subject, so give them a "
+                          "folder of their own")
 
 
 def compose_prompt(instance_prompt: str, caption: str | None) -> str:
@@ -145,6 +179,8 @@ def _read_text(path: Path) -> str:
         return path.read_text(encoding="utf-8-sig").strip()
     except UnicodeDecodeError:
         raise DreamBoothError(f"{path}: caption file is not UTF-8 text; re-save it as UTF-8") from None
+    except OSError as error:
+        raise DreamBoothError(f"{path}: cannot read it ({error.strerror or error}); check its permissions") from None
 
 
 def metadata_captions(folder: Path, column: str) -> dict[str, str | None]:
@@ -166,14 +202,24 @@ def metadata_captions(folder: Path, column: str) -> dict[str, str | None]:
 
 
 def instance_examples(concept: Concept, number: int, caption_extension: str, caption_column: str) -> list[Example]:
-    """The concept's images with their prompts, repeated ``repeats`` times."""
+    """The concept's images with their prompts, repeated ``repeats`` times. A caption's line breaks
+    and runs of spaces become one space; an empty caption is none (the image gets the instance prompt,
+    not the empty prompt of an unconditional sample)."""
     folder = Path(concept.instance_data_dir)
     from_metadata = metadata_captions(folder, caption_column)
-    examples = []
+    examples, empty = [], []
     for path in list_image_files(folder, "--instance_data_dir"):
-        sidecar = path.with_suffix(caption_extension)
-        caption = _read_text(sidecar) if sidecar.is_file() else from_metadata.get(path.name)
+        named_like = (path.with_suffix(caption_extension), path.with_name(path.name + caption_extension))
+        sidecars = [file for file in named_like if file.is_file()]
+        caption = _read_text(sidecars[0]) if sidecars else from_metadata.get(path.name)
+        caption = None if caption is None else " ".join(caption.split())
+        if caption == "":
+            empty.append(path.name)
+            caption = None
         examples.append(Example(path, compose_prompt(concept.instance_prompt, caption), number))
+    if empty:
+        warn_once(f"--instance_data_dir {folder}: {len(empty)} image(s) with an empty caption train with the "
+                  f"instance prompt: {', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}")
     return examples * concept.repeats
 
 

@@ -177,11 +177,28 @@ def save_config(config: Any, path: str | Path) -> Path:
     return path
 
 
+def save_train_config(cfg: "TrainConfig") -> Path:
+    """The run's ``train_config.yaml`` in its output folder, local paths absolute, so that ``--config``
+    repeats the run from any current folder. A --concepts_list is saved beside it with absolute
+    folders, and the saved config names that copy."""
+    from .concepts import save_concepts_list
+
+    output = Path(cfg.output_dir)
+    saved = cfg.with_absolute_paths()
+    if cfg.concepts_list:
+        concepts_list = save_concepts_list(cfg.concepts(), output / SAVED_CONCEPTS_LIST)
+        saved = dataclasses.replace(saved, concepts_list=str(concepts_list.resolve()))
+    return save_config(saved, output / "train_config.yaml")
+
+
 def _field(default: Any, help: str, **metadata: Any) -> Any:
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help, **metadata})
     return dataclasses.field(default=default, metadata={"help": help, **metadata})
 
+
+# A --concepts_list run's concepts as train_config.yaml's --concepts_list gives them, beside it.
+SAVED_CONCEPTS_LIST = "concepts_list.yaml"
 
 MixedPrecision = Literal["no", "fp16", "bf16"]
 
@@ -499,7 +516,7 @@ class TrainConfig:
     def _check_concepts(self) -> None:
         """Every concept's folders, images and captions, read once before any model loads."""
         from .concepts import check_concepts, dataset_examples, instance_examples
-        from .data import check_image_folder
+        from .data import check_image_folder, path_kind
 
         concepts = self.concepts()
         check_concepts(concepts, self.with_prior_preservation, self.concepts_list)
@@ -507,8 +524,8 @@ class TrainConfig:
             if concept.instance_data_dir:
                 check_image_folder(concept.instance_data_dir, "--instance_data_dir", self.resolution)
                 instance_examples(concept, number, self.caption_extension, self.caption_column or "text")
-            if concept.class_data_dir and Path(concept.class_data_dir).exists() and not Path(
-                    concept.class_data_dir).is_dir():
+            if concept.class_data_dir and path_kind(concept.class_data_dir,
+                                                    f"--class_data_dir {concept.class_data_dir}") == "file":
                 raise DreamBoothError(f"--class_data_dir {concept.class_data_dir}: exists and is not a folder")
             if self.with_prior_preservation:
                 _check_class_folder(concept.class_data_dir, concept.num_class_images)
@@ -593,16 +610,19 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
 def _check_class_folder(folder: str, num_class_images: int) -> None:
     """A class folder that class images will be generated into must take them: found now, not after a
     first batch was generated."""
-    from .data import list_image_files
+    from .data import list_image_files, path_kind
 
-    if not Path(folder).is_dir() or len(list_image_files(folder, "--class_data_dir")) < num_class_images:
+    if (path_kind(folder, f"--class_data_dir {folder}") != "folder"
+            or len(list_image_files(folder, "--class_data_dir")) < num_class_images):
         check_writable_dir(folder, "--class_data_dir")
 
 
 def check_writable_dir(path: str, flag: str) -> Path:
     """Create ``path`` if needed and prove that a file can be written in it."""
+    from .data import path_kind
+
     folder = Path(path)
-    if folder.exists() and not folder.is_dir():
+    if path_kind(folder, f"{flag} {path}") == "file":
         raise DreamBoothError(f"{flag} {path}: exists and is not a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)

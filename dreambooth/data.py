@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,38 +23,74 @@ class CorruptImageError(DreamBoothError):
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+# Phone and web formats that Pillow reads only with a plugin (HEIC) or in recent builds (AVIF).
+PLUGIN_EXTENSIONS = (".heic", ".heif", ".avif")
+# What Windows leaves in a folder of photos; skipped without a word, like macOS's hidden files.
+SYSTEM_FILES = ("thumbs.db", "desktop.ini")
+_warned: set[str] = set()
+
+
+def path_kind(path: str | Path, name: str) -> str | None:
+    """"folder", "file", or None when nothing is there. A path that cannot be looked at, as when a
+    folder above it may not be entered, is a DreamBoothError beginning with ``name``."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as error:
+        raise DreamBoothError(f"{name}: cannot reach it ({error.strerror or error}); check the permissions of "
+                              "the folders above it") from None
+    return "folder" if stat.S_ISDIR(mode) else "file"
 
 
 def list_image_files(folder: str | Path, flag: str) -> list[Path]:
-    """Image files of ``folder`` in name order. Other files are skipped with a warning (an
-    unsupported .gif, a caption named unlike its image), except an image's own companions
-    (photo1.txt or photo1.jpg.txt beside photo1.jpg) and metadata.jsonl."""
+    """Image files of ``folder`` in name order. Other files are skipped with a warning (a video, a
+    caption named unlike its image, a HEIC photo this Pillow cannot read), except an image's own
+    companions (photo1.txt or photo1.jpg.txt beside photo1.jpg), metadata.jsonl, hidden files and
+    folders, and Windows' Thumbs.db and desktop.ini."""
     folder = Path(folder)
+    readable = IMAGE_EXTENSIONS + tuple(set(PLUGIN_EXTENSIONS) & set(Image.registered_extensions()))
     images, others = [], []
     try:
         if not folder.is_dir():
             raise DreamBoothError(f"{flag} {folder}: folder not found")
         for path in sorted(folder.iterdir()):
-            if path.name.startswith(".") or path.is_dir():
+            if path.name.startswith(".") or path.name.lower() in SYSTEM_FILES or path.is_dir():
                 continue
-            (images if path.suffix.lower() in IMAGE_EXTENSIONS else others).append(path)
+            (images if path.suffix.lower() in readable else others).append(path)
     except OSError as error:  # no permission to list the folder (r) or to look at its files (x)
         raise DreamBoothError(f"{flag} {folder}: cannot read the folder ({error.strerror or error}); "
-                              "check its permissions") from None
+                              "check the permissions of it and of the folders above it") from None
     companions_of = {path.stem for path in images} | {path.name for path in images} | {"metadata"}
-    skipped = [path for path in others if path.stem not in companions_of]
+    photos = [path for path in others if path.suffix.lower() in PLUGIN_EXTENSIONS]
+    skipped = [path for path in others if path.stem not in companions_of and path not in photos]
+    if photos:
+        warn_once(f"{flag} {folder}: skipping {_some(photos)}: this Pillow cannot read "
+                   f"{'/'.join(sorted({path.suffix.upper()[1:] for path in photos}))} images; convert them to JPEG")
     if skipped:
-        names = ", ".join(path.name for path in skipped[:5]) + (" ..." if len(skipped) > 5 else "")
-        logger.warning("%s %s: skipping %d non-image file(s): %s", flag, folder, len(skipped), names)
+        warn_once(f"{flag} {folder}: skipping {len(skipped)} non-image file(s): {_some(skipped)}")
     return images
 
 
-def load_image(path: str | Path) -> Image.Image:
+def _some(paths: Sequence[Path]) -> str:
+    return ", ".join(path.name for path in paths[:5]) + (f" and {len(paths) - 5} more" if len(paths) > 5 else "")
+
+
+def warn_once(message: str) -> None:
+    """Log ``message`` once per process: the start checks list a folder, and the dataset again."""
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning(message)
+
+
+def load_image(path: str | Path, min_side: int | None = None) -> Image.Image:
     """Decode an image fully, apply its EXIF orientation and convert it to 8-bit RGB.
 
     Transparent images are composited on white; 16-bit and float images are rescaled.
     A zero-byte, truncated or undecodable file is a DreamBoothError naming the file.
+    With ``min_side``, a JPEG may be decoded at 1/2, 1/4 or 1/8 scale, its sides kept at least
+    ``min_side``: a 6000x4000 phone photo trained at 512 px decodes several times faster.
     """
     path = Path(path)
     try:
@@ -63,6 +101,8 @@ def load_image(path: str | Path) -> Image.Image:
         raise CorruptImageError(f"{path}: empty file (0 bytes); remove or replace it")
     try:
         with Image.open(path) as opened:
+            if min_side:
+                opened.draft(None, (min_side, min_side))
             opened.load()
             image = ImageOps.exif_transpose(opened)
     except Image.DecompressionBombError as error:
@@ -95,10 +135,12 @@ def check_image_folder(folder: str | Path | None, flag: str, resolution: int, al
     """Decode every image of ``folder`` once, so that a bad file stops the run before any model loads."""
     images = list_image_files(folder, flag)
     if not images and not allow_empty:
-        raise DreamBoothError(f"{flag} {folder}: no images found ({', '.join(IMAGE_EXTENSIONS)})")
+        subfolders = sorted(path.name for path in Path(folder).iterdir() if path.is_dir() and path.name[0] != ".")
+        inside = f"; images in its subfolders ({', '.join(subfolders[:3])}) are not read" if subfolders else ""
+        raise DreamBoothError(f"{flag} {folder}: no images found ({', '.join(IMAGE_EXTENSIONS)}){inside}")
     small = []
     for path in images:
-        width, height = load_image(path).size
+        width, height = load_image(path, resolution).size  # any image at least this large keeps it
         if min(width, height) < resolution:
             small.append(f"{path.name} ({width}x{height})")
     if small:
@@ -156,14 +198,14 @@ class Example:
     size: tuple[int, int] | None = None
 
 
-def load_source(source: Path | DatasetRow) -> Image.Image:
+def load_source(source: Path | DatasetRow, min_side: int | None = None) -> Image.Image:
     if isinstance(source, DatasetRow):
         try:
             image = source.dataset[source.row][source.column]
             return _to_rgb(ImageOps.exif_transpose(image))
         except (OSError, ValueError, AttributeError) as error:
             raise DreamBoothError(f"--dataset_name {source.name}: cannot decode the image ({error})") from None
-    return load_image(source)
+    return load_image(source, min_side)
 
 
 def examples_from_folder(folder: str | Path, prompt: str, concept: int = 0, flag: str = "--instance_data_dir"):
@@ -264,7 +306,7 @@ class DreamBoothDataset(Dataset):
             flipped = self.random_flip and float(torch.rand(1, generator=generator)) < 0.5
             part = {"latent_key": (str(example.source), tuple(size), flipped)}
         else:
-            part = {"pixel_values": image_to_tensor(load_source(example.source), size, self.center_crop,
+            part = {"pixel_values": image_to_tensor(load_source(example.source, max(size)), size, self.center_crop,
                                                     self.random_flip, generator)}
         drop = dropout and self.caption_dropout and float(torch.rand(1, generator=generator)) < self.caption_dropout
         return {**part, "prompt": "" if drop else example.prompt}

@@ -45,9 +45,9 @@ BASE_TAGS = ("text-to-image", "diffusers", "dreambooth", "stable-diffusion", "st
 CHECKPOINT_PATTERNS = ("checkpoint-*/**",)
 ALWAYS_IGNORED = (".*", "*/.*", "class_images/**", "logs/**")
 
-# Uploaded files that record local paths: the saved training config, and the diffusers and
-# transformers configs (their _name_or_path is the folder the base model was loaded from).
-PATH_BEARING_FILES = ("train_config.yaml", "model_index.json", "*config.json")
+# Uploaded files that record local paths: the saved training config and concepts list, and the diffusers
+# and transformers configs (their _name_or_path is the folder the base model was loaded from).
+PATH_BEARING_FILES = ("train_config.yaml", "concepts_list.yaml", "model_index.json", "*config.json")
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 # How huggingface_hub names a downloaded repo in its cache: .../models--owner--name/snapshots/<sha>/...

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
 import re
 import shutil
 from collections import Counter
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 import train_dreambooth
 from conftest import TOY_SUBJECT, train_args
 from dreambooth.buckets import BucketBatchSampler, assign_buckets, bucket_sizes, nearest_bucket
-from dreambooth.concepts import (Concept, build_dataset, compose_prompt, instance_examples, load_concepts_list,
-                                 trigger_phrase)
+from dreambooth.concepts import (Concept, build_dataset, check_concepts, compose_prompt, instance_examples,
+                                 load_concepts_list, trigger_phrase)
 from dreambooth.config import TrainConfig, parse_config
 from dreambooth.data import DreamBoothDataset, examples_from_folder
 from dreambooth.errors import DreamBoothError
@@ -104,6 +107,22 @@ def test_caption_oddities_byte_order_mark_null_numbers_and_lone_filewords(tmp_pa
     # No caption (a null one included): the instance prompt without the placeholder.
     assert [example.prompt for example in examples] == [
         "a photo of sks toy, café sks toy", "a photo of sks toy", "a photo of 1990 sks toy"]
+
+
+def test_captions_from_windows_editors_and_empty_ones(tmp_path, caplog):
+    folder = make_images(tmp_path / "photos", 5)
+    (folder / "img_0.txt").write_bytes(b"\xef\xbb\xbfsks toy\r\non a red chair  \r\n")  # BOM, CRLF, trailing spaces
+    (folder / "img_1.txt").write_bytes(b"")
+    (folder / "img_2.txt").write_bytes(b"  \r\n")
+    (folder / "img_3.png.txt").write_text("sks toy from above")
+    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "img_4.png", "text": ""}) + "\n")
+    examples = instance_examples(Concept("a photo of sks toy", str(folder)), 0, ".txt", "text")
+    # An empty caption is no caption: the image still teaches the subject, not the unconditional prompt.
+    assert [example.prompt for example in examples] == [
+        "sks toy on a red chair", "a photo of sks toy", "a photo of sks toy", "sks toy from above",
+        "a photo of sks toy"]
+    assert "3 image(s) with an empty caption train with the instance prompt: img_1.png, img_2.png, img_4.png" \
+        in caplog.text
 
 
 def test_training_takes_the_first_num_class_images_of_a_fuller_folder(tmp_path):
@@ -272,3 +291,100 @@ def test_duplicate_instance_dir_and_non_utf8_caption(tiny_model, tmp_path):
     (folder / "img_0.txt").write_bytes("sks toy caf\xe9".encode("latin-1"))
     with pytest.raises(DreamBoothError, match=r"img_0\.txt: caption file is not UTF-8"):
         train_dreambooth.main([*base, "--instance_data_dir", str(folder), "--instance_prompt", "a"])
+
+
+@pytest.fixture
+def as_a_user():
+    """Permissions apply to this test as to any user: a root run drops, for this thread, the
+    capabilities that let root read and enter any folder (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH)."""
+    if os.geteuid() != 0:
+        yield
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
+    sets = (ctypes.c_uint32 * 6)()  # (effective, permitted, inheritable) for capabilities 0-31, then 32-63
+    if libc.capget(header, sets) != 0:
+        pytest.skip("cannot read this thread's capabilities")
+    effective = sets[0]
+    sets[0] &= ~(1 << 1 | 1 << 2)
+    if libc.capset(header, sets) != 0:
+        pytest.skip("cannot drop root's permission override")
+    yield
+    sets[0] = effective
+    libc.capset(header, sets)
+
+
+@pytest.mark.parametrize("locked", ["instance_data_dir", "class_data_dir", "concepts_list"])
+def test_a_folder_inside_one_that_cannot_be_entered_is_one_line_naming_it(tiny_model, tmp_path, as_a_user, locked):
+    inside = tmp_path / "locked"
+    paths = {"instance_data_dir": make_images(tmp_path / "toy", 1), "class_data_dir": tmp_path / "toys",
+             "concepts_list": tmp_path / "concepts.yaml"}
+    paths[locked] = make_images(inside / "folder", 1) if locked != "concepts_list" else inside / "concepts.yaml"
+    inside.mkdir(exist_ok=True)
+    paths["concepts_list"].write_text(json.dumps([{
+        "instance_data_dir": str(paths["instance_data_dir"]), "instance_prompt": "a sks toy",
+        "class_data_dir": str(paths["class_data_dir"]), "class_prompt": "a toy"}]))
+    inside.chmod(0)
+    try:
+        with pytest.raises(DreamBoothError) as caught:
+            parse_config(TrainConfig, ["--pretrained_model_name_or_path", tiny_model, "--output_dir",
+                                       str(tmp_path / "out"), "--concepts_list", str(paths["concepts_list"]),
+                                       "--with_prior_preservation"]).validate()
+    finally:
+        inside.chmod(0o755)
+    assert re.search(rf"{locked} {re.escape(str(paths[locked]))}: cannot reach it \(Permission denied\); check "
+                     "the permissions of the folders above it$", str(caught.value)), caught.value
+
+
+def test_an_unreadable_caption_file_is_one_line_naming_it(tmp_path, as_a_user):
+    folder = make_images(tmp_path / "photos", 1)
+    (folder / "img_0.txt").write_text("sks toy")
+    (folder / "img_0.txt").chmod(0)
+    with pytest.raises(DreamBoothError, match=r"img_0\.txt: cannot read it \(Permission denied\)"):
+        instance_examples(Concept("a sks toy", str(folder)), 0, ".txt", "text")
+
+
+def test_a_saved_concepts_run_finds_its_folders_from_anywhere_and_uploads_none_of_them(tmp_path, monkeypatch):
+    from dreambooth.config import save_train_config
+    from dreambooth.hub import public_copies, upload_list
+
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    make_images(project / "toy", 1), make_images(elsewhere / "toy", 1, colour=(0, 0, 200))
+    (project / "lists").mkdir()
+    (project / "lists" / "concepts.yaml").write_text(
+        "- {instance_data_dir: toy, instance_prompt: a sks toy, class_data_dir: toys, class_prompt: a toy}\n")
+    monkeypatch.chdir(project)
+    cfg = parse_config(TrainConfig, ["--concepts_list", "lists/concepts.yaml", "--output_dir", "out"])
+    save_train_config(cfg)
+
+    monkeypatch.chdir(elsewhere)  # holds a toy/ of its own, which a resumed run must not take
+    resumed = parse_config(TrainConfig, ["--config", str(project / "out" / "train_config.yaml")])
+    assert resumed.concepts_list == str(project / "out" / "concepts_list.yaml")
+    assert [(concept.instance_data_dir, concept.class_data_dir) for concept in resumed.concepts()] == [
+        (str(project / "toy"), str(project / "toys"))]
+    assert load_concepts_list(str(project / "lists" / "concepts.yaml"))[0].instance_data_dir == "toy"  # untouched
+    uploaded = public_copies(project / "out", upload_list(project / "out", []))
+    assert yaml.safe_load(uploaded["concepts_list.yaml"]) == [
+        {"instance_prompt": "a sks toy", "instance_data_dir": "toy", "class_data_dir": "toys", "class_prompt": "a toy",
+         "num_class_images": 100, "repeats": 1}]
+    assert yaml.safe_load(uploaded["train_config.yaml"])["concepts_list"] == "concepts_list.yaml"
+    assert str(tmp_path) not in uploaded["concepts_list.yaml"].decode() + uploaded["train_config.yaml"].decode()
+
+
+def test_class_images_never_go_into_an_instance_folder(tmp_path):
+    toy, cup = make_images(tmp_path / "toy", 1), make_images(tmp_path / "cup", 1)
+    single = ["--instance_data_dir", str(toy), "--instance_prompt", "a sks toy", "--with_prior_preservation",
+              "--class_data_dir", str(toy) + "/", "--class_prompt", "a toy"]
+    with pytest.raises(DreamBoothError, match=r"^--class_data_dir .*/toy/: also the --instance_data_dir; generated"):
+        check_concepts(parse_config(TrainConfig, single).concepts(), True, None)
+    concepts = [Concept("a sks toy", str(toy), str(tmp_path / "toys"), "a toy"),
+                Concept("a zwx cup", str(cup), str(toy), "a cup")]
+    with pytest.raises(DreamBoothError, match=r"concept 1: class_data_dir .*/toy: also concept 0's instance_data_dir"):
+        check_concepts(concepts, True, "concepts.yaml")
+    check_concepts(concepts, False, "concepts.yaml")  # without prior preservation the class folders go unused
+
+
+def test_an_instance_dir_that_is_a_photo_says_so(tmp_path):
+    photo = make_images(tmp_path / "photos", 1) / "img_0.png"
+    with pytest.raises(DreamBoothError, match=r"^--instance_data_dir .*img_0\.png: a file; give the folder that "):
+        check_concepts([Concept("a sks toy", str(photo))], False, None)

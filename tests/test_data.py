@@ -157,6 +157,32 @@ def test_load_image_dark_16_bit_image_stays_dark(tmp_path):
     assert np.asarray(load_image(path)).max() == 1
 
 
+def test_a_large_jpeg_decodes_at_a_reduced_scale_that_still_covers_the_training_size(tmp_path, monkeypatch):
+    path = tmp_path / "phone.jpg"
+    halves(640, 480).save(path, quality=95)
+
+    reduced = load_image(path, min_side=64)
+
+    assert reduced.size == (160, 120)  # 1/4 scale: 1/8 would make the short side 60
+    full = image_to_tensor(load_image(path), 64, center_crop=True, random_flip=False)
+    assert (image_to_tensor(reduced, 64, center_crop=True, random_flip=False) - full).abs().mean() < 0.01
+    solid(tmp_path / "scan.png", size=(640, 480))
+    assert load_image(tmp_path / "scan.png", min_side=64).size == (640, 480)
+    # The dataset asks for the size it trains at, its bucket's longer side included.
+    asked = []
+    monkeypatch.setattr("dreambooth.data.load_image", lambda path, min_side: asked.append(min_side) or reduced)
+    DreamBoothDataset([Example(path, "p"), Example(path, "p", size=(96, 48))], 64)[1]
+    assert asked == [96]
+
+
+@pytest.mark.parametrize("name", ["clip.gif", "clip.webp"])
+def test_load_image_of_an_animation_is_its_first_frame(tmp_path, name):
+    frames = [Image.new("RGB", (8, 8), colour) for colour in (RED, BLUE, GREEN)]
+    frames[0].save(tmp_path / name, save_all=True, append_images=frames[1:], lossless=True)
+
+    assert_close(pixel(load_image(tmp_path / name), 4, 4), RED, tolerance=2)
+
+
 def encoded(image_format: str) -> bytes:
     buffer = BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8)).save(buffer, image_format)
@@ -214,8 +240,9 @@ def test_load_image_bad_file_is_a_user_error_naming_it(tmp_path, name, content):
 
 
 def test_list_image_files_accepts_extensions_in_any_case_sorted(tmp_path, caplog):
-    names = ["a.jpg", "b.JPEG", "c.png", "D.PNG", "e.webp", "f.Bmp", "g.jpeg"]
-    for name in names + ["notes.txt", "a.txt", "c.png.txt", "metadata.jsonl", "clip.gif", ".hidden.png"]:
+    names = ["a.jpg", "b.JPEG", "c.png", "D.PNG", "e.webp", "f.Bmp", "g.jpeg", "h.GIF", "i.tif", "j.TIFF", "k.WEBP"]
+    for name in names + ["notes.txt", "a.txt", "c.png.txt", "metadata.jsonl", "clip.mp4", ".hidden.png",
+                         ".DS_Store", "._a.jpg", "Thumbs.db", "desktop.ini"]:
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "album.png").mkdir()
     solid(tmp_path / "album.png" / "inner.png")
@@ -228,10 +255,23 @@ def test_list_image_files_accepts_extensions_in_any_case_sorted(tmp_path, caplog
     warnings = [record for record in caplog.records if record.name == "dreambooth.data"]
     assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
     message = warnings[0].getMessage()
-    assert "clip.gif" in message and "notes.txt" in message and "--instance_data_dir" in message
+    assert "clip.mp4" in message and "notes.txt" in message and "--instance_data_dir" in message
     # An image's own caption and the folder's metadata belong there: no warning for them.
     assert "a.txt" not in message and "c.png.txt" not in message and "metadata" not in message
-    assert "hidden" not in message and "album" not in message
+    # Nor for what macOS and Windows leave in a folder of photos, or a subfolder.
+    for name in ("hidden", "DS_Store", "._a", "Thumbs", "desktop", "album"):
+        assert name not in message
+
+
+def test_list_image_files_names_heic_photos_it_cannot_read_once(tmp_path, caplog):
+    solid(tmp_path / "IMG_0001.jpg")
+    (tmp_path / "IMG_0002.HEIC").write_bytes(b"\0\0\0\x18ftypheic")
+    with caplog.at_level(logging.WARNING, logger="dreambooth.data"):
+        assert check_image_folder(tmp_path, "--instance_data_dir", 8) == [tmp_path / "IMG_0001.jpg"]
+        list_image_files(tmp_path, "--instance_data_dir")  # listed again to build the dataset
+    assert [record.getMessage() for record in caplog.records] == [
+        f"--instance_data_dir {tmp_path}: skipping IMG_0002.HEIC: this Pillow cannot read HEIC images; "
+        "convert them to JPEG"]
 
 
 def test_list_image_files_without_strays_logs_nothing(tmp_path, caplog):
@@ -252,6 +292,15 @@ def test_list_image_files_missing_folder_names_the_flag(tmp_path):
 def test_check_image_folder_empty_is_an_error(tmp_path):
     (tmp_path / "readme.txt").write_text("no pictures here")
     with pytest.raises(DreamBoothError, match="--instance_data_dir.*no images"):
+        check_image_folder(tmp_path, "--instance_data_dir", 16)
+
+
+def test_check_image_folder_with_images_only_in_subfolders_says_so(tmp_path):
+    for album in ("2023", "2024", ".thumbnails"):
+        (tmp_path / album).mkdir()
+        solid(tmp_path / album / "dog.jpg")
+    with pytest.raises(DreamBoothError, match=r": no images found \(.*\); images in its subfolders \(2023, 2024\) "
+                                              "are not read$"):
         check_image_folder(tmp_path, "--instance_data_dir", 16)
 
 
