@@ -14,7 +14,8 @@ Writes one PNG per image, with the prompt, seed, settings and weights in its tex
 models and LoRAs by name, never by a local path), and one grid per prompt. Each prompt's
 files share a number ('003-a-photo-of-sks-dog-seed0.png', '003-...-grid.png') that carries on
 after the highest one already in --output_dir, so a rerun overwrites nothing.
-On several GPUs, `accelerate launch infer.py ...` works too, but one process is enough.
+It runs as one process on one device (--device): start it with python, not with `accelerate launch` over
+several GPUs, where every process would draw every image.
 """
 
 from __future__ import annotations

@@ -213,8 +213,10 @@ class TrainConfig:
     variant: Optional[str] = _field(None, "Weight file variant of the base model, e.g. fp16.")
     tokenizer_name: Optional[str] = _field(None, "Tokenizer folder or Hub id, if not the base model's.")
     # Data
-    instance_data_dir: Optional[str] = _field(None, "Folder of subject images (required).")
-    instance_prompt: Optional[str] = _field(None, "Prompt with the identifier for the subject, e.g. 'a photo of sks dog' (required).")
+    instance_data_dir: Optional[str] = _field(
+        None, "Folder of subject images (required, unless --dataset_name or --concepts_list).")
+    instance_prompt: Optional[str] = _field(
+        None, "Prompt with the identifier for the subject, e.g. 'a photo of sks dog' (required, unless --concepts_list).")
     class_data_dir: Optional[str] = _field(None, "Folder of class images for prior preservation; topped up to --num_class_images.")
     class_prompt: Optional[str] = _field(None, "Prompt for the class, e.g. 'a photo of a dog'.")
     with_prior_preservation: bool = _field(False, "Add the prior-preservation loss on class images.")

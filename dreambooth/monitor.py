@@ -32,7 +32,8 @@ class SampleSettings:
 @dataclass(frozen=True)
 class FinalSamples:
     """What the final sampling left in ``samples/``: the labelled grid, and per prompt (in the grid's
-    row order) the first image of its row, with its own file for a Hub widget."""
+    row order) the first image of its row, with its own file for a Hub widget. Absolute paths: the
+    model card takes a relative path as relative to the output folder, not to the working one."""
 
     grid: Path
     by_prompt: tuple[tuple[str, Path], ...]
@@ -68,7 +69,7 @@ class ValidationSampler:
     def __init__(self, accelerator, components, trained: list[torch.nn.Module], settings: SampleSettings,
                  output_dir: str | Path):
         self.accelerator, self.components, self.trained = accelerator, components, trained
-        self.settings, self.samples_dir = settings, Path(output_dir) / "samples"
+        self.settings, self.samples_dir = settings, Path(output_dir).resolve() / "samples"
         self._latest: _Drawn | None = None  # the last grid drawn (main process)
 
     def _pipeline(self):

@@ -114,8 +114,10 @@ def test_tracking_logs_interval_metrics_and_a_loss_curve(tiny_model, instance_di
     assert Image.open(output / "loss_curve.png").size[0] > 100
 
 
-def test_model_cards_of_full_and_lora_runs(tiny_model, instance_dir, tmp_path):
-    full, lora = tmp_path / "full", tmp_path / "lora"
+def test_model_cards_of_full_and_lora_runs(tiny_model, instance_dir, tmp_path, monkeypatch):
+    # The full run's --output_dir is relative, as on most command lines: its card still shows the samples.
+    monkeypatch.chdir(tmp_path)
+    full, lora = Path("full"), tmp_path / "lora"
     train_dreambooth.main(train_args(tiny_model, instance_dir, full, *SAMPLES, "--validation_prompt", "a sks toy in Paris"))
     train_dreambooth.main(train_args(tiny_model, instance_dir, lora, *SAMPLES, "--use_lora",
                                      "--instance_prompt", "a photo of sks toy, [filewords]"))
