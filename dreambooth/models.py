@@ -69,7 +69,40 @@ def load_pretrained(what: str, loader, source: str, **kwargs):
         return loader(source, **kwargs)
     except (OSError, ValueError, EnvironmentError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DreamBoothError(f"could not load the {what} of {source}: {first_line}") from None
+        reason = hub_failure(error, source, kwargs.get("revision")) or first_line
+        raise DreamBoothError(f"could not load the {what} of {source}: {reason}") from None
+
+
+def hub_failure(error: BaseException, source: str, revision: str | None = None) -> str | None:
+    """What to do about a Hub id that could not be fetched, from the huggingface_hub error behind
+    ``error`` (diffusers and transformers wrap it in messages of their own); None for other errors."""
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    causes, cause = [], error
+    while cause is not None and len(causes) < 10:
+        causes.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    kind = next((type(cause) for cause in causes if isinstance(cause, (
+        GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled,
+    ))), None)
+    if kind is None or Path(source).expanduser().exists():
+        return None
+    if issubclass(kind, GatedRepoError):
+        return (f"a gated repo: accept its conditions at https://huggingface.co/{source} with your account, "
+                "then log in with `hf auth login`")
+    if issubclass(kind, RepositoryNotFoundError):
+        return "no such model on the Hub (check the id; a private repo needs `hf auth login`)"
+    if issubclass(kind, RevisionNotFoundError):
+        return f"--revision {revision}: no such branch, tag or commit in the repo"
+    download = f"hf download {source}" + (f" --revision {revision}" if revision else "")
+    return (f"not fully in the Hugging Face cache{' at revision ' + revision if revision else ''} and the Hub cannot "
+            f"be reached (offline): check the id, or download it first with `{download}`")
 
 
 def load_components(model: str, revision: str | None = None, variant: str | None = None,
@@ -84,22 +117,57 @@ def load_components(model: str, revision: str | None = None, variant: str | None
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
-    weights = dict(revision=revision, variant=variant)
     text_dtype = torch.float32 if train_text_encoder and not use_lora else frozen_dtype
     unet_dtype = frozen_dtype if use_lora else torch.float32
     if tokenizer_name:
         tokenizer = load_pretrained("tokenizer", AutoTokenizer.from_pretrained, tokenizer_name, revision=revision)
     else:
-        tokenizer = load_pretrained("tokenizer", AutoTokenizer.from_pretrained, model, subfolder="tokenizer", revision=revision)
+        tokenizer = load_pretrained("tokenizer", AutoTokenizer.from_pretrained, _tokenizer_folder(model, revision),
+                                    subfolder="tokenizer")
+    models = [load_weights(what, loader, model, subfolder, variant, dtype=dtype, revision=revision)
+              for what, loader, subfolder, dtype in (
+                  ("text encoder", CLIPTextModel.from_pretrained, "text_encoder", text_dtype),
+                  ("VAE", AutoencoderKL.from_pretrained, "vae", frozen_dtype),
+                  ("UNet", UNet2DConditionModel.from_pretrained, "unet", unet_dtype))]
+    if variant and all(found is None for _, found in models):
+        raise DreamBoothError(f"--variant {variant}: {model} has no {variant} weights (its files are named like "
+                              f"'unet/diffusion_pytorch_model.{variant}.safetensors'); leave the flag out")
+    text_encoder, vae, unet = (loaded for loaded, _ in models)
     return Components(
-        tokenizer=tokenizer,
-        text_encoder=load_pretrained("text encoder", CLIPTextModel.from_pretrained, model, subfolder="text_encoder",
-                           dtype=text_dtype, **weights),
-        vae=load_pretrained("VAE", AutoencoderKL.from_pretrained, model, subfolder="vae", dtype=frozen_dtype, **weights),
-        unet=load_pretrained("UNet", UNet2DConditionModel.from_pretrained, model, subfolder="unet",
-                   dtype=unet_dtype, **weights),
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet,
         noise_scheduler=load_pretrained("scheduler", DDPMScheduler.from_pretrained, model, subfolder="scheduler", revision=revision),
     )
+
+
+def _tokenizer_folder(model: str, revision: str | None) -> str:
+    """The folder holding a pipeline's tokenizer/: ``model`` itself, or for a Hub id its cached snapshot
+    (the tokenizer files fetched if need be). Given a Hub id and subfolder, AutoTokenizer reads a model
+    config.json first, which tokenizer/ has none of; offline, transformers 5 then fails unless the cache
+    recorded that file as missing (`hf download` and diffusers never do: huggingface/lerobot#4131)."""
+    if Path(model).expanduser().is_dir():
+        return model
+    from huggingface_hub import snapshot_download
+
+    try:
+        snapshot = snapshot_download(model, revision=revision, allow_patterns=["tokenizer/*"])
+    except (OSError, ValueError) as error:
+        reason = hub_failure(error, model, revision) or first_reason(error)
+        raise DreamBoothError(f"could not load the tokenizer of {model}: {reason}") from None
+    return snapshot
+
+
+def load_weights(what: str, loader, model: str, subfolder: str, variant: str | None, **kwargs):
+    """A model of the pipeline ``model`` in its ``variant`` where it has one, else its default weights, as
+    diffusers' pipelines load (a repo may give fp16 files for the UNet only). Returns (model, variant loaded)."""
+    if variant:
+        try:
+            return loader(model, subfolder=subfolder, variant=variant, **kwargs), variant
+        except (OSError, ValueError):
+            pass
+    loaded = load_pretrained(what, loader, model, subfolder=subfolder, **kwargs)
+    if variant:
+        logger.warning("%s: the %s has no %s weights; loading its default weights", model, what, variant)
+    return loaded, None
 
 
 def prepare_for_training(components: Components, train_text_encoder: bool, device: torch.device,
@@ -205,11 +273,16 @@ def save_pipeline(output_dir: str | Path, base_model: str, trained_states: dict[
                   revision: str | None = None, variant: str | None = None,
                   dtype: torch.dtype = torch.float16) -> Path:
     """Save a complete, standalone pipeline in ``dtype``: the base model with the trained weights
-    (``{"unet": state_dict, ...}``, gathered from every process when they are sharded) loaded in."""
+    (``{"unet": state_dict, ...}``, gathered from every process when they are sharded) loaded in.
+
+    Without the base's safety checker (and its feature extractor): no tool of this suite runs one, and
+    loading it at the end of a run would fetch 1.2 GB that training never needed, or, offline with a
+    cache that lacks it, fail and lose the run."""
     from diffusers import DiffusionPipeline
 
     pipeline = load_pretrained("pipeline", DiffusionPipeline.from_pretrained, base_model, revision=revision, variant=variant,
-                     dtype=dtype, tokenizer=tokenizer)
+                               dtype=dtype, tokenizer=tokenizer, safety_checker=None, feature_extractor=None,
+                               requires_safety_checker=False)
     for name, state in trained_states.items():
         getattr(pipeline, name).load_state_dict(state)
     output_dir = Path(output_dir)

@@ -142,3 +142,93 @@ def tiny_clip(tmp_path_factory) -> str:
     tokenizer.save_pretrained(folder)
     CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
     return str(folder)
+
+
+HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+HUB_COMMITS = {"main": "a" * 40, "other": "b" * 40}
+
+
+def write_sd15_like(folder: Path) -> Path:
+    """A tiny pipeline laid out like the stable-diffusion-v1-5 repo: a safety checker and feature extractor
+    (the checker flags every image, so images it checks come out black), plain and .fp16 weights."""
+    import tempfile
+
+    from diffusers import StableDiffusionPipeline
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    from dreambooth.tiny_model import build_components, build_tokenizer
+
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer = build_tokenizer(Path(scratch) / "tokenizer")
+        layers = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4)
+        checker = StableDiffusionSafetyChecker(CLIPConfig(
+            text_config=dict(vocab_size=99, **layers), vision_config=dict(image_size=32, patch_size=8, **layers),
+            projection_dim=16))
+        checker.concept_embeds_weights.data.fill_(-1.0)
+        pipeline = StableDiffusionPipeline(
+            **build_components(tokenizer), safety_checker=checker, requires_safety_checker=True,
+            feature_extractor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}))
+        pipeline.to(torch.float16).save_pretrained(folder, variant="fp16")
+        pipeline.to(torch.float32).save_pretrained(folder)
+        # The real repo's tokenizer/ is vocab.json + merges.txt + tokenizer_config.json, no tokenizer.json.
+        shutil.rmtree(folder / "tokenizer")
+        shutil.copytree(Path(scratch) / "tokenizer", folder / "tokenizer")
+        (folder / "tokenizer" / "tokenizer_config.json").write_text(
+            '{"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "bos_token": "<|startoftext|>", '
+            '"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}')
+    return folder
+
+
+def write_to_hub_cache(cache: Path, repo_id: str, snapshot: Path, commit: str, refs: tuple[str, ...]) -> None:
+    """``snapshot``'s files as huggingface_hub caches a download: blobs by hash, linked from snapshots/<commit>/."""
+    import hashlib
+
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    for file in sorted(path for path in snapshot.rglob("*") if path.is_file()):
+        data = file.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = repo / "snapshots" / commit / file.relative_to(snapshot)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    for ref in refs:
+        (repo / "refs" / ref).write_text(commit)
+
+
+@pytest.fixture(scope="session")
+def hub_cache_dir(tmp_path_factory) -> Path:
+    """A Hugging Face cache holding HUB_ID at two commits (branch 'main', and 'other' with another VAE),
+    'someone/unet-fp16-only' (only the UNet has .fp16 files) and 'someone/no-checker-cached' (the
+    safety checker was never downloaded)."""
+    from safetensors.torch import load_file, save_file
+
+    root = tmp_path_factory.mktemp("hub")
+    cache = root / "hub"
+    main = write_sd15_like(root / "sd15")
+    other = shutil.copytree(main, root / "sd15-other")
+    for vae in (other / "vae").glob("*.safetensors"):
+        save_file({key: tensor + 1 for key, tensor in load_file(vae).items()}, vae, metadata={"format": "pt"})
+    write_to_hub_cache(cache, HUB_ID, main, HUB_COMMITS["main"], ("main",))
+    write_to_hub_cache(cache, HUB_ID, other, HUB_COMMITS["other"], ("other",))
+    partial = shutil.copytree(main, root / "partial")
+    for part in ("text_encoder", "vae", "safety_checker"):
+        for file in (partial / part).glob("*.fp16.*"):
+            file.unlink()
+    write_to_hub_cache(cache, "someone/unet-fp16-only", partial, "c" * 40, ("main",))
+    no_checker = shutil.copytree(main, root / "no-checker")
+    shutil.rmtree(no_checker / "safety_checker")
+    write_to_hub_cache(cache, "someone/no-checker-cached", no_checker, "d" * 40, ("main",))
+    return cache
+
+
+@pytest.fixture
+def hub_cache(hub_cache_dir, monkeypatch) -> Path:
+    """Offline, with ``hub_cache_dir`` as the Hugging Face cache (as HF_HUB_CACHE would set it)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub_cache_dir))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return hub_cache_dir

@@ -1,0 +1,119 @@
+"""The path users take: the base model named by Hub id (with --variant fp16, --revision), its weights
+read offline from the Hugging Face cache, through every script the README shows."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import export
+import generate_class_images
+import infer
+import train_dreambooth
+from conftest import HUB_COMMITS, HUB_ID, train_args
+from dreambooth.errors import DreamBoothError
+from dreambooth.models import load_components, save_pipeline
+
+FEW_STEPS = ["--num_inference_steps", "2", "--num_images_per_prompt", "1", "--seed", "0"]
+
+
+def brightest(paths) -> list[int]:
+    """Each image's brightest pixel: 0 for the black image a safety checker leaves."""
+    return [int(np.asarray(Image.open(path)).max()) for path in paths]
+
+
+def snapshot(cache: Path, ref: str) -> Path:
+    return cache / f"models--{HUB_ID.replace('/', '--')}" / "snapshots" / HUB_COMMITS[ref]
+
+
+def test_full_fine_tune_from_a_hub_id_at_a_revision(hub_cache, instance_dir, tmp_path):
+    class_dir, output = tmp_path / "class", tmp_path / "out"
+    generate_class_images.main(["--pretrained_model_name_or_path", HUB_ID, "--class_prompt", "a toy",
+                                "--class_data_dir", str(class_dir), "--num_class_images", "1", "--resolution", "32",
+                                "--num_inference_steps", "2", "--variant", "fp16"])
+    train_dreambooth.main(train_args(
+        HUB_ID, instance_dir, output, "--max_train_steps", "1", "--variant", "fp16", "--revision", "other",
+        "--with_prior_preservation", "--class_data_dir", str(class_dir), "--class_prompt", "a toy",
+        "--num_class_images", "1", "--num_validation_images", "1", "--validation_inference_steps", "2"))
+
+    # The safety checker never runs in the suite's own sampling: no black class or validation images.
+    assert min(brightest(class_dir.glob("*.png")) + brightest((output / "samples").glob("*.png"))) > 0
+    # The saved pipeline has no safety checker (and says so), and the standard loaders load it.
+    index = json.loads((output / "model_index.json").read_text())
+    assert index["safety_checker"] == [None, None] and index["feature_extractor"] == [None, None]
+    assert index["requires_safety_checker"] is False and not (output / "safety_checker").exists()
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline
+
+    for loader in (StableDiffusionPipeline.from_pretrained, DiffusionPipeline.from_pretrained):
+        assert loader(output).safety_checker is None
+    # --revision reached the frozen weights: the VAE is revision 'other''s fp16 one.
+    saved_vae = load_file(output / "vae" / "diffusion_pytorch_model.safetensors")
+    other_vae = load_file(snapshot(hub_cache, "other") / "vae" / "diffusion_pytorch_model.fp16.safetensors")
+    main_vae = load_file(snapshot(hub_cache, "main") / "vae" / "diffusion_pytorch_model.fp16.safetensors")
+    assert all(torch.equal(saved_vae[key], other_vae[key]) for key in other_vae)
+    assert not all(torch.equal(saved_vae[key], main_vae[key]) for key in main_vae)
+    assert "base_model: stable-diffusion-v1-5/stable-diffusion-v1-5" in (output / "README.md").read_text()
+
+    images = infer.main(["--pretrained_model_name_or_path", str(output), "--prompt", "sks toy",
+                         "--output_dir", str(tmp_path / "samples"), *FEW_STEPS])
+    assert min(brightest(images)) > 0
+    exported = export.main([str(output), "--output", str(tmp_path / "sks.safetensors")])
+    assert exported.num_tensors > 100
+
+
+def test_lora_over_a_hub_id(hub_cache, instance_dir, tmp_path):
+    output = tmp_path / "lora"
+    train_dreambooth.main(train_args(HUB_ID, instance_dir, output, "--use_lora", "--max_train_steps", "1",
+                                     "--checkpointing_steps", "1"))
+
+    lora_images = infer.main(["--pretrained_model_name_or_path", HUB_ID, "--lora", str(output), "--prompt", "sks toy",
+                              "--output_dir", str(tmp_path / "samples"), *FEW_STEPS])
+    checkpoint_images = infer.main(["--checkpoint", str(output / "checkpoint-1"), "--prompt", "sks toy",
+                                    "--output_dir", str(tmp_path / "checkpoint-samples"), *FEW_STEPS])
+    assert min(brightest(lora_images + checkpoint_images)) > 0
+    export.main([str(output), "--output", str(tmp_path / "sks-lora.safetensors")])
+    with safe_open(str(tmp_path / "sks-lora.safetensors"), "pt") as exported:
+        metadata = exported.metadata()
+    assert metadata["ss_base_model_version"] == "sd_v1" and metadata["ss_sd_model_name"] == HUB_ID
+
+
+def test_variant_where_only_the_unet_has_it(hub_cache, caplog):
+    with caplog.at_level(logging.WARNING, logger="dreambooth.models"):
+        components = load_components("someone/unet-fp16-only", variant="fp16")
+    fallbacks = [record.getMessage() for record in caplog.records if "has no fp16 weights" in record.getMessage()]
+    assert len(fallbacks) == 2 and not any("UNet" in message for message in fallbacks)
+    assert components.text_encoder is not None
+
+    with pytest.raises(DreamBoothError, match="--variant bf16: .* has no bf16 weights"):
+        load_components(HUB_ID, variant="bf16")
+
+
+def test_save_needs_no_safety_checker_in_the_cache(hub_cache, tmp_path):
+    model = "someone/no-checker-cached"
+    components = load_components(model)
+    save_pipeline(tmp_path / "out", model, {"unet": components.unet.state_dict()}, components.tokenizer)
+    assert (tmp_path / "out" / "unet").is_dir() and (tmp_path / "out" / "model_index.json").is_file()
+
+
+@pytest.mark.parametrize("revision", [None, "v2"])
+def test_a_hub_id_not_in_the_cache_is_one_line_naming_the_download(hub_cache, instance_dir, tmp_path, revision):
+    model = "someone/not-downloaded" if revision is None else HUB_ID
+    extra = ["--revision", revision] if revision else []
+    with pytest.raises(DreamBoothError) as raised:
+        train_dreambooth.main(train_args(model, instance_dir, tmp_path / "out", *extra))
+    message = str(raised.value)
+    assert "\n" not in message and "not fully in the Hugging Face cache" in message
+    assert f"`hf download {model}{' --revision ' + revision if revision else ''}`" in message
+    with pytest.raises(DreamBoothError, match="hf download someone/not-downloaded`"):
+        infer.main(["--pretrained_model_name_or_path", "someone/not-downloaded", "--prompt", "x",
+                    "--output_dir", str(tmp_path / "samples")])
+
+
