@@ -27,6 +27,7 @@ def setup_logging(verbose: bool = True) -> None:
 def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
     """Run a script's ``main``; a DreamBoothError becomes one ``error: ...`` line and exit status 1.
     A result with an ``exit_status`` (a training run stopped by a signal) exits with it."""
+    _escape_unencodable_output()
     try:
         result = main(argv)
     except DreamBoothError as error:
@@ -36,3 +37,12 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
         print("error: interrupted", file=sys.stderr)
         return 130
     return int(getattr(result, "exit_status", 0))
+
+
+def _escape_unencodable_output() -> None:
+    """Print what the output's encoding cannot hold as escapes (as Python's stderr already does) instead of
+    failing: Windows writes a redirected stdout in its ANSI code page (cp1252), where a prompt's emoji or
+    CJK text would raise UnicodeEncodeError mid-run, after the first prompt's images."""
+    for stream in (sys.stdout, sys.stderr):
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")

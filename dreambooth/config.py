@@ -409,6 +409,8 @@ class TrainConfig:
             raise DreamBoothError("--use_8bit_adam: bitsandbytes is not installed (pip install bitsandbytes)")
         if self.compile_mode not in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
             raise DreamBoothError(f"--compile_mode {self.compile_mode}: choose default, reduce-overhead or max-autotune")
+        if self.compile:
+            check_compile_support()
         if self.with_prior_preservation and self.prior_loss_weight < 0:
             raise DreamBoothError(f"--prior_loss_weight {self.prior_loss_weight}: must not be negative")
         try:
@@ -605,6 +607,18 @@ def _importable(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def check_compile_support(flag: str = "--compile") -> None:
+    """torch.compile of a model on a CUDA GPU needs Triton, which PyTorch's Windows wheels do not bring
+    along: said now, not in a traceback at the first step."""
+    import torch
+
+    from .models import cpu_only
+
+    if torch.cuda.is_available() and not cpu_only() and not _importable("triton"):
+        raise DreamBoothError(f"{flag}: torch.compile on a CUDA GPU needs Triton, which is not installed "
+                              "(on Windows: pip install triton-windows; elsewhere: pip install triton), or drop the flag")
+
+
 SCHEDULER_NAMES = ("dpm++", "unipc", "ddim", "euler", "euler_a", "pndm", "ddpm")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
@@ -671,6 +685,8 @@ class GenerateClassImagesConfig:
         for name in ("num_class_images", "sample_batch_size"):
             if getattr(self, name) < 1:
                 raise DreamBoothError(f"--{name} {getattr(self, name)}: must be at least 1")
+        if self.compile:
+            check_compile_support()
         check_writable_dir(self.class_data_dir, "--class_data_dir")
 
 

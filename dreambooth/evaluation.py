@@ -76,7 +76,7 @@ def check_encoder_source(name: str, flag: str) -> None:
     path = Path(name).expanduser()
     if path.exists() and not path.is_dir():
         raise DreamBoothError(f"{flag} {name}: not a folder; give a model folder or a Hub id")
-    if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):
+    if not path.exists() and (name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1):
         raise DreamBoothError(f"{flag} {name}: no such folder")
 
 

@@ -202,8 +202,11 @@ def read_prompts(path: str | Path, flag: str) -> list[str]:
     if not path.is_file():
         raise DreamBoothError(f"{flag}: file not found")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as error:
+        # utf-8-sig: a byte-order mark (Windows Notepad's "UTF-8 with BOM") is not part of the first prompt.
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError:
+        raise DreamBoothError(f"{flag}: not UTF-8 text; re-save it as UTF-8") from None
+    except OSError as error:
         raise DreamBoothError(f"{flag}: cannot read ({error})") from None
     prompts = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
     if not prompts:

@@ -18,6 +18,8 @@ import logging
 import os
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path, PureWindowsPath
 from typing import Any, Mapping, Optional, Sequence
 
@@ -451,6 +453,12 @@ def public_copies(folder: Path, names: Sequence[str]) -> dict[str, bytes]:
     return copies
 
 
+def shell_command(args: Sequence[str]) -> str:
+    """``args`` as a command line to paste into a shell: quoted for a POSIX shell, or on Windows for
+    cmd.exe and PowerShell, which take double quotes (cmd.exe keeps single quotes as part of the path)."""
+    return subprocess.list2cmdline(args) if sys.platform == "win32" else shlex.join(args)
+
+
 def push_output(output_dir: str | Path, repo_id: str, token: str | None = None, private: bool = False,
                 include_checkpoints: bool = False) -> str:
     """Create ``repo_id`` if needed and upload the finished output folder in one commit; return the
@@ -481,7 +489,7 @@ def push_output(output_dir: str | Path, repo_id: str, token: str | None = None, 
                  *(["--private"] if private else []), *(["--push_checkpoints"] if include_checkpoints else [])]
         message = (
             f"push to the Hub repo {repo_id} failed: {_cause(error, repo_id)}. The local output in {output_dir} is "
-            f"complete; retry with: {shlex.join(retry)}"
+            f"complete; retry with: {shell_command(retry)}"
         )
         for secret in (token, os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")):
             message = redact(message, secret)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -323,11 +324,30 @@ def seal(path: Path) -> None:
     for file in files:
         if file.suffix == ".safetensors" or file == path:
             os.chmod(file, 0o666 & ~mask)
-        descriptor = os.open(file, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+        _flush_file(file)
+
+
+def _flush_file(file: Path) -> None:
+    """fsync ``file``. Windows flushes a file only through a handle that may write to it (FlushFileBuffers):
+    there fsync on a read-only descriptor fails with EBADF, and the file is flushed through a writable one,
+    or, where it cannot be opened so, left to the system."""
+    descriptor = os.open(file, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+        return
+    except OSError as error:
+        if error.errno != errno.EBADF:
+            raise
+    finally:
+        os.close(descriptor)
+    try:
+        descriptor = os.open(file, os.O_RDWR | getattr(os, "O_BINARY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def sync_folder(folder: Path) -> None:

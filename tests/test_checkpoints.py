@@ -463,6 +463,37 @@ def test_a_checkpoint_reaches_the_disk_before_its_name_appears(tmp_path, monkeyp
     assert flushed[-1] == output  # the rename itself
 
 
+def test_a_checkpoint_is_saved_and_flushed_with_windows_file_semantics(tmp_path, monkeypatch):
+    """On Windows a folder cannot be opened to fsync it, and fsync needs a descriptor open for writing
+    (FlushFileBuffers): neither may fail the save, and every file still reaches the disk."""
+    output = tmp_path / "out"
+    checkpointer, model = small_checkpointer(
+        output, lambda models, folder: save_file(models[0].state_dict(), folder / "model.safetensors"))
+    real_open, real_fsync = os.open, os.fsync
+    access, flushed = {}, []
+
+    def windows_open(path, flags, *args, **kwargs):
+        if os.path.isdir(path):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        descriptor = real_open(path, flags, *args, **kwargs)
+        access[descriptor] = flags & os.O_ACCMODE
+        return descriptor
+
+    def windows_fsync(descriptor):
+        if access.get(descriptor) == os.O_RDONLY:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        flushed.append(Path(os.readlink(f"/proc/self/fd/{descriptor}")))
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "open", windows_open)
+    monkeypatch.setattr(os, "fsync", windows_fsync)
+    final = checkpointer.save(TrainState(global_step=3), [model])
+    hidden = output / ".checkpoint-3.tmp"
+    written = {path.relative_to(final) for path in final.rglob("*") if path.is_file()}
+    assert {"model.safetensors", "optimizer.bin", MARKER} <= {path.name for path in written}
+    assert {path.relative_to(hidden) for path in flushed if path.is_relative_to(hidden)} == written
+
+
 def test_a_checkpointer_removes_the_saves_a_kill_left_unfinished(tmp_path):
     output = tmp_path / "out"
     for name in (".checkpoint-6.tmp", ".checkpoint-500.tmp"):

@@ -222,6 +222,7 @@ def bad(tmp_path) -> dict[str, str]:
     (["--generated_dir", "{unlabeled}"], r"--generated_dir .*no image with a prompt"),
     (["--generated_dir", "{broken}"], r"--generated_dir: .*001-partial\.png: cannot read it as an image"),
     (["--dino_model", "{missing}"], r"--dino_model .*missing: no such folder"),
+    (["--clip_model", r"C:\models\clip"], r"--clip_model C:\\models\\clip: no such folder"),  # a Windows path
     (["--generated_dir", "{unlabeled}", "--dino_model", "nobody/no-dino"],
      r"--dino_model nobody/no-dino: cannot be loaded \(.*\); the default models need one download.*local folder"),
     (["--generated_dir", "{unlabeled}", "--clip_model", "{dino}"],

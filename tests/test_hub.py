@@ -338,6 +338,21 @@ def test_failed_push_names_the_repo_hides_the_token_and_keeps_the_output(finishe
     assert snapshot(finished_output) == before
 
 
+@pytest.mark.parametrize("platform, quoted", [("linux", "'{}'"), ("darwin", "'{}'"), ("win32", '"{}"')])
+def test_the_retry_command_is_quoted_for_the_users_shell(finished_output, monkeypatch, platform, quoted):
+    """cmd.exe keeps single quotes as part of a path; double quotes work there and in PowerShell."""
+    spaced = finished_output.rename(finished_output.parent / "sks dog")
+
+    def fail(self, repo_id, **kwargs):
+        raise http_error(401)
+
+    monkeypatch.setattr(HfApi, "create_repo", fail)
+    monkeypatch.setattr(sys, "platform", platform)
+    with pytest.raises(DreamBoothError) as raised:
+        push_output(spaced, "me/sks-dog")
+    assert str(raised.value).endswith(f"python push_to_hub.py {quoted.format(spaced)} --hub_model_id me/sks-dog")
+
+
 def test_failed_push_hides_a_token_taken_from_the_environment(finished_output, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
 

@@ -104,6 +104,21 @@ def test_prompts_file_is_read_one_prompt_a_line_without_comments(tiny_model, tmp
     assert len(list((tmp_path / "out").glob("*-grid.png"))) == 2
 
 
+@pytest.mark.parametrize("encoding", ["utf-8-sig", "cp1252", "utf-16"])
+def test_a_prompts_file_saved_by_windows_tools_is_read_or_named(tmp_path, encoding):
+    """Notepad's "UTF-8 with BOM": the mark is not part of the first line, so a comment stays a comment.
+    Windows PowerShell 5.1 writes UTF-16 (>) or the ANSI code page (Set-Content): an error saying what to do."""
+    from dreambooth.generation import read_prompts
+
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("# sks toy prompts\na photo of sks toy at the café\n", encoding=encoding)
+    if encoding == "utf-8-sig":
+        assert read_prompts(prompts_file, "--prompts_file p") == ["a photo of sks toy at the café"]
+    else:
+        with pytest.raises(DreamBoothError, match=r"^--prompts_file p: not UTF-8 text; re-save it as UTF-8$"):
+            read_prompts(prompts_file, "--prompts_file p")
+
+
 @pytest.fixture
 def lora_run(tiny_model, tmp_path) -> tuple[Path, Path]:
     """A LoRA folder, and a LoRA run's checkpoint whose train_config.yaml gives the base model's path."""

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import train_dreambooth
 from conftest import ROOT, train_args
@@ -140,6 +141,24 @@ def test_missing_optional_package_is_named(tiny_model, instance_dir, tmp_path, n
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == module else real_find_spec(name, *a))
     run_expecting_error(train_args(tiny_model, instance_dir, tmp_path / "out", flag), f"{flag}: {module} is not installed")
+
+
+def test_compile_on_a_cuda_gpu_without_triton_is_named(tiny_model, instance_dir, tmp_path, no_model_loading,
+                                                      monkeypatch):
+    """PyTorch's Windows wheels come without Triton, which torch.compile needs for a CUDA GPU."""
+    import importlib.util
+
+    import generate_class_images
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "triton" else real_find_spec(name, *a))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr("dreambooth.models.cpu_only", lambda: False)
+    message = r"--compile: torch.compile on a CUDA GPU needs Triton, .*pip install triton-windows"
+    run_expecting_error(train_args(tiny_model, instance_dir, tmp_path / "out", "--compile"), message)
+    with pytest.raises(DreamBoothError, match=message):
+        generate_class_images.main(["--pretrained_model_name_or_path", tiny_model, "--class_prompt", "a toy",
+                                    "--class_data_dir", str(tmp_path / "class"), "--compile"])
 
 
 @pytest.mark.parametrize("flags, message", [
