@@ -733,8 +733,9 @@ class ModelSource:
                              action="extend")
     lora_scale: list[float] = _field([], "Strength of each --lora (one value for all, or one per --lora; default 1).",
                                      action="extend")
-    revision: Optional[str] = _field(None, "Revision of the model on the Hub.")
-    variant: Optional[str] = _field(None, "Weight file variant, e.g. fp16.")
+    revision: Optional[str] = _field(None, "Revision of the model on the Hub (with --checkpoint over the base its "
+                                           "run recorded, default: the run's).")
+    variant: Optional[str] = _field(None, "Weight file variant, e.g. fp16 (with --checkpoint, default: the run's).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -790,11 +791,23 @@ class InferConfig(ModelSource):
 
     def base_model(self) -> str | None:
         """The model to load: the flag, or for a checkpoint the base model its run recorded."""
+        return self._base_setting("pretrained_model_name_or_path")
+
+    def base_revision(self) -> str | None:
+        """--revision, or for a checkpoint over its recorded base, the revision its run trained on."""
+        return self.revision or self._base_setting("revision")
+
+    def base_variant(self) -> str | None:
+        """--variant, or for a checkpoint over its recorded base, the variant its run loaded."""
+        return self.variant or self._base_setting("variant")
+
+    def _base_setting(self, name: str) -> str | None:
+        """``name`` from the checkpoint's train_config.yaml, when the base model is the one it recorded."""
         if self.pretrained_model_name_or_path or not self.checkpoint:
-            return self.pretrained_model_name_or_path
+            return getattr(self, name)
         run_config = Path(self.checkpoint).parent / "train_config.yaml"
         if run_config.is_file():
-            return yaml.safe_load(run_config.read_text(encoding="utf-8")).get("pretrained_model_name_or_path")
+            return (yaml.safe_load(run_config.read_text(encoding="utf-8")) or {}).get(name)
         return None
 
     def prompts(self) -> list[str]:

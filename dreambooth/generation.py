@@ -155,7 +155,8 @@ def load_inference_pipeline(cfg):
     device = pick_device(cfg.device)
     dtype = pick_dtype(device, cfg.dtype)
     trained = checkpoint_components(cfg.checkpoint, dtype) if cfg.checkpoint else {}
-    pipeline = load_pipeline(cfg.base_model(), device, dtype, cfg.scheduler, cfg.revision, cfg.variant, **trained)
+    pipeline = load_pipeline(cfg.base_model(), device, dtype, cfg.scheduler, cfg.base_revision(), cfg.base_variant(),
+                             **trained)
     apply_loras(pipeline, inference_loras(cfg))
     return pipeline
 

@@ -42,7 +42,8 @@ def test_full_fine_tune_from_a_hub_id_at_a_revision(hub_cache, instance_dir, tmp
     train_dreambooth.main(train_args(
         HUB_ID, instance_dir, output, "--max_train_steps", "1", "--variant", "fp16", "--revision", "other",
         "--with_prior_preservation", "--class_data_dir", str(class_dir), "--class_prompt", "a toy",
-        "--num_class_images", "1", "--num_validation_images", "1", "--validation_inference_steps", "2"))
+        "--num_class_images", "1", "--num_validation_images", "1", "--validation_inference_steps", "2",
+        "--checkpointing_steps", "1"))
 
     # The safety checker never runs in the suite's own sampling: no black class or validation images.
     assert min(brightest(class_dir.glob("*.png")) + brightest((output / "samples").glob("*.png"))) > 0
@@ -67,6 +68,17 @@ def test_full_fine_tune_from_a_hub_id_at_a_revision(hub_cache, instance_dir, tmp
     assert min(brightest(images)) > 0
     exported = export.main([str(output), "--output", str(tmp_path / "sks.safetensors")])
     assert exported.num_tensors > 100
+
+    # A checkpoint samples over the base at the revision its run trained on, not over main's weights.
+    def checkpoint_sample(*flags):
+        folder = tmp_path / f"checkpoint-samples{'-'.join(flags)}"
+        paths = infer.main(["--checkpoint", str(output / "checkpoint-1"), "--prompt", "sks toy",
+                            "--output_dir", str(folder), *FEW_STEPS, *flags])
+        return np.asarray(Image.open(paths[0]), dtype=np.int16)
+
+    recorded = checkpoint_sample()
+    assert np.array_equal(recorded, checkpoint_sample("--revision", "other"))
+    assert np.abs(recorded - checkpoint_sample("--revision", "main")).max() > 0
 
 
 def test_lora_over_a_hub_id(hub_cache, instance_dir, tmp_path):
