@@ -218,8 +218,12 @@ class Schedule:
 # ---------------------------------------------------------------- loop
 
 
+# Ctrl-C, a scheduler's or `kill`'s SIGTERM, and on Windows Ctrl-Break (SIGBREAK, which has no other use there).
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGBREAK") if hasattr(signal, name))
+
+
 class GracefulStop:
-    """SIGINT/SIGTERM: finish the current step (and up to ``extra_steps`` more, for the processes
+    """SIGINT/SIGTERM (SIGBREAK on Windows): finish the current step (and up to ``extra_steps`` more, for the processes
     to agree), save a checkpoint, exit. A second Ctrl-C aborts. ``finishing`` says what is
     finished before stopping, where that is not a step."""
 
@@ -249,7 +253,7 @@ class GracefulStop:
 
     def __enter__(self) -> "GracefulStop":
         if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
+            for signum in STOP_SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
