@@ -244,6 +244,27 @@ def test_logged_loss_is_the_mean_over_the_accumulation_window():
     assert [interval["loss"] for interval in trainer.metrics.intervals] == [2.5, 6.5]
 
 
+def test_a_resumed_run_hides_from_tensorboard_what_the_interrupted_run_logged_after_its_checkpoint(tmp_path):
+    from accelerate.tracking import TensorBoardTracker
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dreambooth.training import tracker_init_kwargs
+
+    def log_run(steps, loss: float, resumed_step: int) -> None:
+        tracker = TensorBoardTracker("dreambooth", tmp_path, **tracker_init_kwargs(resumed_step).get("tensorboard", {}))
+        tracker.start()
+        for step in steps:
+            tracker.log({"loss": loss}, step=step)
+        tracker.finish()
+
+    log_run(range(1, 7), 1.0, resumed_step=0)  # killed at step 6, its last checkpoint at step 3
+    log_run(range(4, 9), 2.0, resumed_step=3)
+    events = EventAccumulator(str(tmp_path / "dreambooth"))
+    events.Reload()
+    assert [(event.step, event.value) for event in events.Scalars("loss")] == [
+        (1, 1.0), (2, 1.0), (3, 1.0), (4, 2.0), (5, 2.0), (6, 2.0), (7, 2.0), (8, 2.0)]
+
+
 class ListDataset(torch.utils.data.Dataset):
     def __init__(self, values):
         self.values = values
