@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .checkpoints import Checkpointer, TrainState, find_checkpoints
 from .errors import DreamBoothError
@@ -454,7 +455,8 @@ class Trainer:
             # A checkpoint from a run with longer epochs (more images, or a smaller batch) is past
             # the end of this run's epoch: carry on from the next one.
             state.epoch, state.batches_in_epoch = state.epoch + 1, 0
-        with GracefulStop(extra_steps=stop_now.lag) as stop:
+        # Log lines (a pruned checkpoint, a skipped step) go above the bar instead of onto its line.
+        with GracefulStop(extra_steps=stop_now.lag) as stop, logging_redirect_tqdm(tqdm_class=tqdm):
             while state.global_step < schedule.max_train_steps and not self.interrupted:
                 for batch in self._epoch_batches():
                     for callback in self.before_step_callbacks:

@@ -265,6 +265,32 @@ def test_a_resumed_run_hides_from_tensorboard_what_the_interrupted_run_logged_af
         (1, 1.0), (2, 1.0), (3, 1.0), (4, 2.0), (5, 2.0), (6, 2.0), (7, 2.0), (8, 2.0)]
 
 
+def test_a_log_line_during_training_goes_above_the_progress_bar_not_onto_its_line(capsys, monkeypatch):
+    import logging
+
+    from accelerate import Accelerator
+
+    from dreambooth.cli import setup_logging
+    from dreambooth.training import Schedule, Trainer
+
+    monkeypatch.setattr(logging.root, "handlers", list(logging.root.handlers))
+    setup_logging()
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    batches = torch.utils.data.DataLoader(ListDataset([1.0] * 4), batch_size=1,
+                                          collate_fn=lambda values: {"value": torch.tensor(values), "prompts": ["p"]})
+    model, optimizer, batches = accelerator.prepare(model, optimizer, batches)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    trainer = Trainer(accelerator, [model], optimizer, schedule, batches, Schedule(1, 4, 4, 1),
+                      lambda batch: {"loss": (model(batch["value"][:, None]) ** 2).mean()}, max_grad_norm=0)
+    trainer.step_callbacks.append(lambda state: logging.getLogger("dreambooth.checkpoints").info(
+        "removing old checkpoint checkpoint-%d", state.global_step - 1) if state.global_step == 2 else None)
+    trainer.train()
+    console = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    assert "INFO: removing old checkpoint checkpoint-1" in console, console
+
+
 class ListDataset(torch.utils.data.Dataset):
     def __init__(self, values):
         self.values = values
