@@ -467,7 +467,7 @@ class Trainer:
                         continue
                     self._after_step(losses, progress)
                     if stop_now(stop.requested):
-                        self._save_on_stop()
+                        self._save_on_stop(progress)
                         self.exit_status = stop.exit_status
                         break
                     if state.global_step >= schedule.max_train_steps:
@@ -475,8 +475,13 @@ class Trainer:
         progress.close()
         return state
 
-    def _save_on_stop(self) -> None:
+    def _save_on_stop(self, progress) -> None:
         self.interrupted = True
+        if self.metrics.pending:
+            # The steps since the last logging step reach the trackers, as a finished run's last steps do;
+            # the resumed run logs only the steps after them.
+            self._check_skipped_steps()
+            self._log(progress)
         if self.checkpointer is None:
             return
         saved = [path for step, path in find_checkpoints(self.checkpointer.output_dir) if step == self.state.global_step]

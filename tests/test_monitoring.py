@@ -291,6 +291,30 @@ def test_a_log_line_during_training_goes_above_the_progress_bar_not_onto_its_lin
     assert "INFO: removing old checkpoint checkpoint-1" in console, console
 
 
+def test_a_run_stopped_by_a_signal_logs_the_steps_since_its_last_logging_step():
+    import signal
+
+    from accelerate import Accelerator
+
+    from dreambooth.training import Schedule, Trainer
+
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    batches = torch.utils.data.DataLoader(ListDataset([float(i + 1) for i in range(8)]), batch_size=1,
+                                          collate_fn=lambda values: {"value": torch.tensor(values), "prompts": ["p"]})
+    model, optimizer, batches = accelerator.prepare(model, optimizer, batches)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    trainer = Trainer(accelerator, [model], optimizer, schedule, batches, Schedule(1, 8, 8, 1),
+                      lambda batch: {"loss": batch["value"].mean() + 0 * model.weight.sum()}, max_grad_norm=0,
+                      logging_steps=4)
+    trainer.step_callbacks.append(lambda state: signal.raise_signal(signal.SIGTERM) if state.global_step == 6 else None)
+    trainer.train()
+    assert trainer.interrupted and trainer.state.global_step == 6
+    assert [(interval["last_step"], interval["loss"]) for interval in trainer.metrics.intervals] == [(4, 2.5), (6, 5.5)]
+    assert trainer.metrics.history == [(step, float(step)) for step in range(1, 7)]
+
+
 class ListDataset(torch.utils.data.Dataset):
     def __init__(self, values):
         self.values = values
