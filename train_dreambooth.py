@@ -68,6 +68,7 @@ from dreambooth.training import (
     build_optimizer,
     freeze_module,
     tracker_config,
+    tracker_init_kwargs,
     training_loss,
 )
 
@@ -328,7 +329,8 @@ def main(argv: Sequence[str] | None = None) -> Trainer:
     sampler = add_validation(cfg, accelerator, components, trainer)
     if accelerator.is_main_process:
         save_train_config(cfg)
-    accelerator.init_trackers("dreambooth", config=tracker_config(config_to_dict(cfg)))
+    accelerator.init_trackers("dreambooth", config=tracker_config(config_to_dict(cfg)),
+                              init_kwargs=tracker_init_kwargs(state.global_step))
     trainer.train()
     finish(cfg, accelerator, trainer, components, sampler)
     accelerator.end_training()

@@ -14,6 +14,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .checkpoints import Checkpointer, TrainState, find_checkpoints
 from .errors import DreamBoothError
@@ -458,7 +459,8 @@ class Trainer:
             # A checkpoint from a run with longer epochs (more images, or a smaller batch) is past
             # the end of this run's epoch: carry on from the next one.
             state.epoch, state.batches_in_epoch = state.epoch + 1, 0
-        with GracefulStop(extra_steps=stop_now.lag) as stop:
+        # Log lines (a pruned checkpoint, a skipped step) go above the bar instead of onto its line.
+        with GracefulStop(extra_steps=stop_now.lag) as stop, logging_redirect_tqdm(tqdm_class=tqdm):
             while state.global_step < schedule.max_train_steps and not self.interrupted:
                 for batch in self._epoch_batches():
                     for callback in self.before_step_callbacks:
@@ -469,7 +471,7 @@ class Trainer:
                         continue
                     self._after_step(losses, progress)
                     if stop_now(stop.requested):
-                        self._save_on_stop()
+                        self._save_on_stop(progress)
                         self.exit_status = stop.exit_status
                         break
                     if state.global_step >= schedule.max_train_steps:
@@ -477,8 +479,13 @@ class Trainer:
         progress.close()
         return state
 
-    def _save_on_stop(self) -> None:
+    def _save_on_stop(self, progress) -> None:
         self.interrupted = True
+        if self.metrics.pending:
+            # The steps since the last logging step reach the trackers, as a finished run's last steps do;
+            # the resumed run logs only the steps after them.
+            self._check_skipped_steps()
+            self._log(progress)
         if self.checkpointer is None:
             return
         saved = [path for step, path in find_checkpoints(self.checkpointer.output_dir) if step == self.state.global_step]
@@ -489,3 +496,9 @@ class Trainer:
 def tracker_config(values: dict[str, Any]) -> dict[str, Any]:
     """Trackers (TensorBoard hparams) take only scalars and strings."""
     return {key: value for key, value in values.items() if isinstance(value, (int, float, str, bool))}
+
+
+def tracker_init_kwargs(resumed_step: int) -> dict[str, dict[str, Any]]:
+    """A resumed run's TensorBoard writer hides what the interrupted run logged after the checkpoint
+    (SummaryWriter's purge_step): after a kill 40 steps past it, those steps would be on the curves twice."""
+    return {"tensorboard": {"purge_step": resumed_step + 1}} if resumed_step else {}

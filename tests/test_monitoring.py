@@ -244,6 +244,77 @@ def test_logged_loss_is_the_mean_over_the_accumulation_window():
     assert [interval["loss"] for interval in trainer.metrics.intervals] == [2.5, 6.5]
 
 
+def test_a_resumed_run_hides_from_tensorboard_what_the_interrupted_run_logged_after_its_checkpoint(tmp_path):
+    from accelerate.tracking import TensorBoardTracker
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dreambooth.training import tracker_init_kwargs
+
+    def log_run(steps, loss: float, resumed_step: int) -> None:
+        tracker = TensorBoardTracker("dreambooth", tmp_path, **tracker_init_kwargs(resumed_step).get("tensorboard", {}))
+        tracker.start()
+        for step in steps:
+            tracker.log({"loss": loss}, step=step)
+        tracker.finish()
+
+    log_run(range(1, 7), 1.0, resumed_step=0)  # killed at step 6, its last checkpoint at step 3
+    log_run(range(4, 9), 2.0, resumed_step=3)
+    events = EventAccumulator(str(tmp_path / "dreambooth"))
+    events.Reload()
+    assert [(event.step, event.value) for event in events.Scalars("loss")] == [
+        (1, 1.0), (2, 1.0), (3, 1.0), (4, 2.0), (5, 2.0), (6, 2.0), (7, 2.0), (8, 2.0)]
+
+
+def test_a_log_line_during_training_goes_above_the_progress_bar_not_onto_its_line(capsys, monkeypatch):
+    import logging
+
+    from accelerate import Accelerator
+
+    from dreambooth.cli import setup_logging
+    from dreambooth.training import Schedule, Trainer
+
+    monkeypatch.setattr(logging.root, "handlers", list(logging.root.handlers))
+    setup_logging()
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    batches = torch.utils.data.DataLoader(ListDataset([1.0] * 4), batch_size=1,
+                                          collate_fn=lambda values: {"value": torch.tensor(values), "prompts": ["p"]})
+    model, optimizer, batches = accelerator.prepare(model, optimizer, batches)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    trainer = Trainer(accelerator, [model], optimizer, schedule, batches, Schedule(1, 4, 4, 1),
+                      lambda batch: {"loss": (model(batch["value"][:, None]) ** 2).mean()}, max_grad_norm=0)
+    trainer.step_callbacks.append(lambda state: logging.getLogger("dreambooth.checkpoints").info(
+        "removing old checkpoint checkpoint-%d", state.global_step - 1) if state.global_step == 2 else None)
+    trainer.train()
+    console = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    assert "INFO: removing old checkpoint checkpoint-1" in console, console
+
+
+def test_a_run_stopped_by_a_signal_logs_the_steps_since_its_last_logging_step():
+    import signal
+
+    from accelerate import Accelerator
+
+    from dreambooth.training import Schedule, Trainer
+
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    batches = torch.utils.data.DataLoader(ListDataset([float(i + 1) for i in range(8)]), batch_size=1,
+                                          collate_fn=lambda values: {"value": torch.tensor(values), "prompts": ["p"]})
+    model, optimizer, batches = accelerator.prepare(model, optimizer, batches)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    trainer = Trainer(accelerator, [model], optimizer, schedule, batches, Schedule(1, 8, 8, 1),
+                      lambda batch: {"loss": batch["value"].mean() + 0 * model.weight.sum()}, max_grad_norm=0,
+                      logging_steps=4)
+    trainer.step_callbacks.append(lambda state: signal.raise_signal(signal.SIGTERM) if state.global_step == 6 else None)
+    trainer.train()
+    assert trainer.interrupted and trainer.state.global_step == 6
+    assert [(interval["last_step"], interval["loss"]) for interval in trainer.metrics.intervals] == [(4, 2.5), (6, 5.5)]
+    assert trainer.metrics.history == [(step, float(step)) for step in range(1, 7)]
+
+
 class ListDataset(torch.utils.data.Dataset):
     def __init__(self, values):
         self.values = values
