@@ -499,6 +499,9 @@ class StudySettings:
     num_subject_images: int = 5
     num_class_images: int = 50
     samples_per_prompt: int = 32
+    # Which of the study's prompts are sampled and measured (see study_prompts); a check that needs
+    # only some of the measures samples only their prompts, each drawing the same images as in a full run.
+    measured: tuple[str, ...] = ("instance", "class", "recontext", "other")
     guidance_scale: float = 4.0
     subject_shape: str = SUBJECT_SHAPE
     subject_colours: tuple[str, str] = SUBJECT_COLOURS  # left half, right half
@@ -547,14 +550,14 @@ def measure_model(pipeline, settings: StudySettings, seed: int) -> dict:
     count, scale, shape = settings.samples_per_prompt, settings.guidance_scale, settings.subject_shape
     instance, class_prompt, recontext, other = study_prompts(shape)
     expected = {
-        instance: {"shape": shape},
-        class_prompt: {"shape": shape},
-        recontext: {"shape": shape, "background": "black"},
-        other: {"shape": other_shape(shape), "colour": "green", "background": "gray"},
+        "instance": (instance, {"shape": shape}),
+        "class": (class_prompt, {"shape": shape}),
+        "recontext": (recontext, {"shape": shape, "background": "black"}),
+        "other": (other, {"shape": other_shape(shape), "colour": "green", "background": "gray"}),
     }
     return {prompt: summarise([describe(image, settings.subject_colours)
                                for image in sample(pipeline, prompt, count, seed, scale)], wanted)
-            for prompt, wanted in expected.items()}
+            for role, (prompt, wanted) in expected.items() if role in settings.measured}
 
 
 def colour_drift(before: dict, after: dict) -> float:
@@ -581,19 +584,22 @@ def study_run(model: str | Path, settings: StudySettings, seed: int, base: dict 
         trained = train_subject(model, Path(scratch), settings, seed)
         after = measure_model(load(trained), settings, seed)
     instance, class_prompt, recontext, other = study_prompts(settings.subject_shape)
-    fidelity = after[instance]["subject_share"]
-    class_share = after[class_prompt]["subject_share"]
-    return dict(
-        seed=seed, settings=settings.__dict__, base=base, after=after,
-        fidelity=fidelity, base_fidelity=base[instance]["subject_share"],
-        class_subject_share=class_share, binding=fidelity - class_share,
-        class_drift=colour_drift(base[class_prompt], after[class_prompt]),
-        recontext=after[recontext]["subject_share"] * after[recontext]["background_accuracy"],
-        recontext_background=after[recontext]["background_accuracy"],
-        other_prompt_accuracy={k: after[other][f"{k}_accuracy"] for k in ("shape", "colour", "background")},
-        other_shape_accuracy=after[other]["shape_accuracy"],
-        base_other_shape_accuracy=base[other]["shape_accuracy"],
-    )
+    run = dict(seed=seed, settings=settings.__dict__, base=base, after=after)
+    if instance in after:
+        run.update(fidelity=after[instance]["subject_share"], base_fidelity=base[instance]["subject_share"])
+    if class_prompt in after:
+        run.update(class_subject_share=after[class_prompt]["subject_share"],
+                   class_drift=colour_drift(base[class_prompt], after[class_prompt]))
+    if instance in after and class_prompt in after:
+        run.update(binding=run["fidelity"] - run["class_subject_share"])
+    if recontext in after:
+        run.update(recontext=after[recontext]["subject_share"] * after[recontext]["background_accuracy"],
+                   recontext_background=after[recontext]["background_accuracy"])
+    if other in after:
+        run.update(other_prompt_accuracy={k: after[other][f"{k}_accuracy"] for k in ("shape", "colour", "background")},
+                   other_shape_accuracy=after[other]["shape_accuracy"],
+                   base_other_shape_accuracy=base[other]["shape_accuracy"])
+    return run
 
 
 STUDY_KEYS = ("fidelity", "class_subject_share", "binding", "class_drift", "recontext", "recontext_background",

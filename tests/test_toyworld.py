@@ -78,7 +78,8 @@ def test_toy_model_draws_what_its_captions_say():
 def dreambooth_runs():
     """DreamBooth on the subject through the real scripts, with and without prior preservation
     (text encoder trained, the study's defaults), seed 0, against the same pretrained baseline."""
-    settings = {prior: toyworld.StudySettings(prior_preservation=prior, train_text_encoder=True)
+    settings = {prior: toyworld.StudySettings(prior_preservation=prior, train_text_encoder=True,
+                                              measured=("instance", "class"))
                 for prior in (True, False)}
     base = toyworld.measure_model(toyworld.load(TOY_MODEL), settings[True], seed=0)
     return {prior: toyworld.study_run(TOY_MODEL, s, seed=0, base=base) for prior, s in settings.items()}
