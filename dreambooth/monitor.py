@@ -221,6 +221,8 @@ class TrainingEvaluation:
 class Metrics:
     """Per-interval training metrics; losses stay on the device until a logging step reads them."""
 
+    PARTS = ("instance_loss", "prior_loss")  # logged beside the loss when the steps give them
+
     pending: list[torch.Tensor] = field(default_factory=list)
     history: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) for every step
     intervals: list[dict[str, float]] = field(default_factory=list)  # what each logging step logged
@@ -241,14 +243,19 @@ class Metrics:
             self._last_time += time.perf_counter() - start
 
     def add(self, loss: torch.Tensor, images: int) -> None:
-        """One optimizer step: its loss and the images it trained on (class images and all processes included)."""
-        self.pending.append(loss.detach().float())
+        """One optimizer step: its loss (or the loss followed by its PARTS) and the images it trained
+        on (class images and all processes included)."""
+        self.pending.append(loss.detach().float().reshape(-1))
         self._images += images
 
-    def _pending_losses(self, step: int) -> list[tuple[int, float]]:
-        """(step, loss) of the steps not yet logged, the last being ``step``; one device sync."""
-        losses = torch.stack(self.pending).tolist() if self.pending else []
-        return list(zip(range(step - len(losses) + 1, step + 1), losses))
+    def _pending_rows(self) -> list[list[float]]:
+        """The pending steps' losses, each [loss, *parts]; one device sync."""
+        return torch.stack(self.pending).tolist() if self.pending else []
+
+    def _pending_losses(self, step: int, rows: list[list[float]] | None = None) -> list[tuple[int, float]]:
+        """(step, loss) of the steps not yet logged, the last being ``step``."""
+        rows = self._pending_rows() if rows is None else rows
+        return list(zip(range(step - len(rows) + 1, step + 1), (row[0] for row in rows)))
 
     def losses_so_far(self, step: int) -> list[tuple[int, float]]:
         """(step, loss) of every step up to ``step``, the ones not yet logged included."""
@@ -256,13 +263,16 @@ class Metrics:
 
     def read(self, step: int) -> dict[str, float]:
         """Average of the pending losses and the interval's speed; one device sync."""
-        pending = self._pending_losses(step)
+        rows = self._pending_rows()
+        pending = self._pending_losses(step, rows)
         self.history.extend(pending)
         losses, first = [loss for _, loss in pending], pending[0][0]
         now = time.perf_counter()
         elapsed = now - self._last_time
-        logs = {"loss": sum(losses) / len(losses), "seconds_per_step": elapsed / len(losses),
-                "images_per_second": self._images / elapsed}
+        logs = {"loss": sum(losses) / len(losses)}
+        for column, name in enumerate(self.PARTS[:len(rows[0]) - 1], start=1):
+            logs[name] = sum(row[column] for row in rows) / len(rows)
+        logs.update(seconds_per_step=elapsed / len(losses), images_per_second=self._images / elapsed)
         self._last_time, self.pending, self._images = now, [], 0
         if torch.cuda.is_available():
             logs["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30

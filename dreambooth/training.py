@@ -363,9 +363,11 @@ class Trainer:
         with accelerator.accumulate(*self.trained):
             losses = self.loss_fn(batch)
             self._window_images += len(batch["prompts"])
-            self._window_losses.append(losses["loss"].detach())
+            # With prior preservation, the step's instance and prior losses are logged beside the total.
+            parts = [losses[name] for name in Metrics.PARTS] if "prior_loss" in losses else []
+            self._window_losses.append(torch.stack([losses["loss"], *parts]).detach().float())
             if self.step_in_backward:
-                self.step_in_backward.arm((~torch.isfinite(self._window_losses[-1])).float())
+                self.step_in_backward.arm((~torch.isfinite(self._window_losses[-1][0])).float())
             accelerator.backward(losses["loss"])
             if self.step_in_backward:
                 self.step_in_backward.flush()
@@ -375,7 +377,7 @@ class Trainer:
 
     def _update(self) -> None:
         accelerator = self.accelerator
-        nonfinite = (~torch.isfinite(torch.stack(self._window_losses))).float().sum()
+        nonfinite = (~torch.isfinite(torch.stack(self._window_losses)[:, 0])).float().sum()
         skip = (accelerator.reduce(nonfinite, reduction="sum") > 0).float()
         self._skipped.append(skip)
         on_device = steps_on_device(self.optimizer)
@@ -436,9 +438,9 @@ class Trainer:
                 self.checkpointer.save(state, self.trained, self.metrics.losses_so_far(state.global_step))
 
     def _step_loss(self) -> torch.Tensor:
-        """The step's loss: the mean over its accumulation window and over the processes (on the
-        device: no wait for the GPU)."""
-        loss = torch.stack(self._window_losses).float().mean()
+        """The step's loss (and its parts): the mean over its accumulation window and over the
+        processes (on the device: no wait for the GPU)."""
+        loss = torch.stack(self._window_losses).mean(dim=0)
         if self.accelerator.num_processes > 1:
             loss = self.accelerator.reduce(loss, reduction="mean")
         return loss

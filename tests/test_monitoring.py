@@ -221,7 +221,8 @@ def test_eval_subject_is_read_off_the_prompts():
     assert TrainConfig(instance_prompt="sks toy, on a table", eval_class_noun="toy").eval_subject() == ("sks", "toy")
 
 
-def test_logged_loss_is_the_mean_over_the_accumulation_window():
+@pytest.mark.parametrize("prior", [False, True])
+def test_logged_loss_is_the_mean_over_the_accumulation_window(prior):
     from accelerate import Accelerator
 
     from dreambooth.training import Schedule, Trainer
@@ -234,14 +235,20 @@ def test_logged_loss_is_the_mean_over_the_accumulation_window():
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     model, optimizer, batches, schedule = accelerator.prepare(model, optimizer, batches, schedule)
 
-    def loss_fn(batch):  # micro-batch k has loss k + 1
-        return {"loss": batch["value"].mean() + 0 * model.weight.sum()}
+    def loss_fn(batch):  # micro-batch k has loss k + 1; with prior preservation, instance 1 and prior k
+        loss = batch["value"].mean() + 0 * model.weight.sum()
+        return {"loss": loss, "instance_loss": loss ** 0, "prior_loss": loss - 1} if prior else {"loss": loss}
 
     trainer = Trainer(accelerator, [model], optimizer, schedule, batches, Schedule(1, 1, 4, 1), loss_fn,
                       max_grad_norm=0, logging_steps=2)
     trainer.train()
     assert trainer.metrics.history == [(1, 1.5), (2, 3.5), (3, 5.5), (4, 7.5)]
-    assert [interval["loss"] for interval in trainer.metrics.intervals] == [2.5, 6.5]
+    intervals = trainer.metrics.intervals
+    assert [interval["loss"] for interval in intervals] == [2.5, 6.5]
+    if prior:
+        assert [(interval["instance_loss"], interval["prior_loss"]) for interval in intervals] == [(1, 1.5), (1, 5.5)]
+    else:
+        assert not any("prior_loss" in interval or "instance_loss" in interval for interval in intervals)
 
 
 def test_a_resumed_run_hides_from_tensorboard_what_the_interrupted_run_logged_after_its_checkpoint(tmp_path):
