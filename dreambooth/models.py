@@ -149,12 +149,7 @@ def _tokenizer_folder(model: str, revision: str | None) -> str:
         return model
     from huggingface_hub import snapshot_download
 
-    try:
-        snapshot = snapshot_download(model, revision=revision, allow_patterns=["tokenizer/*"])
-    except (OSError, ValueError) as error:
-        reason = hub_failure(error, model, revision) or first_reason(error)
-        raise DreamBoothError(f"could not load the tokenizer of {model}: {reason}") from None
-    return snapshot
+    return load_pretrained("tokenizer", snapshot_download, model, revision=revision, allow_patterns=["tokenizer/*"])
 
 
 def load_weights(what: str, loader, model: str, subfolder: str, variant: str | None, **kwargs):
