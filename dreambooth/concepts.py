@@ -201,26 +201,30 @@ def metadata_captions(folder: Path, column: str) -> dict[str, str | None]:
     return captions
 
 
+def clean_captions(captions: Sequence[str | None], names: Sequence[str], where: str) -> list[str | None]:
+    """Captions as prompts take them: line breaks and runs of spaces become one space, and an empty
+    caption is none, so its image gets the instance prompt, not the empty prompt of an unconditional
+    sample (said once, naming the images)."""
+    cleaned = [None if caption is None else " ".join(caption.split()) or None for caption in captions]
+    empty = [name for name, caption, clean in zip(names, captions, cleaned) if caption is not None and clean is None]
+    if empty:
+        warn_once(f"{where}: {len(empty)} image(s) with an empty caption train with the instance prompt: "
+                  f"{', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}")
+    return cleaned
+
+
 def instance_examples(concept: Concept, number: int, caption_extension: str, caption_column: str) -> list[Example]:
-    """The concept's images with their prompts, repeated ``repeats`` times. A caption's line breaks
-    and runs of spaces become one space; an empty caption is none (the image gets the instance prompt,
-    not the empty prompt of an unconditional sample)."""
+    """The concept's images with their prompts (captions cleaned), repeated ``repeats`` times."""
     folder = Path(concept.instance_data_dir)
     from_metadata = metadata_captions(folder, caption_column)
-    examples, empty = [], []
-    for path in list_image_files(folder, "--instance_data_dir"):
+    paths, captions = list_image_files(folder, "--instance_data_dir"), []
+    for path in paths:
         named_like = (path.with_suffix(caption_extension), path.with_name(path.name + caption_extension))
         sidecars = [file for file in named_like if file.is_file()]
-        caption = _read_text(sidecars[0]) if sidecars else from_metadata.get(path.name)
-        caption = None if caption is None else " ".join(caption.split())
-        if caption == "":
-            empty.append(path.name)
-            caption = None
-        examples.append(Example(path, compose_prompt(concept.instance_prompt, caption), number))
-    if empty:
-        warn_once(f"--instance_data_dir {folder}: {len(empty)} image(s) with an empty caption train with the "
-                  f"instance prompt: {', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''}")
-    return examples * concept.repeats
+        captions.append(_read_text(sidecars[0]) if sidecars else from_metadata.get(path.name))
+    captions = clean_captions(captions, [path.name for path in paths], f"--instance_data_dir {folder}")
+    return [Example(path, compose_prompt(concept.instance_prompt, caption), number)
+            for path, caption in zip(paths, captions)] * concept.repeats
 
 
 def dataset_examples(name: str, image_column: str, caption_column: Optional[str], instance_prompt: str,
@@ -234,6 +238,7 @@ def dataset_examples(name: str, image_column: str, caption_column: Optional[str]
                                   f"(columns: {', '.join(columns)})")
     captions = dataset[caption_column] if caption_column else [None] * len(dataset)
     captions = [None if caption is None else str(caption) for caption in captions]  # a label column holds numbers
+    captions = clean_captions(captions, [f"row {row}" for row in range(len(captions))], f"--dataset_name {name}")
     return [Example(DatasetRow(dataset, row, image_column), compose_prompt(instance_prompt, caption), 0)
             for row, caption in enumerate(captions)] * repeats
 

@@ -17,8 +17,8 @@ from PIL import Image
 import train_dreambooth
 from conftest import TOY_SUBJECT, train_args
 from dreambooth.buckets import BucketBatchSampler, assign_buckets, bucket_sizes, nearest_bucket
-from dreambooth.concepts import (Concept, build_dataset, check_concepts, compose_prompt, instance_examples,
-                                 load_concepts_list, trigger_phrase)
+from dreambooth.concepts import (Concept, build_dataset, check_concepts, compose_prompt, dataset_examples,
+                                 instance_examples, load_concepts_list, trigger_phrase)
 from dreambooth.config import TrainConfig, parse_config
 from dreambooth.data import DreamBoothDataset, examples_from_folder
 from dreambooth.errors import DreamBoothError
@@ -155,6 +155,12 @@ def test_local_imagefolder_dataset_with_metadata_trains(tiny_model, tmp_path, pr
     folder = make_images(tmp_path / "dataset", 2)
     lines = [json.dumps({"file_name": f"img_{i}.png", "caption": f"sks toy number {i}"}) for i in range(2)]
     (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    blank = make_images(tmp_path / "blank", 2)
+    (blank / "metadata.jsonl").write_text(json.dumps({"file_name": "img_0.png", "caption": "sks toy\nasleep"}) + "\n"
+                                          + json.dumps({"file_name": "img_1.png", "caption": " "}) + "\n")
+    # As in a folder: line breaks read as spaces, and an empty caption trains with the instance prompt.
+    assert [example.prompt for example in dataset_examples(str(blank), "image", "caption", "a sks toy")] == [
+        "sks toy asleep", "a sks toy"]
     args = train_args(tiny_model, folder, tmp_path / "out")
     args = [arg if arg != "--instance_data_dir" else "--dataset_name" for arg in args]
     train_dreambooth.main([*args, "--caption_column", "caption"])
