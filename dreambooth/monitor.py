@@ -252,19 +252,19 @@ class Metrics:
         """The pending steps' losses, each [loss, *parts]; one device sync."""
         return torch.stack(self.pending).tolist() if self.pending else []
 
-    def _pending_losses(self, step: int, rows: list[list[float]] | None = None) -> list[tuple[int, float]]:
-        """(step, loss) of the steps not yet logged, the last being ``step``."""
-        rows = self._pending_rows() if rows is None else rows
+    @staticmethod
+    def _numbered(step: int, rows: list[list[float]]) -> list[tuple[int, float]]:
+        """(step, loss) of pending ``rows``, the last being ``step``."""
         return list(zip(range(step - len(rows) + 1, step + 1), (row[0] for row in rows)))
 
     def losses_so_far(self, step: int) -> list[tuple[int, float]]:
         """(step, loss) of every step up to ``step``, the ones not yet logged included."""
-        return self.history + self._pending_losses(step)
+        return self.history + self._numbered(step, self._pending_rows())
 
     def read(self, step: int) -> dict[str, float]:
         """Average of the pending losses and the interval's speed; one device sync."""
         rows = self._pending_rows()
-        pending = self._pending_losses(step, rows)
+        pending = self._numbered(step, rows)
         self.history.extend(pending)
         losses, first = [loss for _, loss in pending], pending[0][0]
         now = time.perf_counter()

@@ -224,9 +224,9 @@ STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SI
 
 
 class GracefulStop:
-    """SIGINT/SIGTERM (SIGBREAK on Windows): finish the current step (and up to ``extra_steps`` more, for the processes
-    to agree), save a checkpoint, exit. A second Ctrl-C aborts. ``finishing`` says what is
-    finished before stopping, where that is not a step."""
+    """SIGINT/SIGTERM (SIGBREAK on Windows): finish the current step (and up to ``extra_steps`` more,
+    for the processes to agree), save a checkpoint, exit. A second Ctrl-C aborts. ``finishing`` says
+    what is finished before stopping, where that is not a step."""
 
     def __init__(self, extra_steps: int = 0, finishing: str | None = None):
         self.requested = False
@@ -428,7 +428,6 @@ class Trainer:
         self._window_images, self._window_losses = 0, []
         progress.update(1)
         if state.global_step % self.logging_steps == 0 or state.global_step == self.schedule.max_train_steps:
-            self._check_skipped_steps()
             self._log(progress)
         with self.metrics.paused():
             for callback in self.step_callbacks:
@@ -446,6 +445,8 @@ class Trainer:
         return loss
 
     def _log(self, progress) -> None:
+        """The steps since the last logging step, to the progress bar and the trackers (skipped steps first)."""
+        self._check_skipped_steps()
         logs = self.metrics.read(self.state.global_step)
         logs["lr"] = self.lr_scheduler.get_last_lr()[0]
         progress.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
@@ -486,7 +487,6 @@ class Trainer:
         if self.metrics.pending:
             # The steps since the last logging step reach the trackers, as a finished run's last steps do;
             # the resumed run logs only the steps after them.
-            self._check_skipped_steps()
             self._log(progress)
         if self.checkpointer is None:
             return
