@@ -149,10 +149,10 @@ def inference_loras(cfg) -> list[tuple[str, Path, float]]:
                     for path, scale in zip(cfg.lora, lora_scales(cfg.lora_scale, len(cfg.lora)))]
 
 
-def load_inference_pipeline(cfg):
+def load_inference_pipeline(cfg, device: torch.device | None = None):
     """The pipeline an ``InferConfig`` names: a trained folder, or a checkpoint over its base,
-    with any LoRAs applied."""
-    device = pick_device(cfg.device)
+    with any LoRAs applied, on ``device`` (default: the one its --device picks)."""
+    device = device or pick_device(cfg.device)
     dtype = pick_dtype(device, cfg.dtype)
     trained = checkpoint_components(cfg.checkpoint, dtype) if cfg.checkpoint else {}
     pipeline = load_pipeline(cfg.base_model(), device, dtype, cfg.scheduler, cfg.base_revision(), cfg.base_variant(),
@@ -364,6 +364,57 @@ def launch_state():
     return PartialState(cpu=cpu_only())
 
 
+def hide_library_progress_bars() -> None:
+    """No loading or download bars from diffusers, transformers and the Hub client in this process:
+    under `accelerate launch`, those of the processes other than the main one."""
+    import diffusers
+    import huggingface_hub
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+
+
+def process_device(device: str | None, state) -> torch.device:
+    """The device this process samples on: --device as ``pick_device`` reads it in a run of one
+    process; under `accelerate launch` with several, each process's own (``state.device``: cuda:0,
+    cuda:1, ...), for --device auto or a device type without an index. An indexed device (cuda:1)
+    would put every process on one GPU, so several processes refuse it."""
+    if state.num_processes == 1:
+        return pick_device(device)
+    if device in (None, "auto"):
+        return state.device
+    chosen = torch.device(device)
+    if chosen.type == state.device.type and chosen.index is None:
+        return state.device
+    if chosen.type == "cpu":
+        return chosen
+    raise DreamBoothError(f"--device {device}: each of the {state.num_processes} processes uses its own device; "
+                          f"use --device auto or {state.device.type}")
+
+
+def decided_by_main(state, decide):
+    """``decide()``'s answer, reached by the main process alone and sent to every other one: a choice
+    that all must share (a random seed, the next free file number) made once. The others wait for it,
+    so nothing they write afterwards can change it."""
+    from accelerate.utils import broadcast_object_list
+
+    answer = [decide() if state.is_main_process else None]
+    if state.num_processes > 1:
+        broadcast_object_list(answer, from_process=0)
+    return answer[0]
+
+
+def deal(batches: Sequence, state) -> list:
+    """This process's share of ``batches``, dealt round-robin: every process gets a disjoint share.
+
+    Cut the batches from the whole list of jobs before dealing them, so each image is made in the
+    same batch (and so bitwise the same) whatever the number of processes. On a CPU the thread
+    count matters too: torchrun sets OMP_NUM_THREADS=1, which moves some pixels by 1 level."""
+    return list(batches[state.process_index::state.num_processes])
+
+
 def generate_class_images(job: ClassImageJob, state=None) -> int:
     """Generate the missing class images, split across the processes of ``state``
     (an accelerate PartialState). Returns how many this process wrote."""
@@ -376,11 +427,8 @@ def generate_class_images(job: ClassImageJob, state=None) -> int:
     state.wait_for_everyone()
     if not missing:
         return 0
-    # Batches are cut from the global list before being dealt out, so each image is made in the
-    # same batch (and so bitwise the same) whatever the number of processes. On a CPU the thread
-    # count matters too: torchrun sets OMP_NUM_THREADS=1, which moves some pixels by 1 level.
     batches = [missing[i:i + job.sample_batch_size] for i in range(0, len(missing), job.sample_batch_size)]
-    mine = batches[state.process_index::state.num_processes]
+    mine = deal(batches, state)
     if state.is_main_process:
         logger.info("generating %d class image(s) of %r in %s", len(missing), job.class_prompt, job.class_data_dir)
     written = 0

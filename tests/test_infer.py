@@ -228,3 +228,25 @@ def test_every_scheduler_samples_at_two_steps(tiny_model, tmp_path):
     for name in ("pndm", "ddim", "euler_a", "unipc"):
         written = infer.main(infer_args(tiny_model, tmp_path / name, "--prompt", "a toy", "--scheduler", name))
         assert pixels(written[0]).shape == (32, 32, 3)
+
+
+@pytest.mark.parametrize("device, expected", [("auto", "cuda:1"), ("cuda", "cuda:1"), ("cpu", "cpu"),
+                                              ("cuda:0", None)])
+def test_each_launched_process_samples_on_its_own_device(device, expected):
+    """Under `accelerate launch` with several processes, process 1 of a GPU node takes cuda:1; an
+    indexed --device would put every process on one GPU."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from dreambooth.generation import process_device
+
+    second = SimpleNamespace(num_processes=2, device=torch.device("cuda", 1))
+    if expected:
+        assert process_device(device, second) == torch.device(expected)
+    else:
+        with pytest.raises(DreamBoothError, match=r"^--device cuda:0: each of the 2 processes uses its own device; "
+                                                  r"use --device auto or cuda$"):
+            process_device(device, second)
+    alone = SimpleNamespace(num_processes=1, device=torch.device("cuda", 0))
+    assert process_device("cpu", alone) == torch.device("cpu")
