@@ -498,9 +498,3 @@ class Trainer:
 def tracker_config(values: dict[str, Any]) -> dict[str, Any]:
     """Trackers (TensorBoard hparams) take only scalars and strings."""
     return {key: value for key, value in values.items() if isinstance(value, (int, float, str, bool))}
-
-
-def tracker_init_kwargs(resumed_step: int) -> dict[str, dict[str, Any]]:
-    """A resumed run's TensorBoard writer hides what the interrupted run logged after the checkpoint
-    (SummaryWriter's purge_step): after a kill 40 steps past it, those steps would be on the curves twice."""
-    return {"tensorboard": {"purge_step": resumed_step + 1}} if resumed_step else {}
