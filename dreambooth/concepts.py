@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -80,6 +81,9 @@ def load_concepts_list(path: str) -> list[Concept]:
         missing = [key for key in _REQUIRED if not entry.get(key)]
         if missing:
             raise DreamBoothError(f"{where}: missing key '{missing[0]}'")
+        for key in ("instance_data_dir", "class_data_dir"):  # a leading ~ is the home folder, as in a shell
+            if key in entry:
+                entry[key] = os.path.expanduser(entry[key])
         concepts.append(Concept(**entry))
     return concepts
 

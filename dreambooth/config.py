@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, TypeVar
@@ -66,7 +67,7 @@ def build_parser(config_class: type, description: str | None = None,
 def _yaml_to_flags(path: str, config_class: type, given: Sequence[str] = ()) -> list[str]:
     """Turn ``key: value`` pairs into ``--key value`` tokens, rejecting unknown keys. Keys among
     ``given`` (flags on the command line) are left out: the command line replaces them, lists too."""
-    file = Path(path)
+    file = Path(path).expanduser()
     if not file.is_file():
         raise DreamBoothError(f"--config {path}: file not found")
     try:
@@ -152,7 +153,21 @@ def _parse(config_class: type[ConfigT], argv: list[str], description: str | None
             raise DreamBoothError(f"--config {known.config}: {error}") from None
     namespace = parser.parse_args(yaml_flags + argv)
     values = {field.name: getattr(namespace, field.name) for field in dataclasses.fields(config_class)}
-    return config_class(**values)
+    return config_class(**_with_home_expanded(values, getattr(config_class, "PATH_FIELDS", ())))
+
+
+def _with_home_expanded(values: dict[str, Any], path_fields: Sequence[str]) -> dict[str, Any]:
+    """``values`` with a leading ``~`` in each path field made the home folder, as a shell does for
+    ``--flag ~/x`` but not for ``--flag=~/x`` or a YAML value. Only a leading ``~`` counts, so a Hub id
+    (never one) or a path with a ``~`` further on is left as it is."""
+    expanded = dict(values)
+    for name in path_fields:
+        value = values[name]
+        if isinstance(value, str):
+            expanded[name] = os.path.expanduser(value)
+        elif isinstance(value, list):
+            expanded[name] = [os.path.expanduser(item) for item in value]
+    return expanded
 
 
 def _sys_argv() -> list[str]:
@@ -456,6 +471,8 @@ class TrainConfig:
     PATH_FLAGS = ("pretrained_model_name_or_path", "tokenizer_name", "instance_data_dir", "class_data_dir",
                   "concepts_list", "dataset_name", "output_dir", "resume_from_checkpoint", "eval_dino_model",
                   "eval_clip_model")
+    # Those and --logging_dir (relative to --output_dir, so never made absolute) take ~ for the home folder.
+    PATH_FIELDS = PATH_FLAGS + ("logging_dir",)
 
     def with_absolute_paths(self) -> "TrainConfig":
         """This config with every local path made absolute, so the saved ``train_config.yaml`` works as
@@ -653,6 +670,8 @@ def check_writable_dir(path: str, flag: str) -> Path:
 class GenerateClassImagesConfig:
     """Flags of generate_class_images.py."""
 
+    PATH_FIELDS = ("pretrained_model_name_or_path", "class_data_dir")  # ~ is the home folder in them
+
     pretrained_model_name_or_path: Optional[str] = _field(None, "Base model: a diffusers folder or a Hub id (required).")
     revision: Optional[str] = _field(None, "Revision of the base model on the Hub.")
     variant: Optional[str] = _field(None, "Weight file variant of the base model, e.g. fp16.")
@@ -724,6 +743,8 @@ def check_device(device: str) -> None:
 class ModelSource:
     """The model to sample: a trained folder or Hub id, or a checkpoint or LoRAs over a base."""
 
+    PATH_FIELDS = ("pretrained_model_name_or_path", "checkpoint", "lora")  # ~ is the home folder in them
+
     pretrained_model_name_or_path: Optional[str] = _field(
         None, "Trained output folder or Hub id; with --checkpoint or --lora, the base model "
         "(with --checkpoint, default: the base its run recorded)."
@@ -741,6 +762,8 @@ class ModelSource:
 @dataclasses.dataclass(frozen=True)
 class InferConfig(ModelSource):
     """Flags of infer.py."""
+
+    PATH_FIELDS = ModelSource.PATH_FIELDS + ("prompts_file", "output_dir")
 
     prompt: list[str] = _field([], "Prompt; repeat the flag for several.", action="extend")
     prompts_file: Optional[str] = _field(None, "Text file with one prompt a line (blank and # lines skipped).")
@@ -823,6 +846,8 @@ class InferConfig(ModelSource):
 class PushToHubConfig:
     """Flags of push_to_hub.py (the output folder may also come first, without --output_dir)."""
 
+    PATH_FIELDS = ("output_dir",)  # ~ is the home folder in it
+
     output_dir: Optional[str] = _field(None, "Finished output folder of train_dreambooth.py (required).")
     hub_model_id: Optional[str] = _field(None, "Repo to push to: 'owner/name', or 'name' in your account (required).")
     # repr=False: the token stays out of reprs and tracebacks.
@@ -859,6 +884,8 @@ def check_repo_id(repo_id: str, what: str) -> None:
 @dataclasses.dataclass(frozen=True)
 class ExportConfig:
     """Flags of export.py."""
+
+    PATH_FIELDS = ("output_dir", "output")  # ~ is the home folder in them
 
     output_dir: Optional[str] = _field(None, "The training run's output folder (or the positional OUTPUT_DIR).")
     output: Optional[str] = _field(None, "The .safetensors file to write (required).")
@@ -902,6 +929,9 @@ class ExportConfig:
 @dataclasses.dataclass(frozen=True)
 class EvaluateConfig(ModelSource):
     """Flags of evaluate.py."""
+
+    PATH_FIELDS = ModelSource.PATH_FIELDS + ("generated_dir", "instance_data_dir", "prompts_file", "dino_model",
+                                             "clip_model", "output_dir")
 
     generated_dir: Optional[str] = _field(
         None, "Score this folder of generated images instead of generating (prompts from prompts.json "
