@@ -68,6 +68,20 @@ def check_base_model(source: str, flag: str = "--pretrained_model_name_or_path",
             raise DreamBoothError(f"{named}: {name}/ {problem}")
 
 
+def check_lora_source(source: str, flag: str) -> None:
+    """A LoRA is a .safetensors file, or a folder holding pytorch_lora_weights.safetensors (a LoRA run or
+    its checkpoint); a pipeline folder given there is a base model."""
+    path = Path(source)
+    if not path.exists():
+        raise DreamBoothError(f"{flag} {source}: no such file or folder")
+    if path.is_dir() and not (path / LORA_WEIGHTS).is_file():
+        if (path / "model_index.json").is_file():
+            raise DreamBoothError(f"{flag} {source}: a full pipeline, not LoRA weights; pass it as "
+                                  "--pretrained_model_name_or_path")
+        raise DreamBoothError(f"{flag} {source}: the folder has no {LORA_WEIGHTS}; give a LoRA run's output "
+                              "folder or a LoRA .safetensors file")
+
+
 def _weights_problem(folder: Path, variant: str | None) -> str | None:
     """What keeps a component's weights from loading with ``variant``: none at all, or only other variants'
     (a download of the fp16 files alone). Names: 'model.safetensors', 'model-00001-of-00002.safetensors'

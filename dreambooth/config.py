@@ -758,7 +758,7 @@ class InferConfig(ModelSource):
     dtype: str = _field("auto", "fp32, fp16, bf16 or auto (fp16 on GPU, fp32 on CPU).")
 
     def validate(self) -> None:
-        from .bases import check_base_model
+        from .bases import check_base_model, check_lora_source
         from .checkpoints import MARKER
 
         if self.checkpoint and not (Path(self.checkpoint) / MARKER).is_file():
@@ -774,8 +774,7 @@ class InferConfig(ModelSource):
         if self.num_images_per_prompt < 1:
             raise DreamBoothError(f"--num_images_per_prompt {self.num_images_per_prompt}: must be at least 1")
         for path in self.lora:
-            if not Path(path).exists():
-                raise DreamBoothError(f"--lora {path}: no such file or folder")
+            check_lora_source(path, "--lora")
         if len(self.lora_scale) not in (0, 1, len(self.lora)):
             raise DreamBoothError(f"--lora_scale: give one value, or one per --lora ({len(self.lora)})")
         if self.batch_size < 1:

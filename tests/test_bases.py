@@ -208,6 +208,15 @@ def test_a_lora_run_is_refused_as_a_base_but_infer_takes_it_as_lora(wrong_bases,
                                     "--class_prompt", "a toy", "--class_data_dir", str(tmp_path / "class")])
 
 
+def test_a_full_run_given_as_lora_is_pointed_to_the_base_flag(tiny_model, wrong_bases, tmp_path, no_loading):
+    argv = ["--pretrained_model_name_or_path", tiny_model, "--prompt", "x", "--output_dir", str(tmp_path)]
+    with pytest.raises(DreamBoothError, match="^--lora .*: a full pipeline, not LoRA weights; pass it as "
+                                              "--pretrained_model_name_or_path$"):
+        infer.main([*argv, "--lora", tiny_model])
+    with pytest.raises(DreamBoothError, match="full-run: the folder has no pytorch_lora_weights.safetensors"):
+        infer.main([*argv, "--lora", str(wrong_bases["checkpoint"].parent)])
+
+
 def test_a_wrong_hub_model_is_refused_before_its_weights_load(tiny_model, hub_cache, instance_dir, tmp_path,
                                                               no_loading):
     """A Hub id is checked by its model_index.json and UNet config, read from the cache (or the Hub)."""
