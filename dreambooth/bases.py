@@ -99,13 +99,14 @@ def _weights_problem(folder: Path, variant: str | None) -> str | None:
 def check_pipeline(named: str, index: dict, unet: dict | None) -> None:
     """A model_index.json (and the UNet's config, where known) of a Stable Diffusion 1.x/2.x pipeline."""
     class_name = index.get("_class_name") or "an unnamed pipeline"
+    if not _names(index, "unet"):
+        kind = ("a transformer-based model (SD3, Flux, PixArt...)" if _names(index, "transformer")
+                else "not Stable Diffusion")
+        raise DreamBoothError(f"{named}: {kind}, its model_index.json names {class_name} with no unet; {SUPPORTED}")
     is_xl = "XL" in class_name or _names(index, "text_encoder_2") or bool((unet or {}).get("addition_embed_type"))
     if is_xl:
         raise DreamBoothError(f"{named}: an SDXL model ({class_name}: two text encoders, a UNet with extra "
                               f"conditioning); {SUPPORTED}")
-    if not _names(index, "unet"):
-        kind = "a transformer-based model (SD3, Flux, PixArt...)" if _names(index, "transformer") else "not Stable Diffusion"
-        raise DreamBoothError(f"{named}: {kind}, its model_index.json names {class_name} with no unet; {SUPPORTED}")
     missing = [name for name in LOADED if not _names(index, name)]
     if missing:
         raise DreamBoothError(f"{named}: {class_name} has no {', '.join(missing)}, not a Stable Diffusion pipeline; "

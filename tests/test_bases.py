@@ -53,15 +53,21 @@ def make_unclip(folder: Path) -> None:
 
 
 def make_sd3(folder: Path) -> None:
+    """SD3 has three text encoders (two CLIPs and a T5) and a transformer where SD has its UNet."""
     (folder / "unet").rename(folder / "transformer")
+    for number in (2, 3):
+        shutil.copytree(folder / "text_encoder", folder / f"text_encoder_{number}")
     edit_json(folder / "model_index.json", _class_name="StableDiffusion3Pipeline", unet=None,
-              transformer=["diffusers", "SD3Transformer2DModel"])
+              transformer=["diffusers", "SD3Transformer2DModel"],
+              text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+              text_encoder_3=["transformers", "T5EncoderModel"])
 
 
 def make_flux(folder: Path) -> None:
     (folder / "unet").rename(folder / "transformer")
+    shutil.copytree(folder / "text_encoder", folder / "text_encoder_2")
     edit_json(folder / "model_index.json", _class_name="FluxPipeline", unet=None,
-              transformer=["diffusers", "FluxTransformer2DModel"])
+              transformer=["diffusers", "FluxTransformer2DModel"], text_encoder_2=["transformers", "T5EncoderModel"])
 
 
 def without_vae(folder: Path) -> None:
