@@ -269,7 +269,7 @@ def unet_weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(Path(folder) / "unet" / "diffusion_pytorch_model.safetensors")
 
 
-def test_a_full_runs_output_is_a_base_that_trains_and_samples(tiny_model, instance_dir, tmp_path):
+def test_a_full_runs_output_is_a_base_to_train_over(tiny_model, instance_dir, tmp_path):
     """Our own output (with its checkpoints, train_config.yaml and logs beside the pipeline) is a diffusers
     pipeline: training over it starts from its weights, not from its base's."""
     first = tmp_path / "first"
@@ -284,10 +284,6 @@ def test_a_full_runs_output_is_a_base_that_trains_and_samples(tiny_model, instan
     assert max((trained[key].float() - started_from[key].float()).abs().max() for key in trained) < 1e-6
     assert max((started_from[key].float() - base[key].float()).abs().max() for key in base) > 1e-5
     assert yaml.safe_load((second / "train_config.yaml").read_text())["pretrained_model_name_or_path"] == str(first)
-    written = infer.main(["--pretrained_model_name_or_path", str(second), "--prompt", "a photo of sks toy",
-                          "--num_images_per_prompt", "1", "--num_inference_steps", "2", "--seed", "0",
-                          "--output_dir", str(tmp_path / "samples")])
-    assert len(written) == 1
 
 
 def test_v_prediction_end_to_end(tiny_model_v, instance_dir, tmp_path, monkeypatch, caplog):
