@@ -387,11 +387,11 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Every check that needs no model: one-line errors naming the flag or file."""
-        from .models import check_model_source
+        from .bases import check_base_model
 
         if not self.pretrained_model_name_or_path:
             raise DreamBoothError("--pretrained_model_name_or_path is required")
-        check_model_source(self.pretrained_model_name_or_path, "--pretrained_model_name_or_path")
+        check_base_model(self.pretrained_model_name_or_path, revision=self.revision, variant=self.variant)
         self._check_data_source()
         if not self.with_prior_preservation and (self.class_data_dir or self.class_prompt):
             logger.warning("--class_data_dir and --class_prompt are used only with --with_prior_preservation; "
@@ -694,12 +694,12 @@ class GenerateClassImagesConfig:
     )
 
     def validate(self) -> None:
-        from .models import check_model_source
+        from .bases import check_base_model
 
         for flag in ("pretrained_model_name_or_path", "class_prompt", "class_data_dir"):
             if not getattr(self, flag) or not str(getattr(self, flag)).strip():
                 raise DreamBoothError(f"--{flag} is required")
-        check_model_source(self.pretrained_model_name_or_path, "--pretrained_model_name_or_path")
+        check_base_model(self.pretrained_model_name_or_path, revision=self.revision, variant=self.variant)
         _check_generation_numbers(self.resolution, self.num_inference_steps, self.scheduler)
         for name in ("num_class_images", "sample_batch_size"):
             if getattr(self, name) < 1:
@@ -781,14 +781,15 @@ class InferConfig(ModelSource):
     dtype: str = _field("auto", "fp32, fp16, bf16 or auto (fp16 on GPU, fp32 on CPU).")
 
     def validate(self) -> None:
+        from .bases import check_base_model, check_lora_source
         from .checkpoints import MARKER
-        from .models import check_model_source
 
         if self.checkpoint and not (Path(self.checkpoint) / MARKER).is_file():
             raise DreamBoothError(f"--checkpoint {self.checkpoint}: not a complete checkpoint folder (no {MARKER})")
         if not self.base_model():
             raise DreamBoothError("--pretrained_model_name_or_path is required")
-        check_model_source(self.base_model(), "--pretrained_model_name_or_path")
+        check_base_model(self.base_model(), revision=self.base_revision(), variant=self.base_variant(),
+                         takes_lora=True)
         if not self.prompt and not self.prompts_file:
             raise DreamBoothError("give --prompt (repeatable) or --prompts_file")
         if self.prompts_file and not Path(self.prompts_file).is_file():
@@ -796,8 +797,7 @@ class InferConfig(ModelSource):
         if self.num_images_per_prompt < 1:
             raise DreamBoothError(f"--num_images_per_prompt {self.num_images_per_prompt}: must be at least 1")
         for path in self.lora:
-            if not Path(path).exists():
-                raise DreamBoothError(f"--lora {path}: no such file or folder")
+            check_lora_source(path, "--lora")
         if len(self.lora_scale) not in (0, 1, len(self.lora)):
             raise DreamBoothError(f"--lora_scale: give one value, or one per --lora ({len(self.lora)})")
         if self.batch_size < 1:
@@ -902,6 +902,9 @@ class ExportConfig:
     def validate(self) -> None:
         if not self.output_dir:
             raise DreamBoothError("give the training output folder: export.py OUTPUT_DIR --output FILE.safetensors")
+        if Path(self.output_dir).is_file():
+            raise DreamBoothError(f"OUTPUT_DIR {self.output_dir}: a file; export.py turns a training run's output "
+                                  "folder into one .safetensors file")
         if not Path(self.output_dir).is_dir():
             raise DreamBoothError(f"OUTPUT_DIR {self.output_dir}: no such folder")
         if not self.output:
@@ -917,7 +920,10 @@ class ExportConfig:
             raise DreamBoothError(f"--format {self.format}: choose auto, sd or kohya")
         if self.precision is not None and self.precision not in ("fp32", "fp16", "bf16"):
             raise DreamBoothError(f"--precision {self.precision}: choose fp32, fp16 or bf16")
-        self.resolved_format()
+        if self.resolved_format() == "sd":
+            from .bases import check_base_model
+
+            check_base_model(self.output_dir, "OUTPUT_DIR")
 
     def resolved_format(self) -> str:
         """``sd`` or ``kohya``: --format, or for auto what the output folder holds."""
