@@ -33,7 +33,8 @@ def create_accelerator(cfg: TrainConfig):
     if not accelerator.is_local_main_process:
         logging.getLogger("dreambooth").setLevel(logging.WARNING)
     # Without the flag, the precision comes from the accelerate config (or its environment variable).
-    check_precision_supported(accelerator.mixed_precision, "mixed_precision fp16 (from the accelerate config)")
+    source = "--mixed_precision fp16" if cfg.mixed_precision else "mixed_precision fp16 (from the accelerate config)"
+    check_precision_supported(accelerator.mixed_precision, source, accelerator.device)
     check_engine_support(cfg, accelerator)
     return accelerator
 

@@ -46,9 +46,19 @@ def mixed_precision_dtype(mixed_precision: str | None) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision or "no", torch.float32)
 
 
-def check_precision_supported(mixed_precision: str | None, source: str = "--mixed_precision fp16") -> None:
-    if mixed_precision == "fp16" and not (torch.cuda.is_available() or _has_xpu() or torch.backends.mps.is_available()):
+def check_precision_supported(mixed_precision: str | None, source: str = "--mixed_precision fp16",
+                              device: torch.device | None = None) -> None:
+    """fp16 needs a GPU: refused on a machine without one, and, given the run's ``device``, on a run
+    that uses the CPU of a machine with one (ACCELERATE_USE_CPU, ``accelerate launch --cpu``). There
+    Accelerate trains without autocast or loss scaling, and the frozen fp16 weights would meet fp32
+    ones in the first step."""
+    if mixed_precision != "fp16":
+        return
+    if not (torch.cuda.is_available() or _has_xpu() or torch.backends.mps.is_available()):
         raise DreamBoothError(f"{source} needs a GPU; on CPU use --mixed_precision bf16 or no")
+    if device is not None and device.type == "cpu":
+        raise DreamBoothError(f"{source} needs a GPU, and this run uses the CPU (ACCELERATE_USE_CPU or "
+                              "`accelerate launch --cpu`); use --mixed_precision bf16 or no, or run on the GPU")
 
 
 def _has_xpu() -> bool:
