@@ -201,10 +201,15 @@ def prepare_for_training(components: Components, train_text_encoder: bool, devic
 
 
 def enable_xformers(unet: torch.nn.Module) -> None:
+    """xformers attention in the UNet. diffusers runs one xformers attention first and re-raises whatever
+    it raises: a build for another torch or CUDA gives an error of many lines ("No operator found for
+    `memory_efficient_attention_forward` with inputs: ..."), said here in one."""
     try:
         unet.enable_xformers_memory_efficient_attention()
-    except (ValueError, RuntimeError, ModuleNotFoundError) as error:
-        raise DreamBoothError(f"--enable_xformers_memory_efficient_attention: {error}") from None
+    except Exception as error:  # noqa: BLE001 - any failure of that first attention
+        raise DreamBoothError(f"--enable_xformers_memory_efficient_attention: xformers cannot run here "
+                              f"({first_reason(error)}); install the xformers build for this torch and CUDA, "
+                              "or drop the flag to use PyTorch's SDPA attention") from None
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 import traceback
 
 import pytest
@@ -355,4 +356,73 @@ def test_batches_reach_the_device_without_waiting_for_it(tiny_model, instance_di
     copies.clear()
     resumed = train_dreambooth.main(args + ["--max_train_steps", "4", "--resume_from_checkpoint", "checkpoint-2"])
     assert resumed.state.global_step == 4 and copies == [True] * (2 * copies_per_step)
+
+
+
+def test_xformers_on_a_run_without_cuda_is_refused_before_loading(tiny_model, instance_dir, tmp_path, monkeypatch):
+    """xformers is installed, but this run has no CUDA GPU: said before the weights load, not by
+    diffusers after loading them."""
+    from dreambooth import config
+    from dreambooth.errors import DreamBoothError
+
+    importable = config._importable
+    monkeypatch.setattr(config, "_importable", lambda module: module == "xformers" or importable(module))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before xformers was checked")
+
+    monkeypatch.setattr(train_dreambooth, "load_components", refuse)
+    with pytest.raises(DreamBoothError, match=r"^--enable_xformers_memory_efficient_attention needs a CUDA GPU, and "
+                                              r"this run uses the CPU; drop the flag"):
+        train_dreambooth.main(train_args(tiny_model, instance_dir, tmp_path / "out",
+                                         "--enable_xformers_memory_efficient_attention"))
+
+
+# What xformers built for another torch or CUDA raises from the attention diffusers tries first.
+XFORMERS_FAILURE = NotImplementedError(
+    "No operator found for `memory_efficient_attention_forward` with inputs:\n"
+    "     query       : shape=(1, 2, 1, 40) (torch.float32)\n"
+    "`cutlassF-pt` is not supported because:\n"
+    "    xFormers wasn't build with CUDA support")
+
+
+def test_xformers_that_cannot_run_is_one_line_naming_the_flag():
+    from dreambooth.errors import DreamBoothError
+    from dreambooth.models import enable_xformers
+
+    class Unet(torch.nn.Module):
+        def enable_xformers_memory_efficient_attention(self):
+            raise XFORMERS_FAILURE
+
+    with pytest.raises(DreamBoothError) as caught:
+        enable_xformers(Unet())
+    assert str(caught.value) == (
+        "--enable_xformers_memory_efficient_attention: xformers cannot run here (No operator found for "
+        "`memory_efficient_attention_forward` with inputs:); install the xformers build for this torch and CUDA, "
+        "or drop the flag to use PyTorch's SDPA attention")
+
+
+def test_bitsandbytes_that_cannot_load_is_one_line_naming_the_flag(tmp_path, monkeypatch):
+    """A bitsandbytes built for another CUDA fails on import, on the GPU where --use_8bit_adam uses it:
+    said before any model loads (check_cuda_libraries) and where the optimizer is built."""
+    from dreambooth.config import TrainConfig
+    from dreambooth.errors import DreamBoothError
+    from dreambooth.training import build_optimizer
+
+    broken = tmp_path / "site" / "bitsandbytes"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text('raise RuntimeError("CUDA Setup failed despite GPU being available.\\n"\n'
+                                        '                   "Please run python -m bitsandbytes")\n')
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.delitem(sys.modules, "bitsandbytes", raising=False)
+    message = (r"^--use_8bit_adam: bitsandbytes cannot be loaded \(CUDA Setup failed despite GPU being available.\); "
+               r"install the build for this torch and CUDA \(pip install -U bitsandbytes\), or drop the flag$")
+    with pytest.raises(DreamBoothError, match=message):
+        build_optimizer([torch.nn.Parameter(torch.ones(4))], 1e-4, (0.9, 0.999), 0.0, 1e-8, use_8bit_adam=True,
+                        device=torch.device("cuda"))
+    from dreambooth.engine import check_cuda_libraries
+
+    with pytest.raises(DreamBoothError, match=message):
+        check_cuda_libraries(TrainConfig(use_8bit_adam=True), torch.device("cuda"))
+    check_cuda_libraries(TrainConfig(use_8bit_adam=True), torch.device("cpu"))  # the CPU falls back to AdamW
 
