@@ -192,12 +192,19 @@ def prepare_for_training(components: Components, train_text_encoder: bool, devic
     if gradient_checkpointing:
         components.unet.enable_gradient_checkpointing()
         if train_text_encoder:
-            components.text_encoder.gradient_checkpointing_enable()
+            enable_text_encoder_checkpointing(components.text_encoder)
     if xformers:
         enable_xformers(components.unet)
     if channels_last:
         components.unet.to(memory_format=torch.channels_last)
     return trained
+
+
+def enable_text_encoder_checkpointing(text_encoder: torch.nn.Module) -> None:
+    """Gradient checkpointing of a trained text encoder's layers (checkpointed in train mode only).
+    transformers 5 renamed it activation checkpointing; the old name warns that it goes in v6."""
+    enable = getattr(text_encoder, "activation_checkpointing_enable", None) or text_encoder.gradient_checkpointing_enable
+    enable()
 
 
 def enable_xformers(unet: torch.nn.Module) -> None:

@@ -426,3 +426,48 @@ def test_bitsandbytes_that_cannot_load_is_one_line_naming_the_flag(tmp_path, mon
         check_cuda_libraries(TrainConfig(use_8bit_adam=True), torch.device("cuda"))
     check_cuda_libraries(TrainConfig(use_8bit_adam=True), torch.device("cpu"))  # the CPU falls back to AdamW
 
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_gradient_checkpointing_recomputes_the_text_encoder_layers_and_trains_them(tiny_model, lora):
+    """--gradient_checkpointing --train_text_encoder: the text encoder is in train mode, each of its
+    layers (and each UNet attention block) runs twice, once in backward, and the gradient reaches every
+    weight it trains; LoRA adapters too, behind frozen embeddings. Quietly: transformers 5 warns that
+    gradient_checkpointing_enable goes in v6."""
+    import warnings
+
+    from diffusers.models.attention import BasicTransformerBlock
+    from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+
+    from dreambooth.lora import add_lora_adapters
+    from dreambooth.models import load_components, prepare_for_training
+
+    components = load_components(tiny_model, train_text_encoder=True, use_lora=lora)
+    if lora:
+        add_lora_adapters(components.unet, components.text_encoder, rank=4, alpha=4, dropout=0.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prepare_for_training(components, True, torch.device("cpu"), gradient_checkpointing=True)
+    assert not [str(w.message) for w in caught if "checkpointing" in str(w.message)]
+    unet, text_encoder = components.unet, components.text_encoder
+    assert unet.training and text_encoder.training
+
+    # Calls of each layer's attention: inside the checkpointed forward (transformers keeps the layer's own
+    # hooks outside it), and at its start (the recomputation stops once it has what backward needs).
+    runs = {}
+    attentions = [layer.self_attn for layer in text_encoder.modules() if isinstance(layer, CLIPEncoderLayer)]
+    attentions += [block.attn1 for block in unet.modules() if isinstance(block, BasicTransformerBlock)]
+    for attention in attentions:
+        attention.register_forward_pre_hook(lambda module, args: runs.update({module: runs.get(module, 0) + 1}))
+    generator = torch.Generator().manual_seed(0)
+    states = text_encoder(torch.randint(0, text_encoder.config.vocab_size, (2, 77), generator=generator))[0]
+    size = unet.config.sample_size
+    prediction = unet(torch.randn(2, 4, size, size, generator=generator), torch.tensor([10, 900]), states).sample
+    torch.nn.functional.mse_loss(prediction, torch.randn(prediction.shape, generator=generator)).backward()
+
+    layers = sum(isinstance(m, CLIPEncoderLayer) for m in text_encoder.modules())
+    assert len(runs) == len(attentions) > layers >= 2 and set(runs.values()) == {2}
+    trained = {name: p for name, p in text_encoder.named_parameters() if p.requires_grad}
+    assert trained and all(p.grad is not None for p in trained.values())
+    # LoRA's B matrices start at zero, so only they receive a non-zero gradient in the first step.
+    moving = {name for name, p in trained.items() if p.grad.abs().sum() > 0}
+    assert moving == ({name for name in trained if "lora_B" in name} if lora else set(trained))
