@@ -48,9 +48,10 @@ def test_option_keeps_the_loss_curve_and_weights(tiny_model, instance_dir, tmp_p
 @pytest.mark.parametrize("extra", [[], ["--use_lora"]], ids=["full", "lora"])
 def test_frozen_weights_in_bf16_train_like_frozen_weights_in_fp32(tiny_model, instance_dir, tmp_path, monkeypatch,
                                                                    extra):
-    """Under --mixed_precision bf16, autocast computes the frozen VAE and text encoder (and LoRA's
-    frozen UNet) in bf16 anyway, so they are loaded in bf16, at half the memory. Only what autocast
-    keeps in fp32 (the norms' scales) is rounded, so the loss curves agree to bf16 precision."""
+    """Under --mixed_precision bf16 the frozen VAE and text encoder are loaded in bf16, at half the
+    memory, and compute in bf16 (outside autocast, as in diffusers' scripts); LoRA's frozen UNet too,
+    under autocast, which computes its layers in bf16 anyway. The loss curves agree with fp32 frozen
+    weights to bf16 precision."""
     loaded, load = [], train_dreambooth.load_components
 
     def recording_load(*args, **kwargs):
