@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .checkpoints import Checkpointer, TrainState, find_checkpoints
-from .errors import DreamBoothError
+from .errors import DreamBoothError, first_reason
 from .gradients import Bf16Gradients, StepInBackward, inner_optimizer, steps_on_device
 from .monitor import Metrics
 
@@ -177,11 +177,20 @@ def build_optimizer(parameters: Sequence[torch.nn.Parameter] | Sequence[dict], l
         if device.type != "cuda":
             logger.warning("--use_8bit_adam needs a CUDA GPU; using torch.optim.AdamW on %s instead", device.type)
         else:
-            import bitsandbytes as bnb
-
-            return bnb.optim.AdamW8bit(parameters, **kwargs)
+            return load_bitsandbytes().optim.AdamW8bit(parameters, **kwargs)
     # Fused AdamW: one kernel per step, and it can skip a non-finite step on the device.
     return torch.optim.AdamW(parameters, fused=device.type in ("cuda", "cpu"), **kwargs)
+
+
+def load_bitsandbytes():
+    """bitsandbytes for --use_8bit_adam. A build for another CUDA or torch fails on import (an
+    ImportError, or a RuntimeError or OSError of its CUDA set-up, in many lines): said in one."""
+    try:
+        import bitsandbytes
+    except Exception as error:  # noqa: BLE001 - whatever its import raises
+        raise DreamBoothError(f"--use_8bit_adam: bitsandbytes cannot be loaded ({first_reason(error)}); install the "
+                              "build for this torch and CUDA (pip install -U bitsandbytes), or drop the flag") from None
+    return bitsandbytes
 
 
 def freeze_module(optimizer, module: torch.nn.Module) -> None:
