@@ -353,7 +353,9 @@ class Trainer:
     def _epoch_batches(self):
         """This epoch's batches, skipping those a resumed run already trained on."""
         state = self.state
-        self.dataloader.dataset.set_epoch(state.epoch)
+        # Through the loader to its sampler, which gives each index its epoch: Accelerate's skipping
+        # copy of a loader sharded across processes does not reach the sampler.
+        self.dataloader.set_epoch(state.epoch)
         batches = self.dataloader
         if state.batches_in_epoch:
             batches = self.accelerator.skip_first_batches(self.dataloader, state.batches_in_epoch)
