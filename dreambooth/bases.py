@@ -19,11 +19,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .checkpoints import MARKER as CHECKPOINT_MARKER
+from .config import TRAIN_CONFIG as RUN_CONFIG
 from .errors import DreamBoothError
+from .lora import LORA_WEIGHTS
 
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
-CHECKPOINT_MARKER = "checkpoint_complete.json"
-RUN_CONFIG = "train_config.yaml"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 # The pipeline components the suite loads (a safety checker or feature extractor is never loaded).
 LOADED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")

@@ -23,6 +23,8 @@ from .errors import DreamBoothError, redact
 
 ConfigT = TypeVar("ConfigT")
 logger = logging.getLogger(__name__)
+# In a run's output folder: the resolved config, which --config and --resume_from_checkpoint read back.
+TRAIN_CONFIG = "train_config.yaml"
 
 # Keys whose values must never be written to disk or logs, and what is written instead.
 SECRET_FIELDS = ("hub_token",)
@@ -203,7 +205,7 @@ def save_train_config(cfg: "TrainConfig") -> Path:
     if cfg.concepts_list:
         concepts_list = save_concepts_list(cfg.concepts(), output / SAVED_CONCEPTS_LIST)
         saved = dataclasses.replace(saved, concepts_list=str(concepts_list.resolve()))
-    return save_config(saved, output / "train_config.yaml")
+    return save_config(saved, output / TRAIN_CONFIG)
 
 
 def _field(default: Any, help: str, **metadata: Any) -> Any:
@@ -828,7 +830,7 @@ class InferConfig(ModelSource):
         """``name`` from the checkpoint's train_config.yaml, when the base model is the one it recorded."""
         if self.pretrained_model_name_or_path or not self.checkpoint:
             return getattr(self, name)
-        run_config = Path(self.checkpoint).parent / "train_config.yaml"
+        run_config = Path(self.checkpoint).parent / TRAIN_CONFIG
         if run_config.is_file():
             return (yaml.safe_load(run_config.read_text(encoding="utf-8")) or {}).get(name)
         return None
