@@ -52,6 +52,8 @@ def check_precision_supported(mixed_precision: str | None, source: str = "--mixe
     that uses the CPU of a machine with one (ACCELERATE_USE_CPU, ``accelerate launch --cpu``). There
     Accelerate trains without autocast or loss scaling, and the frozen fp16 weights would meet fp32
     ones in the first step."""
+    if mixed_precision == "bf16" and device is not None and device.type == "cuda":
+        warn_if_bf16_emulated(device)
     if mixed_precision != "fp16":
         return
     if not (torch.cuda.is_available() or _has_xpu() or torch.backends.mps.is_available()):
@@ -59,6 +61,14 @@ def check_precision_supported(mixed_precision: str | None, source: str = "--mixe
     if device is not None and device.type == "cpu":
         raise DreamBoothError(f"{source} needs a GPU, and this run uses the CPU (ACCELERATE_USE_CPU or "
                               "`accelerate launch --cpu`); use --mixed_precision bf16 or no, or run on the GPU")
+
+
+def warn_if_bf16_emulated(device: torch.device) -> None:
+    """GPUs before Ampere (T4, V100, RTX 20xx) have no bf16 arithmetic: PyTorch emulates it, several
+    times slower than fp16, and Accelerate lets it run."""
+    if not torch.cuda.is_bf16_supported(including_emulation=False):
+        logger.warning("%s has no native bf16: PyTorch emulates it, several times slower; "
+                       "use --mixed_precision fp16 on this GPU", torch.cuda.get_device_name(device))
 
 
 def _has_xpu() -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import sys
 import traceback
@@ -472,3 +473,27 @@ def test_gradient_checkpointing_recomputes_the_text_encoder_layers_and_trains_th
     # LoRA's B matrices start at zero, so only they receive a non-zero gradient in the first step.
     moving = {name for name, p in trained.items() if p.grad.abs().sum() > 0}
     assert moving == ({name for name in trained if "lora_B" in name} if lora else set(trained))
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_gpu_without_bf16_arithmetic_is_warned_about(monkeypatch, caplog, native):
+    """A T4 or V100 takes bf16 (PyTorch emulates it), so Accelerate lets the run start, several times
+    slower than fp16 would be: the run says so. A GPU with bf16 arithmetic, the CPU and fp16 get no warning."""
+    from dreambooth import models
+
+    asked = []
+
+    def is_bf16_supported(including_emulation=True):
+        asked.append(including_emulation)
+        return native or including_emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    with caplog.at_level(logging.WARNING, logger="dreambooth"):
+        models.check_precision_supported("bf16", device=torch.device("cuda", 0))
+        models.check_precision_supported("bf16", device=torch.device("cpu"))
+        models.check_precision_supported("no", device=torch.device("cuda", 0))
+    warnings = [record.getMessage() for record in caplog.records]
+    assert asked == [False]
+    assert warnings == ([] if native else ["Tesla T4 has no native bf16: PyTorch emulates it, several times slower; "
+                                           "use --mixed_precision fp16 on this GPU"])
