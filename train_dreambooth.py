@@ -57,7 +57,13 @@ from dreambooth.models import (
     save_models,
     save_pipeline,
 )
-from dreambooth.monitor import SampleSettings, TrainingEvaluation, ValidationSampler, plot_loss_curve
+from dreambooth.monitor import (
+    SampleSettings,
+    TrainingEvaluation,
+    ValidationSampler,
+    plot_loss_curve,
+    tracker_init_kwargs,
+)
 from dreambooth.training import (
     BatchDraws,
     GracefulStop,
@@ -68,7 +74,6 @@ from dreambooth.training import (
     build_optimizer,
     freeze_module,
     tracker_config,
-    tracker_init_kwargs,
     training_loss,
 )
 
@@ -329,8 +334,9 @@ def main(argv: Sequence[str] | None = None) -> Trainer:
     sampler = add_validation(cfg, accelerator, components, trainer)
     if accelerator.is_main_process:
         save_train_config(cfg)
-    accelerator.init_trackers("dreambooth", config=tracker_config(config_to_dict(cfg)),
-                              init_kwargs=tracker_init_kwargs(state.global_step))
+        trackers = [str(tracker) for tracker in accelerator.log_with]
+        accelerator.init_trackers("dreambooth", config=tracker_config(config_to_dict(cfg)),
+                                  init_kwargs=tracker_init_kwargs(state.global_step, accelerator.logging_dir, trackers))
     trainer.train()
     finish(cfg, accelerator, trainer, components, sampler)
     accelerator.end_training()

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from .data import DatasetRow, Example, derived_seed
+from .data import DatasetRow, Example, derived_seed, with_epoch
 
 
 AREA_TOLERANCE = 0.125
@@ -76,18 +76,22 @@ class BucketBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return sum(math.ceil(len(items) / self.batch_size) for items in self.buckets.values())
 
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch))
+    def batches(self, epoch: int) -> list[list[int]]:
+        """The batches of ``epoch``, in the order they train."""
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, epoch))
         batches = []
         for items in self.buckets.values():
             order = [items[i] for i in torch.randperm(len(items), generator=generator).tolist()]
             batches += [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        for position in torch.randperm(len(batches), generator=generator).tolist():
-            yield batches[position]
+        return [batches[position] for position in torch.randperm(len(batches), generator=generator).tolist()]
+
+    def __iter__(self):
+        yield from self.batches(self.epoch)
 
 
 class BucketBatches(Dataset):
-    """The epoch's bucket batches as items: item k is batch k of ``BucketBatchSampler``, whole.
+    """The epoch's bucket batches as items: item ``(epoch, k)`` is batch k of ``BucketBatchSampler``
+    in ``epoch``, whole (an ``EpochSampler`` yields these; a bare k is one of the epoch set).
 
     Loaded one item at a time, a batch is what Accelerate shards across processes, so each
     process gets whole one-bucket batches. (Given the sampler as a ``batch_sampler``, Accelerate
@@ -95,20 +99,22 @@ class BucketBatches(Dataset):
     bucket's images, or a group of batches dropped.)"""
 
     def __init__(self, items, batch_size: int, seed: int = 0):
-        self.items = items
+        self.items, self.epoch = items, 0
         self.sampler = BucketBatchSampler(items.sizes(), batch_size, seed)
-        self.set_epoch(0)
+        self._batches: tuple[int | None, list[list[int]]] = (None, [])  # those of the last epoch asked for
 
     def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
         self.items.set_epoch(epoch)
-        self.sampler.set_epoch(epoch)
-        self._batches = list(self.sampler)
 
     def __len__(self) -> int:
-        return len(self._batches)
+        return len(self.sampler)
 
-    def __getitem__(self, index: int) -> list:
-        return [self.items[item] for item in self._batches[index]]
+    def __getitem__(self, index: int | tuple[int, int]) -> list:
+        epoch, index = with_epoch(index, self.epoch)
+        if self._batches[0] != epoch:
+            self._batches = (epoch, self.sampler.batches(epoch))
+        return [self.items[(epoch, item)] for item in self._batches[1][index]]
 
 
 class OneBatch:

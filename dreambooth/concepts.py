@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -22,6 +23,7 @@ from .data import (
     DatasetRow,
     DreamBoothCollator,
     DreamBoothDataset,
+    EpochSampler,
     EpochShuffleSampler,
     Example,
     examples_from_folder,
@@ -80,6 +82,9 @@ def load_concepts_list(path: str) -> list[Concept]:
         missing = [key for key in _REQUIRED if not entry.get(key)]
         if missing:
             raise DreamBoothError(f"{where}: missing key '{missing[0]}'")
+        for key in ("instance_data_dir", "class_data_dir"):  # a leading ~ is the home folder, as in a shell
+            if key in entry:
+                entry[key] = os.path.expanduser(entry[key])
         concepts.append(Concept(**entry))
     return concepts
 
@@ -297,8 +302,13 @@ def build_dataloader(cfg, tokenizer, data_seed: int, pin_memory: bool = False):
     common = dict(collate_fn=DreamBoothCollator(tokenizer if needs_tokens else None, cfg.tokenizer_max_length),
                   num_workers=cfg.dataloader_num_workers, generator=torch.Generator().manual_seed(data_seed),
                   pin_memory=pin_memory)
+    if cfg.dataloader_num_workers:
+        # Workers start once, not at every epoch (of a few steps): a start under spawn (macOS, Windows)
+        # or forkserver re-imports torch and the project. The samplers give each index its epoch.
+        common["persistent_workers"] = True
     if cfg.enable_bucket:
         common["collate_fn"] = OneBatch(common["collate_fn"])
-        return DataLoader(BucketBatches(dataset, cfg.train_batch_size, data_seed), batch_size=1, **common)
+        batches = BucketBatches(dataset, cfg.train_batch_size, data_seed)
+        return DataLoader(batches, batch_size=1, sampler=EpochSampler(len(batches)), **common)
     return DataLoader(dataset, batch_size=cfg.train_batch_size, sampler=EpochShuffleSampler(len(dataset), data_seed),
                       **common)

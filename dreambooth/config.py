@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import Any, Literal, Optional, Sequence, TypeVar
@@ -22,6 +23,8 @@ from .errors import DreamBoothError, redact
 
 ConfigT = TypeVar("ConfigT")
 logger = logging.getLogger(__name__)
+# In a run's output folder: the resolved config, which --config and --resume_from_checkpoint read back.
+TRAIN_CONFIG = "train_config.yaml"
 
 # Keys whose values must never be written to disk or logs, and what is written instead.
 SECRET_FIELDS = ("hub_token",)
@@ -66,7 +69,7 @@ def build_parser(config_class: type, description: str | None = None,
 def _yaml_to_flags(path: str, config_class: type, given: Sequence[str] = ()) -> list[str]:
     """Turn ``key: value`` pairs into ``--key value`` tokens, rejecting unknown keys. Keys among
     ``given`` (flags on the command line) are left out: the command line replaces them, lists too."""
-    file = Path(path)
+    file = Path(path).expanduser()
     if not file.is_file():
         raise DreamBoothError(f"--config {path}: file not found")
     try:
@@ -152,7 +155,21 @@ def _parse(config_class: type[ConfigT], argv: list[str], description: str | None
             raise DreamBoothError(f"--config {known.config}: {error}") from None
     namespace = parser.parse_args(yaml_flags + argv)
     values = {field.name: getattr(namespace, field.name) for field in dataclasses.fields(config_class)}
-    return config_class(**values)
+    return config_class(**_with_home_expanded(values, getattr(config_class, "PATH_FIELDS", ())))
+
+
+def _with_home_expanded(values: dict[str, Any], path_fields: Sequence[str]) -> dict[str, Any]:
+    """``values`` with a leading ``~`` in each path field made the home folder, as a shell does for
+    ``--flag ~/x`` but not for ``--flag=~/x`` or a YAML value. Only a leading ``~`` counts, so a Hub id
+    (never one) or a path with a ``~`` further on is left as it is."""
+    expanded = dict(values)
+    for name in path_fields:
+        value = values[name]
+        if isinstance(value, str):
+            expanded[name] = os.path.expanduser(value)
+        elif isinstance(value, list):
+            expanded[name] = [os.path.expanduser(item) for item in value]
+    return expanded
 
 
 def _sys_argv() -> list[str]:
@@ -188,7 +205,7 @@ def save_train_config(cfg: "TrainConfig") -> Path:
     if cfg.concepts_list:
         concepts_list = save_concepts_list(cfg.concepts(), output / SAVED_CONCEPTS_LIST)
         saved = dataclasses.replace(saved, concepts_list=str(concepts_list.resolve()))
-    return save_config(saved, output / "train_config.yaml")
+    return save_config(saved, output / TRAIN_CONFIG)
 
 
 def _field(default: Any, help: str, **metadata: Any) -> Any:
@@ -372,11 +389,11 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Every check that needs no model: one-line errors naming the flag or file."""
-        from .models import check_model_source
+        from .bases import check_base_model
 
         if not self.pretrained_model_name_or_path:
             raise DreamBoothError("--pretrained_model_name_or_path is required")
-        check_model_source(self.pretrained_model_name_or_path, "--pretrained_model_name_or_path")
+        check_base_model(self.pretrained_model_name_or_path, revision=self.revision, variant=self.variant)
         self._check_data_source()
         if not self.with_prior_preservation and (self.class_data_dir or self.class_prompt):
             logger.warning("--class_data_dir and --class_prompt are used only with --with_prior_preservation; "
@@ -456,6 +473,8 @@ class TrainConfig:
     PATH_FLAGS = ("pretrained_model_name_or_path", "tokenizer_name", "instance_data_dir", "class_data_dir",
                   "concepts_list", "dataset_name", "output_dir", "resume_from_checkpoint", "eval_dino_model",
                   "eval_clip_model")
+    # Those and --logging_dir (relative to --output_dir, so never made absolute) take ~ for the home folder.
+    PATH_FIELDS = PATH_FLAGS + ("logging_dir",)
 
     def with_absolute_paths(self) -> "TrainConfig":
         """This config with every local path made absolute, so the saved ``train_config.yaml`` works as
@@ -653,6 +672,8 @@ def check_writable_dir(path: str, flag: str) -> Path:
 class GenerateClassImagesConfig:
     """Flags of generate_class_images.py."""
 
+    PATH_FIELDS = ("pretrained_model_name_or_path", "class_data_dir")  # ~ is the home folder in them
+
     pretrained_model_name_or_path: Optional[str] = _field(None, "Base model: a diffusers folder or a Hub id (required).")
     revision: Optional[str] = _field(None, "Revision of the base model on the Hub.")
     variant: Optional[str] = _field(None, "Weight file variant of the base model, e.g. fp16.")
@@ -675,12 +696,12 @@ class GenerateClassImagesConfig:
     )
 
     def validate(self) -> None:
-        from .models import check_model_source
+        from .bases import check_base_model
 
         for flag in ("pretrained_model_name_or_path", "class_prompt", "class_data_dir"):
             if not getattr(self, flag) or not str(getattr(self, flag)).strip():
                 raise DreamBoothError(f"--{flag} is required")
-        check_model_source(self.pretrained_model_name_or_path, "--pretrained_model_name_or_path")
+        check_base_model(self.pretrained_model_name_or_path, revision=self.revision, variant=self.variant)
         _check_generation_numbers(self.resolution, self.num_inference_steps, self.scheduler)
         for name in ("num_class_images", "sample_batch_size"):
             if getattr(self, name) < 1:
@@ -724,6 +745,8 @@ def check_device(device: str) -> None:
 class ModelSource:
     """The model to sample: a trained folder or Hub id, or a checkpoint or LoRAs over a base."""
 
+    PATH_FIELDS = ("pretrained_model_name_or_path", "checkpoint", "lora")  # ~ is the home folder in them
+
     pretrained_model_name_or_path: Optional[str] = _field(
         None, "Trained output folder or Hub id; with --checkpoint or --lora, the base model "
         "(with --checkpoint, default: the base its run recorded)."
@@ -742,6 +765,8 @@ class ModelSource:
 class InferConfig(ModelSource):
     """Flags of infer.py."""
 
+    PATH_FIELDS = ModelSource.PATH_FIELDS + ("prompts_file", "output_dir")
+
     prompt: list[str] = _field([], "Prompt; repeat the flag for several.", action="extend")
     prompts_file: Optional[str] = _field(None, "Text file with one prompt a line (blank and # lines skipped).")
     negative_prompt: Optional[str] = _field(None, "What the images should not show.")
@@ -758,14 +783,15 @@ class InferConfig(ModelSource):
     dtype: str = _field("auto", "fp32, fp16, bf16 or auto (fp16 on GPU, fp32 on CPU).")
 
     def validate(self) -> None:
+        from .bases import check_base_model, check_lora_source
         from .checkpoints import MARKER
-        from .models import check_model_source
 
         if self.checkpoint and not (Path(self.checkpoint) / MARKER).is_file():
             raise DreamBoothError(f"--checkpoint {self.checkpoint}: not a complete checkpoint folder (no {MARKER})")
         if not self.base_model():
             raise DreamBoothError("--pretrained_model_name_or_path is required")
-        check_model_source(self.base_model(), "--pretrained_model_name_or_path")
+        check_base_model(self.base_model(), revision=self.base_revision(), variant=self.base_variant(),
+                         takes_lora=True)
         if not self.prompt and not self.prompts_file:
             raise DreamBoothError("give --prompt (repeatable) or --prompts_file")
         if self.prompts_file and not Path(self.prompts_file).is_file():
@@ -773,8 +799,7 @@ class InferConfig(ModelSource):
         if self.num_images_per_prompt < 1:
             raise DreamBoothError(f"--num_images_per_prompt {self.num_images_per_prompt}: must be at least 1")
         for path in self.lora:
-            if not Path(path).exists():
-                raise DreamBoothError(f"--lora {path}: no such file or folder")
+            check_lora_source(path, "--lora")
         if len(self.lora_scale) not in (0, 1, len(self.lora)):
             raise DreamBoothError(f"--lora_scale: give one value, or one per --lora ({len(self.lora)})")
         if self.batch_size < 1:
@@ -805,7 +830,7 @@ class InferConfig(ModelSource):
         """``name`` from the checkpoint's train_config.yaml, when the base model is the one it recorded."""
         if self.pretrained_model_name_or_path or not self.checkpoint:
             return getattr(self, name)
-        run_config = Path(self.checkpoint).parent / "train_config.yaml"
+        run_config = Path(self.checkpoint).parent / TRAIN_CONFIG
         if run_config.is_file():
             return (yaml.safe_load(run_config.read_text(encoding="utf-8")) or {}).get(name)
         return None
@@ -822,6 +847,8 @@ class InferConfig(ModelSource):
 @dataclasses.dataclass(frozen=True)
 class PushToHubConfig:
     """Flags of push_to_hub.py (the output folder may also come first, without --output_dir)."""
+
+    PATH_FIELDS = ("output_dir",)  # ~ is the home folder in it
 
     output_dir: Optional[str] = _field(None, "Finished output folder of train_dreambooth.py (required).")
     hub_model_id: Optional[str] = _field(None, "Repo to push to: 'owner/name', or 'name' in your account (required).")
@@ -860,6 +887,8 @@ def check_repo_id(repo_id: str, what: str) -> None:
 class ExportConfig:
     """Flags of export.py."""
 
+    PATH_FIELDS = ("output_dir", "output")  # ~ is the home folder in them
+
     output_dir: Optional[str] = _field(None, "The training run's output folder (or the positional OUTPUT_DIR).")
     output: Optional[str] = _field(None, "The .safetensors file to write (required).")
     format: Literal["auto", "sd", "kohya"] = _field(
@@ -875,6 +904,9 @@ class ExportConfig:
     def validate(self) -> None:
         if not self.output_dir:
             raise DreamBoothError("give the training output folder: export.py OUTPUT_DIR --output FILE.safetensors")
+        if Path(self.output_dir).is_file():
+            raise DreamBoothError(f"OUTPUT_DIR {self.output_dir}: a file; export.py turns a training run's output "
+                                  "folder into one .safetensors file")
         if not Path(self.output_dir).is_dir():
             raise DreamBoothError(f"OUTPUT_DIR {self.output_dir}: no such folder")
         if not self.output:
@@ -890,7 +922,10 @@ class ExportConfig:
             raise DreamBoothError(f"--format {self.format}: choose auto, sd or kohya")
         if self.precision is not None and self.precision not in ("fp32", "fp16", "bf16"):
             raise DreamBoothError(f"--precision {self.precision}: choose fp32, fp16 or bf16")
-        self.resolved_format()
+        if self.resolved_format() == "sd":
+            from .bases import check_base_model
+
+            check_base_model(self.output_dir, "OUTPUT_DIR")
 
     def resolved_format(self) -> str:
         """``sd`` or ``kohya``: --format, or for auto what the output folder holds."""
@@ -902,6 +937,9 @@ class ExportConfig:
 @dataclasses.dataclass(frozen=True)
 class EvaluateConfig(ModelSource):
     """Flags of evaluate.py."""
+
+    PATH_FIELDS = ModelSource.PATH_FIELDS + ("generated_dir", "instance_data_dir", "prompts_file", "dino_model",
+                                             "clip_model", "output_dir")
 
     generated_dir: Optional[str] = _field(
         None, "Score this folder of generated images instead of generating (prompts from prompts.json "

@@ -223,6 +223,9 @@ class DreamBoothDataset(Dataset):
 
     Random crops, flips and caption dropout draw from a generator seeded by (seed, epoch, item),
     never from the global one: the same item looks the same in a resumed run, in any worker.
+    The loader's samplers give the epoch with each index, ``dataset[(epoch, i)]``: a persistent
+    worker's copy of the dataset, made when the loader is first iterated, never sees ``set_epoch``
+    (nor any other change made in the main process after that).
     """
 
     def __init__(
@@ -295,10 +298,12 @@ class DreamBoothDataset(Dataset):
             for example in self._class_pools[pool]:
                 yield example, size
 
-    def class_for(self, index: int) -> Example:
+    def class_for(self, index: int, epoch: int | None = None) -> Example:
+        """The class image item ``index`` pairs in ``epoch`` (by default the one set)."""
+        epoch = self.epoch if epoch is None else epoch
         pool, turn = self._class_turns[index]
         images = self._class_pools[pool]
-        return images[(self.epoch * self._pool_items[pool] + turn) % len(images)]
+        return images[(epoch * self._pool_items[pool] + turn) % len(images)]
 
     def _load(self, example: Example, size: tuple[int, int], generator: torch.Generator, dropout: bool) -> dict:
         if self.yield_latent_keys:
@@ -311,14 +316,21 @@ class DreamBoothDataset(Dataset):
         drop = dropout and self.caption_dropout and float(torch.rand(1, generator=generator)) < self.caption_dropout
         return {**part, "prompt": "" if drop else example.prompt}
 
-    def __getitem__(self, index: int) -> dict:
-        generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch, index))
+    def __getitem__(self, index: int | tuple[int, int]) -> dict:
+        """Item ``index`` of the epoch set, or ``(epoch, index)``: item ``index`` of ``epoch``."""
+        epoch, index = with_epoch(index, self.epoch)
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, epoch, index))
         instance = self.instances[index % len(self.instances)]
         size = instance.size or (self.resolution, self.resolution)
         item = {"instance": self._load(instance, size, generator, dropout=True)}
         if self.classes is not None:
-            item["class"] = self._load(self.class_for(index), size, generator, dropout=False)
+            item["class"] = self._load(self.class_for(index, epoch), size, generator, dropout=False)
         return item
+
+
+def with_epoch(index: int | tuple[int, int], epoch: int) -> tuple[int, int]:
+    """``(epoch, index)`` as an ``EpochSampler`` yields it; a bare index is one of ``epoch``."""
+    return (int(index[0]), int(index[1])) if isinstance(index, (tuple, list)) else (epoch, int(index))
 
 
 def derived_seed(*numbers: int) -> int:
@@ -326,12 +338,14 @@ def derived_seed(*numbers: int) -> int:
     return int(np.random.SeedSequence(list(numbers)).generate_state(1)[0])
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """A new permutation each epoch that depends on (seed, epoch) alone, so a resumed run
-    sees the same order; Accelerate shards it across processes and calls ``set_epoch``."""
+class EpochSampler(Sampler[tuple[int, int]]):
+    """Indices 0 to ``length`` - 1 in order, each with the epoch: ``(epoch, index)``. The dataset
+    makes the epoch's random choices from the pair, not from an epoch set on it, so a worker
+    that lives through every epoch (``persistent_workers``) makes the main process's choices.
+    Accelerate shards the indices across processes and calls ``set_epoch``."""
 
-    def __init__(self, length: int, seed: int = 0):
-        self.length, self.seed, self.epoch = length, seed, 0
+    def __init__(self, length: int):
+        self.length, self.epoch = length, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -339,9 +353,26 @@ class EpochShuffleSampler(Sampler[int]):
     def __len__(self) -> int:
         return self.length
 
+    def order(self) -> list[int]:
+        return list(range(self.length))
+
     def __iter__(self):
+        epoch = self.epoch
+        for index in self.order():
+            yield epoch, index
+
+
+class EpochShuffleSampler(EpochSampler):
+    """A new permutation each epoch that depends on (seed, epoch) alone, so a resumed run
+    sees the same order."""
+
+    def __init__(self, length: int, seed: int = 0):
+        super().__init__(length)
+        self.seed = seed
+
+    def order(self) -> list[int]:
         generator = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch))
-        yield from torch.randperm(self.length, generator=generator).tolist()
+        return torch.randperm(self.length, generator=generator).tolist()
 
 
 def tokenize_prompts(tokenizer, prompts: Sequence[str], max_length: int | None = None) -> dict[str, torch.Tensor]:

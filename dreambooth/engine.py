@@ -11,6 +11,7 @@ from .config import TrainConfig
 from .errors import DreamBoothError
 from .gradients import Bf16Gradients, StepInBackward
 from .models import check_precision_supported, cpu_only
+from .training import load_bitsandbytes
 
 
 def create_accelerator(cfg: TrainConfig):
@@ -33,8 +34,10 @@ def create_accelerator(cfg: TrainConfig):
     if not accelerator.is_local_main_process:
         logging.getLogger("dreambooth").setLevel(logging.WARNING)
     # Without the flag, the precision comes from the accelerate config (or its environment variable).
-    check_precision_supported(accelerator.mixed_precision, "mixed_precision fp16 (from the accelerate config)")
+    source = "--mixed_precision fp16" if cfg.mixed_precision else "mixed_precision fp16 (from the accelerate config)"
+    check_precision_supported(accelerator.mixed_precision, source, accelerator.device)
     check_engine_support(cfg, accelerator)
+    check_cuda_libraries(cfg, accelerator.device)
     return accelerator
 
 
@@ -75,3 +78,13 @@ def check_engine_support(cfg: TrainConfig, accelerator) -> None:
         raise DreamBoothError("validation samples and --eval_steps are drawn by the main process alone, which "
                               "sharded FSDP models cannot do; drop --num_validation_images and --eval_steps "
                               "(sample and score checkpoints with infer.py and evaluate.py instead)")
+
+
+def check_cuda_libraries(cfg: TrainConfig, device) -> None:
+    """xformers runs on a CUDA GPU only, and bitsandbytes must load there: said before anything loads.
+    (Elsewhere --use_8bit_adam falls back to torch's AdamW, with a warning.)"""
+    if cfg.enable_xformers_memory_efficient_attention and device.type != "cuda":
+        raise DreamBoothError(f"--enable_xformers_memory_efficient_attention needs a CUDA GPU, and this run uses "
+                              f"the {device.type.upper()}; drop the flag (PyTorch's SDPA attention is used instead)")
+    if cfg.use_8bit_adam and device.type == "cuda":
+        load_bitsandbytes()

@@ -24,12 +24,12 @@ from typing import NamedTuple, Optional
 import torch
 import yaml
 
+from .config import TRAIN_CONFIG
 from .errors import DreamBoothError
+from .lora import LORA_WEIGHTS
 
 logger = logging.getLogger(__name__)
 
-LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
-RUN_CONFIG_NAME = "train_config.yaml"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 UNET_PREFIX = "model.diffusion_model."
@@ -44,7 +44,7 @@ ASSUMED_PREDICTION = {"1.x": "epsilon", "2.x": "v"}
 def resolve_format(output_dir: Path, requested: str) -> str:
     """Check that ``output_dir`` holds what ``requested`` exports; ``auto`` picks by content."""
     is_pipeline = (output_dir / "model_index.json").is_file()
-    is_lora = (output_dir / LORA_WEIGHTS_NAME).is_file()
+    is_lora = (output_dir / LORA_WEIGHTS).is_file()
     if requested == "auto":
         if is_pipeline and is_lora:
             raise DreamBoothError(
@@ -57,11 +57,11 @@ def resolve_format(output_dir: Path, requested: str) -> str:
         raise DreamBoothError("a LoRA run has no full weights to export; use --format kohya")
     if requested == "kohya" and is_pipeline:
         raise DreamBoothError(
-            f"OUTPUT_DIR {output_dir}: a full fine-tune has no LoRA weights ({LORA_WEIGHTS_NAME}); use --format sd"
+            f"OUTPUT_DIR {output_dir}: a full fine-tune has no LoRA weights ({LORA_WEIGHTS}); use --format sd"
         )
     raise DreamBoothError(
         f"OUTPUT_DIR {output_dir}: neither a diffusers pipeline folder (model_index.json) nor a LoRA run "
-        f"({LORA_WEIGHTS_NAME}); give the --output_dir of a finished training run"
+        f"({LORA_WEIGHTS}); give the --output_dir of a finished training run"
     )
 
 
@@ -83,7 +83,7 @@ def export_run(cfg) -> Exported:
         warn_if_prediction_is_guessed_wrong(metadata, output)
         precision = cfg.precision or "fp16"
     else:
-        state_dict, metadata = lora_to_kohya(folder / LORA_WEIGHTS_NAME, read_run_config(folder))
+        state_dict, metadata = lora_to_kohya(folder / LORA_WEIGHTS, read_run_config(folder))
         metadata["ss_output_name"] = output.stem
         precision = cfg.precision
     if precision:
@@ -95,7 +95,7 @@ def export_run(cfg) -> Exported:
 
 def check_not_a_source(output: Path, folder: Path, fmt: str) -> None:
     """Refuse an ``--output`` that would replace one of the files the export reads."""
-    names = [LORA_WEIGHTS_NAME] if fmt == "kohya" else ["unet", "vae", "text_encoder"]
+    names = [LORA_WEIGHTS] if fmt == "kohya" else ["unet", "vae", "text_encoder"]
     target = output.resolve()
     for name in names:
         source = (folder / name).resolve()
@@ -352,7 +352,7 @@ def _checkpoint_metadata(folder: Path, layout: str, image_size: int) -> dict[str
 
 def read_run_config(folder: Path) -> dict:
     """The run's train_config.yaml as a dict ({} when there is none)."""
-    path = folder / RUN_CONFIG_NAME
+    path = folder / TRAIN_CONFIG
     if not path.is_file():
         return {}
     try:

@@ -46,9 +46,29 @@ def mixed_precision_dtype(mixed_precision: str | None) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision or "no", torch.float32)
 
 
-def check_precision_supported(mixed_precision: str | None, source: str = "--mixed_precision fp16") -> None:
-    if mixed_precision == "fp16" and not (torch.cuda.is_available() or _has_xpu() or torch.backends.mps.is_available()):
+def check_precision_supported(mixed_precision: str | None, source: str = "--mixed_precision fp16",
+                              device: torch.device | None = None) -> None:
+    """fp16 needs a GPU: refused on a machine without one, and, given the run's ``device``, on a run
+    that uses the CPU of a machine with one (ACCELERATE_USE_CPU, ``accelerate launch --cpu``). There
+    Accelerate trains without autocast or loss scaling, and the frozen fp16 weights would meet fp32
+    ones in the first step."""
+    if mixed_precision == "bf16" and device is not None and device.type == "cuda":
+        warn_if_bf16_emulated(device)
+    if mixed_precision != "fp16":
+        return
+    if not (torch.cuda.is_available() or _has_xpu() or torch.backends.mps.is_available()):
         raise DreamBoothError(f"{source} needs a GPU; on CPU use --mixed_precision bf16 or no")
+    if device is not None and device.type == "cpu":
+        raise DreamBoothError(f"{source} needs a GPU, and this run uses the CPU (ACCELERATE_USE_CPU or "
+                              "`accelerate launch --cpu`); use --mixed_precision bf16 or no, or run on the GPU")
+
+
+def warn_if_bf16_emulated(device: torch.device) -> None:
+    """GPUs before Ampere (T4, V100, RTX 20xx) have no bf16 arithmetic: PyTorch emulates it, several
+    times slower than fp16, and Accelerate lets it run."""
+    if not torch.cuda.is_bf16_supported(including_emulation=False):
+        logger.warning("%s has no native bf16: PyTorch emulates it, several times slower; "
+                       "use --mixed_precision fp16 on this GPU", torch.cuda.get_device_name(device))
 
 
 def _has_xpu() -> bool:
@@ -182,7 +202,7 @@ def prepare_for_training(components: Components, train_text_encoder: bool, devic
     if gradient_checkpointing:
         components.unet.enable_gradient_checkpointing()
         if train_text_encoder:
-            components.text_encoder.gradient_checkpointing_enable()
+            enable_text_encoder_checkpointing(components.text_encoder)
     if xformers:
         enable_xformers(components.unet)
     if channels_last:
@@ -190,11 +210,23 @@ def prepare_for_training(components: Components, train_text_encoder: bool, devic
     return trained
 
 
+def enable_text_encoder_checkpointing(text_encoder: torch.nn.Module) -> None:
+    """Gradient checkpointing of a trained text encoder's layers (checkpointed in train mode only).
+    transformers 5 renamed it activation checkpointing; the old name warns that it goes in v6."""
+    enable = getattr(text_encoder, "activation_checkpointing_enable", None) or text_encoder.gradient_checkpointing_enable
+    enable()
+
+
 def enable_xformers(unet: torch.nn.Module) -> None:
+    """xformers attention in the UNet. diffusers runs one xformers attention first and re-raises whatever
+    it raises: a build for another torch or CUDA gives an error of many lines ("No operator found for
+    `memory_efficient_attention_forward` with inputs: ..."), said here in one."""
     try:
         unet.enable_xformers_memory_efficient_attention()
-    except (ValueError, RuntimeError, ModuleNotFoundError) as error:
-        raise DreamBoothError(f"--enable_xformers_memory_efficient_attention: {error}") from None
+    except Exception as error:  # noqa: BLE001 - any failure of that first attention
+        raise DreamBoothError(f"--enable_xformers_memory_efficient_attention: xformers cannot run here "
+                              f"({first_reason(error)}); install the xformers build for this torch and CUDA, "
+                              "or drop the flag to use PyTorch's SDPA attention") from None
 
 
 @contextlib.contextmanager

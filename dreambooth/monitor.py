@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
+import secrets
+import string
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -280,6 +284,55 @@ class Metrics:
             torch.cuda.reset_peak_memory_stats()
         self.intervals.append({"first_step": first, "last_step": step, **logs})
         return logs
+
+
+# In the logging folder: the id the trackers know the run by, chosen at its first start.
+TRACKER_RUN_FILE = "tracker_run.json"
+
+
+def tracker_init_kwargs(resumed_step: int, logging_dir: str | Path, trackers: list[str]) -> dict[str, dict]:
+    """What ``init_trackers`` passes each tracker (main process), so that a resumed run goes on with the
+    curves of the run it continues. TensorBoard hides what the interrupted run logged after the checkpoint
+    (SummaryWriter's purge_step): after a kill 40 steps past it, those steps would be on the curves twice.
+    wandb goes on in the same run, the one whose id the first start kept in the logging folder; wandb takes
+    no step below the last one it has (a warning says so), so it keeps the interrupted run's steps past the
+    checkpoint, which the resumed run repeats. Its files go to the logging folder too, unless WANDB_DIR says
+    otherwise."""
+    kwargs: dict[str, dict] = {}
+    if resumed_step:
+        kwargs["tensorboard"] = {"purge_step": resumed_step + 1}
+    if "wandb" in trackers:
+        kwargs["wandb"] = {"id": tracker_run_id(logging_dir, resumed=bool(resumed_step)), "resume": "allow"}
+        if not os.environ.get("WANDB_DIR"):
+            kwargs["wandb"]["dir"] = str(logging_dir)
+    return kwargs
+
+
+def tracker_run_id(logging_dir: str | Path, resumed: bool) -> str:
+    """The run's id: on a resume, the one kept in ``<logging_dir>/tracker_run.json``; at a first start (or
+    where the file is gone), a new one, kept there."""
+    path = Path(logging_dir) / TRACKER_RUN_FILE
+    if resumed and not path.is_file():
+        logger.info("no %s: the trackers log this resumed run as a new one", path)
+    elif resumed:
+        try:
+            run_id = json.loads(path.read_text())["id"]
+            if isinstance(run_id, str) and run_id:
+                return run_id
+            problem = "no run id in it"
+        except OSError as error:
+            problem = f"cannot be read ({error.strerror or error})"
+        except (ValueError, KeyError, TypeError) as error:
+            problem = f"is malformed ({error})"
+        logger.warning("%s: %s; the trackers log this run as a new one", path, problem)
+    run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(12))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"id": run_id}))
+    except OSError as error:
+        logger.warning("%s: could not write it (%s); a resumed run will log to a new tracker run", path,
+                       error.strerror or error)
+    return run_id
 
 
 def plot_loss_curve(history: list[tuple[int, float]], path: str | Path, smoothing: float = 0.9) -> Path | None:

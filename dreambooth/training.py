@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .checkpoints import Checkpointer, TrainState, find_checkpoints
-from .errors import DreamBoothError
+from .errors import DreamBoothError, first_reason
 from .gradients import Bf16Gradients, StepInBackward, inner_optimizer, steps_on_device
 from .monitor import Metrics
 
@@ -177,11 +177,20 @@ def build_optimizer(parameters: Sequence[torch.nn.Parameter] | Sequence[dict], l
         if device.type != "cuda":
             logger.warning("--use_8bit_adam needs a CUDA GPU; using torch.optim.AdamW on %s instead", device.type)
         else:
-            import bitsandbytes as bnb
-
-            return bnb.optim.AdamW8bit(parameters, **kwargs)
+            return load_bitsandbytes().optim.AdamW8bit(parameters, **kwargs)
     # Fused AdamW: one kernel per step, and it can skip a non-finite step on the device.
     return torch.optim.AdamW(parameters, fused=device.type in ("cuda", "cpu"), **kwargs)
+
+
+def load_bitsandbytes():
+    """bitsandbytes for --use_8bit_adam. A build for another CUDA or torch fails on import (an
+    ImportError, or a RuntimeError or OSError of its CUDA set-up, in many lines): said in one."""
+    try:
+        import bitsandbytes
+    except Exception as error:  # noqa: BLE001 - whatever its import raises
+        raise DreamBoothError(f"--use_8bit_adam: bitsandbytes cannot be loaded ({first_reason(error)}); install the "
+                              "build for this torch and CUDA (pip install -U bitsandbytes), or drop the flag") from None
+    return bitsandbytes
 
 
 def freeze_module(optimizer, module: torch.nn.Module) -> None:
@@ -344,7 +353,9 @@ class Trainer:
     def _epoch_batches(self):
         """This epoch's batches, skipping those a resumed run already trained on."""
         state = self.state
-        self.dataloader.dataset.set_epoch(state.epoch)
+        # Through the loader to its sampler, which gives each index its epoch: Accelerate's skipping
+        # copy of a loader sharded across processes does not reach the sampler.
+        self.dataloader.set_epoch(state.epoch)
         batches = self.dataloader
         if state.batches_in_epoch:
             batches = self.accelerator.skip_first_batches(self.dataloader, state.batches_in_epoch)
@@ -498,9 +509,3 @@ class Trainer:
 def tracker_config(values: dict[str, Any]) -> dict[str, Any]:
     """Trackers (TensorBoard hparams) take only scalars and strings."""
     return {key: value for key, value in values.items() if isinstance(value, (int, float, str, bool))}
-
-
-def tracker_init_kwargs(resumed_step: int) -> dict[str, dict[str, Any]]:
-    """A resumed run's TensorBoard writer hides what the interrupted run logged after the checkpoint
-    (SummaryWriter's purge_step): after a kill 40 steps past it, those steps would be on the curves twice."""
-    return {"tensorboard": {"purge_step": resumed_step + 1}} if resumed_step else {}

@@ -394,3 +394,12 @@ def test_an_instance_dir_that_is_a_photo_says_so(tmp_path):
     photo = make_images(tmp_path / "photos", 1) / "img_0.png"
     with pytest.raises(DreamBoothError, match=r"^--instance_data_dir .*img_0\.png: a file; give the folder that "):
         check_concepts([Concept("a sks toy", str(photo))], False, None)
+
+
+def test_a_tilde_in_a_concepts_list_folder_is_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    concepts = tmp_path / "concepts.yaml"
+    concepts.write_text("- {instance_data_dir: ~/toy, instance_prompt: a sks toy, class_data_dir: ~/toys}\n"
+                        "- {instance_data_dir: cups/~1, instance_prompt: a zwx cup}\n")
+    assert [(concept.instance_data_dir, concept.class_data_dir) for concept in load_concepts_list(str(concepts))] == [
+        (str(tmp_path / "home" / "toy"), str(tmp_path / "home" / "toys")), ("cups/~1", None)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import pytest
 import yaml
@@ -179,3 +180,62 @@ def test_a_saved_config_records_local_paths_absolutely_and_hub_ids_as_they_are(t
     assert (saved.instance_data_dir, saved.output_dir) == (str(tmp_path / "photos"), str(tmp_path / "runs" / "dog"))
     assert (saved.pretrained_model_name_or_path, saved.resume_from_checkpoint) == ("org/model", "latest")
     assert dataclasses.replace(saved, instance_data_dir="photos", output_dir="runs/dog") == cfg
+
+
+def _path_flags():
+    from dreambooth.config import EvaluateConfig, ExportConfig, GenerateClassImagesConfig, InferConfig, PushToHubConfig
+
+    model = ["pretrained_model_name_or_path", "checkpoint", "lora"]
+    return {
+        TrainConfig: ["pretrained_model_name_or_path", "tokenizer_name", "instance_data_dir", "class_data_dir",
+                      "concepts_list", "dataset_name", "output_dir", "logging_dir", "resume_from_checkpoint",
+                      "eval_dino_model", "eval_clip_model"],
+        GenerateClassImagesConfig: ["pretrained_model_name_or_path", "class_data_dir"],
+        InferConfig: [*model, "prompts_file", "output_dir"],
+        EvaluateConfig: [*model, "generated_dir", "instance_data_dir", "prompts_file", "dino_model", "clip_model",
+                         "output_dir"],
+        ExportConfig: ["output_dir", "output"],
+        PushToHubConfig: ["output_dir"],
+    }
+
+
+def test_a_tilde_in_any_path_flag_is_the_home_folder_as_a_shell_would_have_it(tmp_path, monkeypatch):
+    """`--flag=~/x` reaches the script unexpanded (the shell expands only a word that starts with ~)."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    for config_class, names in _path_flags().items():
+        for name in names:
+            value = getattr(parse_config(config_class, [f"--{name}=~/{name}"]), name)
+            assert value == ([str(home / name)] if name == "lora" else str(home / name)), (config_class, name)
+            # Only a leading ~ is the home folder: a Hub id, or a path with a ~ further on, is left alone.
+            for kept in ("org/model", "runs/~x"):
+                value = getattr(parse_config(config_class, [f"--{name}={kept}"]), name)
+                assert value == ([kept] if name == "lora" else kept), (config_class, name)
+
+
+def test_a_tilde_output_dir_and_yaml_config_land_in_the_home_folder(tiny_model, instance_dir, tmp_path, monkeypatch):
+    from dreambooth.config import save_train_config
+
+    home, work = tmp_path / "home", tmp_path / "work"
+    (home / "lists").mkdir(parents=True), work.mkdir()
+    shutil.copytree(instance_dir, home / "photos")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    base = ["--pretrained_model_name_or_path", tiny_model, "--report_to", "none"]
+
+    cfg = parse_config(TrainConfig, [*base, "--instance_data_dir=~/photos", "--instance_prompt", "a sks toy",
+                                     "--output_dir=~/runs/x"])
+    cfg.validate()
+    save_train_config(cfg)
+    saved = yaml.safe_load((home / "runs" / "x" / "train_config.yaml").read_text())
+    assert (saved["output_dir"], saved["instance_data_dir"]) == (str(home / "runs" / "x"), str(home / "photos"))
+
+    (home / "lists" / "concepts.yaml").write_text("- {instance_data_dir: ~/photos, instance_prompt: a sks toy}\n")
+    (home / "run.yaml").write_text("output_dir: ~/runs/y\nconcepts_list: ~/lists/concepts.yaml\n")
+    cfg = parse_config(TrainConfig, [*base, "--config=~/run.yaml"])
+    cfg.validate()
+    save_train_config(cfg)
+    assert cfg.concepts_list == str(home / "lists" / "concepts.yaml")
+    assert yaml.safe_load((home / "runs" / "y" / "concepts_list.yaml").read_text())[0]["instance_data_dir"] == str(
+        home / "photos")
+    assert list(work.iterdir()) == []  # no folder named ~ in the working folder

@@ -514,3 +514,100 @@ def test_collator_max_length_overrides_the_tokenizer(tmp_path, tokenizer):
     batch = DreamBoothCollator(tokenizer, max_length=8)([DreamBoothDataset(instance, RESOLUTION)[0]])
 
     assert batch["input_ids"].shape == (1, 8)
+
+
+# The training loader with worker processes (build_dataloader)
+
+def photo_flags(tmp_path: Path) -> list[str]:
+    """A small captioned set (5 square and 3 wide noise photos) with 3 class images, trained with
+    every per-epoch choice on: random crops and flips, caption dropout, class turns, the order."""
+    rng = np.random.default_rng(0)
+    instance, classes = tmp_path / "instance", tmp_path / "class"
+    instance.mkdir()
+    classes.mkdir()
+    for index in range(8):
+        width, height = (24, 20) if index < 5 else (40, 16)
+        Image.fromarray(rng.integers(0, 256, (height, width, 3), np.uint8)).save(instance / f"{index}.png")
+        (instance / f"{index}.txt").write_text(f"photo {index} of sks dog")
+    for index in range(3):
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), np.uint8)).save(classes / f"{index}.png")
+    return ["--instance_data_dir", str(instance), "--instance_prompt", INSTANCE_PROMPT, "--resolution", str(RESOLUTION),
+            "--train_batch_size", "2", "--random_flip", "--caption_dropout", "0.5", "--with_prior_preservation",
+            "--class_data_dir", str(classes), "--class_prompt", CLASS_PROMPT, "--num_class_images", "3"]
+
+
+def training_loader(flags: list[str], workers: int, context: str | None = None, num_processes: int = 1,
+                    process_index: int = 0):
+    """``build_dataloader``'s loader as Accelerate prepares it (``context``: the workers' start method)."""
+    from accelerate.data_loader import prepare_data_loader
+
+    from dreambooth.concepts import build_dataloader
+    from dreambooth.config import TrainConfig, parse_config
+
+    loader = build_dataloader(parse_config(TrainConfig, [*flags, "--dataloader_num_workers", str(workers)]), None, 7)
+    if context:
+        loader.multiprocessing_context = context
+    return prepare_data_loader(loader, num_processes=num_processes, process_index=process_index, put_on_device=False)
+
+
+def contents(batches) -> list[tuple[list[str], torch.Tensor]]:
+    return [(batch["prompts"], batch["pixel_values"]) for batch in batches]
+
+
+def epoch_batches(loader, epoch: int) -> list[tuple[list[str], torch.Tensor]]:
+    loader.set_epoch(epoch)
+    return contents(loader)
+
+
+def same_batches(actual, expected) -> bool:
+    return len(actual) == len(expected) and all(
+        prompts == wanted_prompts and torch.equal(pixels, wanted_pixels)
+        for (prompts, pixels), (wanted_prompts, wanted_pixels) in zip(actual, expected))
+
+
+def worker_pids(loader) -> list[int] | None:
+    """The process ids of the loader's live workers; None when none outlived the last epoch."""
+    iterator = loader.base_dataloader._iterator
+    return None if iterator is None else [worker.pid for worker in iterator._workers if worker.is_alive()]
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+@pytest.mark.parametrize("bucket", [False, True], ids=["plain", "bucketed"])
+def test_workers_load_the_batches_of_the_main_process_epoch_after_epoch(tmp_path, bucket, context):
+    """Same images, crops, flips, captions, class images and order with 2 workers as without, over
+    3 epochs; the workers start once and live through every epoch."""
+    flags = photo_flags(tmp_path) + (["--enable_bucket"] if bucket else [])
+    alone, with_workers = training_loader(flags, 0), training_loader(flags, 2, context)
+    expected = [epoch_batches(alone, epoch) for epoch in range(3)]
+    assert not same_batches(expected[1], expected[0]) and not same_batches(expected[2], expected[1])
+
+    pids = []
+    for epoch in range(3):
+        assert same_batches(epoch_batches(with_workers, epoch), expected[epoch]), f"epoch {epoch}"
+        pids.append(worker_pids(with_workers))
+    assert pids[0] is not None and len(pids[0]) == 2 and pids[0] == pids[1] == pids[2]
+
+
+@pytest.mark.parametrize("num_processes", [1, 2])
+@pytest.mark.parametrize("bucket", [False, True], ids=["plain", "bucketed"])
+def test_a_run_resumed_mid_epoch_gets_the_rest_of_that_epoch_from_its_workers(tmp_path, bucket, num_processes):
+    """The trainer's batches of a run resumed one batch into epoch 2 (Accelerate's skipping copy of
+    each process's loader), then of epochs 3 and 4: those of an uninterrupted run without workers."""
+    from types import SimpleNamespace
+
+    from accelerate.data_loader import skip_first_batches
+
+    from dreambooth.checkpoints import TrainState
+    from dreambooth.training import Trainer
+
+    flags = photo_flags(tmp_path) + (["--enable_bucket"] if bucket else [])
+    for rank in range(num_processes):
+        uninterrupted = training_loader(flags, 0, num_processes=num_processes, process_index=rank)
+        expected = {epoch: epoch_batches(uninterrupted, epoch) for epoch in (2, 3, 4)}
+        resumed = SimpleNamespace(state=TrainState(epoch=2, batches_in_epoch=1, num_processes=num_processes),
+                                  dataloader=training_loader(flags, 2, num_processes=num_processes, process_index=rank),
+                                  accelerator=SimpleNamespace(skip_first_batches=skip_first_batches))
+        assert same_batches(contents(Trainer._epoch_batches(resumed)), expected[2][1:]), f"process {rank}, epoch 2"
+        for epoch in (3, 4):
+            resumed.state = TrainState(epoch=epoch, num_processes=num_processes)
+            assert same_batches(contents(Trainer._epoch_batches(resumed)), expected[epoch]), f"process {rank}, epoch {epoch}"

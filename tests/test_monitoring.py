@@ -255,10 +255,11 @@ def test_a_resumed_run_hides_from_tensorboard_what_the_interrupted_run_logged_af
     from accelerate.tracking import TensorBoardTracker
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from dreambooth.training import tracker_init_kwargs
+    from dreambooth.monitor import tracker_init_kwargs
 
     def log_run(steps, loss: float, resumed_step: int) -> None:
-        tracker = TensorBoardTracker("dreambooth", tmp_path, **tracker_init_kwargs(resumed_step).get("tensorboard", {}))
+        kwargs = tracker_init_kwargs(resumed_step, tmp_path, ["tensorboard"]).get("tensorboard", {})
+        tracker = TensorBoardTracker("dreambooth", tmp_path, **kwargs)
         tracker.start()
         for step in steps:
             tracker.log({"loss": loss}, step=step)
@@ -270,6 +271,86 @@ def test_a_resumed_run_hides_from_tensorboard_what_the_interrupted_run_logged_af
     events.Reload()
     assert [(event.step, event.value) for event in events.Scalars("loss")] == [
         (1, 1.0), (2, 1.0), (3, 1.0), (4, 2.0), (5, 2.0), (6, 2.0), (7, 2.0), (8, 2.0)]
+
+
+def test_a_resumed_run_continues_the_wandb_run_its_first_start_chose(tmp_path, monkeypatch, caplog):
+    import json
+
+    from dreambooth.monitor import TRACKER_RUN_FILE, tracker_init_kwargs
+
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    logs, both = tmp_path / "out" / "logs", ["tensorboard", "wandb"]
+    fresh = tracker_init_kwargs(0, logs, both)
+    run_id = fresh["wandb"]["id"]
+    assert fresh == {"wandb": {"id": run_id, "resume": "allow", "dir": str(logs)}}
+    assert json.loads((logs / TRACKER_RUN_FILE).read_text()) == {"id": run_id}
+
+    resumed = tracker_init_kwargs(300, logs, both)
+    assert resumed == {"tensorboard": {"purge_step": 301}, "wandb": {"id": run_id, "resume": "allow", "dir": str(logs)}}
+    assert tracker_init_kwargs(600, logs, both)["wandb"]["id"] == run_id
+
+    # A fresh start in the folder (--overwrite_output_dir) is a new run, and resumes of it continue that one.
+    restarted = tracker_init_kwargs(0, logs, both)["wandb"]["id"]
+    assert restarted != run_id and tracker_init_kwargs(100, logs, both)["wandb"]["id"] == restarted
+
+    (logs / TRACKER_RUN_FILE).write_text("{not json")
+    with caplog.at_level("WARNING", logger="dreambooth.monitor"):
+        replaced = tracker_init_kwargs(100, logs, both)["wandb"]["id"]
+    assert replaced != restarted and f"{logs / TRACKER_RUN_FILE}: is malformed" in caplog.text
+    assert tracker_init_kwargs(200, logs, both)["wandb"]["id"] == replaced
+
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "elsewhere"))
+    assert "dir" not in tracker_init_kwargs(200, logs, both)["wandb"]
+    # Without wandb nothing is kept: a TensorBoard run's logging folder holds only its own logs.
+    assert tracker_init_kwargs(0, tmp_path / "tb", ["tensorboard"]) == {}
+    assert not (tmp_path / "tb").exists()
+
+
+def _wandb_offline_steps(run_file: Path) -> tuple[set[str], list[int]]:
+    """The run ids and the history steps an offline run file (``run-<id>.wandb``) records: a log of
+    length-prefixed records in 32 KiB blocks (LevelDB's log format) after a 7-byte header."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, position, pending, run_ids, steps = run_file.read_bytes(), 7, b"", set(), []
+    assert data.startswith(b":W&B")
+    while position + 7 <= len(data):
+        if 32768 - position % 32768 < 7:
+            position += 32768 - position % 32768
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        pending += data[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):  # a whole record, or the last part of one
+            record = wandb_internal_pb2.Record.FromString(pending)
+            pending = b""
+            if record.HasField("run"):
+                run_ids.add(record.run.run_id)
+            if record.HasField("history"):
+                steps.append(record.history.step.num)
+    return run_ids, steps
+
+
+def test_a_resumed_offline_wandb_run_logs_to_the_same_run(tiny_model, instance_dir, tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    import json
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    output = tmp_path / "out"
+    args = train_args(tiny_model, instance_dir, output, "--report_to", "wandb", "--logging_steps", "1",
+                      "--checkpointing_steps", "1")
+    train_dreambooth.main(args)
+    train_dreambooth.main(args + ["--resume_from_checkpoint", "checkpoint-1"])  # as after a kill past step 1
+    wandb.teardown()  # an offline run's file is complete once wandb's service has stopped
+
+    run_id = json.loads((output / "logs" / "tracker_run.json").read_text())["id"]
+    halves = sorted((output / "logs" / "wandb").glob("offline-run-*"))
+    assert [folder.name.rsplit("-", 1)[-1] for folder in halves] == [run_id, run_id]
+    recorded = [_wandb_offline_steps(folder / f"run-{run_id}.wandb") for folder in halves]
+    assert recorded == [({run_id}, [1, 2]), ({run_id}, [2])]
 
 
 def test_a_log_line_during_training_goes_above_the_progress_bar_not_onto_its_line(capsys, monkeypatch):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import logging
 import os
+import sys
 import traceback
 
 import pytest
@@ -47,9 +49,10 @@ def test_option_keeps_the_loss_curve_and_weights(tiny_model, instance_dir, tmp_p
 @pytest.mark.parametrize("extra", [[], ["--use_lora"]], ids=["full", "lora"])
 def test_frozen_weights_in_bf16_train_like_frozen_weights_in_fp32(tiny_model, instance_dir, tmp_path, monkeypatch,
                                                                    extra):
-    """Under --mixed_precision bf16, autocast computes the frozen VAE and text encoder (and LoRA's
-    frozen UNet) in bf16 anyway, so they are loaded in bf16, at half the memory. Only what autocast
-    keeps in fp32 (the norms' scales) is rounded, so the loss curves agree to bf16 precision."""
+    """Under --mixed_precision bf16 the frozen VAE and text encoder are loaded in bf16, at half the
+    memory, and compute in bf16 (outside autocast, as in diffusers' scripts); LoRA's frozen UNet too,
+    under autocast, which computes its layers in bf16 anyway. The loss curves agree with fp32 frozen
+    weights to bf16 precision."""
     loaded, load = [], train_dreambooth.load_components
 
     def recording_load(*args, **kwargs):
@@ -356,3 +359,141 @@ def test_batches_reach_the_device_without_waiting_for_it(tiny_model, instance_di
     resumed = train_dreambooth.main(args + ["--max_train_steps", "4", "--resume_from_checkpoint", "checkpoint-2"])
     assert resumed.state.global_step == 4 and copies == [True] * (2 * copies_per_step)
 
+
+
+def test_xformers_on_a_run_without_cuda_is_refused_before_loading(tiny_model, instance_dir, tmp_path, monkeypatch):
+    """xformers is installed, but this run has no CUDA GPU: said before the weights load, not by
+    diffusers after loading them."""
+    from dreambooth import config
+    from dreambooth.errors import DreamBoothError
+
+    importable = config._importable
+    monkeypatch.setattr(config, "_importable", lambda module: module == "xformers" or importable(module))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before xformers was checked")
+
+    monkeypatch.setattr(train_dreambooth, "load_components", refuse)
+    with pytest.raises(DreamBoothError, match=r"^--enable_xformers_memory_efficient_attention needs a CUDA GPU, and "
+                                              r"this run uses the CPU; drop the flag"):
+        train_dreambooth.main(train_args(tiny_model, instance_dir, tmp_path / "out",
+                                         "--enable_xformers_memory_efficient_attention"))
+
+
+# What xformers built for another torch or CUDA raises from the attention diffusers tries first.
+XFORMERS_FAILURE = NotImplementedError(
+    "No operator found for `memory_efficient_attention_forward` with inputs:\n"
+    "     query       : shape=(1, 2, 1, 40) (torch.float32)\n"
+    "`cutlassF-pt` is not supported because:\n"
+    "    xFormers wasn't build with CUDA support")
+
+
+def test_xformers_that_cannot_run_is_one_line_naming_the_flag():
+    from dreambooth.errors import DreamBoothError
+    from dreambooth.models import enable_xformers
+
+    class Unet(torch.nn.Module):
+        def enable_xformers_memory_efficient_attention(self):
+            raise XFORMERS_FAILURE
+
+    with pytest.raises(DreamBoothError) as caught:
+        enable_xformers(Unet())
+    assert str(caught.value) == (
+        "--enable_xformers_memory_efficient_attention: xformers cannot run here (No operator found for "
+        "`memory_efficient_attention_forward` with inputs:); install the xformers build for this torch and CUDA, "
+        "or drop the flag to use PyTorch's SDPA attention")
+
+
+def test_bitsandbytes_that_cannot_load_is_one_line_naming_the_flag(tmp_path, monkeypatch):
+    """A bitsandbytes built for another CUDA fails on import, on the GPU where --use_8bit_adam uses it:
+    said before any model loads (check_cuda_libraries) and where the optimizer is built."""
+    from dreambooth.config import TrainConfig
+    from dreambooth.errors import DreamBoothError
+    from dreambooth.training import build_optimizer
+
+    broken = tmp_path / "site" / "bitsandbytes"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text('raise RuntimeError("CUDA Setup failed despite GPU being available.\\n"\n'
+                                        '                   "Please run python -m bitsandbytes")\n')
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.delitem(sys.modules, "bitsandbytes", raising=False)
+    message = (r"^--use_8bit_adam: bitsandbytes cannot be loaded \(CUDA Setup failed despite GPU being available.\); "
+               r"install the build for this torch and CUDA \(pip install -U bitsandbytes\), or drop the flag$")
+    with pytest.raises(DreamBoothError, match=message):
+        build_optimizer([torch.nn.Parameter(torch.ones(4))], 1e-4, (0.9, 0.999), 0.0, 1e-8, use_8bit_adam=True,
+                        device=torch.device("cuda"))
+    from dreambooth.engine import check_cuda_libraries
+
+    with pytest.raises(DreamBoothError, match=message):
+        check_cuda_libraries(TrainConfig(use_8bit_adam=True), torch.device("cuda"))
+    check_cuda_libraries(TrainConfig(use_8bit_adam=True), torch.device("cpu"))  # the CPU falls back to AdamW
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_gradient_checkpointing_recomputes_the_text_encoder_layers_and_trains_them(tiny_model, lora):
+    """--gradient_checkpointing --train_text_encoder: the text encoder is in train mode, each of its
+    layers (and each UNet attention block) runs twice, once in backward, and the gradient reaches every
+    weight it trains; LoRA adapters too, behind frozen embeddings. Quietly: transformers 5 warns that
+    gradient_checkpointing_enable goes in v6."""
+    import warnings
+
+    from diffusers.models.attention import BasicTransformerBlock
+    from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+
+    from dreambooth.lora import add_lora_adapters
+    from dreambooth.models import load_components, prepare_for_training
+
+    components = load_components(tiny_model, train_text_encoder=True, use_lora=lora)
+    if lora:
+        add_lora_adapters(components.unet, components.text_encoder, rank=4, alpha=4, dropout=0.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prepare_for_training(components, True, torch.device("cpu"), gradient_checkpointing=True)
+    assert not [str(w.message) for w in caught if "checkpointing" in str(w.message)]
+    unet, text_encoder = components.unet, components.text_encoder
+    assert unet.training and text_encoder.training
+
+    # Calls of each layer's attention: inside the checkpointed forward (transformers keeps the layer's own
+    # hooks outside it), and at its start (the recomputation stops once it has what backward needs).
+    runs = {}
+    attentions = [layer.self_attn for layer in text_encoder.modules() if isinstance(layer, CLIPEncoderLayer)]
+    attentions += [block.attn1 for block in unet.modules() if isinstance(block, BasicTransformerBlock)]
+    for attention in attentions:
+        attention.register_forward_pre_hook(lambda module, args: runs.update({module: runs.get(module, 0) + 1}))
+    generator = torch.Generator().manual_seed(0)
+    states = text_encoder(torch.randint(0, text_encoder.config.vocab_size, (2, 77), generator=generator))[0]
+    size = unet.config.sample_size
+    prediction = unet(torch.randn(2, 4, size, size, generator=generator), torch.tensor([10, 900]), states).sample
+    torch.nn.functional.mse_loss(prediction, torch.randn(prediction.shape, generator=generator)).backward()
+
+    layers = sum(isinstance(m, CLIPEncoderLayer) for m in text_encoder.modules())
+    assert len(runs) == len(attentions) > layers >= 2 and set(runs.values()) == {2}
+    trained = {name: p for name, p in text_encoder.named_parameters() if p.requires_grad}
+    assert trained and all(p.grad is not None for p in trained.values())
+    # LoRA's B matrices start at zero, so only they receive a non-zero gradient in the first step.
+    moving = {name for name, p in trained.items() if p.grad.abs().sum() > 0}
+    assert moving == ({name for name in trained if "lora_B" in name} if lora else set(trained))
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_gpu_without_bf16_arithmetic_is_warned_about(monkeypatch, caplog, native):
+    """A T4 or V100 takes bf16 (PyTorch emulates it), so Accelerate lets the run start, several times
+    slower than fp16 would be: the run says so. A GPU with bf16 arithmetic, the CPU and fp16 get no warning."""
+    from dreambooth import models
+
+    asked = []
+
+    def is_bf16_supported(including_emulation=True):
+        asked.append(including_emulation)
+        return native or including_emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    with caplog.at_level(logging.WARNING, logger="dreambooth"):
+        models.check_precision_supported("bf16", device=torch.device("cuda", 0))
+        models.check_precision_supported("bf16", device=torch.device("cpu"))
+        models.check_precision_supported("no", device=torch.device("cuda", 0))
+    warnings = [record.getMessage() for record in caplog.records]
+    assert asked == [False]
+    assert warnings == ([] if native else ["Tesla T4 has no native bf16: PyTorch emulates it, several times slower; "
+                                           "use --mixed_precision fp16 on this GPU"])

@@ -163,3 +163,26 @@ def test_accelerate_launch_with_the_project_config(tiny_model, instance_dir, tmp
     assert result.returncode == 0, result.stderr[-3000:]
     assert (output / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert np.isfinite(generate_one(output)).all()
+
+
+def test_fp16_on_a_run_that_uses_the_cpu_of_a_gpu_machine_is_refused_before_loading(tiny_model, instance_dir, tmp_path,
+                                                                                     monkeypatch):
+    """On a machine with a GPU, a run can still use the CPU (ACCELERATE_USE_CPU, `accelerate launch --cpu`).
+    Accelerate then turns fp16 autocast and loss scaling off without a word, and the first step met
+    the frozen fp16 weights with fp32 ones in a traceback ("mat1 and mat2 must have the same dtype")."""
+    from dreambooth import models
+    from dreambooth.errors import DreamBoothError
+
+    monkeypatch.setattr(models, "_has_xpu", lambda: True)  # the machine has a GPU; this run's device is the CPU
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the precision was checked")
+
+    monkeypatch.setattr(train_dreambooth, "load_components", refuse)
+    for flags, source in ((["--mixed_precision", "fp16"], "--mixed_precision fp16"),
+                          ([], r"mixed_precision fp16 \(from the accelerate config\)")):
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # what `accelerate launch` sets from its config
+        with pytest.raises(DreamBoothError, match=rf"^{source} needs a GPU, and this run uses the CPU .*bf16") as caught:
+            train_dreambooth.main(train_args(tiny_model, instance_dir, tmp_path / "out", *flags))
+        assert "\n" not in str(caught.value)
+    assert not (tmp_path / "out" / "model_index.json").exists()
