@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -232,3 +233,15 @@ def hub_cache(hub_cache_dir, monkeypatch) -> Path:
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub_cache_dir))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     return hub_cache_dir
+
+
+@contextmanager
+def one_thread():
+    """In-process runs on one thread, as each launched process is (OMP_NUM_THREADS=1): on a
+    busy 2-core machine, more threads only contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 import infer
-from conftest import ROOT
-from test_multiprocess import launch, one_thread
+from conftest import ROOT, one_thread
+from test_multiprocess import launch
 
 pytestmark = pytest.mark.slow
 

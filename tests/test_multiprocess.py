@@ -15,7 +15,6 @@ import shutil
 import socket
 import subprocess
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -25,7 +24,7 @@ from safetensors.torch import load_file
 
 import generate_class_images
 import train_dreambooth
-from conftest import ROOT, TOY_SUBJECT, train_args
+from conftest import ROOT, TOY_SUBJECT, one_thread, train_args
 from dreambooth.checkpoints import MARKER
 from dreambooth.config import TrainConfig, parse_config
 from dreambooth.engine import check_engine_support, with_engine_defaults
@@ -58,18 +57,6 @@ def launch(args: list[str], num_processes: int = 2, check: bool = True,
     if check:
         assert result.returncode == 0, f"accelerate launch failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
     return result
-
-
-@contextmanager
-def one_thread():
-    """In-process runs on one thread, as each launched process is (OMP_NUM_THREADS=1): on a
-    busy 2-core machine, more threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def unet_weights(output: Path) -> dict[str, torch.Tensor]:
