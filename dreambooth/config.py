@@ -779,7 +779,8 @@ class InferConfig(ModelSource):
     width: Optional[int] = _field(None, "Image width (default: the model's).")
     batch_size: int = _field(4, "Images per pipeline call.")
     output_dir: str = _field("samples", "Folder for the images and grids.")
-    device: str = _field("auto", "cuda, mps, cpu or auto (CUDA, else MPS, else CPU).")
+    device: str = _field("auto", "cuda, mps, cpu or auto (CUDA, else MPS, else CPU); under `accelerate launch`, "
+                         "each process takes its own GPU.")
     dtype: str = _field("auto", "fp32, fp16, bf16 or auto (fp16 on GPU, fp32 on CPU).")
 
     def validate(self) -> None:
