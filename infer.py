@@ -50,6 +50,7 @@ from dreambooth.generation import (
     launch_state,
     load_inference_pipeline,
     make_grid,
+    native_size,
     next_output_number,
     process_device,
     save_png_atomically,
@@ -78,8 +79,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
         hide_library_progress_bars()
     pipeline = load_inference_pipeline(cfg, process_device(cfg.device, state))
     weights = describe_weights(cfg, pipeline)
-    height = cfg.height or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
-    width = cfg.width or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    height, width = cfg.height or native_size(pipeline), cfg.width or native_size(pipeline)
     output_dir, written = Path(cfg.output_dir), []
     # One answer for every process, before any of them writes: all name the files alike, and no
     # file of this run can move the number on.

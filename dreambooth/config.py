@@ -456,7 +456,7 @@ class TrainConfig:
                 "--num_validation_images must not be negative; --validation_steps and --logging_steps must be at least 1"
             )
         if self.num_validation_images != 0 or self.eval_steps:
-            _check_generation_numbers(8, self.validation_inference_steps, self.validation_scheduler,
+            _check_generation_numbers(None, self.validation_inference_steps, self.validation_scheduler,
                                       flags=("--resolution", "--validation_inference_steps", "--validation_scheduler"))
         if self.eval_steps is not None:
             self._check_evaluation()
@@ -681,7 +681,9 @@ class GenerateClassImagesConfig:
     class_data_dir: Optional[str] = _field(None, "Folder to fill with class images (required).")
     num_class_images: int = _field(100, "Images wanted in the folder; only the missing ones are generated.")
     sample_batch_size: int = _field(4, "Images per pipeline call.")
-    resolution: int = _field(512, "Image size in pixels (multiple of 8).")
+    resolution: Optional[int] = _field(
+        None, "Image size in pixels (multiple of 8; default: the model's, 512 for SD 1.x, 768 for SD 2.x 768-v)."
+    )
     num_inference_steps: int = _field(25, "Denoising steps.")
     guidance_scale: float = _field(7.5, "Classifier-free guidance scale.")
     scheduler: str = _field("dpm++", f"Sampler: {', '.join(SCHEDULER_NAMES)}.")
@@ -711,11 +713,11 @@ class GenerateClassImagesConfig:
         check_writable_dir(self.class_data_dir, "--class_data_dir")
 
 
-def _check_generation_numbers(resolution: int, steps: int, scheduler: str,
+def _check_generation_numbers(resolution: int | None, steps: int, scheduler: str,
                               flags: tuple[str, str, str] = ("--resolution", "--num_inference_steps", "--scheduler"),
                               ) -> None:
     resolution_flag, steps_flag, scheduler_flag = flags
-    if resolution <= 0 or resolution % 8:
+    if resolution is not None and (resolution <= 0 or resolution % 8):  # None: the model's own size
         raise DreamBoothError(f"{resolution_flag} {resolution}: must be a positive multiple of 8")
     if steps < 1:
         raise DreamBoothError(f"{steps_flag} {steps}: must be at least 1")
@@ -805,7 +807,7 @@ class InferConfig(ModelSource):
             raise DreamBoothError(f"--lora_scale: give one value, or one per --lora ({len(self.lora)})")
         if self.batch_size < 1:
             raise DreamBoothError(f"--batch_size {self.batch_size}: must be at least 1")
-        _check_generation_numbers(8, self.num_inference_steps, self.scheduler)
+        _check_generation_numbers(None, self.num_inference_steps, self.scheduler)
         for flag in ("height", "width"):
             value = getattr(self, flag)
             if value is not None and (value <= 0 or value % 8):
@@ -999,8 +1001,7 @@ class EvaluateConfig(ModelSource):
                 raise DreamBoothError(f"--{name} {getattr(self, name)}: must be at least 1")
         if self.num_prompts is not None and self.num_prompts < 1:
             raise DreamBoothError(f"--num_prompts {self.num_prompts}: must be at least 1")
-        if self.resolution is not None:
-            _check_generation_numbers(self.resolution, self.num_inference_steps, self.scheduler)
+        _check_generation_numbers(self.resolution, self.num_inference_steps, self.scheduler)
         self.model_source().validate()
         self.templates()
 

@@ -251,9 +251,9 @@ def generate_evaluation_set(pipeline, templates: Sequence[str], identifier: str,
                             with_class_prompts: bool = True, progress: bool = True) -> list[Generation]:
     """K images per subject prompt ('a sks dog in the snow') and, for PRES, per class prompt
     ('a dog in the snow'), with the same seeds: image j of every prompt uses seed + j."""
-    from .generation import generate
+    from .generation import generate, native_size
 
-    size = resolution or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+    size = resolution or native_size(pipeline)
     jobs = [(template.replace("{}", f"{identifier} {class_noun}"), True) for template in templates]
     if with_class_prompts:
         jobs += [(template.replace("{}", class_noun), False) for template in templates]

@@ -183,6 +183,12 @@ def release(pipeline) -> None:
         torch.cuda.empty_cache()
 
 
+def native_size(pipeline) -> int:
+    """The image size the pipeline's UNet was trained at (512 for SD 1.x, 768 for SD 2.x 768-v), the
+    size its pipeline draws by default."""
+    return pipeline.unet.config.sample_size * pipeline.vae_scale_factor
+
+
 def generate(pipeline, prompt: str, seeds: Sequence[int], height: int, width: int, num_inference_steps: int = 25,
              guidance_scale: float = 7.5, negative_prompt: str | None = None) -> list[Image.Image]:
     """One image per seed, each from its own generator, so an image depends on its seed alone."""
@@ -249,7 +255,7 @@ class ClassImageJob:
     class_prompt: str
     class_data_dir: str
     num_class_images: int
-    resolution: int = 512
+    resolution: int | None = None  # None: the model's native size
     sample_batch_size: int = 4
     num_inference_steps: int = 25
     guidance_scale: float = 7.5
@@ -450,7 +456,7 @@ def _run_class_batches(job: ClassImageJob, batches: list[list[int]], state) -> i
     speed_up(pipeline, job.channels_last, job.compile)
     weights = Weights(model=model_label(job.model), base_model=model_label(job.model),
                       dtype=dtype_name(pipeline.unet.dtype))
-    folder = Path(job.class_data_dir)
+    folder, size = Path(job.class_data_dir), job.resolution or native_size(pipeline)
     progress = tqdm(total=sum(map(len, batches)), desc="Class images", unit="img",
                     disable=not state.is_local_main_process)
     # Leaving the block waits for every write, so an error while generating keeps the images made.
@@ -458,10 +464,10 @@ def _run_class_batches(job: ClassImageJob, batches: list[list[int]], state) -> i
         pending: deque[Future] = deque()
         for batch in batches:
             seeds = [derived_seed(job.seed, index) for index in batch]
-            images = generate(pipeline, job.class_prompt, seeds, job.resolution, job.resolution,
+            images = generate(pipeline, job.class_prompt, seeds, size, size,
                               job.num_inference_steps, job.guidance_scale, job.negative_prompt)
             for index, seed, image in zip(batch, seeds, images):
-                metadata = png_metadata(Sampling(job.class_prompt, seed, job.resolution, job.resolution,
+                metadata = png_metadata(Sampling(job.class_prompt, seed, size, size,
                                                  job.num_inference_steps, job.guidance_scale, job.scheduler,
                                                  job.negative_prompt), weights)
                 pending.append(writer.submit(_save_class_image, image, folder, index, metadata))

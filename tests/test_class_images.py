@@ -117,6 +117,22 @@ def test_images_record_their_settings_and_a_changed_prompt_is_warned_about(tiny_
     assert not [value for value in fields.values() if str(tmp_path_factory.getbasetemp()) in value]
 
 
+def test_without_resolution_class_images_take_the_model_s_own_size(tiny_model, tmp_path):
+    """The pipeline's default size, as diffusers' script draws its class images: 768 for SD 2.x 768-v,
+    whose images at 512 (the old default) come out poor."""
+    import json
+
+    unet = json.loads((Path(tiny_model) / "unet" / "config.json").read_text())
+    vae = json.loads((Path(tiny_model) / "vae" / "config.json").read_text())
+    native = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+    args = class_args(tiny_model, tmp_path / "class", "--num_class_images", "1")
+    del args[args.index("--resolution"):args.index("--resolution") + 2]
+    generate_class_images.main(args)
+    image = Image.open(next((tmp_path / "class").glob("*.png")))
+    assert native != 512 and image.size == (native, native)
+    assert f"Size: {native}x{native}" in image.text["parameters"]
+
+
 def test_rerun_generates_nothing(tiny_model, tmp_path):
     folder = tmp_path / "class"
     generate_class_images.main(class_args(tiny_model, folder))
