@@ -16,12 +16,13 @@ gives a folder every script and every diffusers tool loads.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 from .checkpoints import MARKER as CHECKPOINT_MARKER
 from .config import TRAIN_CONFIG as RUN_CONFIG
-from .errors import DreamBoothError
+from .errors import DreamBoothError, first_reason
 from .lora import LORA_WEIGHTS
 
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -68,18 +69,69 @@ def check_base_model(source: str, flag: str = "--pretrained_model_name_or_path",
             raise DreamBoothError(f"{named}: {name}/ {problem}")
 
 
-def check_lora_source(source: str, flag: str) -> None:
+def check_lora_source(source: str, flag: str) -> Path:
     """A LoRA is a .safetensors file, or a folder holding pytorch_lora_weights.safetensors (a LoRA run or
-    its checkpoint); a pipeline folder given there is a base model."""
+    its checkpoint), or a Hub repo holding that file (a LoRA run uploaded by push_to_hub.py); a pipeline
+    folder or repo given there is a base model. Returns the local file or folder: ``source`` itself, or
+    the cached snapshot of the repo."""
     path = Path(source)
     if not path.exists():
-        raise DreamBoothError(f"{flag} {source}: no such file or folder")
+        if not _reads_as_hub_id(source):
+            raise DreamBoothError(f"{flag} {source}: no such file or folder, and not a Hub id like 'owner/name'")
+        return hub_lora_folder(source, flag)
     if path.is_dir() and not (path / LORA_WEIGHTS).is_file():
         if (path / "model_index.json").is_file():
             raise DreamBoothError(f"{flag} {source}: a full pipeline, not LoRA weights; pass it as "
                                   "--pretrained_model_name_or_path")
         raise DreamBoothError(f"{flag} {source}: the folder has no {LORA_WEIGHTS}; give a LoRA run's output "
                               "folder or a LoRA .safetensors file")
+    return path
+
+
+def _reads_as_hub_id(source: str) -> bool:
+    """'owner/name' as check_model_source takes a Hub id; a LoRA repo always has an owner, and a name
+    ending in .safetensors is a local file that is missing."""
+    from .models import check_model_source
+
+    if "/" not in source or source.lower().endswith(SINGLE_FILE_SUFFIXES):
+        return False
+    try:
+        check_model_source(source, "--lora")
+    except DreamBoothError:
+        return False
+    return True
+
+
+def hub_lora_folder(repo_id: str, flag: str) -> Path:
+    """The cached snapshot of a LoRA repo, holding its pytorch_lora_weights.safetensors (and the run's
+    train_config.yaml where it has one), fetched once per process, as diffusers' ``load_lora_weights``
+    reads a repo id. A repo without that file is refused with one line."""
+    from huggingface_hub import constants
+
+    return _fetch_hub_lora(repo_id, flag, constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE)
+
+
+@functools.lru_cache(maxsize=None)
+def _fetch_hub_lora(repo_id: str, flag: str, cache_dir: str, offline: bool) -> Path:
+    from huggingface_hub import snapshot_download
+
+    from .models import hub_failure
+
+    try:
+        # model_index.json only tells a pipeline repo given here: its weights are never fetched.
+        folder = Path(snapshot_download(repo_id, cache_dir=cache_dir,
+                                        allow_patterns=[LORA_WEIGHTS, RUN_CONFIG, "model_index.json"]))
+    except (OSError, ValueError) as error:
+        raise DreamBoothError(f"{flag} {repo_id}: {hub_failure(error, repo_id) or first_reason(error)}") from None
+    if (folder / LORA_WEIGHTS).is_file():
+        return folder
+    if (folder / "model_index.json").is_file():
+        raise DreamBoothError(f"{flag} {repo_id}: a full pipeline, not LoRA weights; pass it as "
+                              "--pretrained_model_name_or_path")
+    cached = (f" in the Hugging Face cache (offline: if the repo has it, fetch it with `hf download {repo_id}`)"
+              if offline else "")
+    raise DreamBoothError(f"{flag} {repo_id}: the repo has no {LORA_WEIGHTS}{cached}; give a LoRA run's repo "
+                          "(as push_to_hub.py uploads it) or a local LoRA .safetensors file")
 
 
 def _weights_problem(folder: Path, variant: str | None) -> str | None:

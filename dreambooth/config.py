@@ -754,8 +754,8 @@ class ModelSource:
         "(with --checkpoint, default: the base its run recorded)."
     )
     checkpoint: Optional[str] = _field(None, "A checkpoint-<step> folder, over the base model.")
-    lora: list[str] = _field([], "LoRA weights (a folder or .safetensors file) over the model; repeatable.",
-                             action="extend")
+    lora: list[str] = _field([], "LoRA weights (a folder, a .safetensors file, or a LoRA run's Hub repo id) over "
+                             "the model; repeatable.", action="extend")
     lora_scale: list[float] = _field([], "Strength of each --lora (one value for all, or one per --lora; default 1).",
                                      action="extend")
     revision: Optional[str] = _field(None, "Revision of the model on the Hub (with --checkpoint over the base its "

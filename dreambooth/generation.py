@@ -14,7 +14,7 @@ from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from PIL import Image, ImageDraw
@@ -111,22 +111,23 @@ def checkpoint_components(checkpoint: str | Path, dtype: torch.dtype) -> dict:
     return components
 
 
-def apply_loras(pipeline, loras: Sequence[tuple[str, str | Path, float]]) -> None:
-    """Load LoRA weights over the pipeline: each (flag, path, strength) as its own adapter."""
+def apply_loras(pipeline, loras: Sequence[InferenceLora]) -> None:
+    """Load LoRA weights over the pipeline, each as its own adapter at its strength."""
     from .lora import LORA_WEIGHTS
 
     names, weights = [], []
-    for number, (flag, path, weight) in enumerate(loras):
-        path, name = Path(path), f"lora_{number}"
-        folder, weight_name = (path, LORA_WEIGHTS) if path.is_dir() else (path.parent, path.name)
+    for number, lora in enumerate(loras):
+        name = f"lora_{number}"
+        folder, weight_name = (lora.path, LORA_WEIGHTS) if lora.path.is_dir() else (lora.path.parent, lora.path.name)
         try:
             with warnings.catch_warnings():  # stacking adapters is the point here
                 warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
                 pipeline.load_lora_weights(str(folder), weight_name=weight_name, adapter_name=name)
         except (ValueError, KeyError, RuntimeError, OSError) as error:
-            raise DreamBoothError(f"{flag} {path}: does not fit this base model ({first_reason(error)})") from None
+            raise DreamBoothError(f"{lora.flag} {lora.repo_id or lora.path}: does not fit this base model "
+                                  f"({first_reason(error)})") from None
         names.append(name)
-        weights.append(weight)
+        weights.append(lora.scale)
     if names:
         pipeline.set_adapters(names, adapter_weights=weights)
 
@@ -141,12 +142,27 @@ def is_full_checkpoint(checkpoint: str | Path) -> bool:
     return (Path(checkpoint) / "unet").is_dir()
 
 
-def inference_loras(cfg) -> list[tuple[str, Path, float]]:
-    """The LoRAs an ``InferConfig`` puts over its model, as (flag, path, strength)."""
+class InferenceLora(NamedTuple):
+    """A LoRA over the sampled model: the flag that gave it, its local file or folder, its strength, and
+    the Hub repo it was fetched from (whose name names it in the images' metadata)."""
+
+    flag: str
+    path: Path
+    scale: float
+    repo_id: str | None = None
+
+
+def inference_loras(cfg) -> list[InferenceLora]:
+    """The LoRAs an ``InferConfig`` puts over its model; a --lora Hub id is read from its cached snapshot."""
+    from .bases import check_lora_source
+
     # A LoRA run's checkpoint is an adapter at full strength; --lora_scale is for the --lora files.
-    loras = [("--checkpoint", Path(cfg.checkpoint), 1.0)] if cfg.checkpoint and not is_full_checkpoint(cfg.checkpoint) else []
-    return loras + [("--lora", Path(path), scale)
-                    for path, scale in zip(cfg.lora, lora_scales(cfg.lora_scale, len(cfg.lora)))]
+    loras = ([InferenceLora("--checkpoint", Path(cfg.checkpoint), 1.0)]
+             if cfg.checkpoint and not is_full_checkpoint(cfg.checkpoint) else [])
+    for source, scale in zip(cfg.lora, lora_scales(cfg.lora_scale, len(cfg.lora))):
+        path = check_lora_source(source, "--lora")
+        loras.append(InferenceLora("--lora", path, scale, None if Path(source).exists() else source))
+    return loras
 
 
 def load_inference_pipeline(cfg, device: torch.device | None = None):
@@ -171,7 +187,7 @@ def describe_weights(cfg, pipeline) -> Weights:
     checkpoint = model_label(cfg.checkpoint) if cfg.checkpoint else None
     return Weights(model=checkpoint if checkpoint and is_full_checkpoint(cfg.checkpoint) else base, base_model=base,
                    dtype=dtype_name(pipeline.unet.dtype), checkpoint=checkpoint,
-                   loras=tuple(LoraUse.of(path, scale) for _, path, scale in inference_loras(cfg)))
+                   loras=tuple(LoraUse.of(lora.path, lora.scale, lora.repo_id) for lora in inference_loras(cfg)))
 
 
 def release(pipeline) -> None:

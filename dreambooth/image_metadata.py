@@ -2,7 +2,8 @@
 and civitai read) and our own fields, one setting each.
 
 Models and LoRAs are named, never located: a Hub id as it is, a local folder or file by its name
-alone, so an image shared from a run carries no local path.
+alone, so an image shared from a run carries no local path. A LoRA fetched from the Hub is named by
+its repo's name, as its downloaded file would be, and our own 'loras' field gives the repo id too.
 """
 
 from __future__ import annotations
@@ -56,18 +57,22 @@ def lora_hash(file: str | Path) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class LoraUse:
-    """One LoRA over the model: its name, strength and A1111 short hash."""
+    """One LoRA over the model: its name, strength and A1111 short hash, and the Hub repo it came from."""
 
     name: str
     scale: float
     hash: str
+    repo: Optional[str] = None
 
     @classmethod
-    def of(cls, path: str | Path, scale: float) -> LoraUse:
+    def of(cls, path: str | Path, scale: float, repo_id: str | None = None) -> LoraUse:
+        """The LoRA at ``path``: a local file or folder, or the cached snapshot of the Hub repo ``repo_id``,
+        hashed alike (the snapshot's file is the repo's file)."""
         from .lora import LORA_WEIGHTS
 
         path = Path(path)
-        return cls(lora_name(path), float(scale), lora_hash(path / LORA_WEIGHTS if path.is_dir() else path))
+        name = repo_id.rsplit("/", 1)[-1] if repo_id else lora_name(path)
+        return cls(name, float(scale), lora_hash(path / LORA_WEIGHTS if path.is_dir() else path), repo_id)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +137,8 @@ def metadata_fields(sampling: Sampling, weights: Weights) -> dict[str, str]:
     if weights.checkpoint:
         fields["checkpoint"] = weights.checkpoint
     if weights.loras:
-        fields["loras"] = json.dumps([dataclasses.asdict(lora) for lora in weights.loras])
+        fields["loras"] = json.dumps([{key: value for key, value in dataclasses.asdict(lora).items()
+                                       if value is not None} for lora in weights.loras])
     return {key: str(value) for key, value in fields.items()}
 
 

@@ -235,6 +235,37 @@ def hub_cache(hub_cache_dir, monkeypatch) -> Path:
     return hub_cache_dir
 
 
+HUB_LORA = "someone/sks-toy-lora"
+
+
+@pytest.fixture(scope="session")
+def hub_lora(hub_cache_dir, tiny_model, tmp_path_factory) -> Path:
+    """A LoRA run's folder over ``tiny_model`` as push_to_hub.py uploads it (weights with non-zero adapters,
+    train_config.yaml, README.md), added to ``hub_cache_dir`` as HUB_LORA, with 'someone/readme-only' (a model
+    card and a LoRA under another name, no pytorch_lora_weights.safetensors)."""
+    from diffusers import UNet2DConditionModel
+
+    from dreambooth.lora import add_lora_adapters, save_lora
+
+    root = tmp_path_factory.mktemp("hub-lora")
+    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    add_lora_adapters(unet, None, rank=2, alpha=2, dropout=0.0)
+    torch.manual_seed(0)
+    for name, parameter in unet.named_parameters():
+        if "lora_B" in name:  # gaussian init leaves lora_B at zero: a no-op adapter
+            torch.nn.init.normal_(parameter, std=0.5)
+    folder = save_lora([unet], root / "sks-toy-lora").parent
+    (folder / "train_config.yaml").write_text("pretrained_model_name_or_path: tiny-sd\nuse_lora: true\n")
+    (folder / "README.md").write_text("---\nbase_model: tiny-sd\n---\n# sks toy\n")
+    write_to_hub_cache(hub_cache_dir, HUB_LORA, folder, "e" * 40, ("main",))
+    other = root / "readme-only"
+    other.mkdir()
+    (other / "README.md").write_text("# a LoRA under its own name\n")
+    shutil.copy(folder / "pytorch_lora_weights.safetensors", other / "sks.safetensors")
+    write_to_hub_cache(hub_cache_dir, "someone/readme-only", other, "f" * 40, ("main",))
+    return folder
+
+
 @contextmanager
 def one_thread():
     """In-process runs on one thread, as each launched process is (OMP_NUM_THREADS=1): on a

@@ -3,6 +3,7 @@ read offline from the Hugging Face cache, through every script the README shows.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -18,7 +19,7 @@ import export
 import generate_class_images
 import infer
 import train_dreambooth
-from conftest import HUB_COMMITS, HUB_ID, train_args
+from conftest import HUB_COMMITS, HUB_ID, HUB_LORA, one_thread, train_args
 from dreambooth.errors import DreamBoothError
 from dreambooth.models import load_components, save_pipeline
 
@@ -129,3 +130,52 @@ def test_a_hub_id_not_in_the_cache_is_one_line_naming_the_download(hub_cache, in
                     "--output_dir", str(tmp_path / "samples")])
 
 
+
+
+def sample_with_lora(model: str, lora: list[str], output: Path) -> Path:
+    with one_thread():  # on a busy machine, more threads only contend
+        return infer.main(["--pretrained_model_name_or_path", model, *lora, "--prompt", "a sks toy", "--height", "32",
+                           "--width", "32", "--output_dir", str(output), *FEW_STEPS])[0]
+
+
+def test_lora_given_as_a_hub_id_draws_and_is_named_as_its_local_folder(hub_cache, hub_lora, tiny_model, tmp_path,
+                                                                       tmp_path_factory):
+    from dreambooth.lora import LORA_WEIGHTS
+
+    scale = ["--lora_scale", "0.8"]
+    from_hub = sample_with_lora(tiny_model, ["--lora", HUB_LORA, *scale], tmp_path / "hub")
+    local = sample_with_lora(tiny_model, ["--lora", str(hub_lora), *scale], tmp_path / "local")
+    without = sample_with_lora(tiny_model, [], tmp_path / "without")
+
+    def pixels(path):
+        return np.asarray(Image.open(path), dtype=np.int16)
+
+    assert np.array_equal(pixels(from_hub), pixels(local))
+    assert np.abs(pixels(from_hub) - pixels(without)).max() > 0
+    # Named by the repo's name part and hashed over the same tensor data: the metadata of a local run.
+    data = (hub_lora / LORA_WEIGHTS).read_bytes()
+    short_hash = hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()[:12]
+    recorded = Image.open(from_hub).text
+    assert json.loads(recorded["loras"]) == [{"name": "sks-toy-lora", "scale": 0.8, "hash": short_hash,
+                                              "repo": HUB_LORA}]
+    assert recorded["parameters"].startswith("a sks toy <lora:sks-toy-lora:0.8>\n")
+    assert f'Lora hashes: "sks-toy-lora: {short_hash}"' in recorded["parameters"]
+    local_recorded = Image.open(local).text
+    assert json.loads(local_recorded.pop("loras")) == [{"name": "sks-toy-lora", "scale": 0.8, "hash": short_hash}]
+    assert {key: value for key, value in recorded.items() if key != "loras"} == local_recorded
+    local_paths = (str(tmp_path_factory.getbasetemp()), str(hub_cache), "e" * 40)
+    assert not [value for value in recorded.values() if any(path in value for path in local_paths)]
+
+
+@pytest.mark.parametrize("lora, message", [
+    ("someone/not-downloaded", r"--lora someone/not-downloaded: not fully in the Hugging Face cache .*offline.*"
+                               r"`hf download someone/not-downloaded`"),
+    (HUB_ID, f"--lora {HUB_ID}: a full pipeline, not LoRA weights; pass it as --pretrained_model_name_or_path"),
+    ("someone/readme-only", r"--lora someone/readme-only: the repo has no pytorch_lora_weights\.safetensors"),
+    ("loras/sks.safetensors", r"--lora loras/sks\.safetensors: no such file or folder"),
+])
+def test_a_hub_lora_that_cannot_be_used_is_one_line(hub_cache, hub_lora, tiny_model, tmp_path, lora, message):
+    with pytest.raises(DreamBoothError, match=f"^{message}") as raised:
+        sample_with_lora(tiny_model, ["--lora", lora], tmp_path / "samples")
+    assert "\n" not in str(raised.value)
+    assert not (tmp_path / "samples").exists() or not any((tmp_path / "samples").iterdir())
