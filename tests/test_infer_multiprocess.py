@@ -60,41 +60,35 @@ def draws(notes: Path, process: int) -> list[tuple[str, list[int]]]:
 def test_two_processes_share_the_work_and_write_the_files_of_one(tiny_model, tmp_path):
     two, one, notes = tmp_path / "two", tmp_path / "one", tmp_path / "notes"
     script = tmp_path / "noting_infer.py"
-    script.write_text(NOTING_DRAWS.format(root=str(ROOT), notes=str(notes / "first")), encoding="utf-8")
+    script.write_text(NOTING_DRAWS.format(root=str(ROOT), notes=str(notes / "draws")), encoding="utf-8")
     notes.mkdir()
-    # Batches of 2 of 3 images a prompt, [7, 8] and [9], dealt to processes 0, 1, 0, 1: every
-    # prompt has images from both processes, and its grid is made from their files.
-    first = (["a sks toy", "a sks toy in the snow"], 3)
-    # Then one batch a prompt, 3 over 2 processes: process 0 draws the 1st and 3rd prompts, grids
-    # at hand, and process 1 the 2nd. No --seed: the main process's random one serves all.
-    second = (["a sks toy on the moon", "a red sks toy", "a sks toy at night"], 2)
+    # An earlier run's image in both folders: the numbering carries on after it, at 004.
+    for folder in (two, one):
+        folder.mkdir()
+        Image.new("RGB", (32, 32)).save(folder / "003-earlier-seed0.png")
+    # Batches of 2 of 3 images a prompt, [s, s+1] and [s+2], dealt to processes 0, 1, 0, 1: every
+    # prompt has images from both processes, and its grid is made from their files. No --seed: the
+    # main process's random one serves all.
+    prompts = ["a sks toy", "a sks toy in the snow"]
+    launched = launch(args(tiny_model, two, prompts, 3, seed=None), script=script)
 
-    launched = [launch(args(tiny_model, two, *first, seed=7), script=script)]
-    script.write_text(NOTING_DRAWS.format(root=str(ROOT), notes=str(notes / "second")), encoding="utf-8")
-    launched.append(launch(args(tiny_model, two, *second, seed=None), script=script))
-
-    second_seeds = {int(path.name.rsplit("-seed", 1)[1][:-4]) for path in two.glob("00[234]-*-seed*.png")}
-    assert len(second_seeds) == 2 and max(second_seeds) == min(second_seeds) + 1, second_seeds
-    drawn = sorted(second_seeds)
-    assert draws(notes / "first", 0) == [("a sks toy", [7, 8]), ("a sks toy in the snow", [7, 8])]
-    assert draws(notes / "first", 1) == [("a sks toy", [9]), ("a sks toy in the snow", [9])]
-    assert draws(notes / "second", 0) == [("a sks toy on the moon", drawn), ("a sks toy at night", drawn)]
-    assert draws(notes / "second", 1) == [("a red sks toy", drawn)]
+    seeds = sorted({int(path.name.rsplit("-seed", 1)[1][:-4]) for path in two.glob("00[45]-*-seed*.png")})
+    assert len(seeds) == 3 and seeds == list(range(seeds[0], seeds[0] + 3)), seeds
+    assert draws(notes / "draws", 0) == [(prompt, seeds[:2]) for prompt in prompts]
+    assert draws(notes / "draws", 1) == [(prompt, seeds[2:]) for prompt in prompts]
     with one_thread():  # as each launched process runs (OMP_NUM_THREADS=1)
-        infer.main(args(tiny_model, one, *first, seed=7))
-        infer.main(args(tiny_model, one, *second, seed=min(second_seeds)))
+        infer.main(args(tiny_model, one, prompts, 3, seed=seeds[0]))
 
     made_by_two, made_by_one = files(two), files(one)
     assert list(made_by_two) == list(made_by_one)
-    assert len(made_by_one) == 2 * (3 + 1) + 3 * (2 + 1)
-    assert sorted({name[:3] for name in made_by_one}) == ["000", "001", "002", "003", "004"]
+    assert len(made_by_one) == 1 + 2 * (3 + 1)
+    assert sorted({name[:3] for name in made_by_one}) == ["003", "004", "005"]
     for name, data in made_by_one.items():
         assert np.array_equal(pixels(made_by_two[name]), pixels(data)), name
         assert made_by_two[name] == data, f"{name}: same pixels, other metadata"
 
     # The main process alone prints: each grid's line once, and the summary once.
-    for result, (prompts, images), seeds in zip(launched, (first, second), ("7", str(min(second_seeds)))):
-        assert [line for line in result.stdout.splitlines() if line.startswith("wrote ")] == [
-            f"wrote {len(prompts) * images} image(s) to {two} by 2 processes (seeds from {seeds})"], result.stdout
-        for prompt in prompts:
-            assert result.stdout.count(f"{prompt!r}: {images} image(s) and ") == 1, result.stdout
+    assert [line for line in launched.stdout.splitlines() if line.startswith("wrote ")] == [
+        f"wrote 6 image(s) to {two} by 2 processes (seeds from {seeds[0]})"], launched.stdout
+    for prompt in prompts:
+        assert launched.stdout.count(f"{prompt!r}: 3 image(s) and ") == 1, launched.stdout
