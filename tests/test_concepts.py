@@ -394,3 +394,13 @@ def test_an_instance_dir_that_is_a_photo_says_so(tmp_path):
     photo = make_images(tmp_path / "photos", 1) / "img_0.png"
     with pytest.raises(DreamBoothError, match=r"^--instance_data_dir .*img_0\.png: a file; give the folder that "):
         check_concepts([Concept("a sks toy", str(photo))], False, None)
+
+
+def test_a_caption_placing_an_instance_prompt_with_filewords_gets_it_without_them():
+    # "{instance_prompt}" in a caption puts in the instance prompt; the caption is that image's
+    # filewords, so no literal "[filewords]" may reach the text encoder.
+    assert compose_prompt("a photo of sks toy, [filewords]", "{instance_prompt}, close-up") == \
+        "a photo of sks toy, close-up"
+    assert compose_prompt("a photo of [filewords] sks toy", "{instance_prompt} from above") == \
+        "a photo of sks toy from above"
+    assert compose_prompt("a photo of sks toy", "{instance_prompt}, close-up") == "a photo of sks toy, close-up"
