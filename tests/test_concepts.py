@@ -421,6 +421,8 @@ def test_bucket_sizes_reach_a_quarter_and_four_times_the_square():
     assert {(1024, 256), (256, 1024), (768, 384), (384, 768), (576, 448)} <= set(sizes)
     assert {side for size in sizes for side in size} == set(range(256, 1025, 64))
     assert nearest_bucket(4000, 1000, sizes) == (1024, 256) and nearest_bucket(100, 400, sizes) == (256, 1024)
+    # From 256 px up, sides are multiples of 64 (latents of multiples of 8 for the UNet's three downsamplings).
+    assert all(side % 64 == 0 for resolution in (256, 384, 768) for size in bucket_sizes(resolution) for side in size)
 
 
 def test_bucket_batches_mix_the_images_of_a_bucket_differently_each_epoch():
@@ -442,3 +444,11 @@ def test_a_caption_placing_an_instance_prompt_with_filewords_gets_it_without_the
     assert compose_prompt("a photo of [filewords] sks toy", "{instance_prompt} from above") == \
         "a photo of sks toy from above"
     assert compose_prompt("a photo of sks toy", "{instance_prompt}, close-up") == "a photo of sks toy, close-up"
+
+
+def test_dataset_images_repeat_as_folder_images_do(tmp_path):
+    folder = make_images(tmp_path / "dataset", 2)
+    lines = [json.dumps({"file_name": f"img_{i}.png", "caption": f"sks toy number {i}"}) for i in range(2)]
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    examples = dataset_examples(str(folder), "image", "caption", "a sks toy", repeats=3)
+    assert [example.prompt for example in examples] == ["sks toy number 0", "sks toy number 1"] * 3
