@@ -580,3 +580,63 @@ def test_a_checkpoint_that_fails_to_load_for_another_reason_than_a_mismatch_is_n
     with pytest.raises(DreamBoothError, match=rf"^--resume_from_checkpoint {re.escape(str(checkpoint))}: its files "
                                               r"cannot be read \(PytorchStreamReader failed .*\); resume from another"):
         checkpointer.load(checkpoint)
+
+
+def test_a_checkpoint_position_moves_to_another_process_count_by_the_batches_seen():
+    from dreambooth.checkpoints import adapt_to_process_count
+
+    saved = TrainState(global_step=10, epoch=1, batches_in_epoch=3, data_seed=7, num_processes=2)
+    # 3 batches on each of 2 processes: 6 batches of the epoch trained.
+    assert adapt_to_process_count(saved, 1, Path("c")) == TrainState(10, 1, 6, 7, 1)
+    assert adapt_to_process_count(saved, 3, Path("c")) == TrainState(10, 1, 2, 7, 3)
+    assert adapt_to_process_count(saved, 2, Path("c")) == saved
+    with pytest.raises(DreamBoothError, match="cannot be split evenly over 4 processes"):
+        adapt_to_process_count(saved, 4, Path("c"))
+
+
+class _Items(torch.utils.data.Dataset):
+    def __len__(self):
+        return 5
+
+    def __getitem__(self, index):
+        return index
+
+    def set_epoch(self, epoch):
+        pass
+
+
+def _items_trained(state: TrainState, max_steps: int) -> tuple[list[int], TrainState]:
+    """The items a loop over 5 items (shuffled each epoch, batch 1) trains from ``state`` on."""
+    from accelerate import Accelerator
+
+    from dreambooth.data import EpochShuffleSampler
+    from dreambooth.training import Schedule
+
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    batches = torch.utils.data.DataLoader(_Items(), batch_size=1, sampler=EpochShuffleSampler(5, seed=3),
+                                          collate_fn=lambda items: {"item": items[0], "prompts": ["p"]})
+    model, optimizer, batches = accelerator.prepare(model, optimizer, batches)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    seen = []
+
+    def loss_fn(batch):
+        seen.append(batch["item"])
+        return {"loss": model.weight.sum() * 0}
+
+    trainer = Trainer(accelerator, [model], optimizer, schedule, batches, Schedule(1, 5, max_steps, 2), loss_fn,
+                      max_grad_norm=0, state=state)
+    trainer.train()
+    return seen, trainer.state
+
+
+def test_a_resumed_loop_goes_on_with_the_batch_after_the_checkpoint_in_its_epoch_order():
+    whole, state = _items_trained(TrainState(), max_steps=10)
+    assert state == TrainState(global_step=10, epoch=2, batches_in_epoch=0)
+    first, second = whole[:5], whole[5:]
+    assert sorted(first) == sorted(second) == list(range(5))
+    assert first != second  # each epoch is shuffled anew
+    # A checkpoint 3 batches into the first epoch, and one 2 batches into the second.
+    assert _items_trained(TrainState(global_step=3, epoch=0, batches_in_epoch=3), 10)[0] == whole[3:]
+    assert _items_trained(TrainState(global_step=7, epoch=1, batches_in_epoch=2), 10)[0] == whole[7:]

@@ -403,3 +403,61 @@ def test_a_tilde_in_a_concepts_list_folder_is_the_home_folder(tmp_path, monkeypa
                         "- {instance_data_dir: cups/~1, instance_prompt: a zwx cup}\n")
     assert [(concept.instance_data_dir, concept.class_data_dir) for concept in load_concepts_list(str(concepts))] == [
         (str(tmp_path / "home" / "toy"), str(tmp_path / "home" / "toys")), ("cups/~1", None)]
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_a_photo_goes_to_the_bucket_of_its_shape_as_shown_after_exif_rotation(tmp_path, orientation):
+    """A phone photo stored 96 x 48 with EXIF orientation 5-8 (a quarter turn, maybe mirrored) is a
+    48 x 96 portrait once rotated, as the training loads it; 1-4 (none, a flip, a half turn) keep the shape."""
+    from dreambooth.buckets import image_size
+
+    path = tmp_path / "photo.jpg"
+    image = Image.new("RGB", (96, 48), (200, 40, 40))
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    image.save(path, exif=exif)
+    portrait = orientation in (5, 6, 7, 8)
+    assert image_size(path) == ((48, 96) if portrait else (96, 48))
+    (example,) = assign_buckets(examples_from_folder(tmp_path, "p"), 32)
+    width, height = example.size
+    assert width / height == pytest.approx(0.5 if portrait else 2.0)
+
+
+def test_bucket_sizes_reach_a_quarter_and_four_times_the_square():
+    sizes = bucket_sizes(512)
+    assert sizes[0] == (512, 512)
+    # Sides from 256 to 1024 in steps of 64: 1024 x 256 is exactly 512², the widest shape there is.
+    assert {(1024, 256), (256, 1024), (768, 384), (384, 768), (576, 448)} <= set(sizes)
+    assert {side for size in sizes for side in size} == set(range(256, 1025, 64))
+    assert nearest_bucket(4000, 1000, sizes) == (1024, 256) and nearest_bucket(100, 400, sizes) == (256, 1024)
+    # From 256 px up, sides are multiples of 64 (latents of multiples of 8 for the UNet's three downsamplings).
+    assert all(side % 64 == 0 for resolution in (256, 384, 768) for size in bucket_sizes(resolution) for side in size)
+
+
+def test_bucket_batches_mix_the_images_of_a_bucket_differently_each_epoch():
+    sampler = BucketBatchSampler([(32, 32)] * 8, batch_size=2, seed=0)
+    pairings = set()
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert sorted(i for batch in batches for i in batch) == list(range(8))
+        pairings.add(frozenset(frozenset(batch) for batch in batches))
+    assert len(pairings) == 3  # not the same pairs of images in every epoch
+
+
+def test_a_caption_placing_an_instance_prompt_with_filewords_gets_it_without_them():
+    # "{instance_prompt}" in a caption puts in the instance prompt; the caption is that image's
+    # filewords, so no literal "[filewords]" may reach the text encoder.
+    assert compose_prompt("a photo of sks toy, [filewords]", "{instance_prompt}, close-up") == \
+        "a photo of sks toy, close-up"
+    assert compose_prompt("a photo of [filewords] sks toy", "{instance_prompt} from above") == \
+        "a photo of sks toy from above"
+    assert compose_prompt("a photo of sks toy", "{instance_prompt}, close-up") == "a photo of sks toy, close-up"
+
+
+def test_dataset_images_repeat_as_folder_images_do(tmp_path):
+    folder = make_images(tmp_path / "dataset", 2)
+    lines = [json.dumps({"file_name": f"img_{i}.png", "caption": f"sks toy number {i}"}) for i in range(2)]
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    examples = dataset_examples(str(folder), "image", "caption", "a sks toy", repeats=3)
+    assert [example.prompt for example in examples] == ["sks toy number 0", "sks toy number 1"] * 3

@@ -303,3 +303,38 @@ def test_script_prints_one_error_line_and_exits_1(tmp_path):
     assert len(errors) == 1 and "neither a diffusers pipeline folder" in errors[0]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_sd_export_records_the_image_resolution(checkpoints):
+    # The tiny UNet works on 32 x 32 latents; its VAE's 2 blocks downsample once: 64 x 64 images.
+    _, metadata = read_file(checkpoints["fp32"])
+    assert metadata["modelspec.resolution"] == "64x64"
+
+
+def test_kohya_alpha_keeps_the_scale_of_rslora_and_alpha_patterns_from_the_file(tmp_path):
+    """PEFT scales a LoRA by alpha / r, by alpha / sqrt(r) with rsLoRA, with a module's own alpha
+    from alpha_pattern; kohya by alpha / rank. The file's adapter metadata wins over the run's config."""
+    import json
+
+    from peft import LoraConfig, inject_adapter_in_model
+    from safetensors.torch import save_file
+
+    settings = dict(r=4, lora_alpha=8, use_rslora=True, alpha_pattern={"to_k": 2})
+    attention = torch.nn.Module()
+    attention.to_q, attention.to_k = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+    inject_adapter_in_model(LoraConfig(target_modules=["to_q", "to_k"], **settings), attention)
+    # By hand: to_q 8 / sqrt(4) = 4, to_k 2 / sqrt(4) = 1; PEFT agrees.
+    assert (attention.to_q.scaling["default"], attention.to_k.scaling["default"]) == (4.0, 1.0)
+
+    module = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
+    weights = {}
+    for projection in ("to_q", "to_k"):
+        weights[f"unet.{module}.{projection}.lora_A.weight"] = torch.ones(4, 16)
+        weights[f"unet.{module}.{projection}.lora_B.weight"] = torch.ones(16, 4)
+    kohya = f"lora_unet_{module.replace('.', '_')}"
+    for rslora, expected in ((True, (16.0, 4.0)), (False, (8.0, 2.0))):  # kohya alpha = scale x rank
+        metadata = {f"unet.{key}": value for key, value in {**settings, "use_rslora": rslora}.items()}
+        save_file(weights, tmp_path / "lora.safetensors", {"lora_adapter_metadata": json.dumps(metadata)})
+        tensors, file_metadata = lora_to_kohya(tmp_path / "lora.safetensors", {"lora_alpha": 1})
+        assert (tensors[f"{kohya}_to_q.alpha"].item(), tensors[f"{kohya}_to_k.alpha"].item()) == expected, rslora
+        assert "ss_network_alpha" not in file_metadata  # two alphas: no single one to show

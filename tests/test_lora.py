@@ -168,3 +168,43 @@ def test_lora_bad_inputs(tiny_model, instance_dir, tmp_path):
     with pytest.raises(DreamBoothError, match="--lora .*does not fit this base model"):
         infer.main(["--pretrained_model_name_or_path", tiny_model, "--lora", str(mismatched), "--prompt", "x",
                     "--num_images_per_prompt", "1", "--num_inference_steps", "2", "--output_dir", str(tmp_path / "s")])
+
+
+def test_adapters_sit_on_every_attention_projection_and_round_trip_through_the_file(tiny_model, tmp_path):
+    from dreambooth.lora import add_lora_adapters, load_lora_into, save_lora
+    from dreambooth.models import load_components
+
+    def adapted_models():
+        components = load_components(tiny_model)
+        add_lora_adapters(components.unet, components.text_encoder, rank=4, alpha=8, dropout=0.1)
+        return [components.unet, components.text_encoder]
+
+    torch.manual_seed(0)
+    models = adapted_models()
+    layers = [{name: module for name, module in model.named_modules() if hasattr(module, "lora_A")}
+              for model in models]
+    # The tiny UNet has 4 transformer blocks (down 1, mid 1, up 2) of 2 attentions x q, k, v, out;
+    # the text encoder 2 layers x q, k, v, out.
+    assert [len(found) for found in layers] == [4 * 2 * 4, 2 * 4]
+    assert {name.rsplit(".", 1)[-1] for name in layers[1]} == {"q_proj", "k_proj", "v_proj", "out_proj"}
+    for layer in [*layers[0].values(), *layers[1].values()]:
+        assert layer.scaling["default"] == 8 / 4  # alpha / rank
+        assert layer.lora_dropout["default"].p == 0.1
+        assert layer.lora_A["default"].weight.shape[0] == 4
+    trained = {name: p for model in models for name, p in model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in name and p.dtype == torch.float32 for name, p in trained.items())
+    for p in trained.values():  # lora_B starts at zero; give the round trip something to carry
+        torch.nn.init.normal_(p)
+
+    save_lora(models, tmp_path / "fp32")
+    save_lora(models, tmp_path / "fp16", torch.float16)
+    full, half = load_file(tmp_path / "fp32" / LORA_WEIGHTS), load_file(tmp_path / "fp16" / LORA_WEIGHTS)
+    assert len(full) == len(half) == 2 * (32 + 8)
+    assert {t.dtype for t in full.values()} == {torch.float32} and {t.dtype for t in half.values()} == {torch.float16}
+    for folder, dtype in (("fp32", torch.float32), ("fp16", torch.float16)):
+        loaded = adapted_models()
+        load_lora_into(loaded, tmp_path / folder)
+        state = {name: p for model in loaded for name, p in model.named_parameters() if p.requires_grad}
+        assert state.keys() == trained.keys()
+        different = [name for name in trained if not torch.equal(state[name], trained[name].to(dtype).float())]
+        assert not different, (folder, different[:3])

@@ -136,3 +136,114 @@ def test_each_process_draws_its_own_rows_of_the_global_batch():
     assert torch.equal(torch.cat([noise for noise, _ in shares]), four_noise)
     assert torch.equal(torch.cat([steps for _, steps in shares]), four_steps)
     assert not torch.equal(shares[0][0], shares[1][0])  # the processes' samples get different noise
+
+
+@pytest.fixture(scope="module")
+def components_v(tiny_model_v):
+    return load_components(tiny_model_v)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_min_snr_offset_noise_loss_matches_hand_computation(components, components_v, prediction):
+    """--snr_gamma and --offset_noise together, by hand: the offset noise is part of the noise the
+    latents get and the target is made of, and each sample's MSE is weighted by min(SNR, gamma) / SNR
+    (epsilon) or / (SNR + 1) (v) before the instance and class means."""
+    models = components if prediction == "epsilon" else components_v
+    batch = prior_batch(models.tokenizer)
+    gamma, prior_weight = 1.0, 0.7
+    torch.manual_seed(5)
+    with torch.no_grad():
+        losses = training_loss(batch, models.unet, VaeLatents(models.vae), models.noise_scheduler,
+                               PromptEncoder(models.text_encoder, trainable=False),
+                               LossSettings(prior_loss_weight=prior_weight, snr_gamma=gamma, offset_noise=True))
+
+    torch.manual_seed(5)
+    with torch.no_grad():
+        posterior = models.vae.encode(batch["pixel_values"]).latent_dist
+        latents = (posterior.mean + posterior.std * torch.randn(posterior.mean.shape)) * models.vae.config.scaling_factor
+        noise = torch.randn(latents.shape) + 0.1 * torch.randn(4, latents.shape[1], 1, 1)
+        timesteps = torch.randint(0, 1000, (4,))
+        alpha_bar = scaled_linear_alphas_cumprod()[timesteps].float().view(4, 1, 1, 1)
+        noisy = alpha_bar.sqrt() * latents + (1 - alpha_bar).sqrt() * noise
+        prediction_ = models.unet(noisy, timesteps, models.text_encoder(batch["input_ids"])[0]).sample
+    if prediction == "epsilon":
+        target = noise
+    else:
+        target = alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * latents
+    snr = (alpha_bar / (1 - alpha_bar)).flatten()
+    weights = torch.minimum(snr, torch.tensor(gamma)) / (snr if prediction == "epsilon" else snr + 1)
+    assert len(set(weights.tolist())) > 1  # the draw weights the samples differently
+    mse = ((prediction_ - target) ** 2).mean(dim=(1, 2, 3)) * weights
+    instance, prior = mse[:2].mean(), mse[2:].mean()
+
+    torch.testing.assert_close(losses["instance_loss"], instance, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses["prior_loss"], prior, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses["loss"], instance + prior_weight * prior, rtol=1e-5, atol=1e-6)
+
+
+class _Values(torch.utils.data.Dataset):
+    def __init__(self, values):
+        self.values = values
+
+    def __len__(self):
+        return len(self.values)
+
+    def __getitem__(self, index):
+        return self.values[index]
+
+    def set_epoch(self, epoch):
+        pass
+
+
+def _scalar_trainer(values, accumulation: int, max_steps: int, seen: list | None = None):
+    """A Trainer of one weight w (starting at 1) on loss (w x - 1)^2 per batch x, with SGD at lr 1."""
+    from accelerate import Accelerator
+
+    from dreambooth.training import Schedule, Trainer
+
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation)
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.ones_(model.weight)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    batches = torch.utils.data.DataLoader(_Values(values), batch_size=1,
+                                          collate_fn=lambda xs: {"x": torch.tensor(xs), "prompts": ["p"]})
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    model, optimizer, batches, schedule = accelerator.prepare(model, optimizer, batches, schedule)
+    weights = []
+
+    def loss_fn(batch):
+        if seen is not None:
+            seen.append(batch["x"].item())
+        return {"loss": ((model(batch["x"][:, None]) - 1) ** 2).mean()}
+
+    derived = Schedule.derive(len(batches), 1, 1, accumulation, max_steps, 1)
+    trainer = Trainer(accelerator, [model], optimizer, schedule, batches, derived, loss_fn, max_grad_norm=0)
+    trainer.step_callbacks.append(lambda state: weights.append(model.weight.item()))
+    trainer.train()
+    return trainer, weights
+
+
+def test_an_accumulated_step_follows_the_mean_gradient_of_its_window():
+    # d/dw (w x - 1)^2 = 2 x (w x - 1). From w = 1, window (0.5, 1.5): gradients -0.5 and 1.5, mean 0.5.
+    trainer, weights = _scalar_trainer([0.5, 1.5, 1.0, 2.0], accumulation=2, max_steps=2)
+    assert trainer.state.global_step == 2
+    w = 1.0 - 0.5
+    assert weights[0] == pytest.approx(w)
+    # Window (1.0, 2.0) from w = 0.5: gradients 2 x (0.5 - 1) = -1 and 4 x (1 - 1) = 0, mean -0.5.
+    assert weights[1] == pytest.approx(w + 0.5)
+
+
+def test_an_epoch_of_five_batches_accumulated_by_two_is_three_steps():
+    from dreambooth.training import Schedule
+
+    # 5 batches in windows of 2: (1, 2), (3, 4), (5), the last window short.
+    schedule = Schedule.derive(5, batch_size=3, num_processes=2, accumulation=2, max_train_steps=None,
+                               num_train_epochs=2)
+    assert (schedule.steps_per_epoch, schedule.max_train_steps, schedule.num_epochs) == (3, 6, 2)
+    assert schedule.total_batch_size == 3 * 2 * 2
+    assert Schedule.derive(5, 1, 1, 2, 7, 1).num_epochs == 3  # 7 steps of 3 per epoch
+    # The loop agrees: two epochs are 6 steps, and the run ends at the end of the second epoch.
+    seen = []
+    trainer, _ = _scalar_trainer([1.0, 2.0, 3.0, 4.0, 5.0], accumulation=2, max_steps=6, seen=seen)
+    assert trainer.state.global_step == 6 and seen == [1.0, 2.0, 3.0, 4.0, 5.0] * 2
+    assert (trainer.state.epoch, trainer.state.batches_in_epoch) == (2, 0)
