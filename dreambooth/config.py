@@ -691,7 +691,10 @@ class GenerateClassImagesConfig:
         None, "Precision (default or no: fp16 on GPU, fp32 on CPU)."
     )
     seed: int = _field(0, "Base seed; image i uses a seed derived from (seed, i).")
-    channels_last: bool = _field(False, "Keep the UNet and VAE in channels_last memory format (often faster on GPUs).")
+    channels_last: bool = _field(
+        True, "Keep the UNet and VAE in channels_last memory format (1.3x the images/s on an H200; "
+        "--no_channels_last keeps the default layout)."
+    )
     compile: bool = _field(
         False, "torch.compile the UNet: faster images after a compilation of a minute or so, so worth it for "
         "hundreds of images."
