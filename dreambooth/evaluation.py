@@ -3,7 +3,9 @@
 Ruiz et al., "DreamBooth", CVPR 2023, section 4.1 and table 1:
 
 - DINO: mean pairwise cosine similarity of DINO ViT-S/16 embeddings between every generated
-  image and every real subject image (subject fidelity; the CLS token of the last hidden state).
+  image and every real subject image (subject fidelity; the CLS token of the last hidden state,
+  each image prepared as DINO's own evaluation does: short side to 256, centre 224 x 224,
+  ImageNet mean and std).
 - CLIP-I: the same with CLIP image embeddings.
 - CLIP-T: mean cosine similarity of each generated image with its prompt in CLIP space (a plain
   cosine, not CLIPScore's 2.5 x max(cos, 0) nor x100). The identifier is left out of the text:
@@ -30,6 +32,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps
@@ -51,7 +54,8 @@ PAPER_REFERENCE = {
     "paper: real images": {"dino": 0.774, "clip_i": 0.885},
 }
 DEFINITIONS = {
-    "dino": "mean pairwise cosine of DINO embeddings (CLS token), generated x real subject images",
+    "dino": "mean pairwise cosine of DINO embeddings (CLS token; short side resized to 256, centre 224 crop, "
+            "ImageNet mean/std), generated x real subject images",
     "clip_i": "mean pairwise cosine of CLIP image embeddings, generated x real subject images",
     "clip_t": "mean plain cosine (not x100, not CLIPScore) of CLIP image and prompt embeddings, identifier removed",
     "pres": "mean pairwise DINO cosine, class-prompt generations x real subject images; lower is better",
@@ -119,9 +123,49 @@ def _batches(items: Sequence, size: int):
         yield items[start:start + size]
 
 
+# DINO's own evaluation transform (facebookresearch/dino eval_linear.py; DINOv2 and public DreamBooth
+# metric code use it too): the short side resized to 256/224 of the crop (bicubic), the centre crop,
+# and the ImageNet mean/std DINO was trained with. The Hub's facebook/dino-vits16 processor instead
+# squashes every image to 224x224 (a 4:3 photo of the subject comes out distorted) and normalises
+# with mean 0.5, std 0.5, which DINO never saw; only its size is read.
+DINO_MEAN = (0.485, 0.456, 0.406)
+DINO_STD = (0.229, 0.224, 0.225)
+
+
+def dino_short_side(crop: int) -> int:
+    return int(256 * crop / 224)
+
+
+def dino_pixels(images: Sequence[Image.Image], crop: int) -> torch.Tensor:
+    """DINO's evaluation transform of RGB images to a (N, 3, crop, crop) batch, as torchvision's
+    Resize(256 * crop / 224, bicubic), CenterCrop(crop), ToTensor, Normalize(ImageNet) compute it."""
+    short_side = dino_short_side(crop)
+    mean, std = torch.tensor(DINO_MEAN).view(3, 1, 1), torch.tensor(DINO_STD).view(3, 1, 1)
+    rows = []
+    for image in images:
+        width, height = image.size
+        if width <= height:
+            size = (short_side, int(short_side * height / width))
+        else:
+            size = (int(short_side * width / height), short_side)
+        resized = image.convert("RGB").resize(size, Image.BICUBIC)
+        left, top = int(round((size[0] - crop) / 2.0)), int(round((size[1] - crop) / 2.0))
+        pixels = torch.from_numpy(np.asarray(resized.crop((left, top, left + crop, top + crop)), dtype=np.float32))
+        rows.append((pixels.permute(2, 0, 1) / 255.0 - mean) / std)
+    return torch.stack(rows)
+
+
+def _processor_size(processor, config) -> int:
+    """The square a model's processor feeds it (its centre crop, else its resize), else the model's size."""
+    size = processor.crop_size if getattr(processor, "do_center_crop", False) else getattr(processor, "size", None)
+    size = dict(size or {})
+    return int(size.get("height") or size.get("shortest_edge") or config.image_size)
+
+
 class DinoEncoder:
     """Image embeddings of a self-supervised ViT: the CLS token of the last hidden state (after the
-    final layer norm), as DINO's own evaluation uses it; ViTModel's pooler is not part of DINO."""
+    final layer norm), as DINO's own evaluation uses it; ViTModel's pooler is not part of DINO.
+    Images are prepared as DINO's evaluation does (``dino_pixels``)."""
 
     def __init__(self, name: str, device: torch.device):
         from transformers import AutoImageProcessor, AutoModel
@@ -133,13 +177,17 @@ class DinoEncoder:
         extra = {"add_pooling_layer": False} if config.model_type == "vit" else {}
         self.name, self.device = name, device
         self.model = _load(name, "--dino_model", AutoModel.from_pretrained, **extra).to(device).eval()
-        self.processor = _load(name, "--dino_model", AutoImageProcessor.from_pretrained)
+        self.crop = _processor_size(_load(name, "--dino_model", AutoImageProcessor.from_pretrained), config)
+
+    def preprocessing(self) -> str:
+        return (f"short side resized to {dino_short_side(self.crop)} (bicubic), centre {self.crop} x {self.crop} "
+                "crop, ImageNet mean/std")
 
     @torch.no_grad()
     def embed_images(self, images: Sequence[Image.Image], batch_size: int = EMBED_BATCH_SIZE) -> torch.Tensor:
         rows = []
         for batch in _batches(list(images), batch_size):
-            pixels = self.processor(images=list(batch), return_tensors="pt")["pixel_values"]
+            pixels = dino_pixels(batch, self.crop)
             hidden = self.model(pixel_values=pixels.to(self.device, self.model.dtype)).last_hidden_state
             rows.append(hidden[:, 0].float().cpu())
         return F.normalize(torch.cat(rows), dim=-1)
@@ -447,6 +495,7 @@ def describe_run(cfg, encoders: Encoders, generations: Sequence[Generation],
         "models": {
             **models,
             "dino": encoders.dino.name, "dino_embedding": "CLS token of the last hidden state",
+            "dino_preprocessing": encoders.dino.preprocessing(),
             "clip": encoders.clip.name, "clip_variant": encoders.clip.variant(),
             "clip_embedding": "get_image_features / get_text_features, L2-normalised",
         },
