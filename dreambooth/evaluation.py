@@ -59,7 +59,10 @@ DEFINITIONS = {
     "clip_i": "mean pairwise cosine of CLIP image embeddings, generated x real subject images",
     "clip_t": "mean plain cosine (not x100, not CLIPScore) of CLIP image and prompt embeddings, identifier removed",
     "pres": "mean pairwise DINO cosine, class-prompt generations x real subject images; lower is better",
-    "div": "mean pairwise DINO distance (1 - cosine) within each prompt's generations, averaged over prompts",
+    "div": "mean pairwise DINO distance (1 - cosine) within each prompt's generations (self-pairs excluded), "
+           "averaged over prompts",
+    "real_images": "DINO and CLIP-I between distinct real subject images (self-pairs excluded): the paper's "
+                   "'real images' row for this subject",
 }
 EMBED_BATCH_SIZE = 32
 SHEET_IMAGES_PER_PROMPT = 4
@@ -102,16 +105,20 @@ def prompt_fidelity(image_embeddings: torch.Tensor, text_embeddings: torch.Tenso
     return F.cosine_similarity(image_embeddings.double(), text_embeddings.double(), dim=-1).mean().item()
 
 
+def mean_similarity_within(embeddings: torch.Tensor) -> float | None:
+    """Mean cosine over the pairs of distinct rows (an image with itself is no pair); None with
+    fewer than two rows."""
+    count = len(embeddings)
+    if count < 2:
+        return None
+    similarities = cosine_matrix(embeddings, embeddings)
+    return (similarities.sum() - similarities.diagonal().sum()).item() / (count * (count - 1))
+
+
 def diversity(groups: Sequence[torch.Tensor]) -> float | None:
     """DIV: mean pairwise distance (1 - cosine) within each group, averaged over the groups of
     two or more; None when no group has two."""
-    per_group = []
-    for group in groups:
-        count = len(group)
-        if count < 2:
-            continue
-        distances = 1.0 - cosine_matrix(group, group)
-        per_group.append(distances.sum().item() / (count * (count - 1)))  # the diagonal is 0
+    per_group = [1.0 - similarity for similarity in map(mean_similarity_within, groups) if similarity is not None]
     return sum(per_group) / len(per_group) if per_group else None
 
 
@@ -417,6 +424,13 @@ def score(generations: Sequence[Generation], real_images: Sequence[Image.Image],
     }
 
 
+def score_real_images(real_images: Sequence[Image.Image], encoders: Encoders) -> dict[str, float | None]:
+    """The paper's 'real images' row for this subject: DINO and CLIP-I between its distinct real
+    images, the most a generation can expect to score (None with one image)."""
+    return {"dino": mean_similarity_within(encoders.dino.embed_images(real_images)),
+            "clip_i": mean_similarity_within(encoders.clip.embed_images(real_images))}
+
+
 def evaluate_pipeline(pipeline, encoders: Encoders, real_images: Sequence[Image.Image], templates: Sequence[str],
                       identifier: str, class_noun: str, **generation) -> tuple[dict, list[Generation]]:
     """Generate the evaluation set with ``pipeline`` and score it: what a training loop calls every
@@ -432,8 +446,9 @@ def load_real_images(folder: str | Path) -> list[Image.Image]:
 # ---------------------------------------------------------------- report
 
 
-def format_table(metrics: dict[str, float | None]) -> str:
-    rows = [("this model", metrics), *PAPER_REFERENCE.items()]
+def format_table(metrics: dict[str, float | None], real: dict[str, float | None] | None = None) -> str:
+    """This model's row, with ``real`` (``score_real_images``) the subject's real images' row, and the paper's."""
+    rows = [("this model", metrics), *([("your real images", real)] if real else []), *PAPER_REFERENCE.items()]
     width = max(len(name) for name, _ in rows)
     lines = [" " * width + "".join(f"{METRIC_LABELS[key]:>8}" for key in METRICS)]
     for name, values in rows:
@@ -464,14 +479,19 @@ def contact_sheet(generations: Sequence[Generation], per_prompt: int = SHEET_IMA
     return sheet
 
 
-def write_report(output_dir: str | Path, metrics: dict, generations: Sequence[Generation], description: dict) -> Path:
-    """metrics.json (metrics, definitions, paper rows and ``description``: models, counts, seeds)
-    and contact_sheet.png; returns the JSON's path."""
+def _rounded(metrics: dict[str, float | None]) -> dict[str, float | None]:
+    return {key: (None if value is None or math.isnan(value) else round(value, 6)) for key, value in metrics.items()}
+
+
+def write_report(output_dir: str | Path, metrics: dict, generations: Sequence[Generation], description: dict,
+                 real: dict | None = None) -> Path:
+    """metrics.json (metrics, the real images' row ``real``, definitions, paper rows and
+    ``description``: models, counts, seeds) and contact_sheet.png; returns the JSON's path."""
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     report = {
-        "metrics": {key: (None if value is None or math.isnan(value) else round(value, 6))
-                    for key, value in metrics.items()},
+        "metrics": _rounded(metrics),
+        **({"real_images": _rounded(real)} if real else {}),
         "definitions": DEFINITIONS,
         "paper_reference": PAPER_REFERENCE,
         **description,

@@ -26,6 +26,7 @@ from dreambooth.evaluation import (
     load_real_images,
     prompt_fidelity,
     score,
+    score_real_images,
     subject_fidelity,
 )
 
@@ -178,6 +179,11 @@ def test_each_metric_is_its_definition_computed_by_hand(encoders, tiny_dino, tin
     assert metrics["pres"] == pytest.approx(cosines(class_dino, real_dino).mean(), abs=1e-5)
     per_prompt = [1 - mean_off_diagonal(cosines(group, group)) for group in (generated_dino[:3], generated_dino[3:])]
     assert metrics["div"] == pytest.approx(np.mean(per_prompt), abs=1e-5)
+    # The paper's 'real images' row: the real images against each other, an image with itself no pair.
+    assert score_real_images(real, encoders) == pytest.approx(
+        {"dino": mean_off_diagonal(cosines(real_dino, real_dino)),
+         "clip_i": mean_off_diagonal(cosines(real_clip, real_clip))}, abs=1e-5)
+    assert score_real_images(real[:1], encoders) == {"dino": None, "clip_i": None}
 
 
 def test_metrics_do_not_depend_on_the_order_of_the_images(encoders):
@@ -234,6 +240,9 @@ def test_evaluate_writes_metrics_sheet_and_images_that_score_again(tiny_model, t
     report = json.loads((output / "metrics.json").read_text(encoding="utf-8"))
     assert set(report["metrics"]) == set(METRICS)
     assert all(-1 <= report["metrics"][key] <= 2 for key in METRICS)
+    assert report["metrics"] == pytest.approx(metrics, abs=1e-6)
+    real = score_real_images(load_real_images(TOY_SUBJECT), load_encoders(tiny_dino, tiny_clip, torch.device("cpu")))
+    assert report["real_images"] == pytest.approx(real, abs=1e-6)
     assert report["prompts"] == ["a sks toy in the snow", "a red sks toy"]
     assert report["class_prompts"] == ["a toy in the snow", "a red toy"]
     assert report["counts"] == {"subject_prompts": 2, "class_prompts": 2, "subject_images": 4, "class_images": 4,
@@ -242,11 +251,20 @@ def test_evaluate_writes_metrics_sheet_and_images_that_score_again(tiny_model, t
     assert report["models"]["clip"] == tiny_clip and tiny_clip in report["models"]["clip_variant"]
     assert report["models"]["dino"] == tiny_dino and report["models"]["pipeline"] == tiny_model
     assert report["models"]["dino_preprocessing"].startswith("short side resized to 36 (bicubic), centre 32 x 32")
+    assert len(list((output / "images").glob("*.png"))) == 8
     with Image.open(output / "contact_sheet.png") as sheet:
         assert sheet.size == (2 * 128, 4 * (16 + 128))
-    assert len(list((output / "images").glob("*.png"))) == 8
-    printed = capsys.readouterr().out
-    assert "this model" in printed and "paper: DreamBooth (SD)" in printed and "0.668" in printed
+        # Row 2 (the second subject prompt), column 2: that prompt's second image, seed 6.
+        thumbnail = np.asarray(sheet.convert("RGB").crop((128, 144 + 16, 256, 2 * 144)), dtype=np.int16)
+    with Image.open(output / "images" / "subject-0003-seed6.png") as image:
+        assert image.text["prompt"] == "a red sks toy"
+        expected = np.asarray(image.convert("RGB").resize((128, 128), Image.BICUBIC), dtype=np.int16)
+    assert np.abs(thumbnail - expected).max() <= 1
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[1].split() == ["this", "model", *(f"{metrics[key]:.3f}" for key in METRICS)]
+    assert printed[2].split() == ["your", "real", "images", f"{real['dino']:.3f}", f"{real['clip_i']:.3f}", "-",
+                                  "-", "-"]
+    assert printed[3].split()[-5:] == ["0.668", "0.803", "0.305", "-", "-"]
 
     rescored = eval_args(tiny_dino, tiny_clip, tmp_path / "again", "--generated_dir", str(output / "images"))
     again = evaluate.main(rescored)
