@@ -6,15 +6,17 @@ Ruiz et al., "DreamBooth", CVPR 2023, section 4.1 and table 1:
   image and every real subject image (subject fidelity; the CLS token of the last hidden state,
   each image prepared as DINO's own evaluation does: short side to 256, centre 224 x 224,
   ImageNet mean and std).
-- CLIP-I: the same with CLIP image embeddings.
+- CLIP-I: the same with CLIP image embeddings (each image prepared as CLIP's own transform does:
+  short side to 224, centre 224 x 224, CLIP's mean and std).
 - CLIP-T: mean cosine similarity of each generated image with its prompt in CLIP space (a plain
   cosine, not CLIPScore's 2.5 x max(cos, 0) nor x100). The identifier is left out of the text:
   'sks' is a rare token that means nothing to CLIP, so 'a sks dog in the snow' is read as
   'a dog in the snow'.
 - PRES: prior preservation, the DINO similarity of class-prompt generations ('a dog in the snow',
   no identifier) to the real subject images. Lower is better: the class prior is kept.
-- DIV: diversity, the mean pairwise DINO distance (1 - cosine) between the generations of one
-  prompt, averaged over prompts. The paper measures DIV with LPIPS; this is the DINO variant.
+- DIV: diversity, the mean pairwise DINO distance (1 - cosine) between the distinct generations of
+  one prompt, averaged over prompts. The paper measures DIV with LPIPS; this is the DINO variant.
+- Real images (table 1's last row): DINO and CLIP-I between the distinct real subject images.
 
 The metric functions work on embeddings alone, so they can be checked against direct
 computations; the encoders and the generation around them are for evaluate.py and for a small
@@ -56,7 +58,8 @@ PAPER_REFERENCE = {
 DEFINITIONS = {
     "dino": "mean pairwise cosine of DINO embeddings (CLS token; short side resized to 256, centre 224 crop, "
             "ImageNet mean/std), generated x real subject images",
-    "clip_i": "mean pairwise cosine of CLIP image embeddings, generated x real subject images",
+    "clip_i": "mean pairwise cosine of CLIP image embeddings (short side resized to 224, centre 224 crop, CLIP "
+              "mean/std), generated x real subject images",
     "clip_t": "mean plain cosine (not x100, not CLIPScore) of CLIP image and prompt embeddings, identifier removed",
     "pres": "mean pairwise DINO cosine, class-prompt generations x real subject images; lower is better",
     "div": "mean pairwise DINO distance (1 - cosine) within each prompt's generations (self-pairs excluded), "
@@ -130,24 +133,14 @@ def _batches(items: Sequence, size: int):
         yield items[start:start + size]
 
 
-# DINO's own evaluation transform (facebookresearch/dino eval_linear.py; DINOv2 and public DreamBooth
-# metric code use it too): the short side resized to 256/224 of the crop (bicubic), the centre crop,
-# and the ImageNet mean/std DINO was trained with. The Hub's facebook/dino-vits16 processor instead
-# squashes every image to 224x224 (a 4:3 photo of the subject comes out distorted) and normalises
-# with mean 0.5, std 0.5, which DINO never saw; only its size is read.
-DINO_MEAN = (0.485, 0.456, 0.406)
-DINO_STD = (0.229, 0.224, 0.225)
-
-
-def dino_short_side(crop: int) -> int:
-    return int(256 * crop / 224)
-
-
-def dino_pixels(images: Sequence[Image.Image], crop: int) -> torch.Tensor:
-    """DINO's evaluation transform of RGB images to a (N, 3, crop, crop) batch, as torchvision's
-    Resize(256 * crop / 224, bicubic), CenterCrop(crop), ToTensor, Normalize(ImageNet) compute it."""
-    short_side = dino_short_side(crop)
-    mean, std = torch.tensor(DINO_MEAN).view(3, 1, 1), torch.tensor(DINO_STD).view(3, 1, 1)
+def prepare_images(images: Sequence[Image.Image], short_side: int, crop: int, mean: Sequence[float],
+                   std: Sequence[float]) -> torch.Tensor:
+    """RGB images as a (N, 3, crop, crop) batch, exactly as torchvision's Resize(short_side, bicubic),
+    CenterCrop(crop), ToTensor and Normalize(mean, std) make it: the reference transforms of DINO
+    and CLIP. transformers' processors differ: facebook/dino-vits16's squashes to a square, and CLIP's
+    crops a pixel off-centre where the margin is odd and, with torchvision installed, resamples
+    otherwise; the same images must score the same wherever they are scored."""
+    mean, std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
     rows = []
     for image in images:
         width, height = image.size
@@ -162,6 +155,19 @@ def dino_pixels(images: Sequence[Image.Image], crop: int) -> torch.Tensor:
     return torch.stack(rows)
 
 
+# DINO's own evaluation transform (facebookresearch/dino eval_linear.py; DINOv2 and public DreamBooth
+# metric code use it too): the short side resized to 256/224 of the crop, the centre crop, and the
+# ImageNet mean/std DINO was trained with. The Hub's facebook/dino-vits16 processor instead squashes
+# every image to 224x224 (a 4:3 photo of the subject comes out distorted) and normalises with mean
+# 0.5, std 0.5, which DINO never saw; only its size is read.
+DINO_MEAN = (0.485, 0.456, 0.406)
+DINO_STD = (0.229, 0.224, 0.225)
+
+
+def dino_short_side(crop: int) -> int:
+    return int(256 * crop / 224)
+
+
 def _processor_size(processor, config) -> int:
     """The square a model's processor feeds it (its centre crop, else its resize), else the model's size."""
     size = processor.crop_size if getattr(processor, "do_center_crop", False) else getattr(processor, "size", None)
@@ -172,7 +178,7 @@ def _processor_size(processor, config) -> int:
 class DinoEncoder:
     """Image embeddings of a self-supervised ViT: the CLS token of the last hidden state (after the
     final layer norm), as DINO's own evaluation uses it; ViTModel's pooler is not part of DINO.
-    Images are prepared as DINO's evaluation does (``dino_pixels``)."""
+    Images are prepared as DINO's evaluation does."""
 
     def __init__(self, name: str, device: torch.device):
         from transformers import AutoImageProcessor, AutoModel
@@ -194,14 +200,16 @@ class DinoEncoder:
     def embed_images(self, images: Sequence[Image.Image], batch_size: int = EMBED_BATCH_SIZE) -> torch.Tensor:
         rows = []
         for batch in _batches(list(images), batch_size):
-            pixels = dino_pixels(batch, self.crop)
+            pixels = prepare_images(batch, dino_short_side(self.crop), self.crop, DINO_MEAN, DINO_STD)
             hidden = self.model(pixel_values=pixels.to(self.device, self.model.dtype)).last_hidden_state
             rows.append(hidden[:, 0].float().cpu())
         return F.normalize(torch.cat(rows), dim=-1)
 
 
 class ClipEncoder:
-    """CLIP's projected image and text features (get_image_features / get_text_features), L2-normalised."""
+    """CLIP's projected image and text features (get_image_features / get_text_features), L2-normalised;
+    images prepared as CLIP's own transform does (short side to the crop size, bicubic, centre crop,
+    the processor's mean/std)."""
 
     def __init__(self, name: str, device: torch.device):
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
@@ -212,10 +220,14 @@ class ClipEncoder:
                                   "give one such as openai/clip-vit-base-patch32")
         self.name, self.device = name, device
         self.model = _load(name, "--clip_model", CLIPModel.from_pretrained).to(device).eval()
-        # Without torchvision, transformers picks the PIL processor (CLIPImageProcessorPil) itself.
-        self.processor = _load(name, "--clip_model", AutoImageProcessor.from_pretrained)
+        processor = _load(name, "--clip_model", AutoImageProcessor.from_pretrained)
+        self.crop = _processor_size(processor, config.vision_config)
+        self.mean, self.std = tuple(processor.image_mean), tuple(processor.image_std)
         self.tokenizer = _load(name, "--clip_model", AutoTokenizer.from_pretrained)
         self.max_length = min(self.tokenizer.model_max_length, config.text_config.max_position_embeddings)
+
+    def preprocessing(self) -> str:
+        return f"short side resized to {self.crop} (bicubic), centre {self.crop} x {self.crop} crop, the model's mean/std"
 
     def variant(self) -> str:
         vision = self.model.config.vision_config
@@ -226,7 +238,7 @@ class ClipEncoder:
     def embed_images(self, images: Sequence[Image.Image], batch_size: int = EMBED_BATCH_SIZE) -> torch.Tensor:
         rows = []
         for batch in _batches(list(images), batch_size):
-            pixels = self.processor(images=list(batch), return_tensors="pt")["pixel_values"]
+            pixels = prepare_images(batch, self.crop, self.crop, self.mean, self.std)
             rows.append(_features(self.model.get_image_features(pixel_values=pixels.to(self.device))))
         return F.normalize(torch.cat(rows), dim=-1)
 
@@ -518,6 +530,7 @@ def describe_run(cfg, encoders: Encoders, generations: Sequence[Generation],
             "dino_preprocessing": encoders.dino.preprocessing(),
             "clip": encoders.clip.name, "clip_variant": encoders.clip.variant(),
             "clip_embedding": "get_image_features / get_text_features, L2-normalised",
+            "clip_preprocessing": encoders.clip.preprocessing(),
         },
         "counts": {
             "subject_prompts": len(subject_prompts), "class_prompts": len(class_prompts),

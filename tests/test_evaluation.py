@@ -88,13 +88,26 @@ CLIP_MEAN, CLIP_STD = np.array([0.48145466, 0.4578275, 0.40821073]), np.array([0
 
 
 def resize_and_crop(image: Image.Image, short_side: int, crop: int, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    """torchvision's Resize(short_side, bicubic), CenterCrop(crop), ToTensor, Normalize, written out
-    (for sizes whose crop margins are even)."""
+    """torchvision's Resize(short_side, bicubic), CenterCrop(crop), ToTensor, Normalize, written out:
+    the reference transforms of DINO and CLIP (CenterCrop rounds a half margin with Python's round)."""
     width, height = image.size
     size = (short_side, short_side * height // width) if width <= height else (short_side * width // height, short_side)
     pixels = np.asarray(image.resize(size, Image.BICUBIC), dtype=np.float64) / 255
-    top, left = (size[1] - crop) // 2, (size[0] - crop) // 2
+    top, left = round((size[1] - crop) / 2), round((size[0] - crop) / 2)
     return ((pixels[top:top + crop, left:left + crop] - mean) / std).transpose(2, 0, 1)
+
+
+def clip_image_by_hand(clip, images: list[Image.Image]) -> np.ndarray:
+    """CLIP's encode_image: its transform (short side 32, centre 32, CLIP mean/std), ln_post of the
+    CLS token, then the projection."""
+    pixels = torch.tensor(np.stack([resize_and_crop(image, 32, 32, CLIP_MEAN, CLIP_STD) for image in images]))
+    with torch.no_grad():
+        cls = clip.vision_model(pixel_values=pixels.float()).last_hidden_state[:, 0]
+        return clip.visual_projection(clip.vision_model.post_layernorm(cls)).numpy()
+
+
+def random_image(width: int, height: int, seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -108,9 +121,7 @@ def test_dino_prepares_images_as_dinos_evaluation_does(encoders, tiny_dino):
     whatever the Hub processor says): not the processor's squash to a square with mean/std 0.5."""
     from transformers import ViTModel
 
-    rng = np.random.default_rng(3)
-    images = [Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-              for width, height in ((48, 48), (72, 48), (48, 72))]
+    images = [random_image(width, height, seed) for seed, (width, height) in enumerate(((48, 48), (72, 48), (48, 72)))]
     vit = ViTModel.from_pretrained(tiny_dino, add_pooling_layer=False)
     pixels = np.stack([resize_and_crop(image, DINO_SHORT_SIDE, DINO_CROP, IMAGENET_MEAN, IMAGENET_STD)
                        for image in images])
@@ -130,6 +141,19 @@ def test_dino_sees_only_the_centre_of_a_non_square_image(encoders):
     tall_embedding, centre_embedding = encoders.dino.embed_images([tall, centre])
 
     assert torch.dot(tall_embedding, centre_embedding).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_clip_prepares_images_as_clips_transform_does(encoders, tiny_clip):
+    """Short side to 32, centre 32 x 32 (an odd margin split as torchvision splits it, not a pixel
+    off as transformers' processor does), CLIP's mean/std."""
+    from transformers import CLIPModel
+
+    images = [random_image(width, height, seed) for seed, (width, height) in enumerate(((40, 64), (64, 40), (48, 48)))]
+    by_hand = clip_image_by_hand(CLIPModel.from_pretrained(tiny_clip), images)
+
+    embedded = encoders.clip.embed_images(images).numpy()
+
+    np.testing.assert_allclose(embedded, by_hand / np.linalg.norm(by_hand, axis=1, keepdims=True), atol=1e-5)
 
 
 def test_each_metric_is_its_definition_computed_by_hand(encoders, tiny_dino, tiny_clip):
@@ -155,20 +179,15 @@ def test_each_metric_is_its_definition_computed_by_hand(encoders, tiny_dino, tin
                       for image in batch]
             return vit(pixel_values=torch.tensor(np.stack(pixels)).float()).last_hidden_state[:, 0].numpy()
 
-        def clip_image(batch):  # CLIP's encode_image: ln_post of the CLS token, then the projection
-            pixels = torch.tensor(np.stack([resize_and_crop(image, 32, 32, CLIP_MEAN, CLIP_STD) for image in batch]))
-            cls = clip.vision_model(pixel_values=pixels.float()).last_hidden_state[:, 0]
-            return clip.visual_projection(clip.vision_model.post_layernorm(cls)).numpy()
-
         def clip_text(prompt):  # CLIP's encode_text: the end-of-text token's state, then the projection
             ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
             assert ids[0, -1] == tokenizer.eos_token_id
             return clip.text_projection(clip.text_model(input_ids=ids).last_hidden_state[0, -1]).numpy()
 
         generated_dino, real_dino, class_dino = dino(images[:5]), dino(real), dino(images[5:])
-        generated_clip = clip_image(images[:5])
+        generated_clip = clip_image_by_hand(clip, images[:5])
         text = np.stack([clip_text(prompt.replace("sks ", "")) for prompt in prompts])
-        real_clip = clip_image(real)
+        real_clip = clip_image_by_hand(clip, real)
 
     def mean_off_diagonal(similarity):
         return (similarity.sum() - np.trace(similarity)) / (len(similarity) * (len(similarity) - 1))
@@ -251,6 +270,7 @@ def test_evaluate_writes_metrics_sheet_and_images_that_score_again(tiny_model, t
     assert report["models"]["clip"] == tiny_clip and tiny_clip in report["models"]["clip_variant"]
     assert report["models"]["dino"] == tiny_dino and report["models"]["pipeline"] == tiny_model
     assert report["models"]["dino_preprocessing"].startswith("short side resized to 36 (bicubic), centre 32 x 32")
+    assert report["models"]["clip_preprocessing"].startswith("short side resized to 32 (bicubic), centre 32 x 32")
     assert len(list((output / "images").glob("*.png"))) == 8
     with Image.open(output / "contact_sheet.png") as sheet:
         assert sheet.size == (2 * 128, 4 * (16 + 128))
