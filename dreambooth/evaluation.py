@@ -438,7 +438,7 @@ def score(generations: Sequence[Generation], real_images: Sequence[Image.Image],
 
 def score_real_images(real_images: Sequence[Image.Image], encoders: Encoders) -> dict[str, float | None]:
     """The paper's 'real images' row for this subject: DINO and CLIP-I between its distinct real
-    images, the most a generation can expect to score (None with one image)."""
+    images, what other photos of the subject score (None with one image)."""
     return {"dino": mean_similarity_within(encoders.dino.embed_images(real_images)),
             "clip_i": mean_similarity_within(encoders.clip.embed_images(real_images))}
 
