@@ -227,7 +227,8 @@ class ClipEncoder:
         self.max_length = min(self.tokenizer.model_max_length, config.text_config.max_position_embeddings)
 
     def preprocessing(self) -> str:
-        return f"short side resized to {self.crop} (bicubic), centre {self.crop} x {self.crop} crop, the model's mean/std"
+        return (f"short side resized to {self.crop} (bicubic), centre {self.crop} x {self.crop} crop, "
+                "the model's mean/std")
 
     def variant(self) -> str:
         vision = self.model.config.vision_config

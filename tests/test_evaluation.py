@@ -91,7 +91,10 @@ def resize_and_crop(image: Image.Image, short_side: int, crop: int, mean: np.nda
     """torchvision's Resize(short_side, bicubic), CenterCrop(crop), ToTensor, Normalize, written out:
     the reference transforms of DINO and CLIP (CenterCrop rounds a half margin with Python's round)."""
     width, height = image.size
-    size = (short_side, short_side * height // width) if width <= height else (short_side * width // height, short_side)
+    if width <= height:
+        size = (short_side, short_side * height // width)
+    else:
+        size = (short_side * width // height, short_side)
     pixels = np.asarray(image.resize(size, Image.BICUBIC), dtype=np.float64) / 255
     top, left = round((size[1] - crop) / 2), round((size[0] - crop) / 2)
     return ((pixels[top:top + crop, left:left + crop] - mean) / std).transpose(2, 0, 1)
@@ -149,7 +152,8 @@ def test_clip_prepares_images_as_clips_transform_does(encoders, tiny_clip):
     off as transformers' processor does), CLIP's mean/std."""
     from transformers import CLIPModel
 
-    images = [random_image(width, height, seed) for seed, (width, height) in enumerate(((40, 64), (64, 40), (48, 48)))]
+    sizes = ((40, 64), (64, 40), (48, 48))  # the first two resized to 32 x 51: an odd margin
+    images = [random_image(width, height, seed) for seed, (width, height) in enumerate(sizes)]
     by_hand = clip_image_by_hand(CLIPModel.from_pretrained(tiny_clip), images)
 
     embedded = encoders.clip.embed_images(images).numpy()
@@ -210,7 +214,8 @@ def test_metrics_do_not_depend_on_the_order_of_the_images(encoders):
     """Means over pairs, each image with its own prompt: shuffling the generations changes nothing."""
     real = load_real_images(TOY_SUBJECT)[:2]
     prompts = ["a sks toy in the snow", "a red sks toy", "a sks toy on the beach"] * 2 + ["a toy in the snow"] * 2
-    generations = [Generation(image, prompt, 0, "sks" in prompt) for image, prompt in zip(noise_images(8, 6), prompts)]
+    generations = [Generation(image, prompt, 0, "sks" in prompt)
+                   for image, prompt in zip(noise_images(8, 6), prompts)]
     order = np.random.default_rng(0).permutation(len(generations))
 
     metrics = score(generations, real, encoders, "sks")
