@@ -2,8 +2,9 @@ r"""Measure a DreamBooth model as the paper does: DINO, CLIP-I, CLIP-T, PRES and
 
 Generates K images for each of the paper's 25 prompts with the subject ('a sks dog in the snow')
 and without it ('a dog in the snow', for prior preservation), then compares them with the real
-subject images. Prints a table beside the paper's numbers and writes metrics.json, a contact
-sheet and the images (with prompts.json) to --output_dir.
+subject images. Prints a table beside the subject's real images (scored against each other, as
+the paper's 'real images' row) and the paper's numbers, and writes metrics.json, a contact sheet
+and the images (with prompts.json) to --output_dir.
 
     python evaluate.py --pretrained_model_name_or_path sks-dog --instance_data_dir dog \
         --identifier sks --class_noun dog --prompt_set live
@@ -42,6 +43,7 @@ from dreambooth.evaluation import (
     read_generated_dir,
     save_generations,
     score,
+    score_real_images,
     write_report,
 )
 from dreambooth.generation import load_inference_pipeline, pick_device, release
@@ -71,9 +73,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         generations = generate_images(cfg)
         save_generations(generations, Path(cfg.output_dir) / "images")
     metrics = score(generations, real_images, encoders, cfg.identifier)
-    report = write_report(cfg.output_dir, metrics, generations, describe_run(cfg, encoders, generations,
-                                                                             len(real_images)))
-    print(format_table(metrics))
+    real = score_real_images(real_images, encoders)
+    report = write_report(cfg.output_dir, metrics, generations,
+                          describe_run(cfg, encoders, generations, len(real_images)), real)
+    print(format_table(metrics, real))
     print(f"wrote {report} and {report.with_name('contact_sheet.png')}")
     return metrics
 

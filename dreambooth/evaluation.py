@@ -3,16 +3,20 @@
 Ruiz et al., "DreamBooth", CVPR 2023, section 4.1 and table 1:
 
 - DINO: mean pairwise cosine similarity of DINO ViT-S/16 embeddings between every generated
-  image and every real subject image (subject fidelity; the CLS token of the last hidden state).
-- CLIP-I: the same with CLIP image embeddings.
+  image and every real subject image (subject fidelity; the CLS token of the last hidden state,
+  each image prepared as DINO's own evaluation does: short side to 256, centre 224 x 224,
+  ImageNet mean and std).
+- CLIP-I: the same with CLIP image embeddings (each image prepared as CLIP's own transform does:
+  short side to 224, centre 224 x 224, CLIP's mean and std).
 - CLIP-T: mean cosine similarity of each generated image with its prompt in CLIP space (a plain
   cosine, not CLIPScore's 2.5 x max(cos, 0) nor x100). The identifier is left out of the text:
   'sks' is a rare token that means nothing to CLIP, so 'a sks dog in the snow' is read as
   'a dog in the snow'.
 - PRES: prior preservation, the DINO similarity of class-prompt generations ('a dog in the snow',
   no identifier) to the real subject images. Lower is better: the class prior is kept.
-- DIV: diversity, the mean pairwise DINO distance (1 - cosine) between the generations of one
-  prompt, averaged over prompts. The paper measures DIV with LPIPS; this is the DINO variant.
+- DIV: diversity, the mean pairwise DINO distance (1 - cosine) between the distinct generations of
+  one prompt, averaged over prompts. The paper measures DIV with LPIPS; this is the DINO variant.
+- Real images (table 1's last row): DINO and CLIP-I between the distinct real subject images.
 
 The metric functions work on embeddings alone, so they can be checked against direct
 computations; the encoders and the generation around them are for evaluate.py and for a small
@@ -30,6 +34,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageOps
@@ -51,11 +56,16 @@ PAPER_REFERENCE = {
     "paper: real images": {"dino": 0.774, "clip_i": 0.885},
 }
 DEFINITIONS = {
-    "dino": "mean pairwise cosine of DINO embeddings (CLS token), generated x real subject images",
-    "clip_i": "mean pairwise cosine of CLIP image embeddings, generated x real subject images",
+    "dino": "mean pairwise cosine of DINO embeddings (CLS token; short side resized to 256, centre 224 crop, "
+            "ImageNet mean/std), generated x real subject images",
+    "clip_i": "mean pairwise cosine of CLIP image embeddings (short side resized to 224, centre 224 crop, CLIP "
+              "mean/std), generated x real subject images",
     "clip_t": "mean plain cosine (not x100, not CLIPScore) of CLIP image and prompt embeddings, identifier removed",
     "pres": "mean pairwise DINO cosine, class-prompt generations x real subject images; lower is better",
-    "div": "mean pairwise DINO distance (1 - cosine) within each prompt's generations, averaged over prompts",
+    "div": "mean pairwise DINO distance (1 - cosine) within each prompt's generations (self-pairs excluded), "
+           "averaged over prompts",
+    "real_images": "DINO and CLIP-I between distinct real subject images (self-pairs excluded): the paper's "
+                   "'real images' row for this subject",
 }
 EMBED_BATCH_SIZE = 32
 SHEET_IMAGES_PER_PROMPT = 4
@@ -98,16 +108,20 @@ def prompt_fidelity(image_embeddings: torch.Tensor, text_embeddings: torch.Tenso
     return F.cosine_similarity(image_embeddings.double(), text_embeddings.double(), dim=-1).mean().item()
 
 
+def mean_similarity_within(embeddings: torch.Tensor) -> float | None:
+    """Mean cosine over the pairs of distinct rows (an image with itself is no pair); None with
+    fewer than two rows."""
+    count = len(embeddings)
+    if count < 2:
+        return None
+    similarities = cosine_matrix(embeddings, embeddings)
+    return (similarities.sum() - similarities.diagonal().sum()).item() / (count * (count - 1))
+
+
 def diversity(groups: Sequence[torch.Tensor]) -> float | None:
     """DIV: mean pairwise distance (1 - cosine) within each group, averaged over the groups of
     two or more; None when no group has two."""
-    per_group = []
-    for group in groups:
-        count = len(group)
-        if count < 2:
-            continue
-        distances = 1.0 - cosine_matrix(group, group)
-        per_group.append(distances.sum().item() / (count * (count - 1)))  # the diagonal is 0
+    per_group = [1.0 - similarity for similarity in map(mean_similarity_within, groups) if similarity is not None]
     return sum(per_group) / len(per_group) if per_group else None
 
 
@@ -119,9 +133,52 @@ def _batches(items: Sequence, size: int):
         yield items[start:start + size]
 
 
+def prepare_images(images: Sequence[Image.Image], short_side: int, crop: int, mean: Sequence[float],
+                   std: Sequence[float]) -> torch.Tensor:
+    """RGB images as a (N, 3, crop, crop) batch, exactly as torchvision's Resize(short_side, bicubic),
+    CenterCrop(crop), ToTensor and Normalize(mean, std) make it: the reference transforms of DINO
+    and CLIP. transformers' processors differ: facebook/dino-vits16's squashes to a square, and CLIP's
+    crops a pixel off-centre where the margin is odd and, with torchvision installed, resamples
+    otherwise; the same images must score the same wherever they are scored."""
+    mean, std = torch.tensor(mean).view(3, 1, 1), torch.tensor(std).view(3, 1, 1)
+    rows = []
+    for image in images:
+        width, height = image.size
+        if width <= height:
+            size = (short_side, int(short_side * height / width))
+        else:
+            size = (int(short_side * width / height), short_side)
+        resized = image.convert("RGB").resize(size, Image.BICUBIC)
+        left, top = int(round((size[0] - crop) / 2.0)), int(round((size[1] - crop) / 2.0))
+        pixels = torch.from_numpy(np.asarray(resized.crop((left, top, left + crop, top + crop)), dtype=np.float32))
+        rows.append((pixels.permute(2, 0, 1) / 255.0 - mean) / std)
+    return torch.stack(rows)
+
+
+# DINO's own evaluation transform (facebookresearch/dino eval_linear.py; DINOv2 and public DreamBooth
+# metric code use it too): the short side resized to 256/224 of the crop, the centre crop, and the
+# ImageNet mean/std DINO was trained with. The Hub's facebook/dino-vits16 processor instead squashes
+# every image to 224x224 (a 4:3 photo of the subject comes out distorted) and normalises with mean
+# 0.5, std 0.5, which DINO never saw; only its size is read.
+DINO_MEAN = (0.485, 0.456, 0.406)
+DINO_STD = (0.229, 0.224, 0.225)
+
+
+def dino_short_side(crop: int) -> int:
+    return int(256 * crop / 224)
+
+
+def _processor_size(processor, config) -> int:
+    """The square a model's processor feeds it (its centre crop, else its resize), else the model's size."""
+    size = processor.crop_size if getattr(processor, "do_center_crop", False) else getattr(processor, "size", None)
+    size = dict(size or {})
+    return int(size.get("height") or size.get("shortest_edge") or config.image_size)
+
+
 class DinoEncoder:
     """Image embeddings of a self-supervised ViT: the CLS token of the last hidden state (after the
-    final layer norm), as DINO's own evaluation uses it; ViTModel's pooler is not part of DINO."""
+    final layer norm), as DINO's own evaluation uses it; ViTModel's pooler is not part of DINO.
+    Images are prepared as DINO's evaluation does."""
 
     def __init__(self, name: str, device: torch.device):
         from transformers import AutoImageProcessor, AutoModel
@@ -133,20 +190,26 @@ class DinoEncoder:
         extra = {"add_pooling_layer": False} if config.model_type == "vit" else {}
         self.name, self.device = name, device
         self.model = _load(name, "--dino_model", AutoModel.from_pretrained, **extra).to(device).eval()
-        self.processor = _load(name, "--dino_model", AutoImageProcessor.from_pretrained)
+        self.crop = _processor_size(_load(name, "--dino_model", AutoImageProcessor.from_pretrained), config)
+
+    def preprocessing(self) -> str:
+        return (f"short side resized to {dino_short_side(self.crop)} (bicubic), centre {self.crop} x {self.crop} "
+                "crop, ImageNet mean/std")
 
     @torch.no_grad()
     def embed_images(self, images: Sequence[Image.Image], batch_size: int = EMBED_BATCH_SIZE) -> torch.Tensor:
         rows = []
         for batch in _batches(list(images), batch_size):
-            pixels = self.processor(images=list(batch), return_tensors="pt")["pixel_values"]
+            pixels = prepare_images(batch, dino_short_side(self.crop), self.crop, DINO_MEAN, DINO_STD)
             hidden = self.model(pixel_values=pixels.to(self.device, self.model.dtype)).last_hidden_state
             rows.append(hidden[:, 0].float().cpu())
         return F.normalize(torch.cat(rows), dim=-1)
 
 
 class ClipEncoder:
-    """CLIP's projected image and text features (get_image_features / get_text_features), L2-normalised."""
+    """CLIP's projected image and text features (get_image_features / get_text_features), L2-normalised;
+    images prepared as CLIP's own transform does (short side to the crop size, bicubic, centre crop,
+    the processor's mean/std)."""
 
     def __init__(self, name: str, device: torch.device):
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
@@ -157,10 +220,15 @@ class ClipEncoder:
                                   "give one such as openai/clip-vit-base-patch32")
         self.name, self.device = name, device
         self.model = _load(name, "--clip_model", CLIPModel.from_pretrained).to(device).eval()
-        # Without torchvision, transformers picks the PIL processor (CLIPImageProcessorPil) itself.
-        self.processor = _load(name, "--clip_model", AutoImageProcessor.from_pretrained)
+        processor = _load(name, "--clip_model", AutoImageProcessor.from_pretrained)
+        self.crop = _processor_size(processor, config.vision_config)
+        self.mean, self.std = tuple(processor.image_mean), tuple(processor.image_std)
         self.tokenizer = _load(name, "--clip_model", AutoTokenizer.from_pretrained)
         self.max_length = min(self.tokenizer.model_max_length, config.text_config.max_position_embeddings)
+
+    def preprocessing(self) -> str:
+        return (f"short side resized to {self.crop} (bicubic), centre {self.crop} x {self.crop} crop, "
+                "the model's mean/std")
 
     def variant(self) -> str:
         vision = self.model.config.vision_config
@@ -171,7 +239,7 @@ class ClipEncoder:
     def embed_images(self, images: Sequence[Image.Image], batch_size: int = EMBED_BATCH_SIZE) -> torch.Tensor:
         rows = []
         for batch in _batches(list(images), batch_size):
-            pixels = self.processor(images=list(batch), return_tensors="pt")["pixel_values"]
+            pixels = prepare_images(batch, self.crop, self.crop, self.mean, self.std)
             rows.append(_features(self.model.get_image_features(pixel_values=pixels.to(self.device))))
         return F.normalize(torch.cat(rows), dim=-1)
 
@@ -369,6 +437,13 @@ def score(generations: Sequence[Generation], real_images: Sequence[Image.Image],
     }
 
 
+def score_real_images(real_images: Sequence[Image.Image], encoders: Encoders) -> dict[str, float | None]:
+    """The paper's 'real images' row for this subject: DINO and CLIP-I between its distinct real
+    images, what other photos of the subject score (None with one image)."""
+    return {"dino": mean_similarity_within(encoders.dino.embed_images(real_images)),
+            "clip_i": mean_similarity_within(encoders.clip.embed_images(real_images))}
+
+
 def evaluate_pipeline(pipeline, encoders: Encoders, real_images: Sequence[Image.Image], templates: Sequence[str],
                       identifier: str, class_noun: str, **generation) -> tuple[dict, list[Generation]]:
     """Generate the evaluation set with ``pipeline`` and score it: what a training loop calls every
@@ -384,8 +459,9 @@ def load_real_images(folder: str | Path) -> list[Image.Image]:
 # ---------------------------------------------------------------- report
 
 
-def format_table(metrics: dict[str, float | None]) -> str:
-    rows = [("this model", metrics), *PAPER_REFERENCE.items()]
+def format_table(metrics: dict[str, float | None], real: dict[str, float | None] | None = None) -> str:
+    """This model's row, with ``real`` (``score_real_images``) the subject's real images' row, and the paper's."""
+    rows = [("this model", metrics), *([("your real images", real)] if real else []), *PAPER_REFERENCE.items()]
     width = max(len(name) for name, _ in rows)
     lines = [" " * width + "".join(f"{METRIC_LABELS[key]:>8}" for key in METRICS)]
     for name, values in rows:
@@ -416,14 +492,19 @@ def contact_sheet(generations: Sequence[Generation], per_prompt: int = SHEET_IMA
     return sheet
 
 
-def write_report(output_dir: str | Path, metrics: dict, generations: Sequence[Generation], description: dict) -> Path:
-    """metrics.json (metrics, definitions, paper rows and ``description``: models, counts, seeds)
-    and contact_sheet.png; returns the JSON's path."""
+def _rounded(metrics: dict[str, float | None]) -> dict[str, float | None]:
+    return {key: (None if value is None or math.isnan(value) else round(value, 6)) for key, value in metrics.items()}
+
+
+def write_report(output_dir: str | Path, metrics: dict, generations: Sequence[Generation], description: dict,
+                 real: dict | None = None) -> Path:
+    """metrics.json (metrics, the real images' row ``real``, definitions, paper rows and
+    ``description``: models, counts, seeds) and contact_sheet.png; returns the JSON's path."""
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     report = {
-        "metrics": {key: (None if value is None or math.isnan(value) else round(value, 6))
-                    for key, value in metrics.items()},
+        "metrics": _rounded(metrics),
+        **({"real_images": _rounded(real)} if real else {}),
         "definitions": DEFINITIONS,
         "paper_reference": PAPER_REFERENCE,
         **description,
@@ -447,8 +528,10 @@ def describe_run(cfg, encoders: Encoders, generations: Sequence[Generation],
         "models": {
             **models,
             "dino": encoders.dino.name, "dino_embedding": "CLS token of the last hidden state",
+            "dino_preprocessing": encoders.dino.preprocessing(),
             "clip": encoders.clip.name, "clip_variant": encoders.clip.variant(),
             "clip_embedding": "get_image_features / get_text_features, L2-normalised",
+            "clip_preprocessing": encoders.clip.preprocessing(),
         },
         "counts": {
             "subject_prompts": len(subject_prompts), "class_prompts": len(class_prompts),

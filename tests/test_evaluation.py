@@ -26,6 +26,7 @@ from dreambooth.evaluation import (
     load_real_images,
     prompt_fidelity,
     score,
+    score_real_images,
     subject_fidelity,
 )
 
@@ -80,41 +81,158 @@ def test_identical_images_score_the_maximum_and_others_score_lower(encoders):
     assert worse["div"] > 1e-3
 
 
-def test_each_metric_is_its_definition_on_embeddings_computed_directly(encoders, tiny_dino, tiny_clip):
-    from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPModel, ViTImageProcessorPil, ViTModel
+# The tiny DINO takes 32 px: DINO's evaluation resizes the short side to int(256 * 32 / 224) = 36.
+DINO_CROP, DINO_SHORT_SIDE = 32, 36
+IMAGENET_MEAN, IMAGENET_STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+CLIP_MEAN, CLIP_STD = np.array([0.48145466, 0.4578275, 0.40821073]), np.array([0.26862954, 0.26130258, 0.27577711])
 
-    real = load_real_images(TOY_SUBJECT)[:3]
-    images = noise_images(6, 2)
-    prompts = ["a sks toy in the snow", "a sks toy in the snow", "a red sks toy", "a red sks toy"]
+
+def resize_and_crop(image: Image.Image, short_side: int, crop: int, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """torchvision's Resize(short_side, bicubic), CenterCrop(crop), ToTensor, Normalize, written out:
+    the reference transforms of DINO and CLIP (CenterCrop rounds a half margin with Python's round)."""
+    width, height = image.size
+    if width <= height:
+        size = (short_side, short_side * height // width)
+    else:
+        size = (short_side * width // height, short_side)
+    pixels = np.asarray(image.resize(size, Image.BICUBIC), dtype=np.float64) / 255
+    top, left = round((size[1] - crop) / 2), round((size[0] - crop) / 2)
+    return ((pixels[top:top + crop, left:left + crop] - mean) / std).transpose(2, 0, 1)
+
+
+def clip_image_by_hand(clip, images: list[Image.Image]) -> np.ndarray:
+    """CLIP's encode_image: its transform (short side 32, centre 32, CLIP mean/std), ln_post of the
+    CLS token, then the projection."""
+    pixels = torch.tensor(np.stack([resize_and_crop(image, 32, 32, CLIP_MEAN, CLIP_STD) for image in images]))
+    with torch.no_grad():
+        cls = clip.vision_model(pixel_values=pixels.float()).last_hidden_state[:, 0]
+        return clip.visual_projection(clip.vision_model.post_layernorm(cls)).numpy()
+
+
+def random_image(width: int, height: int, seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return a @ b.T
+
+
+def test_dino_prepares_images_as_dinos_evaluation_does(encoders, tiny_dino):
+    """Short side to 256/224 of the crop, centre crop, ImageNet mean/std (which DINO was trained with,
+    whatever the Hub processor says): not the processor's squash to a square with mean/std 0.5."""
+    from transformers import ViTModel
+
+    sizes = ((48, 48), (72, 48), (40, 50))  # the last resized to 36 x 45: an odd margin
+    images = [random_image(width, height, seed) for seed, (width, height) in enumerate(sizes)]
+    vit = ViTModel.from_pretrained(tiny_dino, add_pooling_layer=False)
+    pixels = np.stack([resize_and_crop(image, DINO_SHORT_SIDE, DINO_CROP, IMAGENET_MEAN, IMAGENET_STD)
+                       for image in images])
+    with torch.no_grad():
+        cls = vit(pixel_values=torch.from_numpy(pixels).float()).last_hidden_state[:, 0].numpy()
+
+    embedded = encoders.dino.embed_images(images).numpy()
+
+    np.testing.assert_allclose(embedded, cls / np.linalg.norm(cls, axis=1, keepdims=True), atol=1e-5)
+
+
+def test_dino_sees_only_the_centre_of_a_non_square_image(encoders):
+    """A photo taller than wide scores as its centre square: nothing is squashed."""
+    tall = noise_images(1, 5, size=60)[0].crop((12, 0, 12 + DINO_SHORT_SIDE, 60))  # 36 x 60, no resize needed
+    centre = tall.crop((0, 12, DINO_SHORT_SIDE, 12 + DINO_SHORT_SIDE))
+
+    tall_embedding, centre_embedding = encoders.dino.embed_images([tall, centre])
+
+    assert torch.dot(tall_embedding, centre_embedding).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_clip_prepares_images_as_clips_transform_does(encoders, tiny_clip):
+    """Short side to 32, centre 32 x 32 (an odd margin split as torchvision splits it, not a pixel
+    off as transformers' processor does), CLIP's mean/std."""
+    from transformers import CLIPModel
+
+    sizes = ((40, 64), (64, 40), (48, 48))  # the first two resized to 32 x 51: an odd margin
+    images = [random_image(width, height, seed) for seed, (width, height) in enumerate(sizes)]
+    by_hand = clip_image_by_hand(CLIPModel.from_pretrained(tiny_clip), images)
+
+    embedded = encoders.clip.embed_images(images).numpy()
+
+    np.testing.assert_allclose(embedded, by_hand / np.linalg.norm(by_hand, axis=1, keepdims=True), atol=1e-5)
+
+
+def test_each_metric_is_its_definition_computed_by_hand(encoders, tiny_dino, tiny_clip):
+    """Every metric from the models' raw layers, the preprocessing and the means written out in
+    numpy: DINO and CLIP-I over all generated x real pairs, CLIP-T image i with the identifier-free
+    prompt i, PRES class generations x real, DIV within a prompt without self-pairs."""
+    from transformers import AutoTokenizer, CLIPModel, ViTModel
+
+    toy = load_real_images(TOY_SUBJECT)
+    real = [toy[0].crop((0, 0, 192, 256)), toy[1].crop((0, 64, 256, 256)), toy[2]]  # tall, wide, square
+    images = noise_images(7, 2)
+    prompts = ["a sks toy in the snow"] * 3 + ["a red sks toy"] * 2
     generations = [Generation(image, prompt, 0) for image, prompt in zip(images, prompts)]
-    generations += [Generation(image, "a toy in the snow", 0, subject=False) for image in images[4:]]
+    generations += [Generation(image, "a toy in the snow", 0, subject=False) for image in images[5:]]
 
     metrics = score(generations, real, encoders, "sks")
 
-    vit, vit_processor = ViTModel.from_pretrained(tiny_dino), ViTImageProcessorPil.from_pretrained(tiny_dino)
-    clip, clip_processor = CLIPModel.from_pretrained(tiny_clip), CLIPImageProcessorPil.from_pretrained(tiny_clip)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_clip)
+    vit = ViTModel.from_pretrained(tiny_dino, add_pooling_layer=False)
+    clip, tokenizer = CLIPModel.from_pretrained(tiny_clip), AutoTokenizer.from_pretrained(tiny_clip)
     with torch.no_grad():
         def dino(batch):
-            return vit(**vit_processor(images=batch, return_tensors="pt")).last_hidden_state[:, 0]
+            pixels = [resize_and_crop(image, DINO_SHORT_SIDE, DINO_CROP, IMAGENET_MEAN, IMAGENET_STD)
+                      for image in batch]
+            return vit(pixel_values=torch.tensor(np.stack(pixels)).float()).last_hidden_state[:, 0].numpy()
 
-        def clip_image(batch):
-            pixels = clip_processor(images=batch, return_tensors="pt")["pixel_values"]
-            return clip.visual_projection(clip.vision_model(pixel_values=pixels).pooler_output)
+        def clip_text(prompt):  # CLIP's encode_text: the end-of-text token's state, then the projection
+            ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+            assert ids[0, -1] == tokenizer.eos_token_id
+            return clip.text_projection(clip.text_model(input_ids=ids).last_hidden_state[0, -1]).numpy()
 
-        tokens = tokenizer(["a toy in the snow", "a toy in the snow", "a red toy", "a red toy"],
-                           padding=True, return_tensors="pt")
-        text = clip.text_projection(clip.text_model(**tokens).pooler_output)
-        generated_dino, real_dino = dino(images[:4]), dino(real)
-        generated_clip = clip_image(images[:4])
+        generated_dino, real_dino, class_dino = dino(images[:5]), dino(real), dino(images[5:])
+        generated_clip = clip_image_by_hand(clip, images[:5])
+        text = np.stack([clip_text(prompt.replace("sks ", "")) for prompt in prompts])
+        real_clip = clip_image_by_hand(clip, real)
 
-    assert metrics["dino"] == pytest.approx(pairwise_mean_cosine(generated_dino, real_dino), abs=1e-5)
-    assert metrics["clip_i"] == pytest.approx(pairwise_mean_cosine(generated_clip, clip_image(real)), abs=1e-5)
-    assert metrics["clip_t"] == pytest.approx(
-        F.cosine_similarity(generated_clip, text, dim=-1).mean().item(), abs=1e-5)
-    assert metrics["pres"] == pytest.approx(pairwise_mean_cosine(dino(images[4:]), real_dino), abs=1e-5)
-    same_prompt = [1 - F.cosine_similarity(generated_dino[i], generated_dino[i + 1], dim=0).item() for i in (0, 2)]
-    assert metrics["div"] == pytest.approx(sum(same_prompt) / 2, abs=1e-5)
+    def mean_off_diagonal(similarity):
+        return (similarity.sum() - np.trace(similarity)) / (len(similarity) * (len(similarity) - 1))
+
+    assert metrics["dino"] == pytest.approx(cosines(generated_dino, real_dino).mean(), abs=1e-5)
+    assert metrics["clip_i"] == pytest.approx(cosines(generated_clip, real_clip).mean(), abs=1e-5)
+    assert metrics["clip_t"] == pytest.approx(np.diag(cosines(generated_clip, text)).mean(), abs=1e-5)
+    assert metrics["pres"] == pytest.approx(cosines(class_dino, real_dino).mean(), abs=1e-5)
+    per_prompt = [1 - mean_off_diagonal(cosines(group, group)) for group in (generated_dino[:3], generated_dino[3:])]
+    assert metrics["div"] == pytest.approx(np.mean(per_prompt), abs=1e-5)
+    # The paper's 'real images' row: the real images against each other, an image with itself no pair.
+    assert score_real_images(real, encoders) == pytest.approx(
+        {"dino": mean_off_diagonal(cosines(real_dino, real_dino)),
+         "clip_i": mean_off_diagonal(cosines(real_clip, real_clip))}, abs=1e-5)
+    assert score_real_images(real[:1], encoders) == {"dino": None, "clip_i": None}
+
+
+def test_metrics_do_not_depend_on_the_order_of_the_images(encoders):
+    """Means over pairs, each image with its own prompt: shuffling the generations changes nothing."""
+    real = load_real_images(TOY_SUBJECT)[:2]
+    prompts = ["a sks toy in the snow", "a red sks toy", "a sks toy on the beach"] * 2 + ["a toy in the snow"] * 2
+    generations = [Generation(image, prompt, 0, "sks" in prompt)
+                   for image, prompt in zip(noise_images(8, 6), prompts)]
+    order = np.random.default_rng(0).permutation(len(generations))
+
+    metrics = score(generations, real, encoders, "sks")
+    shuffled = score([generations[i] for i in order], real[::-1], encoders, "sks")
+
+    assert list(order) != sorted(order)
+    assert shuffled == pytest.approx(metrics, abs=1e-6)
+
+
+def test_a_prompts_text_embedding_does_not_depend_on_its_batch(encoders):
+    """Padding a short prompt to a long one's length leaves its CLIP embedding as it is alone."""
+    short, long = "a red toy", "a toy on top of green grass with sunflowers around it in the snow"
+
+    together = encoders.clip.embed_texts([short, long])
+
+    assert torch.allclose(together[0], encoders.clip.embed_texts([short])[0], atol=1e-6)
+    assert torch.allclose(together[1], encoders.clip.embed_texts([long])[0], atol=1e-6)
 
 
 def test_prompt_sets_are_the_papers_25_templates():
@@ -147,6 +265,9 @@ def test_evaluate_writes_metrics_sheet_and_images_that_score_again(tiny_model, t
     report = json.loads((output / "metrics.json").read_text(encoding="utf-8"))
     assert set(report["metrics"]) == set(METRICS)
     assert all(-1 <= report["metrics"][key] <= 2 for key in METRICS)
+    assert report["metrics"] == pytest.approx(metrics, abs=1e-6)
+    real = score_real_images(load_real_images(TOY_SUBJECT), load_encoders(tiny_dino, tiny_clip, torch.device("cpu")))
+    assert report["real_images"] == pytest.approx(real, abs=1e-6)
     assert report["prompts"] == ["a sks toy in the snow", "a red sks toy"]
     assert report["class_prompts"] == ["a toy in the snow", "a red toy"]
     assert report["counts"] == {"subject_prompts": 2, "class_prompts": 2, "subject_images": 4, "class_images": 4,
@@ -154,11 +275,22 @@ def test_evaluate_writes_metrics_sheet_and_images_that_score_again(tiny_model, t
     assert report["seeds"]["used"] == [5, 6]
     assert report["models"]["clip"] == tiny_clip and tiny_clip in report["models"]["clip_variant"]
     assert report["models"]["dino"] == tiny_dino and report["models"]["pipeline"] == tiny_model
+    assert report["models"]["dino_preprocessing"].startswith("short side resized to 36 (bicubic), centre 32 x 32")
+    assert report["models"]["clip_preprocessing"].startswith("short side resized to 32 (bicubic), centre 32 x 32")
+    assert len(list((output / "images").glob("*.png"))) == 8
     with Image.open(output / "contact_sheet.png") as sheet:
         assert sheet.size == (2 * 128, 4 * (16 + 128))
-    assert len(list((output / "images").glob("*.png"))) == 8
-    printed = capsys.readouterr().out
-    assert "this model" in printed and "paper: DreamBooth (SD)" in printed and "0.668" in printed
+        # Row 2 (the second subject prompt), column 2: that prompt's second image, seed 6.
+        thumbnail = np.asarray(sheet.convert("RGB").crop((128, 144 + 16, 256, 2 * 144)), dtype=np.int16)
+    with Image.open(output / "images" / "subject-0003-seed6.png") as image:
+        assert image.text["prompt"] == "a red sks toy"
+        expected = np.asarray(image.convert("RGB").resize((128, 128), Image.BICUBIC), dtype=np.int16)
+    assert np.abs(thumbnail - expected).max() <= 1
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[1].split() == ["this", "model", *(f"{metrics[key]:.3f}" for key in METRICS)]
+    assert printed[2].split() == ["your", "real", "images", f"{real['dino']:.3f}", f"{real['clip_i']:.3f}", "-",
+                                  "-", "-"]
+    assert printed[3].split()[-5:] == ["0.668", "0.803", "0.305", "-", "-"]
 
     rescored = eval_args(tiny_dino, tiny_clip, tmp_path / "again", "--generated_dir", str(output / "images"))
     again = evaluate.main(rescored)
