@@ -51,8 +51,10 @@ _REQUIRED = ("instance_data_dir", "instance_prompt")
 _WHOLE_NUMBERS = ("num_class_images", "repeats")
 
 
-def load_concepts_list(path: str) -> list[Concept]:
-    """Parse and check a --concepts_list file (JSON or YAML: a list of mappings)."""
+def load_concepts_list(path: str, num_class_images: int = 100, repeats: int = 1) -> list[Concept]:
+    """Parse and check a --concepts_list file (JSON or YAML: a list of mappings). A concept that sets
+    no ``num_class_images`` or ``repeats`` takes the ones given (the flags'), as ShivamShrirao's
+    script applies its --num_class_images to every concept of its lists, which carry no such key."""
     file = Path(path)
     if path_kind(file, f"--concepts_list {path}") != "file":
         raise DreamBoothError(f"--concepts_list {path}: file not found")
@@ -85,7 +87,7 @@ def load_concepts_list(path: str) -> list[Concept]:
         for key in ("instance_data_dir", "class_data_dir"):  # a leading ~ is the home folder, as in a shell
             if key in entry:
                 entry[key] = os.path.expanduser(entry[key])
-        concepts.append(Concept(**entry))
+        concepts.append(Concept(**{"num_class_images": num_class_images, "repeats": repeats, **entry}))
     return concepts
 
 

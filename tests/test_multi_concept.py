@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 
 import pytest
 import yaml
 from PIL import Image
 
+import train_dreambooth
 from dreambooth.concepts import build_dataset
 from dreambooth.config import TrainConfig, parse_config
+from dreambooth.errors import DreamBoothError
 
 
 def make_images(folder, count: int, colour=(200, 40, 40), size=(40, 40)):
@@ -35,6 +38,13 @@ def cat_and_dog(tmp_path, cat_classes=4, dog_classes=9, **dog):
          "class_data_dir": make_images(tmp_path / "dogs", dog_classes, (0, 90, 0)),
          "class_prompt": "a photo of a dog", "num_class_images": dog_classes, **dog},
     ])
+
+
+def quick(model, tmp_path, *extra):
+    """The flags of a short tiny-model run into tmp_path/out, with no single-concept flags."""
+    return ["--pretrained_model_name_or_path", model, "--output_dir", str(tmp_path / "out"), "--resolution", "32",
+            "--train_batch_size", "1", "--max_train_steps", "2", "--learning_rate", "1e-4", "--lr_warmup_steps", "0",
+            "--report_to", "none", "--seed", "0", "--num_validation_images", "0", *extra]
 
 
 def epoch_pairs(dataset, epoch):
@@ -70,3 +80,56 @@ def test_each_image_trains_as_often_as_the_others_and_pairs_its_own_class(tmp_pa
     # Every class image of each concept is trained within two epochs.
     used = {image.source for epoch in (0, 1) for _, image in epoch_pairs(dataset, epoch)}
     assert len(used) == 13
+
+
+def test_num_class_images_and_repeats_flags_serve_the_concepts_that_set_none(tmp_path):
+    # As in ShivamShrirao's script, whose lists carry neither key: --num_class_images 50 --concepts_list ...
+    concepts = write_list(tmp_path / "concepts.yaml", [
+        {"instance_data_dir": make_images(tmp_path / "cat", 3), "instance_prompt": "a photo of sks cat",
+         "class_data_dir": make_images(tmp_path / "cats", 6), "class_prompt": "a photo of a cat"},
+        {"instance_data_dir": make_images(tmp_path / "dog", 7), "instance_prompt": "a photo of zwx dog",
+         "class_data_dir": make_images(tmp_path / "dogs", 6), "class_prompt": "a photo of a dog",
+         "num_class_images": 5, "repeats": 1},
+    ])
+    cfg = parse_config(TrainConfig, ["--concepts_list", concepts, "--with_prior_preservation", "--resolution", "32",
+                                     "--num_class_images", "2", "--repeats", "3"])
+    assert [(concept.num_class_images, concept.repeats) for concept in cfg.concepts()] == [(2, 3), (5, 1)]
+    dataset = build_dataset(cfg, 0)
+    assert [len(images) for images in dataset.classes] == [2, 5]
+    assert Counter(example.prompt for example in dataset.instances) == {"a photo of sks cat": 9,
+                                                                        "a photo of zwx dog": 7}
+    # Without the flags, the defaults: 100 class images, no repeats.
+    plain = parse_config(TrainConfig, ["--concepts_list", concepts])
+    assert [(concept.num_class_images, concept.repeats) for concept in plain.concepts()] == [(100, 1), (5, 1)]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--instance_data_dir", "{tmp}/cat"], "give one of --instance_data_dir and --concepts_list, not both"),
+    (["--instance_prompt", "a photo of sks cat"], "--instance_prompt: a --concepts_list gives each concept its own"),
+    (["--class_prompt", "a photo of a cat"], "--class_prompt: a --concepts_list gives each concept its own"),
+    (["--class_data_dir", "{tmp}/cats"], "--class_data_dir: a --concepts_list gives each concept its own"),
+])
+def test_single_concept_flags_beside_a_list_are_refused_not_ignored(tiny_model, tmp_path, flags, message):
+    args = [*quick(tiny_model, tmp_path), "--concepts_list", cat_and_dog(tmp_path), "--with_prior_preservation",
+            *[flag.format(tmp=tmp_path) for flag in flags]]
+    with pytest.raises(DreamBoothError, match=re.escape(message)):
+        train_dreambooth.main(args)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("entries, message", [
+    ([], "expected a non-empty list of concepts"),
+    ([{"instance_data_dir": "{tmp}/cat"}], "concept 0: missing key 'instance_prompt'"),
+    ([{"instance_data_dir": "{tmp}/cat", "instance_prompt": "a photo of sks cat", "class_prompt": "a photo of a cat"}],
+     "concept 0: class_data_dir (missing): prior preservation needs it"),
+    ([{"instance_data_dir": "{tmp}/cat", "instance_prompt": "a photo of sks cat", "class_data_dir": "{tmp}/cats",
+       "class_prompt": "a photo of a cat"},
+      {"instance_data_dir": "{tmp}/cat", "instance_prompt": "a photo of zwx dog", "class_data_dir": "{tmp}/dogs",
+       "class_prompt": "a photo of a dog"}], "concept 1: instance_data_dir {tmp}/cat: also concept 0's"),
+])
+def test_bad_lists_are_one_line_naming_the_concept(tiny_model, tmp_path, entries, message):
+    make_images(tmp_path / "cat", 3)
+    entries = [{key: value.format(tmp=tmp_path) for key, value in entry.items()} for entry in entries]
+    args = [*quick(tiny_model, tmp_path), "--concepts_list", write_list(tmp_path / "concepts.yaml", entries), "--with_prior_preservation"]
+    with pytest.raises(DreamBoothError, match=re.escape(message.format(tmp=tmp_path))):
+        train_dreambooth.main(args)
