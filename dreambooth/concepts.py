@@ -111,6 +111,7 @@ def check_concepts(concepts: Sequence[Concept], with_prior_preservation: bool, c
     """Problems a concept can have before any image is read: missing folders, duplicates, bad numbers.
     Errors name the flag for the single-concept flags, or the file and concept for a list."""
     seen: dict[Path, int] = {}
+    class_folders: dict[Path, int] = {}
     instance_folders = {Path(concept.instance_data_dir).resolve(): number for number, concept in enumerate(concepts)
                         if concept.instance_data_dir is not None}
     for number, concept in enumerate(concepts):
@@ -144,7 +145,15 @@ def check_concepts(concepts: Sequence[Concept], with_prior_preservation: bool, c
                        else problem(key, "(missing)", "prior preservation needs it"))
         if concept.num_class_images < 1:
             raise problem("num_class_images", concept.num_class_images, "must be at least 1")
-        owner = instance_folders.get(Path(concept.class_data_dir).resolve())
+        class_folder = Path(concept.class_data_dir).resolve()
+        first = concepts[class_folders.setdefault(class_folder, number)]
+        if first.class_prompt.strip() != concept.class_prompt.strip():
+            # The top-up would add this prompt's images after the other's, and this concept would train
+            # on both as this class (a cat's class folder topped up with dogs, all of them called dogs).
+            raise problem("class_data_dir", concept.class_data_dir,
+                          f"also concept {class_folders[class_folder]}'s, for class_prompt {first.class_prompt!r}; "
+                          "give each class prompt a folder of its own")
+        owner = instance_folders.get(class_folder)
         if owner is not None:
             whose = ("the --instance_data_dir" if concepts_list is None else
                      "its instance_data_dir" if owner == number else f"concept {owner}'s instance_data_dir")

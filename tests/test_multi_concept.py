@@ -11,7 +11,7 @@ import yaml
 from PIL import Image
 
 import train_dreambooth
-from dreambooth.concepts import build_dataset
+from dreambooth.concepts import build_dataset, check_concepts, load_concepts_list
 from dreambooth.config import TrainConfig, parse_config
 from dreambooth.errors import DreamBoothError
 
@@ -133,3 +133,21 @@ def test_bad_lists_are_one_line_naming_the_concept(tiny_model, tmp_path, entries
     args = [*quick(tiny_model, tmp_path), "--concepts_list", write_list(tmp_path / "concepts.yaml", entries), "--with_prior_preservation"]
     with pytest.raises(DreamBoothError, match=re.escape(message.format(tmp=tmp_path))):
         train_dreambooth.main(args)
+
+
+def test_a_class_folder_shared_by_two_class_prompts_is_refused_and_by_one_is_not(tmp_path):
+    def concepts(dog_class_prompt):
+        return write_list(tmp_path / "concepts.yaml", [
+            {"instance_data_dir": make_images(tmp_path / "cat", 3), "instance_prompt": "a photo of sks cat",
+             "class_data_dir": str(tmp_path / "animals"), "class_prompt": "a photo of a cat", "num_class_images": 2},
+            {"instance_data_dir": make_images(tmp_path / "dog", 7), "instance_prompt": "a photo of zwx dog",
+             "class_data_dir": str(tmp_path / "animals") + "/", "class_prompt": dog_class_prompt,
+             "num_class_images": 4},
+        ])
+
+    # The top-up would fill the folder with 2 cats, then 2 dogs, and the dog would take all 4 as dogs.
+    with pytest.raises(DreamBoothError, match=re.escape(
+            f"concept 1: class_data_dir {tmp_path}/animals/: also concept 0's, for class_prompt 'a photo of a cat'")):
+        check_concepts(load_concepts_list(concepts("a photo of a dog")), True, "concepts.yaml")
+    check_concepts(load_concepts_list(concepts(" a photo of a cat")), True, "concepts.yaml")  # kohya-style sharing
+    check_concepts(load_concepts_list(concepts("a photo of a dog")), False, "concepts.yaml")  # no class images used
