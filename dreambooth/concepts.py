@@ -165,9 +165,10 @@ def check_concepts(concepts: Sequence[Concept], with_prior_preservation: bool, c
 def compose_prompt(instance_prompt: str, caption: str | None) -> str:
     """The prompt of a captioned image. A caption holding ``{instance_prompt}`` gets the concept's
     prompt put in; an instance prompt holding ``[filewords]`` gets the caption put in; otherwise
-    the caption replaces the instance prompt."""
+    the caption replaces the instance prompt. An image without a caption trains with the trigger
+    phrase, the prompt that validation samples and the model card use."""
     if caption is None:
-        return without_filewords(instance_prompt)
+        return trigger_phrase(instance_prompt)
     if PROMPT_PLACEHOLDER in caption:
         return caption.replace(PROMPT_PLACEHOLDER, instance_prompt)
     if FILEWORDS in instance_prompt:
