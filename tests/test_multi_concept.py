@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 import yaml
 from PIL import Image
 
 import train_dreambooth
-from dreambooth.concepts import build_dataset, check_concepts, load_concepts_list
+from dreambooth.concepts import (Concept, build_dataset, check_concepts, instance_examples, load_concepts_list,
+                                 training_items, trigger_phrase)
 from dreambooth.config import TrainConfig, parse_config
 from dreambooth.errors import DreamBoothError
+from dreambooth.image_metadata import recorded_prompt
 
 
 def make_images(folder, count: int, colour=(200, 40, 40), size=(40, 40)):
@@ -151,3 +154,73 @@ def test_a_class_folder_shared_by_two_class_prompts_is_refused_and_by_one_is_not
         check_concepts(load_concepts_list(concepts("a photo of a dog")), True, "concepts.yaml")
     check_concepts(load_concepts_list(concepts(" a photo of a cat")), True, "concepts.yaml")  # kohya-style sharing
     check_concepts(load_concepts_list(concepts("a photo of a dog")), False, "concepts.yaml")  # no class images used
+
+
+def test_a_run_of_uneven_concepts_pairs_samples_and_records_each_its_own(tiny_model, tmp_path, prompts_seen):
+    (tmp_path / "dog").mkdir()
+    (tmp_path / "dog" / "img_0.txt").write_text("on grass")
+    concepts = write_list(tmp_path / "concepts.yaml", [
+        {"instance_data_dir": make_images(tmp_path / "cat", 3), "instance_prompt": "a photo of sks cat",
+         "class_data_dir": make_images(tmp_path / "cats", 2, (90, 0, 0)), "class_prompt": "a photo of a cat",
+         "num_class_images": 2},
+        {"instance_data_dir": make_images(tmp_path / "dog", 7, (40, 200, 40)),
+         "instance_prompt": "a photo of zwx dog, [filewords]", "class_data_dir": make_images(tmp_path / "dogs", 4),
+         "class_prompt": "a photo of a dog"},
+    ])
+    trainer = train_dreambooth.main(quick(
+        tiny_model, tmp_path, "--concepts_list", concepts, "--with_prior_preservation", "--num_class_images", "3",
+        "--max_train_steps", "10", "--num_validation_images", "1", "--validation_inference_steps", "1"))
+    # One epoch of 10 photos against 5 class images: each photo once, with its own concept's class image.
+    assert len(training_items(trainer.dataloader)) == 10
+    assert Counter(tuple(prompts) for prompts in prompts_seen) == {
+        ("a photo of sks cat", "a photo of a cat"): 3, ("a photo of zwx dog, on grass", "a photo of a dog"): 1,
+        ("a photo of zwx dog", "a photo of a dog"): 6}
+    # Samples, card and saved configuration name every concept by its trigger phrase.
+    output = tmp_path / "out"
+    prompts = ["a photo of sks cat", "a photo of sks cat on the beach", "a photo of zwx dog",
+               "a photo of zwx dog on the beach"]
+    card = (output / "README.md").read_text()
+    assert yaml.safe_load(card.split("---")[1])["widget"] == [
+        {"text": prompt, "output": {"url": f"samples/final_{number}.png"}} for number, prompt in enumerate(prompts)]
+    assert "- **`a photo of sks cat`** (class prompt `a photo of a cat`)\n" \
+           "- **`a photo of zwx dog`** (class prompt `a photo of a dog`)" in card
+    assert all((output / "samples" / f"final_{number}.png").is_file() for number in range(4))
+    saved = yaml.safe_load((output / "train_config.yaml").read_text())
+    assert saved["concepts_list"] == str(output / "concepts_list.yaml")
+    assert [(entry["instance_prompt"], entry["class_data_dir"], entry["num_class_images"])
+            for entry in yaml.safe_load((output / "concepts_list.yaml").read_text())] == [
+        ("a photo of sks cat", str(tmp_path / "cats"), 2), ("a photo of zwx dog, [filewords]", str(tmp_path / "dogs"), 3)]
+
+
+def test_an_uncaptioned_image_trains_with_the_trigger_phrase_samples_and_card_use(tmp_path):
+    folder = make_images(tmp_path / "dog", 2)
+    (tmp_path / "dog" / "img_0.txt").write_text("on grass")
+    examples = instance_examples(Concept("a photo of zwx dog, [filewords]", folder), 0, ".txt", "text")
+    # Not 'a photo of zwx dog,': the comma is a token of its own, which the validation prompt lacks.
+    assert [example.prompt for example in examples] == ["a photo of zwx dog, on grass", "a photo of zwx dog"]
+    assert trigger_phrase("a photo of zwx dog, [filewords]") == examples[1].prompt
+
+
+def test_each_class_folder_is_topped_up_with_its_own_prompt_to_its_own_count(tiny_model, tmp_path, monkeypatch):
+    from accelerate import PartialState
+
+    from dreambooth import generation
+
+    drawn = []
+
+    def draw(pipeline, prompt, seeds, height, width, *args, **kwargs):  # the pipeline's drawing, without its steps
+        drawn.append((prompt, len(seeds)))
+        return [Image.new("RGB", (width, height), (len(drawn), 0, 0)) for _ in seeds]
+
+    monkeypatch.setattr(generation, "generate", draw)
+    concepts = cat_and_dog(tmp_path, cat_classes=0, dog_classes=1)  # the dog has a photo there already
+    entries = json.loads((tmp_path / "concepts.json").read_text())
+    entries[0]["num_class_images"], entries[1]["num_class_images"] = 2, 4
+    write_list(tmp_path / "concepts.json", entries)
+    cfg = parse_config(TrainConfig, quick(tiny_model, tmp_path, "--concepts_list", concepts, "--with_prior_preservation",
+                                          "--sample_batch_size", "2"))
+    train_dreambooth.top_up_class_images(cfg, SimpleNamespace(state=PartialState()))
+    assert drawn == [("a photo of a cat", 2), ("a photo of a dog", 2), ("a photo of a dog", 1)]
+    made = {name: sorted(recorded_prompt(path) for path in (tmp_path / name).glob("0*.png")) for name in ("cats", "dogs")}
+    assert made == {"cats": ["a photo of a cat"] * 2, "dogs": ["a photo of a dog"] * 3}
+    assert [len(images) for images in build_dataset(cfg, 0).classes] == [2, 4]
