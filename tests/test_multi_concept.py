@@ -224,3 +224,22 @@ def test_each_class_folder_is_topped_up_with_its_own_prompt_to_its_own_count(tin
     made = {name: sorted(recorded_prompt(path) for path in (tmp_path / name).glob("0*.png")) for name in ("cats", "dogs")}
     assert made == {"cats": ["a photo of a cat"] * 2, "dogs": ["a photo of a dog"] * 3}
     assert [len(images) for images in build_dataset(cfg, 0).classes] == [2, 4]
+
+
+def test_a_resumed_run_of_uneven_concepts_gets_the_batches_of_an_uninterrupted_one(tiny_model, tmp_path, monkeypatch,
+                                                                                   prompts_seen):
+    from test_checkpoints import assert_bitwise_equal, stop_after_step, unet_weights
+
+    # 10 photos in batches of 2 against 13 class images: epochs of 20 items, 10 steps; resumed mid-epoch.
+    concepts = cat_and_dog(tmp_path)
+    args = ["--concepts_list", concepts, "--with_prior_preservation", "--train_batch_size", "2", "--random_flip",
+            "--max_train_steps", "4", "--checkpointing_steps", "2", "--save_precision", "fp32"]
+    train_dreambooth.main(quick(tiny_model, tmp_path / "whole", *args))
+    whole = list(prompts_seen)
+    with monkeypatch.context() as patch:
+        stop_after_step(patch, 2)
+        train_dreambooth.main(quick(tiny_model, tmp_path / "parts", *args))
+    resumed = train_dreambooth.main(quick(tiny_model, tmp_path / "parts", *args, "--resume_from_checkpoint", "latest"))
+    assert resumed.state.global_step == 4
+    assert prompts_seen[4:] == whole and len(whole) == 4
+    assert_bitwise_equal(unet_weights(tmp_path / "whole" / "out"), unet_weights(tmp_path / "parts" / "out"))
