@@ -110,6 +110,11 @@ def save_concepts_list(concepts: Sequence[Concept], path: str | Path) -> Path:
 def check_concepts(concepts: Sequence[Concept], with_prior_preservation: bool, concepts_list: str | None) -> None:
     """Problems a concept can have before any image is read: missing folders, duplicates, bad numbers.
     Errors name the flag for the single-concept flags, or the file and concept for a list."""
+    with_classes = [str(number) for number, concept in enumerate(concepts)
+                    if concept.class_data_dir or concept.class_prompt]
+    if concepts_list is not None and with_classes and not with_prior_preservation:
+        warn_once(f"--concepts_list {concepts_list}: the class_data_dir and class_prompt of concepts "
+                  f"{', '.join(with_classes)} are used only with --with_prior_preservation; training without class images")
     seen: dict[Path, int] = {}
     class_folders: dict[Path, int] = {}
     instance_folders = {Path(concept.instance_data_dir).resolve(): number for number, concept in enumerate(concepts)

@@ -133,7 +133,8 @@ def test_single_concept_flags_beside_a_list_are_refused_not_ignored(tiny_model, 
 def test_bad_lists_are_one_line_naming_the_concept(tiny_model, tmp_path, entries, message):
     make_images(tmp_path / "cat", 3)
     entries = [{key: value.format(tmp=tmp_path) for key, value in entry.items()} for entry in entries]
-    args = [*quick(tiny_model, tmp_path), "--concepts_list", write_list(tmp_path / "concepts.yaml", entries), "--with_prior_preservation"]
+    args = [*quick(tiny_model, tmp_path), "--concepts_list", write_list(tmp_path / "concepts.yaml", entries),
+            "--with_prior_preservation"]
     with pytest.raises(DreamBoothError, match=re.escape(message.format(tmp=tmp_path))):
         train_dreambooth.main(args)
 
@@ -243,3 +244,14 @@ def test_a_resumed_run_of_uneven_concepts_gets_the_batches_of_an_uninterrupted_o
     assert resumed.state.global_step == 4
     assert prompts_seen[4:] == whole and len(whole) == 4
     assert_bitwise_equal(unet_weights(tmp_path / "whole" / "out"), unet_weights(tmp_path / "parts" / "out"))
+
+
+def test_class_folders_of_a_list_without_prior_preservation_are_named_in_a_warning(tmp_path, caplog):
+    listed = cat_and_dog(tmp_path)  # a path of this test's own: the warning is given once per process
+    concepts = load_concepts_list(listed)
+    check_concepts(concepts, False, listed)
+    assert (f"--concepts_list {listed}: the class_data_dir and class_prompt of concepts 0, 1 are used only with "
+            "--with_prior_preservation; training without class images") in caplog.text
+    caplog.clear()
+    check_concepts(concepts, True, listed)
+    assert "training without class images" not in caplog.text
