@@ -170,10 +170,13 @@ def test_a_run_of_uneven_concepts_pairs_samples_and_records_each_its_own(tiny_mo
     ])
     trainer = train_dreambooth.main(quick(
         tiny_model, tmp_path, "--concepts_list", concepts, "--with_prior_preservation", "--num_class_images", "3",
-        "--max_train_steps", "10", "--num_validation_images", "1", "--validation_inference_steps", "1"))
+        "--train_batch_size", "2", "--max_train_steps", "5", "--num_validation_images", "1",
+        "--validation_inference_steps", "1"))
     # One epoch of 10 photos against 5 class images: each photo once, with its own concept's class image.
     assert len(training_items(trainer.dataloader)) == 10
-    assert Counter(tuple(prompts) for prompts in prompts_seen) == {
+    assert all(len(prompts) == 4 for prompts in prompts_seen)  # instance, instance, class, class
+    pairs = [(prompts[i], prompts[i + 2]) for prompts in prompts_seen for i in (0, 1)]
+    assert Counter(pairs) == {
         ("a photo of sks cat", "a photo of a cat"): 3, ("a photo of zwx dog, on grass", "a photo of a dog"): 1,
         ("a photo of zwx dog", "a photo of a dog"): 6}
     # Samples, card and saved configuration name every concept by its trigger phrase.
