@@ -51,8 +51,10 @@ _REQUIRED = ("instance_data_dir", "instance_prompt")
 _WHOLE_NUMBERS = ("num_class_images", "repeats")
 
 
-def load_concepts_list(path: str) -> list[Concept]:
-    """Parse and check a --concepts_list file (JSON or YAML: a list of mappings)."""
+def load_concepts_list(path: str, num_class_images: int = 100, repeats: int = 1) -> list[Concept]:
+    """Parse and check a --concepts_list file (JSON or YAML: a list of mappings). A concept that sets
+    no ``num_class_images`` or ``repeats`` takes the ones given (the flags'), as ShivamShrirao's
+    script applies its --num_class_images to every concept of its lists, which carry no such key."""
     file = Path(path)
     if path_kind(file, f"--concepts_list {path}") != "file":
         raise DreamBoothError(f"--concepts_list {path}: file not found")
@@ -85,7 +87,7 @@ def load_concepts_list(path: str) -> list[Concept]:
         for key in ("instance_data_dir", "class_data_dir"):  # a leading ~ is the home folder, as in a shell
             if key in entry:
                 entry[key] = os.path.expanduser(entry[key])
-        concepts.append(Concept(**entry))
+        concepts.append(Concept(**{"num_class_images": num_class_images, "repeats": repeats, **entry}))
     return concepts
 
 
@@ -108,7 +110,13 @@ def save_concepts_list(concepts: Sequence[Concept], path: str | Path) -> Path:
 def check_concepts(concepts: Sequence[Concept], with_prior_preservation: bool, concepts_list: str | None) -> None:
     """Problems a concept can have before any image is read: missing folders, duplicates, bad numbers.
     Errors name the flag for the single-concept flags, or the file and concept for a list."""
+    with_classes = [str(number) for number, concept in enumerate(concepts)
+                    if concept.class_data_dir or concept.class_prompt]
+    if concepts_list is not None and with_classes and not with_prior_preservation:
+        warn_once(f"--concepts_list {concepts_list}: the class_data_dir and class_prompt of concepts "
+                  f"{', '.join(with_classes)} are used only with --with_prior_preservation; training without class images")
     seen: dict[Path, int] = {}
+    class_folders: dict[Path, int] = {}
     instance_folders = {Path(concept.instance_data_dir).resolve(): number for number, concept in enumerate(concepts)
                         if concept.instance_data_dir is not None}
     for number, concept in enumerate(concepts):
@@ -142,7 +150,15 @@ def check_concepts(concepts: Sequence[Concept], with_prior_preservation: bool, c
                        else problem(key, "(missing)", "prior preservation needs it"))
         if concept.num_class_images < 1:
             raise problem("num_class_images", concept.num_class_images, "must be at least 1")
-        owner = instance_folders.get(Path(concept.class_data_dir).resolve())
+        class_folder = Path(concept.class_data_dir).resolve()
+        first = concepts[class_folders.setdefault(class_folder, number)]
+        if first.class_prompt.strip() != concept.class_prompt.strip():
+            # The top-up would add this prompt's images after the other's, and this concept would train
+            # on both as this class (a cat's class folder topped up with dogs, all of them called dogs).
+            raise problem("class_data_dir", concept.class_data_dir,
+                          f"also concept {class_folders[class_folder]}'s, for class_prompt {first.class_prompt!r}; "
+                          "give each class prompt a folder of its own")
+        owner = instance_folders.get(class_folder)
         if owner is not None:
             whose = ("the --instance_data_dir" if concepts_list is None else
                      "its instance_data_dir" if owner == number else f"concept {owner}'s instance_data_dir")
@@ -154,9 +170,11 @@ def check_concepts(concepts: Sequence[Concept], with_prior_preservation: bool, c
 def compose_prompt(instance_prompt: str, caption: str | None) -> str:
     """The prompt of a captioned image. A caption holding ``{instance_prompt}`` gets the concept's
     prompt put in (without ``[filewords]``: the caption is the image's filewords); an instance prompt
-    holding ``[filewords]`` gets the caption put in; otherwise the caption replaces the instance prompt."""
+    holding ``[filewords]`` gets the caption put in; otherwise the caption replaces the instance
+    prompt. An image without a caption trains with the trigger phrase, the prompt that validation
+    samples and the model card use."""
     if caption is None:
-        return without_filewords(instance_prompt)
+        return trigger_phrase(instance_prompt)
     if PROMPT_PLACEHOLDER in caption:
         return caption.replace(PROMPT_PLACEHOLDER, trigger_phrase(instance_prompt))
     if FILEWORDS in instance_prompt:

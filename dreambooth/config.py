@@ -238,7 +238,8 @@ class TrainConfig:
     class_prompt: Optional[str] = _field(None, "Prompt for the class, e.g. 'a photo of a dog'.")
     with_prior_preservation: bool = _field(False, "Add the prior-preservation loss on class images.")
     prior_loss_weight: float = _field(1.0, "Weight of the prior-preservation loss.")
-    num_class_images: int = _field(100, "Class images wanted in --class_data_dir; missing ones are generated.")
+    num_class_images: int = _field(100, "Class images wanted in --class_data_dir; missing ones are generated "
+                                   "(also each --concepts_list concept's that sets none).")
     sample_batch_size: int = _field(4, "Batch size when generating class images.")
     prior_generation_precision: Optional[Literal["no", "fp32", "fp16", "bf16"]] = _field(
         None, "Precision for generating class images (default or no: fp16 on GPU, fp32 on CPU)."
@@ -247,7 +248,8 @@ class TrainConfig:
         None, "JSON or YAML list of concepts (instance_data_dir, instance_prompt, class_data_dir, class_prompt, "
         "num_class_images, repeats) to train several subjects in one run, instead of the single-concept flags."
     )
-    repeats: int = _field(1, "Times each instance image appears per epoch (weights small sets; per concept in a list).")
+    repeats: int = _field(1, "Times each instance image appears per epoch (weights small sets; also each "
+                          "--concepts_list concept's that sets none).")
     caption_extension: str = _field(".txt", "Extension of the caption file beside each image (photo1.jpg + photo1.txt).")
     caption_column: Optional[str] = _field(
         None, "Caption column of --dataset_name, or of metadata.jsonl in an image folder (default there: 'text')."
@@ -522,6 +524,10 @@ class TrainConfig:
             raise DreamBoothError("--instance_data_dir is required (or --dataset_name, or --concepts_list)")
         if len(given) > 1:
             raise DreamBoothError(f"give one of {' and '.join(given)}, not both")
+        for flag in ("instance_prompt", "class_data_dir", "class_prompt"):
+            if self.concepts_list and getattr(self, flag):
+                raise DreamBoothError(f"--{flag}: a --concepts_list gives each concept its own; set {flag} in "
+                                      f"{self.concepts_list} and leave out the flag")
         if not self.concepts_list and (not self.instance_prompt or not self.instance_prompt.strip()):
             raise DreamBoothError("--instance_prompt is required and must not be empty")
         if self.repeats < 1:
@@ -532,7 +538,7 @@ class TrainConfig:
         from .concepts import Concept, load_concepts_list
 
         if self.concepts_list:
-            return load_concepts_list(self.concepts_list)
+            return load_concepts_list(self.concepts_list, self.num_class_images, self.repeats)
         return [Concept(self.instance_prompt, self.instance_data_dir, self.class_data_dir, self.class_prompt,
                         self.num_class_images, self.repeats)]
 

@@ -216,7 +216,9 @@ def examples_from_folder(folder: str | Path, prompt: str, concept: int = 0, flag
 class DreamBoothDataset(Dataset):
     """Item ``i`` pairs instance example ``i mod n`` with a class image of the same concept (of the
     same size bucket when there is one) when prior preservation is on, as in the paper and
-    diffusers; an epoch covers the larger of the two sets. The items sharing a concept's (or
+    diffusers; an epoch covers the larger of the two sets in whole passes over the instances, so
+    every instance image (and every concept, in proportion to images x repeats) trains equally
+    often. The items sharing a concept's (or
     bucket's) class images take them in turn, continuing from epoch to epoch, so every class image
     is trained on however the concepts and buckets divide the items. Repeated concepts simply
     appear several times in ``instances``.
@@ -287,7 +289,10 @@ class DreamBoothDataset(Dataset):
         return [self.instances[i % len(self.instances)].size or (self.resolution,) * 2 for i in range(len(self))]
 
     def __len__(self) -> int:
-        return max(len(self.instances), sum(map(len, self.classes)) if self.classes is not None else 0)
+        # Whole passes over the instances: the items past the last whole one would go, every epoch, to
+        # the first images (the first concept's), training them more often than the rest.
+        passes = -(-sum(map(len, self.classes)) // len(self.instances)) if self.classes is not None else 1
+        return len(self.instances) * max(passes, 1)
 
     def class_pairings(self):
         """Every (class image, size) an item can pair, in any epoch."""

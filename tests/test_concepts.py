@@ -132,7 +132,7 @@ def test_training_takes_the_first_num_class_images_of_a_fuller_folder(tmp_path):
                                      "--class_prompt", "a toy", "--num_class_images", "3"])
     dataset = build_dataset(cfg, 0)
     assert [example.source.name for example in dataset.classes[0]] == ["img_0.png", "img_1.png", "img_2.png"]
-    assert len(dataset) == 3
+    assert len(dataset) == 4  # whole passes over the 2 photos that cover the 3 class images
 
 
 def test_caption_dropout_is_seeded_and_listed(tmp_path):

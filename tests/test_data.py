@@ -411,12 +411,12 @@ def expected_pixels(path: Path) -> torch.Tensor:
     return image_to_tensor(load_image(path), RESOLUTION, center_crop=True, random_flip=False)
 
 
-@pytest.mark.parametrize("instances, classes", [(3, 5), (4, 2), (3, 0)])
-def test_dataset_length_is_the_larger_set(tmp_path, instances, classes):
+@pytest.mark.parametrize("instances, classes, length", [(3, 5, 6), (3, 6, 6), (4, 2, 4), (3, 0, 3)])
+def test_dataset_length_covers_the_larger_set_in_whole_passes_over_the_instances(tmp_path, instances, classes, length):
     instance = image_set(tmp_path / "instance", [RED] * instances, INSTANCE_PROMPT)
     prior = image_set(tmp_path / "class", [BLUE] * classes, CLASS_PROMPT) if classes else None
 
-    assert len(DreamBoothDataset(instance, RESOLUTION, classes=[prior] if prior else None)) == max(instances, classes)
+    assert len(DreamBoothDataset(instance, RESOLUTION, classes=[prior] if prior else None)) == length
 
 
 def test_dataset_item_cycles_the_smaller_set(tmp_path):
@@ -438,7 +438,7 @@ def test_every_class_image_is_trained_whatever_the_concepts_and_buckets(tmp_path
     toys = image_set(tmp_path / "toys", [BLUE, BLACK, WHITE, (9, 9, 9)], "a toy")
     cups = [Example(e.source, "a cup", 1) for e in image_set(tmp_path / "cups", [(1, 2, 3), (4, 5, 6), (7, 8, 9)], "")]
     dataset = DreamBoothDataset(toy + cup, RESOLUTION, classes=[toys, cups])
-    assert len(dataset) == 7
+    assert len(dataset) == 8
 
     def pairs(epoch):
         dataset.set_epoch(epoch)
