@@ -139,7 +139,10 @@ def ddp_and_sharded_runs(tiny_model, tmp_path, config: str, engine_files: str, r
     base = load_file(Path(tiny_model) / "unet" / "diffusion_pytorch_model.safetensors")
     assert max((ddp[name] - base[name]).abs().max() for name in base) > 1e-4, "the DDP run did not train"
     for name in ddp:
-        torch.testing.assert_close(sharded[name], ddp[name], rtol=1e-5, atol=1e-6, msg=name)
+        # FSDP's reduce-scatter sums the gradients in another order than DDP's all-reduce, and Adam's
+        # m / sqrt(v) enlarges such last-bit differences where a gradient is near zero: 1e-5 is 1% of
+        # one step's update at this learning rate (1.8e-6 was seen on one CPU).
+        torch.testing.assert_close(sharded[name], ddp[name], rtol=1e-5, atol=1e-5, msg=name)
     from diffusers import UNet2DConditionModel
 
     at_step_2 = UNet2DConditionModel.from_pretrained(checkpoint / "unet").state_dict()
