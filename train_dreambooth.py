@@ -62,6 +62,7 @@ from dreambooth.monitor import (
     TrainingEvaluation,
     ValidationSampler,
     plot_loss_curve,
+    tracker_config,
     tracker_init_kwargs,
 )
 from dreambooth.training import (
@@ -73,7 +74,6 @@ from dreambooth.training import (
     Trainer,
     build_optimizer,
     freeze_module,
-    tracker_config,
     training_loss,
 )
 

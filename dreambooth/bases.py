@@ -69,6 +69,9 @@ def check_base_model(source: str, flag: str = "--pretrained_model_name_or_path",
             raise DreamBoothError(f"{named}: {name}/ {problem}")
 
 
+_PIPELINE_AS_LORA = "a full pipeline, not LoRA weights; pass it as --pretrained_model_name_or_path"
+
+
 def check_lora_source(source: str, flag: str) -> Path:
     """A LoRA is a .safetensors file, or a folder holding pytorch_lora_weights.safetensors (a LoRA run or
     its checkpoint), or a Hub repo holding that file (a LoRA run uploaded by push_to_hub.py); a pipeline
@@ -81,8 +84,7 @@ def check_lora_source(source: str, flag: str) -> Path:
         return hub_lora_folder(source, flag)
     if path.is_dir() and not (path / LORA_WEIGHTS).is_file():
         if (path / "model_index.json").is_file():
-            raise DreamBoothError(f"{flag} {source}: a full pipeline, not LoRA weights; pass it as "
-                                  "--pretrained_model_name_or_path")
+            raise DreamBoothError(f"{flag} {source}: {_PIPELINE_AS_LORA}")
         raise DreamBoothError(f"{flag} {source}: the folder has no {LORA_WEIGHTS}; give a LoRA run's output "
                               "folder or a LoRA .safetensors file")
     return path
@@ -126,8 +128,7 @@ def _fetch_hub_lora(repo_id: str, flag: str, cache_dir: str, offline: bool) -> P
     if (folder / LORA_WEIGHTS).is_file():
         return folder
     if (folder / "model_index.json").is_file():
-        raise DreamBoothError(f"{flag} {repo_id}: a full pipeline, not LoRA weights; pass it as "
-                              "--pretrained_model_name_or_path")
+        raise DreamBoothError(f"{flag} {repo_id}: {_PIPELINE_AS_LORA}")
     cached = (f" in the Hugging Face cache (offline: if the repo has it, fetch it with `hf download {repo_id}`)"
               if offline else "")
     raise DreamBoothError(f"{flag} {repo_id}: the repo has no {LORA_WEIGHTS}{cached}; give a LoRA run's repo "

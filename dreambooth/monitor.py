@@ -11,6 +11,7 @@ import string
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -288,6 +289,11 @@ class Metrics:
 
 # In the logging folder: the id the trackers know the run by, chosen at its first start.
 TRACKER_RUN_FILE = "tracker_run.json"
+
+
+def tracker_config(values: dict[str, Any]) -> dict[str, Any]:
+    """Trackers (TensorBoard hparams) take only scalars and strings."""
+    return {key: value for key, value in values.items() if isinstance(value, (int, float, str, bool))}
 
 
 def tracker_init_kwargs(resumed_step: int, logging_dir: str | Path, trackers: list[str]) -> dict[str, dict]:

@@ -504,8 +504,3 @@ class Trainer:
         saved = [path for step, path in find_checkpoints(self.checkpointer.output_dir) if step == self.state.global_step]
         if not saved:
             self.checkpointer.save(self.state, self.trained, self.metrics.losses_so_far(self.state.global_step))
-
-
-def tracker_config(values: dict[str, Any]) -> dict[str, Any]:
-    """Trackers (TensorBoard hparams) take only scalars and strings."""
-    return {key: value for key, value in values.items() if isinstance(value, (int, float, str, bool))}

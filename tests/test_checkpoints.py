@@ -599,14 +599,14 @@ class _Items(torch.utils.data.Dataset):
         return 5
 
     def __getitem__(self, index):
-        return index
+        return index  # (epoch, item), as the training samplers give it
 
     def set_epoch(self, epoch):
         pass
 
 
-def _items_trained(state: TrainState, max_steps: int) -> tuple[list[int], TrainState]:
-    """The items a loop over 5 items (shuffled each epoch, batch 1) trains from ``state`` on."""
+def _items_trained(state: TrainState, max_steps: int) -> tuple[list[tuple[int, int]], TrainState]:
+    """The (epoch, item) pairs a loop over 5 items (shuffled each epoch, batch 1) trains from ``state`` on."""
     from accelerate import Accelerator
 
     from dreambooth.data import EpochShuffleSampler
@@ -635,8 +635,8 @@ def test_a_resumed_loop_goes_on_with_the_batch_after_the_checkpoint_in_its_epoch
     whole, state = _items_trained(TrainState(), max_steps=10)
     assert state == TrainState(global_step=10, epoch=2, batches_in_epoch=0)
     first, second = whole[:5], whole[5:]
-    assert sorted(first) == sorted(second) == list(range(5))
-    assert first != second  # each epoch is shuffled anew
+    assert sorted(first) == [(0, item) for item in range(5)] and sorted(second) == [(1, item) for item in range(5)]
+    assert [item for _, item in first] != [item for _, item in second]  # each epoch is shuffled anew
     # A checkpoint 3 batches into the first epoch, and one 2 batches into the second.
     assert _items_trained(TrainState(global_step=3, epoch=0, batches_in_epoch=3), 10)[0] == whole[3:]
     assert _items_trained(TrainState(global_step=7, epoch=1, batches_in_epoch=2), 10)[0] == whole[7:]
