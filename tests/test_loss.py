@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import ListDataset
 from dreambooth.data import tokenize_prompts
 from dreambooth.caching import VaeLatents
 from dreambooth.models import load_components
@@ -181,20 +182,6 @@ def test_min_snr_offset_noise_loss_matches_hand_computation(components, componen
     torch.testing.assert_close(losses["loss"], instance + prior_weight * prior, rtol=1e-5, atol=1e-6)
 
 
-class _Values(torch.utils.data.Dataset):
-    def __init__(self, values):
-        self.values = values
-
-    def __len__(self):
-        return len(self.values)
-
-    def __getitem__(self, index):
-        return self.values[index]
-
-    def set_epoch(self, epoch):
-        pass
-
-
 def _scalar_trainer(values, accumulation: int, max_steps: int, seen: list | None = None):
     """A Trainer of one weight w (starting at 1) on loss (w x - 1)^2 per batch x, with SGD at lr 1."""
     from accelerate import Accelerator
@@ -205,7 +192,7 @@ def _scalar_trainer(values, accumulation: int, max_steps: int, seen: list | None
     model = torch.nn.Linear(1, 1, bias=False)
     torch.nn.init.ones_(model.weight)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    batches = torch.utils.data.DataLoader(_Values(values), batch_size=1,
+    batches = torch.utils.data.DataLoader(ListDataset(values), batch_size=1,
                                           collate_fn=lambda xs: {"x": torch.tensor(xs), "prompts": ["p"]})
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     model, optimizer, batches, schedule = accelerator.prepare(model, optimizer, batches, schedule)

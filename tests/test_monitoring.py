@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train_dreambooth
-from conftest import committed_files, train_args
+from conftest import ListDataset, committed_files, train_args
 from dreambooth.errors import DreamBoothError
 
 TOKEN = "hf_PLANTEDsecretTOKEN1234567890abcdefXYZ"
@@ -401,20 +401,6 @@ def test_a_run_stopped_by_a_signal_logs_the_steps_since_its_last_logging_step():
     assert trainer.interrupted and trainer.state.global_step == 6
     assert [(interval["last_step"], interval["loss"]) for interval in trainer.metrics.intervals] == [(4, 2.5), (6, 5.5)]
     assert trainer.metrics.history == [(step, float(step)) for step in range(1, 7)]
-
-
-class ListDataset(torch.utils.data.Dataset):
-    def __init__(self, values):
-        self.values = values
-
-    def __len__(self):
-        return len(self.values)
-
-    def __getitem__(self, index):
-        return self.values[index]
-
-    def set_epoch(self, epoch):
-        pass
 
 
 def test_speed_figures_leave_out_sampling_and_saving(monkeypatch):
