@@ -218,10 +218,9 @@ class DreamBoothDataset(Dataset):
     same size bucket when there is one) when prior preservation is on, as in the paper and
     diffusers; an epoch covers the larger of the two sets in whole passes over the instances, so
     every instance image (and every concept, in proportion to images x repeats) trains equally
-    often. The items sharing a concept's (or
-    bucket's) class images take them in turn, continuing from epoch to epoch, so every class image
-    is trained on however the concepts and buckets divide the items. Repeated concepts simply
-    appear several times in ``instances``.
+    often. The items sharing a concept's (or bucket's) class images take them in turn, continuing
+    from epoch to epoch, so every class image is trained on however the concepts and buckets divide
+    the items. Repeated concepts simply appear several times in ``instances``.
 
     Random crops, flips and caption dropout draw from a generator seeded by (seed, epoch, item),
     never from the global one: the same item looks the same in a resumed run, in any worker.
