@@ -73,7 +73,6 @@ from dreambooth.training import (
     Schedule,
     Trainer,
     build_optimizer,
-    freeze_module,
     training_loss,
 )
 
@@ -185,7 +184,7 @@ def stop_text_encoder(cfg: TrainConfig, accelerator, trainer: Trainer, encoder: 
     if not encoder.trainable or trainer.state.global_step < cfg.stop_text_encoder_training:
         return
     text_encoder = accelerator.unwrap_model(trainer.trained[1])
-    freeze_module(trainer.optimizer, text_encoder)
+    trainer.freeze(text_encoder)
     encoder.freeze(text_encoder)
     logger.info("step %d: text encoder frozen (--stop_text_encoder_training)", trainer.state.global_step)
 

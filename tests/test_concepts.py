@@ -247,6 +247,7 @@ def test_text_encoder_stops_after_the_given_step(tiny_model, instance_dir, tmp_p
     assert any(not torch.equal(unet_at_stop[key], unet_final[key]) for key in unet_final)
     text_params = list(trainer.accelerator.unwrap_model(trainer.trained[1]).parameters())
     assert not any(p.requires_grad for p in text_params)
+    assert {id(p) for p in text_params}.isdisjoint(id(p) for p in trainer.parameters())  # no longer clipped
     assert not any(p in trainer.optimizer.optimizer.state for p in text_params)
     assert [group["initial_lr"] for group in trainer.optimizer.param_groups] == [1e-3, 3e-4]
 

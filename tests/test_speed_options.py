@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import copy
+import gc
 import logging
 import os
 import sys
 import traceback
+import weakref
 
 import pytest
 import torch
 
 import train_dreambooth
-from conftest import TOY_SUBJECT, train_args
+from conftest import TOY_SUBJECT, ListDataset, train_args
 
 BASE = ["--max_train_steps", "4", "--logging_steps", "1", "--save_precision", "fp32", "--center_crop",
         "--random_flip"]
@@ -497,3 +499,43 @@ def test_bf16_on_a_gpu_without_bf16_arithmetic_is_warned_about(monkeypatch, capl
     assert asked == [False]
     assert warnings == ([] if native else ["Tesla T4 has no native bf16: PyTorch emulates it, several times slower; "
                                            "use --mixed_precision fp16 on this GPU"])
+
+
+def test_training_sets_the_objects_made_before_it_aside_from_the_garbage_collector(monkeypatch):
+    """Full collections during training walk only what training made (no pauses over the
+    libraries' objects), its reference cycles are still collected, and afterwards nothing stays aside."""
+    from accelerate import Accelerator
+
+    from dreambooth.training import Schedule, Trainer
+
+    class Node:
+        pass
+
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = torch.utils.data.DataLoader(ListDataset([1.0] * 4), batch_size=1,
+                                          collate_fn=lambda values: {"value": torch.tensor(values), "prompts": ["p"]})
+    model, optimizer, batches = accelerator.prepare(model, optimizer, batches)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    trainer = Trainer(accelerator, [model], optimizer, schedule, batches, Schedule(1, 4, 4, 1),
+                      lambda batch: {"loss": (model(batch["value"][:, None]) ** 2).mean()}, max_grad_norm=0)
+    made_before = Node()
+    seen = {}
+
+    def look(state) -> None:
+        if state.global_step != 2:
+            return
+        walked = {id(tracked) for tracked in gc.get_objects()}
+        seen["setup walked"] = id(made_before) in walked or id(trainer) in walked
+        cycle = Node()
+        cycle.me = cycle
+        gone = weakref.ref(cycle)
+        del cycle
+        gc.collect()
+        seen["cycle collected"] = gone() is None
+
+    trainer.step_callbacks.append(look)
+    trainer.train()
+    assert seen == {"setup walked": False, "cycle collected": True}
+    assert gc.get_freeze_count() == 0 and id(made_before) in {id(tracked) for tracked in gc.get_objects()}
