@@ -109,6 +109,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=40, help="training steps per config (--max_train_steps)")
     parser.add_argument("--extra_flags", default="",
                         help='train_dreambooth.py flags appended to every config: --extra_flags="--cache_latents"')
+    parser.add_argument("--profile_steps", type=int, default=0,
+                        help="after the timed steps, this many more under torch.profiler: where each step's host "
+                             "and device time goes (default 0: none)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds allowed per config's process")
     parser.add_argument("--deadline", type=float, default=None,
                         help="seconds for the whole run: what would start later is skipped, and no process runs "
@@ -134,6 +137,7 @@ def worker_flags(args: argparse.Namespace) -> list[str]:
     """The flags a worker process needs to redo the parent's choices."""
     # "--extra_flags=VALUE": a VALUE such as "--compile" would otherwise be read as a flag.
     flags = ["--steps", str(args.steps), f"--extra_flags={args.extra_flags}", "--peak_tflops", str(args.peak_tflops),
+             "--profile_steps", str(args.profile_steps),
              "--gen_images", str(args.gen_images), "--gen_batch_size", str(args.gen_batch_size),
              "--gen_variants", args.gen_variants]
     return flags + ["--tiny"] * args.tiny + ["--cpu"] * args.cpu
@@ -214,7 +218,7 @@ def train_argv(config: BenchConfig, args: argparse.Namespace, workdir: Path) -> 
         "--resolution", str(resolution(args)), "--center_crop", "--train_batch_size", "1",
         "--learning_rate", "5e-6", "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
         "--mixed_precision", "bf16" if use_cuda(args) else "no",
-        "--max_train_steps", str(args.steps), "--logging_steps", "10", "--checkpointing_steps", "100000",
+        "--max_train_steps", str(args.steps + args.profile_steps), "--logging_steps", "10", "--checkpointing_steps", "100000",
         "--num_validation_images", "0", "--report_to", "none", "--seed", "0",
         "--output_dir", str(workdir / "runs" / config.name),
     ]
@@ -339,8 +343,82 @@ def watch_first_step(marks: dict) -> None:
     Trainer.train = train
 
 
-def summarize_intervals(intervals: list[dict]) -> dict:
-    """Median s/step over the intervals after the first (warm-up, compilation); peak memory over all."""
+# The step's phases, as the profile names them (train_worker wraps them in these labels).
+PHASES = {"forward": "step: forward and loss", "backward": "step: backward", "update": "step: clip, update, zero"}
+
+
+def watch_profiled_steps(first: int, count: int, marks: dict) -> None:
+    """Profile steps ``first`` to ``first + count - 1`` with torch.profiler, each step's phases
+    labelled, and put the summary (``profile_summary``) in ``marks["profile"]``. The steps run
+    after the timed ones: the profiler slows every operation down."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from dreambooth.training import Trainer
+
+    def labelled(function, label):
+        def call(*args, **kwargs):
+            with record_function(label):
+                return function(*args, **kwargs)
+        return call
+
+    original = Trainer.train
+
+    def train(self):
+        self.loss_fn = labelled(self.loss_fn, PHASES["forward"])
+        self.accelerator.backward = labelled(self.accelerator.backward, PHASES["backward"])
+        self._update = labelled(self._update, PHASES["update"])
+        activities = [ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * torch.cuda.is_available()
+        profiler = profile(activities=activities)
+
+        def around(state) -> None:
+            if state.global_step == first - 1:
+                synchronize()
+                marks["profile_start"] = time.perf_counter()
+                profiler.start()
+            elif state.global_step == first + count - 1:
+                synchronize()
+                wall = time.perf_counter() - marks.pop("profile_start")
+                profiler.stop()
+                marks["profile"] = profile_summary(profiler.key_averages(), count, wall)
+
+        self.step_callbacks.append(around)
+        return original(self)
+
+    Trainer.train = train
+
+
+def profile_summary(averages, steps: int, wall_seconds: float, top: int = 12) -> dict:
+    """Per step, in ms: the wall time, the host time inside each phase, the time the device was
+    busy (its kernels' time: work on one stream does not overlap), kernel launches, and the
+    operators that took the most device time (host time on the CPU). The device idles for the
+    wall time minus its busy time: where that is most of the step, the host is the bottleneck."""
+    labels = set(PHASES.values())
+    ops = [event for event in averages if event.key not in labels]
+    device_ms = sum(event.self_device_time_total for event in ops) / 1e3 / steps
+    phases = {phase: next((event.cpu_time_total / 1e3 / steps for event in averages if event.key == label), None)
+              for phase, label in PHASES.items()}
+    launches = sum(event.count for event in ops if "LaunchKernel" in event.key) / steps
+    by_device = device_ms > 0
+    ranked = sorted(ops, key=lambda event: event.self_device_time_total if by_device else event.self_cpu_time_total,
+                    reverse=True)
+    wall_ms = wall_seconds * 1e3 / steps
+    return {
+        "steps": steps, "wall_ms_per_step": wall_ms, "host_ms_per_step": phases,
+        "device_busy_ms_per_step": device_ms if by_device else None,
+        "device_busy_fraction": device_ms / wall_ms if by_device else None,
+        "kernel_launches_per_step": launches if by_device else None,
+        "top_ops": [{"name": event.key, "calls_per_step": event.count / steps,
+                     "self_host_ms_per_step": event.self_cpu_time_total / 1e3 / steps,
+                     "self_device_ms_per_step": event.self_device_time_total / 1e3 / steps}
+                    for event in ranked[:top]],
+    }
+
+
+def summarize_intervals(intervals: list[dict], last_step: int | None = None) -> dict:
+    """Median s/step over the intervals after the first (warm-up, compilation) up to ``last_step``
+    (the profiled steps after it are slower); peak memory over all."""
+    intervals = [interval for interval in intervals if last_step is None or interval["last_step"] <= last_step]
     measured = [interval for interval in intervals if interval["first_step"] > intervals[0]["last_step"]]
     note = None
     if not measured:
@@ -408,6 +486,8 @@ def train_worker(config: BenchConfig, args: argparse.Namespace, workdir: Path) -
     cfg = parse_config(TrainConfig, argv)
     marks: dict = {}
     watch_first_step(marks)
+    if args.profile_steps:
+        watch_profiled_steps(args.steps + 1, args.profile_steps, marks)
     # The final save (a 2 GB pipeline), model card and loss plot are not training speed.
     train_dreambooth.finish = lambda *unused, **unused_too: None
     start = time.perf_counter()
@@ -415,7 +495,8 @@ def train_worker(config: BenchConfig, args: argparse.Namespace, workdir: Path) -
     run_seconds = time.perf_counter() - start
     intervals = trainer.metrics.intervals
     result = {"config": config.name, "argv": argv, "run_seconds": run_seconds, **marks,
-              **summarize_intervals(intervals), "final_loss": trainer.metrics.history[-1][1], "intervals": intervals}
+              **summarize_intervals(intervals, args.steps), "final_loss": trainer.metrics.history[-1][1],
+              "intervals": intervals}
     device = trainer.accelerator.device
     flops = cached_unet_flops(cfg, device, trainer.accelerator.mixed_precision, workdir / "unet_flops.json")
     tflops = flops / 1e12 / result["seconds_per_step"]
@@ -651,6 +732,30 @@ def table(results: dict[str, dict]) -> str:
                      for row in rows)
 
 
+def profile_lines(results: dict[str, dict]) -> str:
+    """The profiled steps of each config: where a step's time goes, and its heaviest operators."""
+    profiled = {name: result["profile"] for name, result in results.items() if result.get("profile")}
+    if not profiled:
+        return ""
+    rows = [("config", "wall", *PHASES, "device busy", "busy %", "launches")]
+    for name, found in profiled.items():
+        busy = found["device_busy_fraction"]
+        rows.append((name, fmt(found["wall_ms_per_step"], ".1f"),
+                     *(fmt(found["host_ms_per_step"][phase], ".1f") for phase in PHASES),
+                     fmt(found["device_busy_ms_per_step"], ".1f"), fmt(busy and 100 * busy, ".0f"),
+                     fmt(found["kernel_launches_per_step"], ".0f")))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    steps = next(iter(profiled.values()))["steps"]
+    lines = [f"profile of {steps} steps after the timed ones (ms per step; each phase's host time, "
+             "the device's busy time, kernel launches):"]
+    lines += ["  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
+    for name, found in profiled.items():
+        column = "self_device_ms_per_step" if found["device_busy_ms_per_step"] else "self_host_ms_per_step"
+        lines.append(f"  {name} heaviest ({column.split('_')[1]} ms/step): " + ", ".join(
+            f"{op['name']} {op[column]:.1f}" for op in found["top_ops"][:6]))
+    return "\n".join(lines)
+
+
 def check_goals(results: dict[str, dict], generation: dict | None) -> list[dict]:
     """Each goal met or not met, for the configs that ran."""
     checks = []
@@ -773,6 +878,8 @@ def write_summary(summary: dict, output: Path) -> None:
 def report(summary: dict) -> None:
     print()
     print(table(summary["configs"]))
+    if profile_lines(summary["configs"]):
+        print(profile_lines(summary["configs"]))
     if summary["generation"]:
         print(generation_lines(summary["generation"]))
     if summary["goal_checks"]:

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_tiny_benchmark_writes_results_for_each_config(tmp_path):
     output = tmp_path / "results.json"
     command = [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--tiny", "--cpu", "--configs", "C1,L1",
-               "--steps", "6", "--extra_flags=--logging_steps 3", "--gen", "--gen_images", "4", "--gen_batch_size", "2",
+               "--steps", "6", "--profile_steps", "2", "--extra_flags=--logging_steps 3", "--gen", "--gen_images", "4", "--gen_batch_size", "2",
                "--gen_variants", "default,no_channels_last", "--output", str(output)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     finished = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -37,10 +37,16 @@ def test_tiny_benchmark_writes_results_for_each_config(tmp_path):
         assert config["peak_memory_gib"] is None and config["mfu"] is None  # CUDA only
         for flag in flags:
             assert flag in config["flags"] and flag in config["argv"]
-        assert config["argv"][config["argv"].index("--max_train_steps") + 1] == "6"
+        assert config["argv"][config["argv"].index("--max_train_steps") + 1] == "8"  # 6 timed + 2 profiled
+        profile = config["profile"]
+        assert profile["steps"] == 2 and profile["device_busy_ms_per_step"] is None  # no device on the CPU
+        phases = profile["host_ms_per_step"]
+        assert set(phases) == {"forward", "backward", "update"} and all(ms > 0 for ms in phases.values())
+        assert sum(phases.values()) < profile["wall_ms_per_step"]  # the phases are parts of the step
+        assert profile["top_ops"][0]["name"].startswith("aten::") and profile["top_ops"][0]["calls_per_step"] >= 1
     # LoRA trains no weight gradients of the base UNet: fewer FLOPs than the full fine-tune.
     assert results["configs"]["L1"]["unet_tflop_per_step"] < results["configs"]["C1"]["unet_tflop_per_step"]
-    assert "C1" in finished.stdout and "s/step" in finished.stdout
+    assert "C1" in finished.stdout and "s/step" in finished.stdout and "C1 heaviest" in finished.stdout
 
     generation = results["generation"]
     assert set(generation["suite"]) == {"default", "no_channels_last"} and generation["best"] in generation["suite"]
