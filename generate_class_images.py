@@ -7,9 +7,18 @@ any number of processes (on a CPU, at the same thread count). Each image records
 seed and settings in its PNG text; images recording another prompt than --class_prompt (the
 flag changed since) are warned about, as they still count.
 
+With --concepts_list (the file train_dreambooth.py reads), every concept's class folder is filled
+with its class prompt and count, as training would fill it: given the same --seed, --resolution,
+--sample_batch_size and --prior_generation_precision as the training run, the same files, which
+training then finds complete. Concept k > 0 draws from seeds of its own, (--seed, i, k).
+
 Single GPU or CPU:
     python generate_class_images.py --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
         --class_prompt "a photo of a dog" --class_data_dir class-dog --num_class_images 200
+
+Every concept of a multi-concept run:
+    python generate_class_images.py --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
+        --concepts_list concepts.yaml --resolution 512
 
 Several GPUs (each process makes its own share):
     accelerate launch --num_processes 4 generate_class_images.py --class_prompt "a photo of a dog" ...
@@ -22,22 +31,24 @@ from typing import Sequence
 
 from dreambooth.cli import run_cli, setup_logging
 from dreambooth.config import GenerateClassImagesConfig, parse_config
-from dreambooth.generation import ClassImageJob, generate_class_images
+from dreambooth.generation import class_image_jobs, generate_class_images
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     cfg = parse_config(GenerateClassImagesConfig, argv, __doc__)
     cfg.validate()
-    job = ClassImageJob(
-        model=cfg.pretrained_model_name_or_path, class_prompt=cfg.class_prompt, class_data_dir=cfg.class_data_dir,
-        num_class_images=cfg.num_class_images, resolution=cfg.resolution, sample_batch_size=cfg.sample_batch_size,
-        num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale, scheduler=cfg.scheduler,
-        precision=cfg.prior_generation_precision, seed=cfg.seed, revision=cfg.revision, variant=cfg.variant,
-        channels_last=cfg.channels_last, compile=cfg.compile,
+    jobs = class_image_jobs(
+        cfg.concepts(), model=cfg.pretrained_model_name_or_path, resolution=cfg.resolution,
+        sample_batch_size=cfg.sample_batch_size, num_inference_steps=cfg.num_inference_steps,
+        guidance_scale=cfg.guidance_scale, scheduler=cfg.scheduler, precision=cfg.prior_generation_precision,
+        seed=cfg.seed, revision=cfg.revision, variant=cfg.variant, channels_last=cfg.channels_last, compile=cfg.compile,
     )
-    written = generate_class_images(job)
-    print(f"{cfg.class_data_dir}: {written} new class image(s) from this process, {cfg.num_class_images} wanted")
+    written = 0
+    for job in jobs:
+        made = generate_class_images(job)
+        print(f"{job.class_data_dir}: {made} new class image(s) from this process, {job.num_class_images} wanted")
+        written += made
     return written
 
 

@@ -43,7 +43,7 @@ from dreambooth.concepts import build_dataloader, training_items
 from dreambooth.data import DreamBoothDataset
 from dreambooth.engine import create_accelerator, with_engine_defaults
 from dreambooth.errors import DreamBoothError
-from dreambooth.generation import ClassImageJob, generate_class_images
+from dreambooth.generation import class_image_jobs, generate_class_images
 from dreambooth.hub import card_info_from_config, push_output, write_model_card
 from dreambooth.lora import add_lora_adapters, load_lora_into, save_lora
 from dreambooth.models import (
@@ -81,13 +81,12 @@ logger = logging.getLogger("dreambooth.train")
 
 def top_up_class_images(cfg: TrainConfig, accelerator) -> None:
     """Generate the class images missing from each concept's class folder, split across processes."""
-    for concept in cfg.concepts():
-        job = ClassImageJob(
-            model=cfg.pretrained_model_name_or_path, class_prompt=concept.class_prompt,
-            class_data_dir=concept.class_data_dir, num_class_images=concept.num_class_images,
-            resolution=cfg.resolution, sample_batch_size=cfg.sample_batch_size,
-            precision=cfg.prior_generation_precision, seed=cfg.seed or 0, revision=cfg.revision, variant=cfg.variant,
-        )
+    jobs = class_image_jobs(
+        cfg.concepts(), model=cfg.pretrained_model_name_or_path, resolution=cfg.resolution,
+        sample_batch_size=cfg.sample_batch_size, precision=cfg.prior_generation_precision, seed=cfg.seed or 0,
+        revision=cfg.revision, variant=cfg.variant,
+    )
+    for job in jobs:
         generate_class_images(job, accelerator.state)
 
 

@@ -116,25 +116,15 @@ def check_concepts(concepts: Sequence[Concept], with_prior_preservation: bool, c
         warn_once(f"--concepts_list {concepts_list}: the class_data_dir and class_prompt of concepts "
                   f"{', '.join(with_classes)} are used only with --with_prior_preservation; training without class images")
     seen: dict[Path, int] = {}
-    class_folders: dict[Path, int] = {}
-    instance_folders = {Path(concept.instance_data_dir).resolve(): number for number, concept in enumerate(concepts)
-                        if concept.instance_data_dir is not None}
     for number, concept in enumerate(concepts):
-        def named(key: str, value: Any) -> str:
-            if concepts_list is None:
-                return f"--{key} {value}"
-            return f"--concepts_list {concepts_list}, concept {number}: {key} {value}"
-
-        def problem(key: str, value: Any, text: str) -> DreamBoothError:
-            return DreamBoothError(f"{named(key, value)}: {text}")
-
+        problem = _problem_of(concepts_list, number)
         if not str(concept.instance_prompt).strip():
             raise problem("instance_prompt", repr(concept.instance_prompt), "must not be empty")
         if concept.repeats < 1:
             raise problem("repeats", concept.repeats, "must be at least 1")
         if concept.instance_data_dir is not None:
             folder = Path(concept.instance_data_dir).resolve()
-            kind = path_kind(folder, named("instance_data_dir", concept.instance_data_dir))
+            kind = path_kind(folder, _named(concepts_list, number, "instance_data_dir", concept.instance_data_dir))
             if kind != "folder":
                 raise problem("instance_data_dir", concept.instance_data_dir,
                               "folder not found" if kind is None else "a file; give the folder that holds the images")
@@ -142,8 +132,19 @@ def check_concepts(concepts: Sequence[Concept], with_prior_preservation: bool, c
                 raise problem("instance_data_dir", concept.instance_data_dir,
                               f"also concept {seen[folder]}'s; give each folder once (use repeats to weight it)")
             seen[folder] = number
-        if not with_prior_preservation:
-            continue
+    if with_prior_preservation:
+        check_class_folders(concepts, concepts_list)
+
+
+def check_class_folders(concepts: Sequence[Concept], concepts_list: str | None) -> None:
+    """What prior preservation needs of each concept, checked before any class image is made: a class
+    folder and prompt, a count, a folder shared only with the same prompt and no instance folder. The
+    instance folders need not exist (generate_class_images.py may run where they are not)."""
+    class_folders: dict[Path, int] = {}
+    instance_folders = {Path(concept.instance_data_dir).resolve(): number for number, concept in enumerate(concepts)
+                        if concept.instance_data_dir is not None}
+    for number, concept in enumerate(concepts):
+        problem = _problem_of(concepts_list, number)
         for key in ("class_data_dir", "class_prompt"):
             if not str(getattr(concept, key) or "").strip():
                 raise (DreamBoothError(f"--with_prior_preservation needs --{key}") if concepts_list is None
@@ -165,6 +166,21 @@ def check_concepts(concepts: Sequence[Concept], with_prior_preservation: bool, c
             raise problem("class_data_dir", concept.class_data_dir,
                           f"also {whose}; generated class images would train as the subject, so give them a "
                           "folder of their own")
+
+
+def _named(concepts_list: str | None, number: int, key: str, value: Any) -> str:
+    """A concept's setting as errors name it: the single-concept flag, or the list file and concept."""
+    if concepts_list is None:
+        return f"--{key} {value}"
+    return f"--concepts_list {concepts_list}, concept {number}: {key} {value}"
+
+
+def _problem_of(concepts_list: str | None, number: int):
+    """A maker of one-line errors about concept ``number``'s settings."""
+    def problem(key: str, value: Any, text: str) -> DreamBoothError:
+        return DreamBoothError(f"{_named(concepts_list, number, key, value)}: {text}")
+
+    return problem
 
 
 def compose_prompt(instance_prompt: str, caption: str | None) -> str:

@@ -524,10 +524,7 @@ class TrainConfig:
             raise DreamBoothError("--instance_data_dir is required (or --dataset_name, or --concepts_list)")
         if len(given) > 1:
             raise DreamBoothError(f"give one of {' and '.join(given)}, not both")
-        for flag in ("instance_prompt", "class_data_dir", "class_prompt"):
-            if self.concepts_list and getattr(self, flag):
-                raise DreamBoothError(f"--{flag}: a --concepts_list gives each concept its own; set {flag} in "
-                                      f"{self.concepts_list} and leave out the flag")
+        refuse_beside_concepts_list(self, ("instance_prompt", "class_data_dir", "class_prompt"))
         if not self.concepts_list and (not self.instance_prompt or not self.instance_prompt.strip()):
             raise DreamBoothError("--instance_prompt is required and must not be empty")
         if self.repeats < 1:
@@ -648,6 +645,14 @@ SCHEDULER_NAMES = ("dpm++", "unipc", "ddim", "euler", "euler_a", "pndm", "ddpm")
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 
 
+def refuse_beside_concepts_list(cfg: Any, flags: Sequence[str]) -> None:
+    """Flags that name one concept are refused beside a --concepts_list, not ignored."""
+    for flag in flags:
+        if cfg.concepts_list and getattr(cfg, flag):
+            raise DreamBoothError(f"--{flag}: a --concepts_list gives each concept its own; set {flag} in "
+                                  f"{cfg.concepts_list} and leave out the flag")
+
+
 def _check_class_folder(folder: str, num_class_images: int) -> None:
     """A class folder that class images will be generated into must take them: found now, not after a
     first batch was generated."""
@@ -678,14 +683,20 @@ def check_writable_dir(path: str, flag: str) -> Path:
 class GenerateClassImagesConfig:
     """Flags of generate_class_images.py."""
 
-    PATH_FIELDS = ("pretrained_model_name_or_path", "class_data_dir")  # ~ is the home folder in them
+    PATH_FIELDS = ("pretrained_model_name_or_path", "class_data_dir", "concepts_list")  # ~ is the home folder in them
 
     pretrained_model_name_or_path: Optional[str] = _field(None, "Base model: a diffusers folder or a Hub id (required).")
     revision: Optional[str] = _field(None, "Revision of the base model on the Hub.")
     variant: Optional[str] = _field(None, "Weight file variant of the base model, e.g. fp16.")
-    class_prompt: Optional[str] = _field(None, "Prompt for the class, e.g. 'a photo of a dog' (required).")
-    class_data_dir: Optional[str] = _field(None, "Folder to fill with class images (required).")
-    num_class_images: int = _field(100, "Images wanted in the folder; only the missing ones are generated.")
+    class_prompt: Optional[str] = _field(
+        None, "Prompt for the class, e.g. 'a photo of a dog' (required, unless --concepts_list).")
+    class_data_dir: Optional[str] = _field(None, "Folder to fill with class images (required, unless --concepts_list).")
+    concepts_list: Optional[str] = _field(
+        None, "A --concepts_list file of train_dreambooth.py: fill every concept's class_data_dir with its "
+        "class_prompt, as training would, instead of --class_prompt and --class_data_dir."
+    )
+    num_class_images: int = _field(100, "Images wanted in the folder; only the missing ones are generated "
+                                   "(also each --concepts_list concept's that sets none).")
     sample_batch_size: int = _field(4, "Images per pipeline call.")
     resolution: Optional[int] = _field(
         None, "Image size in pixels (multiple of 8; default: the model's, 512 for SD 1.x, 768 for SD 2.x 768-v)."
@@ -696,7 +707,8 @@ class GenerateClassImagesConfig:
     prior_generation_precision: Optional[Literal["no", "fp32", "fp16", "bf16"]] = _field(
         None, "Precision (default or no: fp16 on GPU, fp32 on CPU)."
     )
-    seed: int = _field(0, "Base seed; image i uses a seed derived from (seed, i).")
+    seed: int = _field(0, "Base seed; image i uses a seed derived from (seed, i), and that of --concepts_list "
+                       "concept k > 0 one from (seed, i, k).")
     channels_last: bool = _field(
         True, "Keep the UNet and VAE in channels_last memory format (1.3x the images/s on an H200; "
         "--no_channels_last keeps the default layout)."
@@ -708,10 +720,14 @@ class GenerateClassImagesConfig:
 
     def validate(self) -> None:
         from .bases import check_base_model
+        from .concepts import check_class_folders
 
-        for flag in ("pretrained_model_name_or_path", "class_prompt", "class_data_dir"):
+        required = ("pretrained_model_name_or_path",) if self.concepts_list else (
+            "pretrained_model_name_or_path", "class_prompt", "class_data_dir")
+        for flag in required:
             if not getattr(self, flag) or not str(getattr(self, flag)).strip():
                 raise DreamBoothError(f"--{flag} is required")
+        refuse_beside_concepts_list(self, ("class_prompt", "class_data_dir"))
         check_base_model(self.pretrained_model_name_or_path, revision=self.revision, variant=self.variant)
         _check_generation_numbers(self.resolution, self.num_inference_steps, self.scheduler)
         for name in ("num_class_images", "sample_batch_size"):
@@ -719,7 +735,24 @@ class GenerateClassImagesConfig:
                 raise DreamBoothError(f"--{name} {getattr(self, name)}: must be at least 1")
         if self.compile:
             check_compile_support()
-        check_writable_dir(self.class_data_dir, "--class_data_dir")
+        concepts = self.concepts()
+        if self.concepts_list:
+            # What training with --with_prior_preservation asks of the list's class folders; the
+            # instance folders may be on another machine.
+            check_class_folders(concepts, self.concepts_list)
+        for concept in concepts:
+            check_writable_dir(concept.class_data_dir, "--class_data_dir")
+
+    def concepts(self) -> list:
+        """The concepts whose class folders to fill: the --concepts_list file's, read as
+        train_dreambooth.py reads it, or the one of --class_prompt and --class_data_dir (with no
+        instance prompt: class images need none)."""
+        from .concepts import Concept, load_concepts_list
+
+        if self.concepts_list:
+            return load_concepts_list(self.concepts_list, self.num_class_images)
+        return [Concept("", class_data_dir=self.class_data_dir, class_prompt=self.class_prompt,
+                        num_class_images=self.num_class_images)]
 
 
 def _check_generation_numbers(resolution: int | None, steps: int, scheduler: str,

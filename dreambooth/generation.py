@@ -12,7 +12,7 @@ import re
 import warnings
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -265,7 +265,8 @@ _CLASS_IMAGE_NAME = re.compile(r"^(\d+)-[0-9a-f]{12}\.png$")
 @dataclass(frozen=True)
 class ClassImageJob:
     """Top ``class_data_dir`` up to ``num_class_images`` images of ``class_prompt``. Each image
-    records its prompt and settings in its PNG text."""
+    records its prompt and settings in its PNG text. Image i is drawn from
+    ``class_image_seed(seed, i, concept)``."""
 
     model: str
     class_prompt: str
@@ -283,6 +284,34 @@ class ClassImageJob:
     channels_last: bool = True  # 1.3x the images/s of the default layout on an H200 (benchmarks/RESULTS.md)
     compile: bool = False
     negative_prompt: str | None = None
+    concept: int = 0  # the place in its --concepts_list of the first concept with this class folder
+
+
+def class_image_seed(seed: int, index: int, concept: int = 0) -> int:
+    """The seed of class image ``index`` of the concept at place ``concept`` of a --concepts_list.
+    Concept 0, and so a single-concept run, draws the seeds (seed, index) that every class image was
+    drawn from before concepts had seeds of their own, so a folder made then is made again the same.
+    Every other concept draws from (seed, index, concept): class image i of a dog and of a cat no
+    longer start from the same noise (and come out with the same composition)."""
+    return derived_seed(seed, index) if concept == 0 else derived_seed(seed, index, concept)
+
+
+def class_image_jobs(concepts: Sequence, **settings) -> list[ClassImageJob]:
+    """The class images of a run's concepts (``Concept``s of dreambooth/concepts.py), one job per class
+    folder: its prompt, and the largest count of the concepts that share it (they all train on its
+    first images), drawn from the seeds of the first of them. ``settings`` are the other
+    ``ClassImageJob`` fields, the same for every folder. train_dreambooth.py tops its class folders up
+    with these jobs and generate_class_images.py fills them, so either makes the same files."""
+    jobs: dict[Path, ClassImageJob] = {}
+    for number, concept in enumerate(concepts):
+        folder = Path(concept.class_data_dir).resolve()
+        shared = jobs.get(folder)
+        if shared is None:
+            jobs[folder] = ClassImageJob(class_prompt=concept.class_prompt, class_data_dir=concept.class_data_dir,
+                                         num_class_images=concept.num_class_images, concept=number, **settings)
+        elif concept.num_class_images > shared.num_class_images:
+            jobs[folder] = replace(shared, num_class_images=concept.num_class_images)
+    return list(jobs.values())
 
 
 def _scan_class_folder(folder: Path, remove_corrupt: bool) -> tuple[list[Path], set[int]]:
@@ -479,7 +508,7 @@ def _run_class_batches(job: ClassImageJob, batches: list[list[int]], state) -> i
     with ThreadPoolExecutor(_WRITER_THREADS, thread_name_prefix="class-image-writer") as writer:
         pending: deque[Future] = deque()
         for batch in batches:
-            seeds = [derived_seed(job.seed, index) for index in batch]
+            seeds = [class_image_seed(job.seed, index, job.concept) for index in batch]
             images = generate(pipeline, job.class_prompt, seeds, size, size,
                               job.num_inference_steps, job.guidance_scale, job.negative_prompt)
             for index, seed, image in zip(batch, seeds, images):

@@ -352,3 +352,136 @@ def test_speed_flags_make_the_same_images(tiny_model, tmp_path, flag):
     assert len(plain) == len(fast) == 4
     # Other kernels round differently: a pixel may move by a level or two, the picture not at all.
     assert max(int(np.abs(a - b).max()) for a, b in zip(plain, fast)) <= 2
+
+
+# ---------------------------------------------------------------- several concepts (--concepts_list)
+
+# The seeds of class images 0 and 1 of a single-concept run at --seed 0 (derived_seed(0, i)), as the
+# suite has drawn them all along: folders made before stay reproducible.
+SINGLE_CONCEPT_SEEDS = [2968811710, 3964924996]
+
+
+def recorded_seeds(folder: Path) -> list[int]:
+    """The seed each class image of ``folder`` records, in the order of the images' indices."""
+    return [int(Image.open(path).text["seed"]) for path in sorted(folder.glob("0*.png"))]
+
+
+def concepts_file(path: Path, *concepts: tuple[str, Path, int]) -> str:
+    """A --concepts_list of (class prompt, class folder, count); the instance folders need not exist
+    on a machine that only makes class images."""
+    import yaml
+
+    path.write_text(yaml.safe_dump([
+        {"instance_data_dir": str(path.parent / f"photos-{number}"), "instance_prompt": f"a photo of sks{number} thing",
+         "class_prompt": prompt, "class_data_dir": str(folder), "num_class_images": count}
+        for number, (prompt, folder, count) in enumerate(concepts)]))
+    return str(path)
+
+
+def list_args(model: str, concepts_list: str, *extra: str) -> list[str]:
+    return ["--pretrained_model_name_or_path", model, "--concepts_list", concepts_list, "--resolution", "32",
+            "--num_inference_steps", "2", "--sample_batch_size", "2", *extra]
+
+
+def test_single_concept_seeds_are_the_ones_drawn_before_lists_had_seeds_of_their_own(tiny_model, tmp_path):
+    generate_class_images.main(class_args(tiny_model, tmp_path / "class", "--num_class_images", "2"))
+    assert recorded_seeds(tmp_path / "class") == SINGLE_CONCEPT_SEEDS
+
+
+def test_a_concepts_list_fills_each_class_folder_as_training_would(tiny_model, tmp_path, monkeypatch):
+    """Same files (names, pixels, seeds, PNG text) as training's top-up; training then makes none."""
+    from types import SimpleNamespace
+
+    from accelerate import PartialState
+
+    import train_dreambooth
+    from dreambooth import generation
+    from dreambooth.config import TrainConfig, parse_config
+
+    def concepts(where: Path) -> str:
+        return concepts_file(where / "concepts.yaml", ("a photo of a cat", where / "cats", 2),
+                             ("a photo of a dog", where / "dogs", 3))
+
+    def draw(pipeline, *settings, **more):
+        """Images that depend on every setting they are drawn with (the pipeline's 25 denoising steps
+        of 5 images, twice, take a minute here): prompt, seeds, size, steps, guidance."""
+        prompt, seeds, height, width, *rest = settings
+        key = hashlib.sha1(repr((prompt, height, width, rest, sorted(more.items()))).encode()).digest()
+        return [Image.frombytes("RGB", (width, height), np.random.default_rng([seed, *key]).bytes(width * height * 3))
+                for seed in seeds]
+
+    monkeypatch.setattr(generation, "generate", draw)
+    (tmp_path / "script").mkdir()
+    (tmp_path / "training").mkdir()
+    # Training draws its class images at --resolution with the script's defaults otherwise.
+    written = generate_class_images.main(["--pretrained_model_name_or_path", tiny_model, "--resolution", "32",
+                                          "--concepts_list", concepts(tmp_path / "script"), "--seed", "3"])
+    training_flags = ["--pretrained_model_name_or_path", tiny_model, "--resolution", "32", "--seed", "3",
+                      "--with_prior_preservation", "--output_dir", str(tmp_path / "out")]
+    trained = parse_config(TrainConfig, [*training_flags, "--concepts_list", concepts(tmp_path / "training")])
+    train_dreambooth.top_up_class_images(trained, SimpleNamespace(state=PartialState()))
+
+    assert written == 5
+    for name, count in (("cats", 2), ("dogs", 3)):
+        made = contents(tmp_path / "script" / name)
+        assert sorted(generated_indices(made)) == list(range(count))
+        assert made == contents(tmp_path / "training" / name)
+    # A training run over the script's folders finds them complete: it loads no pipeline.
+    monkeypatch.setattr(generation, "load_pipeline", lambda *args, **kwargs: pytest.fail("generated again"))
+    before = {name: contents(tmp_path / "script" / name) for name in ("cats", "dogs")}
+    again = parse_config(TrainConfig, [*training_flags, "--concepts_list", str(tmp_path / "script" / "concepts.yaml")])
+    train_dreambooth.top_up_class_images(again, SimpleNamespace(state=PartialState()))
+    assert {name: contents(tmp_path / "script" / name) for name in ("cats", "dogs")} == before
+
+
+def test_each_concept_draws_its_class_images_from_seeds_of_its_own(tiny_model, tmp_path):
+    # Two subjects of one class, each with a folder of its own: from the same seeds they would be the
+    # same pictures twice, and from one prompt, the same files.
+    listed = concepts_file(tmp_path / "concepts.yaml", ("a photo of a dog", tmp_path / "dogs-a", 2),
+                           ("a photo of a dog", tmp_path / "dogs-b", 2))
+    generate_class_images.main(list_args(tiny_model, listed, "--seed", "0"))
+
+    first, second = recorded_seeds(tmp_path / "dogs-a"), recorded_seeds(tmp_path / "dogs-b")
+    assert first == SINGLE_CONCEPT_SEEDS  # concept 0 keeps the single-concept seeds
+    assert not set(first) & set(second) and len(set(second)) == 2
+    first_images, second_images = pixels(tmp_path / "dogs-a"), pixels(tmp_path / "dogs-b")
+    assert all(np.abs(a - b).mean() > 1 for a, b in zip(first_images, second_images))
+
+
+def test_a_class_folder_shared_by_two_concepts_gets_one_set(tiny_model, tmp_path):
+    # Concepts 1 and 2 share a folder and prompt: one set, the size of the larger count, from the
+    # seeds of concept 1, the first to name the folder.
+    listed = concepts_file(tmp_path / "concepts.yaml", ("a photo of a cat", tmp_path / "cats", 1),
+                           ("a photo of a dog", tmp_path / "dogs", 2), ("a photo of a dog", tmp_path / "dogs", 3))
+    generate_class_images.main(list_args(tiny_model, listed))
+    alone = concepts_file(tmp_path / "alone.yaml", ("a photo of a cat", tmp_path / "cats", 1),  # complete
+                          ("a photo of a dog", tmp_path / "dogs-alone", 3))
+    generate_class_images.main(list_args(tiny_model, alone))
+
+    assert sorted(generated_indices(contents(tmp_path / "dogs"))) == [0, 1, 2]
+    assert contents(tmp_path / "dogs") == contents(tmp_path / "dogs-alone")
+    assert not set(recorded_seeds(tmp_path / "dogs")) & set(recorded_seeds(tmp_path / "cats"))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--class_prompt", "a photo of a cat"],
+     "--class_prompt: a --concepts_list gives each concept its own; set class_prompt in {listed} and leave out the flag"),
+    (["--class_data_dir", "{tmp}/cats"], "--class_data_dir: a --concepts_list gives each concept its own"),
+])
+def test_single_concept_flags_beside_a_list_are_refused(tiny_model, tmp_path, flags, message):
+    listed = concepts_file(tmp_path / "concepts.yaml", ("a photo of a cat", tmp_path / "cats", 1))
+    args = list_args(tiny_model, listed, *[flag.format(tmp=tmp_path) for flag in flags])
+    with pytest.raises(DreamBoothError, match="^" + re.escape(message.format(listed=listed))):
+        generate_class_images.main(args)
+    assert not (tmp_path / "cats").exists()
+
+
+def test_a_list_concept_without_a_class_folder_is_named(tiny_model, tmp_path):
+    import yaml
+
+    listed = tmp_path / "concepts.yaml"
+    listed.write_text(yaml.safe_dump([{"instance_data_dir": "cat", "instance_prompt": "a photo of sks cat",
+                                       "class_prompt": "a photo of a cat"}]))
+    with pytest.raises(DreamBoothError, match=re.escape(
+            f"--concepts_list {listed}, concept 0: class_data_dir (missing): prior preservation needs it")):
+        generate_class_images.main(list_args(tiny_model, str(listed)))

@@ -190,7 +190,7 @@ def _path_flags():
         TrainConfig: ["pretrained_model_name_or_path", "tokenizer_name", "instance_data_dir", "class_data_dir",
                       "concepts_list", "dataset_name", "output_dir", "logging_dir", "resume_from_checkpoint",
                       "eval_dino_model", "eval_clip_model"],
-        GenerateClassImagesConfig: ["pretrained_model_name_or_path", "class_data_dir"],
+        GenerateClassImagesConfig: ["pretrained_model_name_or_path", "class_data_dir", "concepts_list"],
         InferConfig: [*model, "prompts_file", "output_dir"],
         EvaluateConfig: [*model, "generated_dir", "instance_data_dir", "prompts_file", "dino_model", "clip_model",
                          "output_dir"],

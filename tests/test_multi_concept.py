@@ -258,3 +258,30 @@ def test_class_folders_of_a_list_without_prior_preservation_are_named_in_a_warni
     caplog.clear()
     check_concepts(concepts, True, listed)
     assert "training without class images" not in caplog.text
+
+
+def test_the_top_up_draws_each_concept_s_class_images_from_seeds_of_its_own(tiny_model, tmp_path, monkeypatch):
+    from accelerate import PartialState
+
+    from dreambooth import generation
+    from dreambooth.data import derived_seed
+
+    seeds_drawn = {}
+
+    def draw(pipeline, prompt, seeds, height, width, *args, **kwargs):
+        seeds_drawn.setdefault(len(seeds_drawn), list(seeds))
+        return [Image.new("RGB", (width, height), (0, 0, 0)) for _ in seeds]
+
+    monkeypatch.setattr(generation, "generate", draw)
+    concepts = cat_and_dog(tmp_path, cat_classes=0, dog_classes=0)
+    entries = json.loads((tmp_path / "concepts.json").read_text())
+    for entry in entries:  # two subjects of one class, a folder each
+        entry["class_prompt"], entry["num_class_images"] = "a photo of a pet", 3
+    write_list(tmp_path / "concepts.json", entries)
+    cfg = parse_config(TrainConfig, quick(tiny_model, tmp_path, "--concepts_list", concepts, "--with_prior_preservation",
+                                          "--seed", "5"))
+    train_dreambooth.top_up_class_images(cfg, SimpleNamespace(state=PartialState()))
+
+    # Concept 0 keeps the seeds a single-concept run draws; concept 1's noise is its own.
+    assert seeds_drawn[0] == [derived_seed(5, index) for index in range(3)]
+    assert len(set(seeds_drawn[1])) == 3 and not set(seeds_drawn[0]) & set(seeds_drawn[1])
