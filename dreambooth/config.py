@@ -424,8 +424,8 @@ class TrainConfig:
                 "--enable_xformers_memory_efficient_attention: xformers is not installed (pip install xformers, "
                 "matching your torch), or drop the flag to use PyTorch's SDPA attention"
             )
-        if self.use_8bit_adam and not _importable("bitsandbytes"):
-            raise DreamBoothError("--use_8bit_adam: bitsandbytes is not installed (pip install bitsandbytes)")
+        # --use_8bit_adam needs bitsandbytes only on a CUDA GPU (elsewhere torch's AdamW steps): the
+        # engine checks it once the run's device is known (check_cuda_libraries).
         if self.compile_mode not in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
             raise DreamBoothError(f"--compile_mode {self.compile_mode}: choose default, reduce-overhead or max-autotune")
         if self.compile:
