@@ -72,16 +72,21 @@ def check_base_model(source: str, flag: str = "--pretrained_model_name_or_path",
 _PIPELINE_AS_LORA = "a full pipeline, not LoRA weights; pass it as --pretrained_model_name_or_path"
 
 
-def check_lora_source(source: str, flag: str) -> Path:
+def check_lora_source(source: str, flag: str, revision: str | None = None) -> Path:
     """A LoRA is a .safetensors file, or a folder holding pytorch_lora_weights.safetensors (a LoRA run or
-    its checkpoint), or a Hub repo holding that file (a LoRA run uploaded by push_to_hub.py); a pipeline
-    folder or repo given there is a base model. Returns the local file or folder: ``source`` itself, or
-    the cached snapshot of the repo."""
+    its checkpoint), or a Hub repo holding that file (a LoRA run uploaded by push_to_hub.py), at
+    ``revision`` (a branch, tag or commit; the main branch by default); a pipeline folder or repo given
+    there is a base model. Returns the local file or folder: ``source`` itself, or the cached snapshot of
+    the repo."""
     path = Path(source)
     if not path.exists():
         if not _reads_as_hub_id(source):
             raise DreamBoothError(f"{flag} {source}: no such file or folder, and not a Hub id like 'owner/name'")
-        return hub_lora_folder(source, flag)
+        return hub_lora_folder(source, flag, revision)
+    if revision:
+        raise DreamBoothError(f"{flag}_revision {revision} for {flag} {source}, a local "
+                              f"{'folder' if path.is_dir() else 'file'}: only a Hub repo has revisions (drop it, or "
+                              f"give one {flag}_revision per {flag} with '' for a local one)")
     if path.is_dir() and not (path / LORA_WEIGHTS).is_file():
         if (path / "model_index.json").is_file():
             raise DreamBoothError(f"{flag} {source}: {_PIPELINE_AS_LORA}")
@@ -104,27 +109,25 @@ def _reads_as_hub_id(source: str) -> bool:
     return True
 
 
-def hub_lora_folder(repo_id: str, flag: str) -> Path:
-    """The cached snapshot of a LoRA repo, holding its pytorch_lora_weights.safetensors (and the run's
-    train_config.yaml where it has one), fetched once per process, as diffusers' ``load_lora_weights``
-    reads a repo id. A repo without that file is refused with one line."""
+def hub_lora_folder(repo_id: str, flag: str, revision: str | None = None) -> Path:
+    """The cached snapshot of a LoRA repo at ``revision``, holding its pytorch_lora_weights.safetensors
+    (and the run's train_config.yaml where it has one), fetched once per process, as diffusers'
+    ``load_lora_weights`` reads a repo id. A repo without that file is refused with one line."""
     from huggingface_hub import constants
 
-    return _fetch_hub_lora(repo_id, flag, constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE)
+    return _fetch_hub_lora(repo_id, flag, revision, constants.HF_HUB_CACHE, constants.HF_HUB_OFFLINE)
 
 
 @functools.lru_cache(maxsize=None)
-def _fetch_hub_lora(repo_id: str, flag: str, cache_dir: str, offline: bool) -> Path:
+def _fetch_hub_lora(repo_id: str, flag: str, revision: str | None, cache_dir: str, offline: bool) -> Path:
     from huggingface_hub import snapshot_download
-
-    from .models import hub_failure
 
     try:
         # model_index.json only tells a pipeline repo given here: its weights are never fetched.
-        folder = Path(snapshot_download(repo_id, cache_dir=cache_dir,
+        folder = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir,
                                         allow_patterns=[LORA_WEIGHTS, RUN_CONFIG, "model_index.json"]))
     except (OSError, ValueError) as error:
-        raise DreamBoothError(f"{flag} {repo_id}: {hub_failure(error, repo_id) or first_reason(error)}") from None
+        raise DreamBoothError(_hub_lora_failure(error, repo_id, flag, revision)) from None
     if (folder / LORA_WEIGHTS).is_file():
         return folder
     if (folder / "model_index.json").is_file():
@@ -133,6 +136,38 @@ def _fetch_hub_lora(repo_id: str, flag: str, cache_dir: str, offline: bool) -> P
               if offline else "")
     raise DreamBoothError(f"{flag} {repo_id}: the repo has no {LORA_WEIGHTS}{cached}; give a LoRA run's repo "
                           "(as push_to_hub.py uploads it) or a local LoRA .safetensors file")
+
+
+def _hub_lora_failure(error: BaseException, repo_id: str, flag: str, revision: str | None) -> str:
+    """Why a LoRA repo could not be fetched, in one line. Without a revision, ``repo_id`` may as well be
+    a mistyped local path ('runs/sks-dgo'): a repo the Hub (or, offline, the cache) does not have is
+    said beside the missing local folder, so the typo shows whichever was meant."""
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    from .models import hub_failure
+
+    causes, cause = [], error
+    while cause is not None and len(causes) < 10:
+        causes.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    if any(isinstance(cause, RevisionNotFoundError) for cause in causes):
+        if revision is None:
+            return f"{flag} {repo_id}: the repo has no main branch; name a branch, tag or commit with {flag}_revision"
+        return f"{flag}_revision {revision}: no such branch, tag or commit in {repo_id}"
+    if revision is None and not any(isinstance(cause, GatedRepoError) for cause in causes):
+        neither = f"{flag} {repo_id}: no local file or folder of that name, and "
+        if any(isinstance(cause, RepositoryNotFoundError) for cause in causes):
+            return neither + "no such repo on the Hub (check the path or the id; a private repo needs `hf auth login`)"
+        if any(isinstance(cause, (LocalEntryNotFoundError, OfflineModeIsEnabled)) for cause in causes):
+            return neither + ("not in the Hugging Face cache with the Hub unreachable (offline): check the path or "
+                              f"the id, or download the repo first with `hf download {repo_id}`")
+    return f"{flag} {repo_id}: {hub_failure(error, repo_id, revision) or first_reason(error)}"
 
 
 def _weights_problem(folder: Path, variant: str | None) -> str | None:

@@ -424,8 +424,8 @@ class TrainConfig:
                 "--enable_xformers_memory_efficient_attention: xformers is not installed (pip install xformers, "
                 "matching your torch), or drop the flag to use PyTorch's SDPA attention"
             )
-        if self.use_8bit_adam and not _importable("bitsandbytes"):
-            raise DreamBoothError("--use_8bit_adam: bitsandbytes is not installed (pip install bitsandbytes)")
+        # --use_8bit_adam needs bitsandbytes only on a CUDA GPU (elsewhere torch's AdamW steps): the
+        # engine checks it once the run's device is known (check_cuda_libraries).
         if self.compile_mode not in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
             raise DreamBoothError(f"--compile_mode {self.compile_mode}: choose default, reduce-overhead or max-autotune")
         if self.compile:
@@ -800,9 +800,17 @@ class ModelSource:
                              "the model; repeatable.", action="extend")
     lora_scale: list[float] = _field([], "Strength of each --lora (one value for all, or one per --lora; default 1).",
                                      action="extend")
+    lora_revision: list[str] = _field([], "Revision (branch, tag or commit) of each --lora given by Hub repo id "
+                                      "(one value for all, or one per --lora, '' for a local one; default: main).",
+                                      action="extend")
     revision: Optional[str] = _field(None, "Revision of the model on the Hub (with --checkpoint over the base its "
                                            "run recorded, default: the run's).")
     variant: Optional[str] = _field(None, "Weight file variant, e.g. fp16 (with --checkpoint, default: the run's).")
+
+    def lora_revisions(self) -> list[str | None]:
+        """--lora_revision for each --lora: none, one value for all, or one per --lora ('' for none)."""
+        revisions = list(self.lora_revision) * len(self.lora) if len(self.lora_revision) == 1 else self.lora_revision
+        return [revision or None for revision in revisions] or [None] * len(self.lora)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -843,8 +851,12 @@ class InferConfig(ModelSource):
             raise DreamBoothError(f"--prompts_file {self.prompts_file}: file not found")
         if self.num_images_per_prompt < 1:
             raise DreamBoothError(f"--num_images_per_prompt {self.num_images_per_prompt}: must be at least 1")
-        for path in self.lora:
-            check_lora_source(path, "--lora")
+        if self.lora_revision and not self.lora:
+            raise DreamBoothError(f"--lora_revision {' '.join(self.lora_revision)}: needs a --lora given by Hub repo id")
+        if len(self.lora_revision) not in (0, 1, len(self.lora)):
+            raise DreamBoothError(f"--lora_revision: give one value, or one per --lora ({len(self.lora)})")
+        for path, revision in zip(self.lora, self.lora_revisions()):
+            check_lora_source(path, "--lora", revision)
         if len(self.lora_scale) not in (0, 1, len(self.lora)):
             raise DreamBoothError(f"--lora_scale: give one value, or one per --lora ({len(self.lora)})")
         if self.batch_size < 1:
@@ -1027,7 +1039,7 @@ class EvaluateConfig(ModelSource):
             check_encoder_source(getattr(self, flag), f"--{flag}")
         check_device(self.device)
         if self.generated_dir:
-            if self.pretrained_model_name_or_path or self.checkpoint or self.lora:
+            if self.pretrained_model_name_or_path or self.checkpoint or self.lora or self.lora_revision:
                 raise DreamBoothError("give --generated_dir or a model to generate with, not both")
             if not Path(self.generated_dir).is_dir():
                 raise DreamBoothError(f"--generated_dir {self.generated_dir}: folder not found")
@@ -1051,7 +1063,8 @@ class EvaluateConfig(ModelSource):
         """The model and sampler settings as infer.py's config, so both check and load them alike."""
         return InferConfig(
             pretrained_model_name_or_path=self.pretrained_model_name_or_path, checkpoint=self.checkpoint,
-            lora=list(self.lora), lora_scale=list(self.lora_scale), revision=self.revision, variant=self.variant,
+            lora=list(self.lora), lora_scale=list(self.lora_scale), lora_revision=list(self.lora_revision),
+            revision=self.revision, variant=self.variant,
             prompt=["(evaluation prompts)"], num_images_per_prompt=self.num_images_per_prompt, seed=self.seed,
             guidance_scale=self.guidance_scale, num_inference_steps=self.num_inference_steps,
             scheduler=self.scheduler, batch_size=self.batch_size, output_dir=self.output_dir,

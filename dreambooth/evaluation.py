@@ -522,7 +522,7 @@ def describe_run(cfg, encoders: Encoders, generations: Sequence[Generation],
     class_prompts = list(dict.fromkeys(item.prompt for item in generations if not item.subject))
     models = {"generated_dir": cfg.generated_dir} if cfg.generated_dir else {
         "pipeline": cfg.model_source().base_model(), "checkpoint": cfg.checkpoint, "lora": list(cfg.lora),
-        "lora_scale": list(cfg.lora_scale),
+        "lora_scale": list(cfg.lora_scale), "lora_revision": list(cfg.lora_revision),
     }
     return {
         "models": {

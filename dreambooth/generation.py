@@ -144,12 +144,13 @@ def is_full_checkpoint(checkpoint: str | Path) -> bool:
 
 class InferenceLora(NamedTuple):
     """A LoRA over the sampled model: the flag that gave it, its local file or folder, its strength, and
-    the Hub repo it was fetched from (whose name names it in the images' metadata)."""
+    the Hub repo it was fetched from (whose name names it in the images' metadata) at its revision."""
 
     flag: str
     path: Path
     scale: float
     repo_id: str | None = None
+    revision: str | None = None
 
 
 def inference_loras(cfg) -> list[InferenceLora]:
@@ -159,9 +160,10 @@ def inference_loras(cfg) -> list[InferenceLora]:
     # A LoRA run's checkpoint is an adapter at full strength; --lora_scale is for the --lora files.
     loras = ([InferenceLora("--checkpoint", Path(cfg.checkpoint), 1.0)]
              if cfg.checkpoint and not is_full_checkpoint(cfg.checkpoint) else [])
-    for source, scale in zip(cfg.lora, lora_scales(cfg.lora_scale, len(cfg.lora))):
-        path = check_lora_source(source, "--lora")
-        loras.append(InferenceLora("--lora", path, scale, None if Path(source).exists() else source))
+    for source, scale, revision in zip(cfg.lora, lora_scales(cfg.lora_scale, len(cfg.lora)), cfg.lora_revisions()):
+        path = check_lora_source(source, "--lora", revision)
+        from_hub = not Path(source).exists()
+        loras.append(InferenceLora("--lora", path, scale, source if from_hub else None, revision))
     return loras
 
 
@@ -187,7 +189,8 @@ def describe_weights(cfg, pipeline) -> Weights:
     checkpoint = model_label(cfg.checkpoint) if cfg.checkpoint else None
     return Weights(model=checkpoint if checkpoint and is_full_checkpoint(cfg.checkpoint) else base, base_model=base,
                    dtype=dtype_name(pipeline.unet.dtype), checkpoint=checkpoint,
-                   loras=tuple(LoraUse.of(lora.path, lora.scale, lora.repo_id) for lora in inference_loras(cfg)))
+                   loras=tuple(LoraUse.of(lora.path, lora.scale, lora.repo_id, lora.revision)
+                               for lora in inference_loras(cfg)))
 
 
 def release(pipeline) -> None:

@@ -57,22 +57,24 @@ def lora_hash(file: str | Path) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class LoraUse:
-    """One LoRA over the model: its name, strength and A1111 short hash, and the Hub repo it came from."""
+    """One LoRA over the model: its name, strength and A1111 short hash, and the Hub repo it came from,
+    with the revision asked for (--lora_revision; none for the main branch)."""
 
     name: str
     scale: float
     hash: str
     repo: Optional[str] = None
+    revision: Optional[str] = None
 
     @classmethod
-    def of(cls, path: str | Path, scale: float, repo_id: str | None = None) -> LoraUse:
-        """The LoRA at ``path``: a local file or folder, or the cached snapshot of the Hub repo ``repo_id``,
-        hashed alike (the snapshot's file is the repo's file)."""
+    def of(cls, path: str | Path, scale: float, repo_id: str | None = None, revision: str | None = None) -> LoraUse:
+        """The LoRA at ``path``: a local file or folder, or the cached snapshot of the Hub repo ``repo_id``
+        at ``revision``, hashed alike (the snapshot's file is the repo's file)."""
         from .lora import LORA_WEIGHTS
 
         path = Path(path)
         name = repo_id.rsplit("/", 1)[-1] if repo_id else lora_name(path)
-        return cls(name, float(scale), lora_hash(path / LORA_WEIGHTS if path.is_dir() else path), repo_id)
+        return cls(name, float(scale), lora_hash(path / LORA_WEIGHTS if path.is_dir() else path), repo_id, revision)
 
 
 @dataclasses.dataclass(frozen=True)

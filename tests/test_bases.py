@@ -3,13 +3,17 @@ with one line saying what to pass instead; our own full run is a base; SD 2.x v-
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch
 import yaml
+from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+from PIL import Image
 from safetensors.torch import load_file, safe_open, save_file
 
 import evaluate
@@ -17,7 +21,7 @@ import export
 import generate_class_images
 import infer
 import train_dreambooth
-from conftest import HUB_ID, train_args, write_to_hub_cache
+from conftest import HUB_ID, HUB_LORA, one_thread, train_args, write_to_hub_cache
 from dreambooth.errors import DreamBoothError
 
 
@@ -324,3 +328,126 @@ def test_v_prediction_end_to_end(tiny_model_v, instance_dir, tmp_path, monkeypat
         assert opened.metadata()["modelspec.prediction_type"] == "v"
     # The tiny model's text encoder has SD 1.x's layout, which single-file loaders read as epsilon.
     assert "predicts v, but single-file loaders assume epsilon" in caplog.text
+
+
+# ---------------------------------------------------------------- --lora from the Hub, --lora_revision
+
+
+http_client = importlib.import_module("httpx2" if int(huggingface_hub.__version__.split(".")[0]) >= 2 else "httpx")
+
+
+def hub_error(kind, status: int):
+    request = http_client.Request("GET", "https://huggingface.co/api/models/runs/sks-dgo")
+    return kind(f"{status} Client Error", response=http_client.Response(status, request=request))
+
+
+@pytest.fixture
+def lora_fetches():
+    """Each test fetches its Hub LoRAs afresh (a process fetches a repo once)."""
+    from dreambooth.bases import _fetch_hub_lora
+
+    _fetch_hub_lora.cache_clear()
+    yield
+    _fetch_hub_lora.cache_clear()
+
+
+def draw_with_loras(model: str, lora_flags: list[str], output: Path) -> Path:
+    with one_thread():
+        return infer.main(["--pretrained_model_name_or_path", model, *lora_flags, "--prompt", "a sks toy",
+                           "--height", "32", "--width", "32", "--num_inference_steps", "2",
+                           "--num_images_per_prompt", "1", "--seed", "0", "--output_dir", str(output)])[0]
+
+
+def test_lora_revision_reaches_the_hub_download_and_the_images_metadata(tiny_model, hub_lora, tmp_path, monkeypatch,
+                                                                        lora_fetches):
+    from dreambooth.image_metadata import lora_hash
+    from dreambooth.lora import LORA_WEIGHTS
+
+    downloads = []
+
+    def snapshot_download(repo_id, **kwargs):
+        downloads.append((repo_id, kwargs.get("revision")))
+        return str(hub_lora)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    # A local LoRA beside the Hub one takes '' (no revision) in its place.
+    image = draw_with_loras(tiny_model, ["--lora", str(hub_lora), "--lora", HUB_LORA, "--lora_scale", "0.5", "0.8",
+                                         "--lora_revision", "", "v1.0"], tmp_path / "samples")
+    assert set(downloads) == {(HUB_LORA, "v1.0")}
+    short_hash = lora_hash(hub_lora / LORA_WEIGHTS)
+    assert json.loads(Image.open(image).text["loras"]) == [
+        {"name": "sks-toy-lora", "scale": 0.5, "hash": short_hash},
+        {"name": "sks-toy-lora", "scale": 0.8, "hash": short_hash, "repo": HUB_LORA, "revision": "v1.0"}]
+
+
+def test_evaluate_passes_lora_revision_to_its_model_and_records_it():
+    from types import SimpleNamespace
+
+    from dreambooth.config import EvaluateConfig
+    from dreambooth.evaluation import Generation, describe_run
+
+    cfg = EvaluateConfig(pretrained_model_name_or_path=HUB_ID, lora=["sks-toy-lora", HUB_LORA], lora_revision=["", "v1.0"])
+    assert cfg.model_source().lora_revisions() == [None, "v1.0"]
+    encoder = SimpleNamespace(name="encoder", preprocessing=lambda: "", variant=lambda: "")
+    drawn = [Generation(Image.new("RGB", (32, 32)), "a sks toy", 0)]
+    models = describe_run(cfg, SimpleNamespace(dino=encoder, clip=encoder), drawn, 0)["models"]
+    assert (models["lora"], models["lora_revision"]) == (["sks-toy-lora", HUB_LORA], ["", "v1.0"])
+
+
+def test_lora_revision_is_read_from_the_cache_offline(hub_cache, hub_lora, lora_fetches):
+    """Offline, a branch or commit of the cached repo is its snapshot; another revision is not there."""
+    from dreambooth.bases import check_lora_source
+
+    snapshot = hub_cache / f"models--{HUB_LORA.replace('/', '--')}" / "snapshots" / ("e" * 40)
+    assert check_lora_source(HUB_LORA, "--lora", "main") == snapshot
+    assert check_lora_source(HUB_LORA, "--lora", "e" * 40) == snapshot
+    with pytest.raises(DreamBoothError, match=rf"^--lora {HUB_LORA}: not fully in the Hugging Face cache at revision "
+                                              rf"v2 .*offline.*`hf download {HUB_LORA} --revision v2`$"):
+        check_lora_source(HUB_LORA, "--lora", "v2")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lora", "LOCAL", "--lora_revision", "v1"],
+     r"--lora_revision v1 for --lora .*sks-toy-lora, a local folder: only a Hub repo has revisions \(drop it, "
+     r"or give one --lora_revision per --lora with '' for a local one\)"),
+    (["--lora", "LOCAL", "--lora", HUB_LORA, "--lora_revision", "v1"],  # one value is for every --lora
+     r"--lora_revision v1 for --lora .*sks-toy-lora, a local folder: .*"),
+    (["--lora", "LOCAL", "--lora", HUB_LORA, "--lora_revision", "a", "b", "c"],
+     r"--lora_revision: give one value, or one per --lora \(2\)"),
+    (["--lora_revision", "v1"], r"--lora_revision v1: needs a --lora given by Hub repo id"),
+], ids=["local", "one-for-every-lora", "count", "no-lora"])
+def test_lora_revision_beside_a_local_lora_or_without_one_is_one_line(tiny_model, hub_lora, tmp_path, flags, message,
+                                                                      no_loading):
+    flags = [str(hub_lora) if flag == "LOCAL" else flag for flag in flags]
+    with pytest.raises(DreamBoothError, match=f"^{message}$"):
+        infer.main(["--pretrained_model_name_or_path", tiny_model, *flags, "--prompt", "x",
+                    "--output_dir", str(tmp_path / "samples")])
+
+
+def test_a_mistyped_lora_path_that_reads_as_a_hub_id_says_both(hub_cache, tmp_path, monkeypatch, lora_fetches):
+    """'runs/sks-dgo' for runs/sks-dog: no such folder here, and no such repo on the Hub (or in the cache
+    offline), said together, so that the typo shows whichever was meant."""
+    from dreambooth.bases import check_lora_source
+
+    with pytest.raises(DreamBoothError, match=r"^--lora runs/sks-dgo: no local file or folder of that name, and "
+                                              r"not in the Hugging Face cache with the Hub unreachable \(offline\): "
+                                              r"check the path or the id, or download the repo first with "
+                                              r"`hf download runs/sks-dgo`$"):
+        check_lora_source("runs/sks-dgo", "--lora")
+
+    def fails(error):
+        def snapshot_download(repo_id, **kwargs):
+            raise error
+        monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+
+    fails(hub_error(RepositoryNotFoundError, 404))  # online: the Hub answers that it has no such repo
+    with pytest.raises(DreamBoothError, match=r"^--lora runs/sks-dgo: no local file or folder of that name, and no "
+                                              r"such repo on the Hub \(check the path or the id; a private repo needs "
+                                              r"`hf auth login`\)$"):
+        check_lora_source("runs/sks-dgo", "--lora")
+    fails(hub_error(RevisionNotFoundError, 404))  # a revision says a Hub repo is meant: only the revision is wrong
+    with pytest.raises(DreamBoothError, match=rf"^--lora_revision v9: no such branch, tag or commit in {HUB_LORA}$"):
+        check_lora_source(HUB_LORA, "--lora", "v9")
+    with pytest.raises(DreamBoothError, match=rf"^--lora {HUB_LORA}: the repo has no main branch; name a branch, tag "
+                                              r"or commit with --lora_revision$"):
+        check_lora_source(HUB_LORA, "--lora")

@@ -132,7 +132,6 @@ def test_command_line_error_is_one_line_without_traceback(tiny_model, instance_d
 
 @pytest.mark.parametrize("flag, module", [
     ("--enable_xformers_memory_efficient_attention", "xformers"),
-    ("--use_8bit_adam", "bitsandbytes"),
 ])
 def test_missing_optional_package_is_named(tiny_model, instance_dir, tmp_path, no_model_loading, monkeypatch,
                                            flag, module):
