@@ -209,18 +209,19 @@ def add_validation(cfg: TrainConfig, accelerator, components: Components, traine
 
 
 def training_evaluation(cfg: TrainConfig, accelerator) -> TrainingEvaluation | None:
-    """The scoring models and real images for --eval_steps, loaded once on the main process."""
+    """The scoring models and every concept's real images for --eval_steps, loaded once on the main process."""
     if not accelerator.is_main_process:
         return None
     from dreambooth.evaluation import PROMPT_SETS, PROMPTS_DIR, load_encoders, load_real_images, read_templates
+    from dreambooth.monitor import EvalSubject
 
-    identifier, class_noun = cfg.eval_subject()
+    subjects = [EvalSubject(identifier, class_noun, tuple(load_real_images(concept.instance_data_dir)))
+                for (identifier, class_noun), concept in zip(cfg.eval_subjects(), cfg.concepts())]
     path = PROMPTS_DIR / PROMPT_SETS[cfg.eval_prompt_set]
     return TrainingEvaluation(
-        load_encoders(cfg.eval_dino_model, cfg.eval_clip_model, accelerator.device),
-        load_real_images(cfg.concepts()[0].instance_data_dir),
+        load_encoders(cfg.eval_dino_model, cfg.eval_clip_model, accelerator.device), subjects,
         read_templates(path, f"--eval_prompt_set {cfg.eval_prompt_set}")[: cfg.eval_num_prompts],
-        identifier, class_noun, cfg.eval_images_per_prompt, cfg.with_prior_preservation,
+        cfg.eval_images_per_prompt, cfg.with_prior_preservation,
     )
 
 

@@ -298,16 +298,20 @@ class TrainConfig:
     logging_steps: int = _field(10, "Read the loss back and log it every N steps (each read waits for the GPU).")
     eval_steps: Optional[int] = _field(
         None, "Every N steps, score a small fixed-seed set with the DreamBooth paper's metrics (DINO, CLIP-I, "
-        "CLIP-T, PRES, DIV; see evaluate.py) and log them to the trackers."
+        "CLIP-T, PRES, DIV; see evaluate.py) and log them to the trackers. With a --concepts_list, every concept "
+        "is scored against its own images, so each evaluation generates concepts x --eval_num_prompts x "
+        "--eval_images_per_prompt images (twice that with --with_prior_preservation)."
     )
     eval_prompt_set: Literal["object", "live"] = _field("object", "The paper's prompt set for --eval_steps.")
     eval_num_prompts: int = _field(3, "Prompts of the set used by --eval_steps.")
     eval_images_per_prompt: int = _field(2, "Images per prompt for --eval_steps.")
     eval_identifier: Optional[str] = _field(
-        None, "The identifier token for --eval_steps (default: the word before the class noun in the instance prompt)."
+        None, "The identifier token for --eval_steps (default: the word before the class noun in the instance prompt). "
+        "A --concepts_list of several concepts reads each concept's off its own prompts and refuses this flag."
     )
     eval_class_noun: Optional[str] = _field(
-        None, "The class noun for --eval_steps (default: the last word of --class_prompt, else of the instance prompt)."
+        None, "The class noun for --eval_steps (default: the last word of the class prompt, else of the instance "
+        "prompt). A --concepts_list of several concepts reads each concept's off its own prompts and refuses this flag."
     )
     eval_dino_model: str = _field("facebook/dino-vits16", "DINO model for --eval_steps (Hub id or local folder).")
     eval_clip_model: str = _field("openai/clip-vit-base-patch32", "CLIP model for --eval_steps (Hub id or local folder).")
@@ -563,25 +567,31 @@ class TrainConfig:
 
         if self.eval_steps < 1 or self.eval_num_prompts < 1 or self.eval_images_per_prompt < 1:
             raise DreamBoothError("--eval_steps, --eval_num_prompts and --eval_images_per_prompt must be at least 1")
-        if not self.concepts()[0].instance_data_dir:
+        concepts = self.concepts()
+        if not concepts[0].instance_data_dir:
             raise DreamBoothError("--eval_steps compares with the subject images of an --instance_data_dir")
-        identifier, class_noun = self.eval_subject()
-        if identifier not in self.concepts()[0].instance_prompt.split():
-            raise DreamBoothError(f"--eval_identifier {identifier}: not a word of the instance prompt")
+        for flag in ("eval_identifier", "eval_class_noun"):
+            if len(concepts) > 1 and getattr(self, flag) is not None:
+                raise DreamBoothError(
+                    f"--{flag}: --concepts_list {self.concepts_list} has {len(concepts)} concepts, each scored with "
+                    "the identifier and class noun of its own prompts; leave out the flag")
+        for concept in concepts:
+            if not _prompt_words(concept.instance_prompt):
+                raise DreamBoothError(f"--eval_steps: the instance prompt '{concept.instance_prompt}' has no word beside "
+                                      "[filewords] to read the identifier and class noun off; write them into it")
+        if self.eval_identifier is not None and self.eval_identifier not in _prompt_words(concepts[0].instance_prompt):
+            raise DreamBoothError(f"--eval_identifier {self.eval_identifier}: not a word of the instance prompt")
         for flag in ("eval_dino_model", "eval_clip_model"):
             check_encoder_source(getattr(self, flag), f"--{flag}")
 
-    def eval_subject(self) -> tuple[str, str]:
-        """(identifier, class noun) for --eval_steps: the flags, or read off the prompts
-        ('a photo of sks dog' -> 'sks', 'dog')."""
-        words = self.concepts()[0].instance_prompt.replace(",", " ").split()
-        class_words = (self.class_prompt or "").replace(",", " ").split()
-        class_noun = self.eval_class_noun or (class_words or words)[-1]
-        identifier = self.eval_identifier
-        if identifier is None:
-            position = words.index(class_noun) if class_noun in words else len(words) - 1
-            identifier = words[max(position - 1, 0)]
-        return identifier, class_noun
+    def eval_subjects(self) -> list[tuple[str, str]]:
+        """(identifier, class noun) of each concept for --eval_steps, read off its instance and class
+        prompts ('a photo of sks dog', 'a photo of a dog' -> 'sks', 'dog'); a single concept's
+        --eval_identifier and --eval_class_noun take precedence."""
+        concepts = self.concepts()
+        single = len(concepts) == 1
+        return [_eval_subject(concept.instance_prompt, concept.class_prompt, self.eval_identifier if single else None,
+                              self.eval_class_noun if single else None) for concept in concepts]
 
     def validation_prompts(self) -> list[str]:
         if self.validation_prompt:
@@ -651,6 +661,26 @@ def refuse_beside_concepts_list(cfg: Any, flags: Sequence[str]) -> None:
         if cfg.concepts_list and getattr(cfg, flag):
             raise DreamBoothError(f"--{flag}: a --concepts_list gives each concept its own; set {flag} in "
                                   f"{cfg.concepts_list} and leave out the flag")
+
+
+def _prompt_words(prompt: str | None) -> list[str]:
+    """The words of a prompt as a user types it: commas and a [filewords] caption left out."""
+    from .concepts import trigger_phrase
+
+    return trigger_phrase(prompt or "").replace(",", " ").split()
+
+
+def _eval_subject(instance_prompt: str, class_prompt: str | None, identifier: str | None,
+                  class_noun: str | None) -> tuple[str, str]:
+    """(identifier, class noun) of one concept: those given, else the class noun is the last word of
+    the class prompt (else of the instance prompt) and the identifier the word before it in the
+    instance prompt ('a photo of sks dog' -> 'sks', 'dog')."""
+    words = _prompt_words(instance_prompt)
+    class_noun = class_noun or (_prompt_words(class_prompt) or words)[-1]
+    if identifier is None:
+        position = words.index(class_noun) if class_noun in words else len(words) - 1
+        identifier = words[max(position - 1, 0)]
+    return identifier, class_noun
 
 
 def _check_class_folder(folder: str, num_class_images: int) -> None:

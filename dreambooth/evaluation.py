@@ -8,10 +8,11 @@ Ruiz et al., "DreamBooth", CVPR 2023, section 4.1 and table 1:
   ImageNet mean and std).
 - CLIP-I: the same with CLIP image embeddings (each image prepared as CLIP's own transform does:
   short side to 224, centre 224 x 224, CLIP's mean and std).
-- CLIP-T: mean cosine similarity of each generated image with its prompt in CLIP space (a plain
-  cosine, not CLIPScore's 2.5 x max(cos, 0) nor x100). The identifier is left out of the text:
-  'sks' is a rare token that means nothing to CLIP, so 'a sks dog in the snow' is read as
-  'a dog in the snow'.
+- CLIP-T: cosine similarity of each generated image with its prompt in CLIP space (a plain
+  cosine, not CLIPScore's 2.5 x max(cos, 0) nor x100), averaged over each prompt's images and
+  then over the prompts, so that every prompt weighs the same however many images it has. The
+  identifier is left out of the text: 'sks' is a rare token that means nothing to CLIP, so
+  'a sks dog in the snow' is read as 'a dog in the snow'.
 - PRES: prior preservation, the DINO similarity of class-prompt generations ('a dog in the snow',
   no identifier) to the real subject images. Lower is better: the class prior is kept.
 - DIV: diversity, the mean pairwise DINO distance (1 - cosine) between the distinct generations of
@@ -60,7 +61,8 @@ DEFINITIONS = {
             "ImageNet mean/std), generated x real subject images",
     "clip_i": "mean pairwise cosine of CLIP image embeddings (short side resized to 224, centre 224 crop, CLIP "
               "mean/std), generated x real subject images",
-    "clip_t": "mean plain cosine (not x100, not CLIPScore) of CLIP image and prompt embeddings, identifier removed",
+    "clip_t": "plain cosine (not x100, not CLIPScore) of CLIP image and prompt embeddings, identifier removed, "
+              "averaged over each prompt's images, then over prompts",
     "pres": "mean pairwise DINO cosine, class-prompt generations x real subject images; lower is better",
     "div": "mean pairwise DINO distance (1 - cosine) within each prompt's generations (self-pairs excluded), "
            "averaged over prompts",
@@ -103,9 +105,12 @@ def subject_fidelity(generated: torch.Tensor, real: torch.Tensor) -> float:
     return cosine_matrix(generated, real).mean().item()
 
 
-def prompt_fidelity(image_embeddings: torch.Tensor, text_embeddings: torch.Tensor) -> float:
-    """CLIP-T: mean cosine of image i with text i."""
-    return F.cosine_similarity(image_embeddings.double(), text_embeddings.double(), dim=-1).mean().item()
+def prompt_fidelity(groups: Sequence[torch.Tensor], text_embeddings: torch.Tensor) -> float:
+    """CLIP-T: the mean cosine of prompt p's images ``groups[p]`` with its text ``text_embeddings[p]``,
+    averaged over the prompts (the paper's average over prompts; a mean over all images would weigh
+    a prompt by its number of images)."""
+    per_prompt = [cosine_matrix(images, text[None]).mean() for images, text in zip(groups, text_embeddings)]
+    return torch.stack(per_prompt).mean().item()
 
 
 def mean_similarity_within(embeddings: torch.Tensor) -> float | None:
@@ -422,16 +427,14 @@ def score(generations: Sequence[Generation], real_images: Sequence[Image.Image],
     real_dino = encoders.dino.embed_images(real_images)
     dino = encoders.dino.embed_images([item.image for item in subject])
     clip_images = encoders.clip.embed_images([item.image for item in subject])
-    texts = [without_identifier(item.prompt, identifier) for item in subject]
-    unique = sorted(set(texts))
-    text_embeddings = encoders.clip.embed_texts(unique)[[unique.index(text) for text in texts]]
     groups = defaultdict(list)
     for index, item in enumerate(subject):
         groups[item.prompt].append(index)
+    texts = encoders.clip.embed_texts([without_identifier(prompt, identifier) for prompt in groups])
     return {
         "dino": subject_fidelity(dino, real_dino),
         "clip_i": subject_fidelity(clip_images, encoders.clip.embed_images(real_images)),
-        "clip_t": prompt_fidelity(clip_images, text_embeddings),
+        "clip_t": prompt_fidelity([clip_images[indices] for indices in groups.values()], texts),
         "pres": subject_fidelity(encoders.dino.embed_images(class_images), real_dino) if class_images else None,
         "div": diversity([dino[indices] for indices in groups.values()]),
     }
@@ -467,8 +470,9 @@ def format_table(metrics: dict[str, float | None], real: dict[str, float | None]
     for name, values in rows:
         cells = "".join(f"{values[key]:8.3f}" if values.get(key) is not None else f"{'-':>8}" for key in METRICS)
         lines.append(f"{name:<{width}}{cells}")
-    lines.append("Higher is better except PRES. CLIP-T is the plain cosine (identifier removed from the prompt); "
-                 "DIV is the mean pairwise DINO distance (1 - cos) within a prompt, averaged over prompts.")
+    lines.append("Higher is better except PRES. CLIP-T is the plain cosine (identifier removed from the prompt), "
+                 "averaged within a prompt, then over prompts; DIV is the mean pairwise DINO distance (1 - cos) "
+                 "within a prompt, averaged over prompts.")
     return "\n".join(lines)
 
 

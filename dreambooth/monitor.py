@@ -6,9 +6,11 @@ import contextlib
 import json
 import logging
 import os
+import re
 import secrets
 import string
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,7 +178,8 @@ class ValidationSampler:
         return path
 
     def evaluate(self, step: int, evaluation: "TrainingEvaluation") -> dict[str, float] | None:
-        """The paper's metrics on a small fixed-seed set, logged as eval/<metric> (main process)."""
+        """The paper's metrics on a small fixed-seed set, logged as eval/<metric>, or with several concepts
+        eval/<concept>/<metric> and eval/mean/<metric> (main process)."""
         metrics = None
         if self.accelerator.is_main_process:
             with self.sampling() as pipeline:
@@ -200,21 +203,51 @@ class ValidationSampler:
                                          for image in images]}, step=step)
 
 
-class TrainingEvaluation:
-    """What ``--eval_steps`` measures: the first prompts of the paper's set, a few images each,
-    scored against the real subject images with DINO and CLIP loaded once."""
+@dataclass(frozen=True)
+class EvalSubject:
+    """One concept as ``--eval_steps`` scores it: its identifier, class noun and real images."""
 
-    def __init__(self, encoders, real_images, templates: list[str], identifier: str, class_noun: str,
-                 images_per_prompt: int, with_class_prompts: bool):
-        self.encoders, self.real_images, self.templates = encoders, real_images, templates
-        self.identifier, self.class_noun = identifier, class_noun
+    identifier: str
+    class_noun: str
+    real_images: tuple[Image.Image, ...]
+
+
+def subject_names(subjects: list[EvalSubject]) -> list[str]:
+    """What each concept's metrics are logged under: 'sks_dog' for 'sks' 'dog', in the letters a
+    TensorBoard tag keeps; concepts that would share a name (or take 'mean') get their number."""
+    names = [re.sub(r"[^-\w.]+", "_", f"{subject.identifier} {subject.class_noun}").strip("_") or "concept"
+             for subject in subjects]
+    taken = Counter([*names, "mean"])
+    return [f"{name}_{number}" if taken[name] > 1 else name for number, name in enumerate(names)]
+
+
+class TrainingEvaluation:
+    """What ``--eval_steps`` measures: the first prompts of the paper's set, a few images each, for
+    every concept with its own identifier and class noun, scored against its own real images with
+    DINO and CLIP loaded once. A single concept's metrics are named as evaluate.py names them
+    ('dino'); several concepts' are '<concept>/dino' (``subject_names``), with 'mean/dino' their mean."""
+
+    def __init__(self, encoders, subjects: list[EvalSubject], templates: list[str], images_per_prompt: int,
+                 with_class_prompts: bool):
+        self.encoders, self.subjects, self.templates = encoders, subjects, templates
+        self.names = subject_names(subjects)
         self.images_per_prompt, self.with_class_prompts = images_per_prompt, with_class_prompts
 
     def run(self, pipeline, settings: SampleSettings) -> dict[str, float | None]:
+        scored = [self._score(pipeline, settings, subject) for subject in self.subjects]
+        if len(scored) == 1:
+            return scored[0]
+        metrics = {f"{name}/{key}": value for name, each in zip(self.names, scored) for key, value in each.items()}
+        for key in scored[0]:
+            values = [each[key] for each in scored]
+            metrics[f"mean/{key}"] = None if None in values else sum(values) / len(values)
+        return metrics
+
+    def _score(self, pipeline, settings: SampleSettings, subject: EvalSubject) -> dict[str, float | None]:
         from .evaluation import evaluate_pipeline
 
         metrics, _ = evaluate_pipeline(
-            pipeline, self.encoders, self.real_images, self.templates, self.identifier, self.class_noun,
+            pipeline, self.encoders, subject.real_images, self.templates, subject.identifier, subject.class_noun,
             num_images_per_prompt=self.images_per_prompt, seed=settings.seed, resolution=settings.resolution,
             num_inference_steps=settings.num_inference_steps, with_class_prompts=self.with_class_prompts,
             progress=False,

@@ -47,12 +47,15 @@ def pairwise_mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def test_metric_functions_match_their_definitions():
     g = torch.Generator().manual_seed(0)
-    generated, real, texts = (torch.randn(n, 8, generator=g) for n in (5, 3, 5))
+    generated, real, texts = (torch.randn(n, 8, generator=g) for n in (5, 3, 2))
 
     pairs = [F.cosine_similarity(x, y, dim=0).item() for x in generated for y in real]
     assert subject_fidelity(generated, real) == pytest.approx(sum(pairs) / len(pairs), abs=1e-6)
-    paired = [F.cosine_similarity(x, t, dim=0).item() for x, t in zip(generated, texts)]
-    assert prompt_fidelity(generated, texts) == pytest.approx(sum(paired) / len(paired), abs=1e-6)
+    # CLIP-T: images 0-3 are of prompt 0, image 4 of prompt 1; each prompt's mean, then their mean.
+    paired = [[F.cosine_similarity(x, texts[0], dim=0).item() for x in generated[:4]],
+              [F.cosine_similarity(generated[4], texts[1], dim=0).item()]]
+    assert prompt_fidelity([generated[:4], generated[4:]], texts) == pytest.approx(
+        (np.mean(paired[0]) + np.mean(paired[1])) / 2, abs=1e-6)
 
     def mean_distance(group):
         return np.mean([1 - F.cosine_similarity(group[i], group[j], dim=0).item()
@@ -164,7 +167,8 @@ def test_clip_prepares_images_as_clips_transform_does(encoders, tiny_clip):
 def test_each_metric_is_its_definition_computed_by_hand(encoders, tiny_dino, tiny_clip):
     """Every metric from the models' raw layers, the preprocessing and the means written out in
     numpy: DINO and CLIP-I over all generated x real pairs, CLIP-T image i with the identifier-free
-    prompt i, PRES class generations x real, DIV within a prompt without self-pairs."""
+    prompt i (averaged within a prompt, then over prompts), PRES class generations x real, DIV within
+    a prompt without self-pairs."""
     from transformers import AutoTokenizer, CLIPModel, ViTModel
 
     toy = load_real_images(TOY_SUBJECT)
@@ -199,7 +203,9 @@ def test_each_metric_is_its_definition_computed_by_hand(encoders, tiny_dino, tin
 
     assert metrics["dino"] == pytest.approx(cosines(generated_dino, real_dino).mean(), abs=1e-5)
     assert metrics["clip_i"] == pytest.approx(cosines(generated_clip, real_clip).mean(), abs=1e-5)
-    assert metrics["clip_t"] == pytest.approx(np.diag(cosines(generated_clip, text)).mean(), abs=1e-5)
+    # CLIP-T per prompt, then over prompts: the 3 snow images weigh no more than the 2 red ones.
+    image_text = np.diag(cosines(generated_clip, text))
+    assert metrics["clip_t"] == pytest.approx(np.mean([image_text[:3].mean(), image_text[3:].mean()]), abs=1e-5)
     assert metrics["pres"] == pytest.approx(cosines(class_dino, real_dino).mean(), abs=1e-5)
     per_prompt = [1 - mean_off_diagonal(cosines(group, group)) for group in (generated_dino[:3], generated_dino[3:])]
     assert metrics["div"] == pytest.approx(np.mean(per_prompt), abs=1e-5)
@@ -208,6 +214,24 @@ def test_each_metric_is_its_definition_computed_by_hand(encoders, tiny_dino, tin
         {"dino": mean_off_diagonal(cosines(real_dino, real_dino)),
          "clip_i": mean_off_diagonal(cosines(real_clip, real_clip))}, abs=1e-5)
     assert score_real_images(real[:1], encoders) == {"dino": None, "clip_i": None}
+
+
+def test_clip_t_is_the_mean_over_prompts_of_each_prompts_mean_similarity(encoders):
+    """The paper's CLIP-T averages over prompts: a prompt with three images counts as much as one
+    with a single image (as in a --generated_dir where some images were removed)."""
+    images = noise_images(4, 15)
+    prompts = ["a sks toy in the snow"] * 3 + ["a red sks toy"]
+    generations = [Generation(image, prompt, 0) for image, prompt in zip(images, prompts)]
+
+    metrics = score(generations, load_real_images(TOY_SUBJECT)[:1], encoders, "sks")
+
+    image_embeddings = encoders.clip.embed_images(images).numpy().astype(np.float64)
+    snow, red = encoders.clip.embed_texts(["a toy in the snow", "a red toy"]).numpy().astype(np.float64)
+    image_text = cosines(image_embeddings, np.stack([snow, snow, snow, red]))[np.arange(4), np.arange(4)]
+    per_prompt = (image_text[:3].mean() + image_text[3]) / 2
+    assert metrics["clip_t"] == pytest.approx(per_prompt, abs=1e-6)
+    # The mean over images weighs the snow prompt 3:1; here it is 0.017 higher.
+    assert image_text.mean() - per_prompt > 0.01
 
 
 def test_metrics_do_not_depend_on_the_order_of_the_images(encoders):

@@ -212,13 +212,123 @@ def test_eval_steps_log_the_paper_metrics_without_changing_training(tiny_model, 
     assert all(torch.equal(plain[key], evaluated_weights[key]) for key in plain)
 
 
-def test_eval_subject_is_read_off_the_prompts():
+def two_concepts(tmp_path, instance_dir) -> str:
+    """The toy (sks toy) and a second subject of noise images (zwx cat, with its own class prompt)."""
+    import json
+
+    import numpy as np
+
+    cat = tmp_path / "cat"
+    cat.mkdir()
+    rng = np.random.default_rng(7)
+    for index in range(3):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(cat / f"cat_{index}.png")
+    concepts = tmp_path / "concepts.json"
+    concepts.write_text(json.dumps([
+        {"instance_data_dir": str(instance_dir), "instance_prompt": "a photo of sks toy"},
+        {"instance_data_dir": str(cat), "instance_prompt": "zwx cat on a sofa, [filewords]",
+         "class_prompt": "a photo of a cat"},
+    ]))
+    return str(concepts)
+
+
+def test_eval_steps_score_every_concept_of_a_list(tiny_model, instance_dir, tmp_path, tiny_dino, tiny_clip):
+    """Each concept with its own identifier, class noun and real images, logged under its name, and
+    their mean; each the number evaluate_pipeline gives that concept with the trained weights."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dreambooth.evaluation import evaluate_pipeline, load_encoders, load_real_images
+    from dreambooth.generation import load_pipeline
+
+    output = tmp_path / "out"
+    args = ["--pretrained_model_name_or_path", tiny_model, "--concepts_list", two_concepts(tmp_path, instance_dir),
+            "--output_dir", str(output), "--resolution", "32", "--train_batch_size", "1", "--max_train_steps", "2",
+            "--learning_rate", "1e-4", "--lr_warmup_steps", "0", "--seed", "0", "--num_validation_images", "0",
+            "--save_precision", "fp32", "--validation_inference_steps", "1", "--eval_steps", "2",
+            "--eval_num_prompts", "1", "--eval_images_per_prompt", "2", "--eval_dino_model", tiny_dino,
+            "--eval_clip_model", tiny_clip, "--report_to", "tensorboard"]
+    train_dreambooth.main(args)
+
+    events = EventAccumulator(str(next((output / "logs").rglob("events.out.tfevents.*")).parent)).Reload()
+    logged = {tag: events.Scalars(tag) for tag in events.Tags()["scalars"] if tag.startswith("eval/")}
+    metrics = ("dino", "clip_i", "clip_t", "div")
+    assert sorted(logged) == sorted(f"eval/{name}/{metric}" for name in ("sks_toy", "zwx_cat", "mean")
+                                    for metric in metrics)
+    assert all([event.step for event in values] == [2] for values in logged.values())
+
+    pipeline = load_pipeline(str(output), torch.device("cpu"), torch.float32)
+    encoders = load_encoders(tiny_dino, tiny_clip, torch.device("cpu"))
+    settings = dict(num_images_per_prompt=2, seed=0, resolution=32, num_inference_steps=1, with_class_prompts=False,
+                    progress=False)
+    expected = {}
+    for name, folder, identifier, noun in (("sks_toy", instance_dir, "sks", "toy"),
+                                           ("zwx_cat", tmp_path / "cat", "zwx", "cat")):
+        expected[name], _ = evaluate_pipeline(pipeline, encoders, load_real_images(folder), ["a {} in the jungle"],
+                                              identifier, noun, **settings)
+    for metric in metrics:
+        for name in ("sks_toy", "zwx_cat"):
+            assert logged[f"eval/{name}/{metric}"][0].value == pytest.approx(expected[name][metric], abs=1e-5)
+        mean = (expected["sks_toy"][metric] + expected["zwx_cat"][metric]) / 2
+        assert logged[f"eval/mean/{metric}"][0].value == pytest.approx(mean, abs=1e-5)
+    assert expected["sks_toy"]["dino"] != pytest.approx(expected["zwx_cat"]["dino"], abs=1e-3)
+
+
+def test_eval_subjects_are_read_off_each_concepts_prompts(tmp_path, instance_dir):
     from dreambooth.config import TrainConfig
 
-    assert TrainConfig(instance_prompt="a photo of sks dog", class_prompt="a photo of a dog").eval_subject() == (
-        "sks", "dog")
-    assert TrainConfig(instance_prompt="a photo of zwx robot").eval_subject() == ("zwx", "robot")
-    assert TrainConfig(instance_prompt="sks toy, on a table", eval_class_noun="toy").eval_subject() == ("sks", "toy")
+    assert TrainConfig(instance_prompt="a photo of sks dog", class_prompt="a photo of a dog").eval_subjects() == [
+        ("sks", "dog")]
+    assert TrainConfig(instance_prompt="a photo of zwx robot").eval_subjects() == [("zwx", "robot")]
+    assert TrainConfig(instance_prompt="sks toy, on a table", eval_class_noun="toy").eval_subjects() == [
+        ("sks", "toy")]
+    # Each concept of a list with its own class prompt; [filewords] is no word of the subject.
+    assert TrainConfig(concepts_list=two_concepts(tmp_path, instance_dir)).eval_subjects() == [
+        ("sks", "toy"), ("zwx", "cat")]
+
+
+def test_concept_names_in_the_trackers_are_readable_and_distinct():
+    from dreambooth.monitor import EvalSubject, subject_names
+
+    subjects = [EvalSubject(identifier, noun, ()) for identifier, noun in
+                [("sks", "dog"), ("<zwx>", "teddy bear"), ("sks", "dog"), ("ohwx", "cat")]]
+    assert subject_names(subjects) == ["sks_dog_0", "zwx_teddy_bear", "sks_dog_2", "ohwx_cat"]
+
+
+def test_eval_steps_refuse_an_instance_prompt_of_captions_alone(tmp_path, instance_dir, tiny_model, tiny_dino,
+                                                                 tiny_clip):
+    import json
+
+    from dreambooth.config import TrainConfig, parse_config
+
+    concepts = tmp_path / "captions.json"
+    concepts.write_text(json.dumps([{"instance_data_dir": str(instance_dir), "instance_prompt": "[filewords]"}]))
+    cfg = parse_config(TrainConfig, ["--pretrained_model_name_or_path", tiny_model, "--output_dir",
+                                     str(tmp_path / "out"), "--concepts_list", str(concepts), "--eval_steps", "2",
+                                     "--eval_dino_model", tiny_dino, "--eval_clip_model", tiny_clip])
+    with pytest.raises(DreamBoothError, match=r"^--eval_steps: the instance prompt '\[filewords\]' has no word"):
+        cfg.validate()
+
+
+@pytest.mark.parametrize("flag, value, subject", [("--eval_identifier", "sks", ("sks", "box")),
+                                                   ("--eval_class_noun", "toy", ("sks", "toy"))])
+def test_eval_subject_flags_are_refused_beside_a_list_of_several_concepts(tmp_path, instance_dir, tiny_model,
+                                                                          tiny_dino, tiny_clip, flag, value, subject):
+    import json
+
+    from dreambooth.config import TrainConfig, parse_config
+
+    base = ["--pretrained_model_name_or_path", tiny_model, "--output_dir", str(tmp_path / "out"), "--eval_steps",
+            "2", "--eval_dino_model", tiny_dino, "--eval_clip_model", tiny_clip, flag, value]
+    several = parse_config(TrainConfig, [*base, "--concepts_list", two_concepts(tmp_path, instance_dir)])
+    with pytest.raises(DreamBoothError, match=rf"^{flag}: --concepts_list .* has 2 concepts, each scored with "
+                                              r"the identifier and class noun of its own prompts; leave out"):
+        several.validate()
+    # A list of one concept is a single concept: the flag names its subject.
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps([{"instance_data_dir": str(instance_dir),
+                                "instance_prompt": "a photo of sks toy in a box"}]))
+    assert parse_config(TrainConfig, ["--concepts_list", str(one)]).eval_subjects() == [("a", "box")]
+    assert parse_config(TrainConfig, [*base, "--concepts_list", str(one)]).eval_subjects() == [subject]
 
 
 @pytest.mark.parametrize("prior", [False, True])
