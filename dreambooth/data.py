@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 # Phone and web formats that Pillow reads only with a plugin (HEIC) or in recent builds (AVIF).
 PLUGIN_EXTENSIONS = (".heic", ".heif", ".avif")
+HEIF_EXTENSIONS = (".heic", ".heif")  # iPhone photos: read through pillow-heif's plugin
 # What Windows leaves in a folder of photos; skipped without a word, like macOS's hidden files.
 SYSTEM_FILES = ("thumbs.db", "desktop.ini")
 _warned: set[str] = set()
@@ -50,27 +51,45 @@ def list_image_files(folder: str | Path, flag: str) -> list[Path]:
     companions (photo1.txt or photo1.jpg.txt beside photo1.jpg), metadata.jsonl, hidden files and
     folders, and Windows' Thumbs.db and desktop.ini."""
     folder = Path(folder)
-    readable = IMAGE_EXTENSIONS + tuple(set(PLUGIN_EXTENSIONS) & set(Image.registered_extensions()))
-    images, others = [], []
     try:
         if not folder.is_dir():
             raise DreamBoothError(f"{flag} {folder}: folder not found")
-        for path in sorted(folder.iterdir()):
-            if path.name.startswith(".") or path.name.lower() in SYSTEM_FILES or path.is_dir():
-                continue
-            (images if path.suffix.lower() in readable else others).append(path)
+        files = [path for path in sorted(folder.iterdir())
+                 if not (path.name.startswith(".") or path.name.lower() in SYSTEM_FILES or path.is_dir())]
     except OSError as error:  # no permission to list the folder (r) or to look at its files (x)
         raise DreamBoothError(f"{flag} {folder}: cannot read the folder ({error.strerror or error}); "
                               "check the permissions of it and of the folders above it") from None
+    if any(path.suffix.lower() in HEIF_EXTENSIONS for path in files):
+        read_heif()
+    readable = IMAGE_EXTENSIONS + tuple(set(PLUGIN_EXTENSIONS) & set(Image.registered_extensions()))
+    images, others = [], []
+    for path in files:
+        (images if path.suffix.lower() in readable else others).append(path)
     companions_of = {path.stem for path in images} | {path.name for path in images} | {"metadata"}
     photos = [path for path in others if path.suffix.lower() in PLUGIN_EXTENSIONS]
     skipped = [path for path in others if path.stem not in companions_of and path not in photos]
     if photos:
+        heif = any(path.suffix.lower() in HEIF_EXTENSIONS for path in photos)
         warn_once(f"{flag} {folder}: skipping {_some(photos)}: this Pillow cannot read "
-                   f"{'/'.join(sorted({path.suffix.upper()[1:] for path in photos}))} images; convert them to JPEG")
+                  f"{'/'.join(sorted({path.suffix.upper()[1:] for path in photos}))} images; "
+                  + ("pip install pillow-heif, or " if heif else "") + "convert them to JPEG")
     if skipped:
         warn_once(f"{flag} {folder}: skipping {len(skipped)} non-image file(s): {_some(skipped)}")
     return images
+
+
+def read_heif() -> bool:
+    """Whether Pillow reads HEIC/HEIF images, registering pillow-heif's plugin where it is installed.
+    Called where such a file is met, so that every process reading images (DataLoader workers
+    started by spawn included) registers it for itself."""
+    if ".heic" in Image.registered_extensions():
+        return True
+    try:
+        from pillow_heif import register_heif_opener
+    except (ImportError, OSError):  # not installed, or its libheif cannot load
+        return False
+    register_heif_opener()
+    return True
 
 
 def _some(paths: Sequence[Path]) -> str:
@@ -99,6 +118,8 @@ def load_image(path: str | Path, min_side: int | None = None) -> Image.Image:
         raise DreamBoothError(f"{path}: cannot read it ({error.strerror or error}); remove or replace it") from None
     if size == 0:
         raise CorruptImageError(f"{path}: empty file (0 bytes); remove or replace it")
+    if path.suffix.lower() in HEIF_EXTENSIONS:
+        read_heif()
     try:
         with Image.open(path) as opened:
             if min_side:

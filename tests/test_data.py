@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import re
+import subprocess
+import sys
 from io import BytesIO
 from pathlib import Path
 
@@ -263,7 +265,12 @@ def test_list_image_files_accepts_extensions_in_any_case_sorted(tmp_path, caplog
         assert name not in message
 
 
-def test_list_image_files_names_heic_photos_it_cannot_read_once(tmp_path, caplog):
+def test_list_image_files_names_heic_photos_it_cannot_read_once(tmp_path, caplog, monkeypatch):
+    # A Pillow without pillow-heif: not installed, and no plugin registered for .heic.
+    monkeypatch.setitem(sys.modules, "pillow_heif", None)
+    registered = Image.registered_extensions
+    monkeypatch.setattr(Image, "registered_extensions",
+                        lambda: {ext: name for ext, name in registered().items() if not ext.startswith(".hei")})
     solid(tmp_path / "IMG_0001.jpg")
     (tmp_path / "IMG_0002.HEIC").write_bytes(b"\0\0\0\x18ftypheic")
     with caplog.at_level(logging.WARNING, logger="dreambooth.data"):
@@ -271,7 +278,47 @@ def test_list_image_files_names_heic_photos_it_cannot_read_once(tmp_path, caplog
         list_image_files(tmp_path, "--instance_data_dir")  # listed again to build the dataset
     assert [record.getMessage() for record in caplog.records] == [
         f"--instance_data_dir {tmp_path}: skipping IMG_0002.HEIC: this Pillow cannot read HEIC images; "
-        "convert them to JPEG"]
+        "pip install pillow-heif, or convert them to JPEG"]
+
+
+def save_heic(image: Image.Image, path: Path) -> Path:
+    pillow_heif = pytest.importorskip("pillow_heif")  # in requirements.txt
+    pillow_heif.from_pillow(image).save(str(path), quality=95)  # without registering Pillow's plugin
+    return path
+
+
+def test_heic_photos_are_listed_and_read_like_jpegs(tmp_path):
+    save_heic(halves(64, 48), tmp_path / "IMG_0001.HEIC")
+    solid(tmp_path / "IMG_0002.jpg")
+    assert list_image_files(tmp_path, "--instance_data_dir") == [tmp_path / "IMG_0001.HEIC", tmp_path / "IMG_0002.jpg"]
+    decoded = np.asarray(load_image(tmp_path / "IMG_0001.HEIC"), dtype=np.float64)
+    assert decoded.shape == (48, 64, 3)
+    assert np.abs(decoded - np.asarray(halves(64, 48), dtype=np.float64)).mean() < 8  # lossy, but the same picture
+
+
+def test_a_portrait_heic_photo_is_turned_upright_once_as_its_jpeg_is(tmp_path):
+    """A phone stores a portrait photo sideways with an orientation; HEIC keeps it as a rotation of
+    the image (irot), which the plugin applies: no second turn from the EXIF tag."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view
+    halves(64, 48).save(tmp_path / "portrait.jpg", exif=exif.tobytes(), quality=95)
+    save_heic_with_exif = pytest.importorskip("pillow_heif").from_pillow(halves(64, 48))
+    save_heic_with_exif.save(str(tmp_path / "portrait.heic"), quality=95, exif=exif.tobytes())
+    jpeg, heic = (np.asarray(load_image(tmp_path / name), dtype=np.float64) for name in ("portrait.jpg", "portrait.heic"))
+    assert jpeg.shape == heic.shape == (64, 48, 3)
+    assert np.abs(jpeg - heic).mean() < 8
+
+
+def test_a_fresh_process_reads_a_heic_photo_without_listing_its_folder_first(tmp_path):
+    """DataLoader workers started by spawn load images in a process that never listed the folder."""
+    path = save_heic(halves(64, 48), tmp_path / "IMG_0001.heic")
+    code = ("import sys; from dreambooth.data import load_image; "
+            "print(load_image(sys.argv[1]).getpixel((5, 5)), load_image(sys.argv[1]).getpixel((60, 5)))")
+    finished = subprocess.run([sys.executable, "-c", code, str(path)], cwd=Path(__file__).resolve().parents[1],
+                              capture_output=True, text=True, timeout=120)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    left, right = (tuple(int(v) for v in re.findall(r"\d+", part)) for part in finished.stdout.split(") ("))
+    assert left[0] > 200 and left[2] < 50 and right[2] > 200 and right[0] < 50
 
 
 def test_list_image_files_without_strays_logs_nothing(tmp_path, caplog):
