@@ -320,8 +320,6 @@ def main(argv: Sequence[str] | None = None) -> Trainer:
         from accelerate.utils import set_seed
 
         set_seed(cfg.seed)
-    if cfg.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
     if cfg.with_prior_preservation:
         top_up_class_images(cfg, accelerator)
     components, trained = build_models(cfg, accelerator)

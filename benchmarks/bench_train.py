@@ -42,7 +42,7 @@ REFERENCE = {"C1": (0.181, 17.4), "C2": (0.301, 16.6), "C3": (0.330, 18.7), "C4"
 GOALS = {"C1": (0.100, 14.0), "C1c": (0.060, 14.0), "C2": (0.150, 14.0), "C3": (0.165, 16.0),
          "C4": (0.150, 8.0), "L1": (None, 4.0)}
 # These variants are held to the goal of the config they vary, named by their first two characters.
-GOALS.update({name: GOALS[name[:2]] for name in ("C1l", "C1b", "C4b")})
+GOALS.update({name: GOALS[name[:2]] for name in ("C1l", "C1b", "C1n", "C4b")})
 GENERATION_GOAL = 2.5  # class images/s of the suite over the reference script's
 # The suite's class-image path is timed with its defaults and with these generate_class_images.py
 # speed flags (ClassImageJob fields): name -> fields.
@@ -83,12 +83,13 @@ CONFIGS = [
     BenchConfig("C4b", ("--gradient_checkpointing", "--use_8bit_adam", "--bf16_gradients"),
                 "C4 + gradients held in bf16"),
     BenchConfig("C1b", ("--bf16_gradients",), "C1 + gradients held in bf16"),
+    BenchConfig("C1n", ("--cudnn_benchmark",), "C1 + cuDNN's timed choice of convolution algorithms"),
 ]
 
 
 # The run order: the configs with goals, then class-image generation ("gen"), then the extras, so
 # a run cut short by --deadline loses the least.
-DEFAULT_ORDER = "C1,C2,C3,C4,L1,C1c,gen,C4b,C1l,C1b,C2o,C4o,C1g"
+DEFAULT_ORDER = "C1,C2,C3,C4,L1,C1c,gen,C4b,C1l,C1b,C2o,C4o,C1g,C1n"
 GEN = "gen"
 
 
@@ -700,7 +701,7 @@ def header(args: argparse.Namespace, cuda: bool) -> str:
              f"{'bf16 on CUDA' if cuda else 'fp32 on the CPU'}",
              "Reference (diffusers train_dreambooth.py, one H200): "
              + ", ".join(f"{name} {s:.3f} s/step {gib} GiB" for name, (s, gib) in REFERENCE.items()),
-             "Goals: C1 <= 0.060 s/step with --compile (C1c), <= 0.100 without (C1, or C1l with --channels_last), "
+             "Goals: C1 <= 0.060 s/step with --compile (C1c), <= 0.100 without (C1, or C1l, C1b, C1n), "
              "<= 14 GiB; C2 <= 0.150, <= 14 GiB; "
              "C3 <= 0.165, <= 16 GiB; C4 <= 0.150, <= 8 GiB (C4, or C4b with --bf16_gradients); LoRA (L1) faster "
              "than C2 and <= 4 GiB; "

@@ -372,6 +372,10 @@ class TrainConfig:
         None, "no, fp16 or bf16 (default: the accelerate config's). Trainable weights stay in fp32."
     )
     allow_tf32: bool = _field(False, "Allow TF32 matmuls on Ampere and newer GPUs.")
+    cudnn_benchmark: bool = _field(
+        False, "Let cuDNN time its convolution algorithms for each input shape and keep the fastest (CUDA; "
+        "the first step at each new image size is slower). Not bit-reproducible from run to run."
+    )
     enable_xformers_memory_efficient_attention: bool = _field(False, "Use xformers attention instead of PyTorch SDPA.")
     set_grads_to_none: bool = _field(
         True, "Free gradients between steps instead of zeroing them (--no_set_grads_to_none to zero them)."

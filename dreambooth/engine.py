@@ -38,7 +38,20 @@ def create_accelerator(cfg: TrainConfig):
     check_precision_supported(accelerator.mixed_precision, source, accelerator.device)
     check_engine_support(cfg, accelerator)
     check_cuda_libraries(cfg, accelerator.device)
+    use_backend_flags(cfg, accelerator.device)
     return accelerator
+
+
+def use_backend_flags(cfg: TrainConfig, device) -> None:
+    """--allow_tf32 and --cudnn_benchmark: settings of PyTorch's CUDA backends, for the whole process."""
+    import torch
+
+    if device.type != "cuda":
+        return
+    if cfg.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if cfg.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
 
 
 def with_engine_defaults(cfg: TrainConfig, accelerator) -> TrainConfig:

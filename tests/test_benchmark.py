@@ -86,8 +86,8 @@ def test_generation_is_timed_with_the_suites_defaults():
 
 
 @pytest.mark.parametrize("flags, cuda, order", [
-    ([], True, ["C1", "C2", "C3", "C4", "L1", "C1c", "gen", "C4b", "C1l", "C1b", "C2o", "C4o", "C1g"]),
-    ([], False, ["C1", "C2", "C3", "C4", "L1", "C1c", "C4b", "C1l", "C1b", "C2o", "C4o", "C1g"]),  # generation is on by default with CUDA only
+    ([], True, ["C1", "C2", "C3", "C4", "L1", "C1c", "gen", "C4b", "C1l", "C1b", "C2o", "C4o", "C1g", "C1n"]),
+    ([], False, ["C1", "C2", "C3", "C4", "L1", "C1c", "C4b", "C1l", "C1b", "C2o", "C4o", "C1g", "C1n"]),  # generation is on by default with CUDA only
     (["--configs", "L1,gen,C1"], True, ["L1", "gen", "C1"]),
     (["--configs", "L1,gen,C1", "--no-gen"], True, ["L1", "C1"]),
     (["--configs", "C2,C1", "--gen"], False, ["C2", "C1", "gen"]),

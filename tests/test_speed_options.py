@@ -539,3 +539,21 @@ def test_training_sets_the_objects_made_before_it_aside_from_the_garbage_collect
     trainer.train()
     assert seen == {"setup walked": False, "cycle collected": True}
     assert gc.get_freeze_count() == 0 and id(made_before) in {id(tracked) for tracked in gc.get_objects()}
+
+
+@pytest.mark.parametrize("device, applied", [("cuda", True), ("cpu", False)])
+def test_cuda_backend_flags_are_set_for_a_cuda_run_only(device, applied):
+    import dataclasses
+
+    from dreambooth.config import TrainConfig
+    from dreambooth.engine import use_backend_flags
+
+    before = torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.benchmark = torch.backends.cuda.matmul.allow_tf32 = False
+        use_backend_flags(dataclasses.replace(TrainConfig(), cudnn_benchmark=True), torch.device(device))
+        assert torch.backends.cudnn.benchmark is applied and torch.backends.cuda.matmul.allow_tf32 is False
+        use_backend_flags(dataclasses.replace(TrainConfig(), allow_tf32=True), torch.device(device))
+        assert torch.backends.cuda.matmul.allow_tf32 is applied
+    finally:
+        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = before
