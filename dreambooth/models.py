@@ -117,13 +117,16 @@ def hub_failure(error: BaseException, source: str, revision: str | None = None) 
     if issubclass(kind, GatedRepoError):
         return (f"a gated repo: accept its conditions at https://huggingface.co/{source} with your account, "
                 "then log in with `hf auth login`")
-    if issubclass(kind, RepositoryNotFoundError):
-        return "no such model on the Hub (check the id; a private repo needs `hf auth login`)"
     if issubclass(kind, RevisionNotFoundError):
         return f"--revision {revision}: no such branch, tag or commit in the repo"
+    # A mistyped local path ('runs/sks-dgo') reads as a Hub id: both are said.
+    if issubclass(kind, RepositoryNotFoundError):
+        return ("no local folder of that name, and no such model on the Hub (check the path or the id; a private "
+                "repo needs `hf auth login`)")
     download = f"hf download {source}" + (f" --revision {revision}" if revision else "")
-    return (f"not fully in the Hugging Face cache{' at revision ' + revision if revision else ''} and the Hub cannot "
-            f"be reached (offline): check the id, or download it first with `{download}`")
+    return (f"no local folder of that name, and not fully in the Hugging Face cache"
+            f"{' at revision ' + revision if revision else ''} with the Hub unreachable (offline): check the path "
+            f"or the id, or download it first with `{download}`")
 
 
 def load_components(model: str, revision: str | None = None, variant: str | None = None,

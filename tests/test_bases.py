@@ -451,3 +451,25 @@ def test_a_mistyped_lora_path_that_reads_as_a_hub_id_says_both(hub_cache, tmp_pa
     with pytest.raises(DreamBoothError, match=rf"^--lora {HUB_LORA}: the repo has no main branch; name a branch, tag "
                                               r"or commit with --lora_revision$"):
         check_lora_source(HUB_LORA, "--lora")
+
+
+def test_a_mistyped_base_model_path_that_reads_as_a_hub_id_says_both(tmp_path, monkeypatch):
+    """'runs/sks-dgo' for 'runs/sks-dog': the Hub has no such repo, and there is no such folder either."""
+    from dreambooth.models import hub_failure, load_pretrained
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "sks-dog").mkdir(parents=True)
+
+    def loader(source, **kwargs):
+        raise OSError(f"{source} is not a local folder and is not a valid model identifier") from hub_error(
+            RepositoryNotFoundError, 404)
+
+    with pytest.raises(DreamBoothError) as raised:
+        load_pretrained("tokenizer", loader, "runs/sks-dgo")
+    assert str(raised.value) == (
+        "could not load the tokenizer of runs/sks-dgo: no local folder of that name, and no such model on the Hub "
+        "(check the path or the id; a private repo needs `hf auth login`)")
+    # A folder that is there failed for a reason of its own, not the Hub's.
+    error = OSError("x")
+    error.__cause__ = hub_error(RepositoryNotFoundError, 404)
+    assert hub_failure(error, "runs/sks-dog") is None
