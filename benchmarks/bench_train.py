@@ -394,10 +394,14 @@ def profile_summary(averages, steps: int, wall_seconds: float, top: int = 12) ->
     busy (its kernels' time: work on one stream does not overlap), kernel launches, and the
     operators that took the most device time (host time on the CPU). The device idles for the
     wall time minus its busy time: where that is most of the step, the host is the bottleneck."""
+    from torch.autograd import DeviceType
+
     labels = set(PHASES.values())
-    ops = [event for event in averages if event.key not in labels]
-    device_ms = sum(event.self_device_time_total for event in ops) / 1e3 / steps
-    phases = {phase: next((event.cpu_time_total / 1e3 / steps for event in averages if event.key == label), None)
+    ops = [event for event in averages if event.key not in labels and not event.is_user_annotation]
+    # The kernels' own events, as torch's profiler table totals them (an operator's device time is its kernels').
+    device_ms = sum(event.self_device_time_total for event in ops if event.device_type != DeviceType.CPU) / 1e3 / steps
+    phases = {phase: next((event.cpu_time_total / 1e3 / steps for event in averages
+                           if event.key == label and event.device_type == DeviceType.CPU), None)
               for phase, label in PHASES.items()}
     launches = sum(event.count for event in ops if "LaunchKernel" in event.key) / steps
     by_device = device_ms > 0
@@ -409,7 +413,8 @@ def profile_summary(averages, steps: int, wall_seconds: float, top: int = 12) ->
         "device_busy_ms_per_step": device_ms if by_device else None,
         "device_busy_fraction": device_ms / wall_ms if by_device else None,
         "kernel_launches_per_step": launches if by_device else None,
-        "top_ops": [{"name": event.key, "calls_per_step": event.count / steps,
+        "top_ops": [{"name": event.key, "kind": "kernel" if event.device_type != DeviceType.CPU else "operator",
+                     "calls_per_step": event.count / steps,
                      "self_host_ms_per_step": event.self_cpu_time_total / 1e3 / steps,
                      "self_device_ms_per_step": event.self_device_time_total / 1e3 / steps}
                     for event in ranked[:top]],

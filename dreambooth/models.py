@@ -119,14 +119,13 @@ def hub_failure(error: BaseException, source: str, revision: str | None = None) 
                 "then log in with `hf auth login`")
     if issubclass(kind, RevisionNotFoundError):
         return f"--revision {revision}: no such branch, tag or commit in the repo"
-    # A mistyped local path ('runs/sks-dgo') reads as a Hub id: both are said.
+    # Without a revision, a mistyped local path ('runs/sks-dgo') reads as a Hub id: both are said.
+    neither, check = ("", "the id") if revision else ("no local folder of that name, and ", "the path or the id")
     if issubclass(kind, RepositoryNotFoundError):
-        return ("no local folder of that name, and no such model on the Hub (check the path or the id; a private "
-                "repo needs `hf auth login`)")
+        return f"{neither}no such model on the Hub (check {check}; a private repo needs `hf auth login`)"
     download = f"hf download {source}" + (f" --revision {revision}" if revision else "")
-    return (f"no local folder of that name, and not fully in the Hugging Face cache"
-            f"{' at revision ' + revision if revision else ''} with the Hub unreachable (offline): check the path "
-            f"or the id, or download it first with `{download}`")
+    return (f"{neither}not fully in the Hugging Face cache{' at revision ' + revision if revision else ''} with the "
+            f"Hub unreachable (offline): check {check}, or download it first with `{download}`")
 
 
 def load_components(model: str, revision: str | None = None, variant: str | None = None,
