@@ -507,7 +507,6 @@ class Trainer:
         progress = tqdm(total=schedule.max_train_steps, initial=state.global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)
         stop_now = StopAgreement(accelerator)
-        self.metrics.restart_clock()
         if state.batches_in_epoch >= len(self.dataloader):
             # A checkpoint from a run with longer epochs (more images, or a smaller batch) is past
             # the end of this run's epoch: carry on from the next one.
@@ -515,6 +514,7 @@ class Trainer:
         # Log lines (a pruned checkpoint, a skipped step) go above the bar instead of onto its line.
         with GracefulStop(extra_steps=stop_now.lag) as stop, logging_redirect_tqdm(tqdm_class=tqdm), \
                 collector_ignoring_setup():
+            self.metrics.restart_clock()
             while state.global_step < schedule.max_train_steps and not self.interrupted:
                 for batch in self._epoch_batches():
                     for callback in self.before_step_callbacks:
