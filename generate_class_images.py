@@ -31,7 +31,7 @@ from typing import Sequence
 
 from dreambooth.cli import run_cli, setup_logging
 from dreambooth.config import GenerateClassImagesConfig, parse_config
-from dreambooth.generation import class_image_jobs, generate_class_images
+from dreambooth.generation import SharedPipeline, class_image_jobs, generate_class_images
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -45,10 +45,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=cfg.seed, revision=cfg.revision, variant=cfg.variant, channels_last=cfg.channels_last, compile=cfg.compile,
     )
     written = 0
-    for job in jobs:
-        made = generate_class_images(job)
-        print(f"{job.class_data_dir}: {made} new class image(s) from this process, {job.num_class_images} wanted")
-        written += made
+    with SharedPipeline() as pipelines:
+        for job in jobs:
+            made = generate_class_images(job, pipelines=pipelines)
+            print(f"{job.class_data_dir}: {made} new class image(s) from this process, {job.num_class_images} wanted")
+            written += made
     return written
 
 

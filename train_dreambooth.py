@@ -43,7 +43,7 @@ from dreambooth.concepts import build_dataloader, training_items
 from dreambooth.data import DreamBoothDataset
 from dreambooth.engine import create_accelerator, with_engine_defaults
 from dreambooth.errors import DreamBoothError
-from dreambooth.generation import class_image_jobs, generate_class_images
+from dreambooth.generation import SharedPipeline, class_image_jobs, generate_class_images
 from dreambooth.hub import card_info_from_config, push_output, write_model_card
 from dreambooth.lora import add_lora_adapters, load_lora_into, save_lora
 from dreambooth.models import (
@@ -86,8 +86,9 @@ def top_up_class_images(cfg: TrainConfig, accelerator) -> None:
         sample_batch_size=cfg.sample_batch_size, precision=cfg.prior_generation_precision, seed=cfg.seed or 0,
         revision=cfg.revision, variant=cfg.variant,
     )
-    for job in jobs:
-        generate_class_images(job, accelerator.state)
+    with SharedPipeline() as pipelines:
+        for job in jobs:
+            generate_class_images(job, accelerator.state, pipelines)
 
 
 def build_models(cfg: TrainConfig, accelerator) -> tuple[Components, list[torch.nn.Module]]:

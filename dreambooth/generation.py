@@ -469,9 +469,39 @@ def deal(batches: Sequence, state) -> list:
     return list(batches[state.process_index::state.num_processes])
 
 
-def generate_class_images(job: ClassImageJob, state=None) -> int:
+class SharedPipeline:
+    """The class-image pipeline of one job, kept for the next job with the same model and settings:
+    the class folders of a --concepts_list load the model once. Released when the block ends."""
+
+    def __init__(self):
+        self._key, self._pipeline = None, None
+
+    def get(self, job: ClassImageJob, device: torch.device):
+        key = (job.model, device, pick_dtype(device, job.precision), job.scheduler, job.revision, job.variant,
+               job.channels_last, job.compile)
+        if key != self._key:
+            self.release()
+            self._pipeline = load_pipeline(job.model, device, key[2], job.scheduler, job.revision, job.variant)
+            speed_up(self._pipeline, job.channels_last, job.compile)
+            self._key = key
+        return self._pipeline
+
+    def release(self) -> None:
+        if self._pipeline is not None:
+            pipeline, self._key, self._pipeline = self._pipeline, None, None
+            release(pipeline)
+
+    def __enter__(self) -> "SharedPipeline":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()
+
+
+def generate_class_images(job: ClassImageJob, state=None, pipelines: SharedPipeline | None = None) -> int:
     """Generate the missing class images, split across the processes of ``state``
-    (an accelerate PartialState). Returns how many this process wrote."""
+    (an accelerate PartialState), with the pipeline of ``pipelines`` (else one loaded for this job).
+    Returns how many this process wrote."""
     state = state or launch_state()
     if state.is_main_process:
         missing_class_indices(job, remove_corrupt=True, check_prompts=True)
@@ -487,7 +517,8 @@ def generate_class_images(job: ClassImageJob, state=None) -> int:
         logger.info("generating %d class image(s) of %r in %s", len(missing), job.class_prompt, job.class_data_dir)
     written = 0
     if mine:
-        written = _run_class_batches(job, mine, state)
+        with SharedPipeline() if pipelines is None else contextlib.nullcontext(pipelines) as shared:
+            written = _run_class_batches(job, mine, state, shared.get(job, state.device))
     state.wait_for_everyone()
     return written
 
@@ -497,11 +528,7 @@ def generate_class_images(job: ClassImageJob, state=None) -> int:
 _WRITER_THREADS = 4
 
 
-def _run_class_batches(job: ClassImageJob, batches: list[list[int]], state) -> int:
-    device = state.device
-    pipeline = load_pipeline(job.model, device, pick_dtype(device, job.precision), job.scheduler,
-                             job.revision, job.variant)
-    speed_up(pipeline, job.channels_last, job.compile)
+def _run_class_batches(job: ClassImageJob, batches: list[list[int]], state, pipeline) -> int:
     weights = Weights(model=model_label(job.model), base_model=model_label(job.model),
                       dtype=dtype_name(pipeline.unet.dtype))
     folder, size = Path(job.class_data_dir), job.resolution or native_size(pipeline)
@@ -526,7 +553,6 @@ def _run_class_batches(job: ClassImageJob, batches: list[list[int]], state) -> i
             future.result()
             progress.update(1)
     progress.close()
-    release(pipeline)
     return sum(map(len, batches))
 
 

@@ -411,6 +411,10 @@ def test_a_concepts_list_fills_each_class_folder_as_training_would(tiny_model, t
                 for seed in seeds]
 
     monkeypatch.setattr(generation, "generate", draw)
+    loads = []
+    load_pipeline = generation.load_pipeline
+    monkeypatch.setattr(generation, "load_pipeline", lambda *args, **kwargs: loads.append(args) or load_pipeline(
+        *args, **kwargs))
     (tmp_path / "script").mkdir()
     (tmp_path / "training").mkdir()
     # Training draws its class images at --resolution with the script's defaults otherwise.
@@ -422,6 +426,7 @@ def test_a_concepts_list_fills_each_class_folder_as_training_would(tiny_model, t
     train_dreambooth.top_up_class_images(trained, SimpleNamespace(state=PartialState()))
 
     assert written == 5
+    assert len(loads) == 2  # one pipeline for both folders, in the script and in training
     for name, count in (("cats", 2), ("dogs", 3)):
         made = contents(tmp_path / "script" / name)
         assert sorted(generated_indices(made)) == list(range(count))
