@@ -373,15 +373,20 @@ def watch_profiled_steps(first: int, count: int, marks: dict) -> None:
         profiler = profile(activities=activities)
 
         def around(state) -> None:
-            if state.global_step == first - 1:
-                synchronize()
-                marks["profile_start"] = time.perf_counter()
-                profiler.start()
-            elif state.global_step == first + count - 1:
-                synchronize()
-                wall = time.perf_counter() - marks.pop("profile_start")
-                profiler.stop()
-                marks["profile"] = profile_summary(profiler.key_averages(), count, wall)
+            # The timed steps are done: a profiler that fails costs the profile, not the config's figures.
+            try:
+                if state.global_step == first - 1:
+                    synchronize()
+                    marks["profile_start"] = time.perf_counter()
+                    profiler.start()
+                elif state.global_step == first + count - 1 and "profile_start" in marks:
+                    synchronize()
+                    wall = time.perf_counter() - marks.pop("profile_start")
+                    profiler.stop()
+                    marks["profile"] = profile_summary(profiler.key_averages(), count, wall)
+            except Exception as error:  # noqa: BLE001 - reported in the results instead
+                marks.pop("profile_start", None)
+                marks["profile"] = {"error": f"{type(error).__name__}: {error}"}
 
         self.step_callbacks.append(around)
         return original(self)
@@ -741,8 +746,10 @@ def table(results: dict[str, dict]) -> str:
 def profile_lines(results: dict[str, dict]) -> str:
     """The profiled steps of each config: where a step's time goes, and its heaviest operators."""
     profiled = {name: result["profile"] for name, result in results.items() if result.get("profile")}
+    failed = [f"  {name}: profile failed: {found['error']}" for name, found in profiled.items() if "error" in found]
+    profiled = {name: found for name, found in profiled.items() if "error" not in found}
     if not profiled:
-        return ""
+        return "\n".join(failed)
     rows = [("config", "wall", *PHASES, "device busy", "busy %", "launches")]
     for name, found in profiled.items():
         busy = found["device_busy_fraction"]
@@ -759,7 +766,7 @@ def profile_lines(results: dict[str, dict]) -> str:
         column = "self_device_ms_per_step" if found["device_busy_ms_per_step"] else "self_host_ms_per_step"
         lines.append(f"  {name} heaviest ({column.split('_')[1]} ms/step): " + ", ".join(
             f"{op['name']} {op[column]:.1f}" for op in found["top_ops"][:6]))
-    return "\n".join(lines)
+    return "\n".join(lines + failed)
 
 
 def check_goals(results: dict[str, dict], generation: dict | None) -> list[dict]:

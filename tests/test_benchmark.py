@@ -164,3 +164,40 @@ def test_every_config_runs_on_a_gpu_and_those_needing_cuda_say_why_on_the_cpu():
     assert {name for name, reason in on_cpu.items() if reason} == {"C4", "C4o", "C4b", "C1b"}
     assert "needs CUDA" in on_cpu["C4b"] and "bf16" in on_cpu["C1b"]
     assert set(bench.GOALS) <= {config.name for config in bench.CONFIGS}
+
+
+def test_a_profile_that_fails_is_reported_and_keeps_the_configs_figures(monkeypatch):
+    import torch
+    from accelerate import Accelerator
+
+    from conftest import ListDataset
+    from dreambooth.training import Schedule, Trainer
+
+    class BrokenProfiler:
+        def __init__(self, **kwargs):
+            pass
+
+        def start(self):
+            raise RuntimeError("no CUPTI")
+
+    bench = load_bench()
+    monkeypatch.setattr(Trainer, "train", Trainer.train)  # put back after the test
+    monkeypatch.setattr(torch.profiler, "profile", BrokenProfiler)
+    marks = {}
+    bench.watch_profiled_steps(3, 2, marks)
+    accelerator = Accelerator(cpu=True)
+    model = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = torch.utils.data.DataLoader(ListDataset([1.0] * 4), batch_size=1,
+                                          collate_fn=lambda values: {"value": torch.tensor(values), "prompts": ["p"]})
+    model, optimizer, batches = accelerator.prepare(model, optimizer, batches)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    trainer = Trainer(accelerator, [model], optimizer, schedule, batches, Schedule(1, 4, 4, 1),
+                      lambda batch: {"loss": (model(batch["value"][:, None]) ** 2).mean()}, max_grad_norm=0,
+                      logging_steps=2)
+    trainer.train()
+    assert trainer.state.global_step == 4 and len(trainer.metrics.intervals) == 2  # the run and its figures
+    assert marks["profile"] == {"error": "RuntimeError: no CUPTI"}
+    results = {"C1": {"seconds_per_step": 0.1, "profile": {"error": "RuntimeError: no CUPTI"}}, "C2": {}}
+    assert bench.profile_lines(results) == "  C1: profile failed: RuntimeError: no CUPTI"
+    assert bench.profile_lines({"C2": {}}) == ""
