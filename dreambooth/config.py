@@ -678,12 +678,19 @@ def _eval_subject(instance_prompt: str, class_prompt: str | None, identifier: st
                   class_noun: str | None) -> tuple[str, str]:
     """(identifier, class noun) of one concept: those given, else the class noun is the last word of
     the class prompt (else of the instance prompt) and the identifier the word before it in the
-    instance prompt ('a photo of sks dog' -> 'sks', 'dog')."""
+    instance prompt ('a photo of sks dog' -> 'sks', 'dog'). An instance prompt without the class noun
+    ('a photo of sks' for 'a photo of a dog') ends with its identifier, or with a noun of its own
+    ('a photo of sks dog' for 'a photo of a puppy'): the word before the last, unless the class prompt
+    has it too ('of'), which the identifier, a rare word, is not; then the last word the class prompt lacks."""
     words = _prompt_words(instance_prompt)
-    class_noun = class_noun or (_prompt_words(class_prompt) or words)[-1]
+    class_words = _prompt_words(class_prompt)
+    class_noun = class_noun or (class_words or words)[-1]
     if identifier is None:
         position = words.index(class_noun) if class_noun in words else len(words) - 1
         identifier = words[max(position - 1, 0)]
+        rare = [word for word in words if word not in class_words]
+        if class_noun not in words and identifier in class_words and rare:
+            identifier = rare[-1]
     return identifier, class_noun
 
 

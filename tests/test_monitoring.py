@@ -286,6 +286,27 @@ def test_eval_subjects_are_read_off_each_concepts_prompts(tmp_path, instance_dir
         ("sks", "toy"), ("zwx", "cat")]
 
 
+def test_eval_identifier_of_an_instance_prompt_without_the_class_noun(tmp_path, instance_dir):
+    """'a photo of sks' names no class noun: the identifier is not 'of', a word the class prompt has too."""
+    import json
+
+    from dreambooth.config import TrainConfig
+
+    assert TrainConfig(instance_prompt="a photo of sks", class_prompt="a photo of a dog").eval_subjects() == [
+        ("sks", "dog")]
+    assert TrainConfig(instance_prompt="sks", class_prompt="a dog").eval_subjects() == [("sks", "dog")]
+    # Another noun in the instance prompt than the class prompt's: the word before it, as before.
+    assert TrainConfig(instance_prompt="a photo of sks dog", class_prompt="a photo of a puppy").eval_subjects() == [
+        ("sks", "puppy")]
+    # In a list of several concepts, where --eval_identifier is refused.
+    concepts = tmp_path / "concepts.json"
+    concepts.write_text(json.dumps([
+        {"instance_data_dir": str(instance_dir), "instance_prompt": "a photo of sks toy"},
+        {"instance_data_dir": str(tmp_path), "instance_prompt": "photo of zwx, [filewords]",
+         "class_prompt": "a photo of a cat"}]))
+    assert TrainConfig(concepts_list=str(concepts)).eval_subjects() == [("sks", "toy"), ("zwx", "cat")]
+
+
 def test_concept_names_in_the_trackers_are_readable_and_distinct():
     from dreambooth.monitor import EvalSubject, subject_names
 
