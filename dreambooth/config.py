@@ -306,12 +306,14 @@ class TrainConfig:
     eval_num_prompts: int = _field(3, "Prompts of the set used by --eval_steps.")
     eval_images_per_prompt: int = _field(2, "Images per prompt for --eval_steps.")
     eval_identifier: Optional[str] = _field(
-        None, "The identifier token for --eval_steps (default: the word before the class noun in the instance prompt). "
+        None, "The identifier token for --eval_steps (default: the one word of the instance prompt that the class "
+        "prompt lacks, else the word before the class noun in the instance prompt). "
         "A --concepts_list of several concepts reads each concept's off its own prompts and refuses this flag."
     )
     eval_class_noun: Optional[str] = _field(
-        None, "The class noun for --eval_steps (default: the last word of the class prompt, else of the instance "
-        "prompt). A --concepts_list of several concepts reads each concept's off its own prompts and refuses this flag."
+        None, "The class noun for --eval_steps (default: the word after the identifier where the class prompt lacks "
+        "only the identifier, else the last word of the class prompt, else of the instance prompt). A --concepts_list "
+        "of several concepts reads each concept's off its own prompts and refuses this flag."
     )
     eval_dino_model: str = _field("facebook/dino-vits16", "DINO model for --eval_steps (Hub id or local folder).")
     eval_clip_model: str = _field("openai/clip-vit-base-patch32", "CLIP model for --eval_steps (Hub id or local folder).")
@@ -676,19 +678,27 @@ def _prompt_words(prompt: str | None) -> list[str]:
 
 def _eval_subject(instance_prompt: str, class_prompt: str | None, identifier: str | None,
                   class_noun: str | None) -> tuple[str, str]:
-    """(identifier, class noun) of one concept: those given, else the class noun is the last word of
-    the class prompt (else of the instance prompt) and the identifier the word before it in the
-    instance prompt ('a photo of sks dog' -> 'sks', 'dog'). An instance prompt without the class noun
-    ('a photo of sks' for 'a photo of a dog') ends with its identifier, or with a noun of its own
-    ('a photo of sks dog' for 'a photo of a puppy'): the word before the last, unless the class prompt
-    has it too ('of'), which the identifier, a rare word, is not; then the last word the class prompt lacks."""
+    """(identifier, class noun) of one concept: those given, else read off the prompts. A class prompt
+    that lacks one word of the instance prompt is that prompt without its identifier ('a photo of sks
+    dog, best quality' and 'a photo of dog, best quality'): that word is the identifier, and the class
+    noun the word after it where the class prompt has it, else the class prompt's last word. Otherwise
+    the class noun is the last word of the class prompt (else of the instance prompt) and the
+    identifier the word before it in the instance prompt ('a photo of sks dog' -> 'sks', 'dog'); an
+    instance prompt without the class noun ends with its identifier or a noun of its own: the word
+    before the last, unless the class prompt has it too ('of' of 'a photo of sks' beside 'a photo of
+    a dog'), which a rare identifier is not; then the last word the class prompt lacks."""
     words = _prompt_words(instance_prompt)
     class_words = _prompt_words(class_prompt)
+    rare = [word for word in words if word not in class_words] if class_words else []
+    if len(set(rare)) == 1:
+        identifier = identifier or rare[0]
+        following = words[words.index(identifier) + 1:][:1] if identifier in words else []
+        return identifier, class_noun or (following[0] if following and following[0] in class_words
+                                          else class_words[-1])
     class_noun = class_noun or (class_words or words)[-1]
     if identifier is None:
         position = words.index(class_noun) if class_noun in words else len(words) - 1
         identifier = words[max(position - 1, 0)]
-        rare = [word for word in words if word not in class_words]
         if class_noun not in words and identifier in class_words and rare:
             identifier = rare[-1]
     return identifier, class_noun

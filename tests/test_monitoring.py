@@ -307,6 +307,20 @@ def test_eval_identifier_of_an_instance_prompt_without_the_class_noun(tmp_path, 
     assert TrainConfig(concepts_list=str(concepts)).eval_subjects() == [("sks", "toy"), ("zwx", "cat")]
 
 
+def test_eval_subject_of_prompts_that_share_words_after_the_class_noun():
+    """The class prompt is the instance prompt without its identifier: the one word it lacks is the
+    identifier, and the word after it the class noun, not the last word the two prompts share."""
+    from dreambooth.config import TrainConfig
+
+    assert TrainConfig(instance_prompt="a photo of sks dog, best quality",
+                       class_prompt="a photo of dog, best quality").eval_subjects() == [("sks", "dog")]
+    assert TrainConfig(instance_prompt="sks dog on a beach", class_prompt="dog on a beach").eval_subjects() == [
+        ("sks", "dog")]
+    # The flags still name what they name.
+    assert TrainConfig(instance_prompt="a photo of sks dog, best quality", class_prompt="a photo of dog, best quality",
+                       eval_class_noun="dog").eval_subjects() == [("sks", "dog")]
+
+
 def test_concept_names_in_the_trackers_are_readable_and_distinct():
     from dreambooth.monitor import EvalSubject, subject_names
 
