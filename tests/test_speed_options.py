@@ -501,15 +501,15 @@ def test_bf16_on_a_gpu_without_bf16_arithmetic_is_warned_about(monkeypatch, capl
                                            "use --mixed_precision fp16 on this GPU"])
 
 
-def test_training_sets_the_objects_made_before_it_aside_from_the_garbage_collector(monkeypatch):
-    """Full collections during training walk only what training made (no pauses over the
-    libraries' objects), its reference cycles are still collected, and afterwards nothing stays aside."""
+class Node:
+    pass
+
+
+def linear_trainer():
+    """A Trainer of one Linear over 4 batches."""
     from accelerate import Accelerator
 
     from dreambooth.training import Schedule, Trainer
-
-    class Node:
-        pass
 
     accelerator = Accelerator(cpu=True)
     model = torch.nn.Linear(1, 1)
@@ -518,8 +518,14 @@ def test_training_sets_the_objects_made_before_it_aside_from_the_garbage_collect
                                           collate_fn=lambda values: {"value": torch.tensor(values), "prompts": ["p"]})
     model, optimizer, batches = accelerator.prepare(model, optimizer, batches)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    trainer = Trainer(accelerator, [model], optimizer, schedule, batches, Schedule(1, 4, 4, 1),
-                      lambda batch: {"loss": (model(batch["value"][:, None]) ** 2).mean()}, max_grad_norm=0)
+    return Trainer(accelerator, [model], optimizer, schedule, batches, Schedule(1, 4, 4, 1),
+                   lambda batch: {"loss": (model(batch["value"][:, None]) ** 2).mean()}, max_grad_norm=0)
+
+
+def test_training_sets_the_objects_made_before_it_aside_from_the_garbage_collector():
+    """Full collections during training walk only what training made (no pauses over the
+    libraries' objects), its reference cycles are still collected, and afterwards nothing stays aside."""
+    trainer = linear_trainer()
     made_before = Node()
     seen = {}
 
@@ -557,3 +563,14 @@ def test_cuda_backend_flags_are_set_for_a_cuda_run_only(device, applied):
         assert torch.backends.cuda.matmul.allow_tf32 is applied
     finally:
         torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_objects_the_caller_set_aside_from_the_garbage_collector_stay_aside_after_training():
+    trainer = linear_trainer()
+    set_aside = Node()
+    gc.freeze()
+    try:
+        trainer.train()
+        assert gc.get_freeze_count() > 0 and id(set_aside) not in {id(tracked) for tracked in gc.get_objects()}
+    finally:
+        gc.unfreeze()
