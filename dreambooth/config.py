@@ -792,7 +792,7 @@ class GenerateClassImagesConfig:
             # instance folders may be on another machine.
             check_class_folders(concepts, self.concepts_list)
         for concept in concepts:
-            check_writable_dir(concept.class_data_dir, "--class_data_dir")
+            _check_class_folder(concept.class_data_dir, concept.num_class_images)  # a full folder is only read
 
     def concepts(self) -> list:
         """The concepts whose class folders to fill: the --concepts_list file's, read as

@@ -218,7 +218,7 @@ def test_a_class_folder_to_top_up_must_be_writable_before_anything_is_generated(
                                                                                 no_model_loading, monkeypatch):
     import tempfile
 
-    from dreambooth.config import TrainConfig, parse_config
+    from dreambooth.config import GenerateClassImagesConfig, TrainConfig, parse_config
 
     class_dir = tmp_path / "class"
     class_dir.mkdir()
@@ -236,5 +236,10 @@ def test_a_class_folder_to_top_up_must_be_writable_before_anything_is_generated(
                       str(class_dir), "--class_prompt", "a photo of a toy")
     run_expecting_error(args + ["--num_class_images", "3"],
                         rf"^--class_data_dir {re.escape(str(class_dir))}: not writable \(Permission denied\)$")
-    # A folder that already holds enough class images is only read.
+    # A folder that already holds enough class images is only read, by training and by the script.
     parse_config(TrainConfig, args + ["--num_class_images", "2"]).validate()
+    script = ["--pretrained_model_name_or_path", tiny_model, "--class_data_dir", str(class_dir), "--class_prompt",
+              "a photo of a toy"]
+    parse_config(GenerateClassImagesConfig, script + ["--num_class_images", "2"]).validate()
+    with pytest.raises(DreamBoothError, match=r"^--class_data_dir .*: not writable \(Permission denied\)$"):
+        parse_config(GenerateClassImagesConfig, script + ["--num_class_images", "3"]).validate()
