@@ -139,35 +139,16 @@ def _fetch_hub_lora(repo_id: str, flag: str, revision: str | None, cache_dir: st
 
 
 def _hub_lora_failure(error: BaseException, repo_id: str, flag: str, revision: str | None) -> str:
-    """Why a LoRA repo could not be fetched, in one line. Without a revision, ``repo_id`` may as well be
-    a mistyped local path ('runs/sks-dgo'): a repo the Hub (or, offline, the cache) does not have is
-    said beside the missing local folder, so the typo shows whichever was meant."""
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
+    """Why a LoRA repo could not be fetched, in one line (``hub_failure``'s, for a LoRA repo): a
+    revision it lacks names the revision flag; a repo the Hub (or, offline, the cache) does not
+    have is said beside the missing local file or folder, so a mistyped path shows."""
     from .models import hub_failure
 
-    causes, cause = [], error
-    while cause is not None and len(causes) < 10:
-        causes.append(cause)
-        cause = cause.__cause__ or cause.__context__
-    if any(isinstance(cause, RevisionNotFoundError) for cause in causes):
-        if revision is None:
-            return f"{flag} {repo_id}: the repo has no main branch; name a branch, tag or commit with {flag}_revision"
-        return f"{flag}_revision {revision}: no such branch, tag or commit in {repo_id}"
-    if revision is None and not any(isinstance(cause, GatedRepoError) for cause in causes):
-        neither = f"{flag} {repo_id}: no local file or folder of that name, and "
-        if any(isinstance(cause, RepositoryNotFoundError) for cause in causes):
-            return neither + "no such repo on the Hub (check the path or the id; a private repo needs `hf auth login`)"
-        if any(isinstance(cause, (LocalEntryNotFoundError, OfflineModeIsEnabled)) for cause in causes):
-            return neither + ("not in the Hugging Face cache with the Hub unreachable (offline): check the path or "
-                              f"the id, or download the repo first with `hf download {repo_id}`")
-    return f"{flag} {repo_id}: {hub_failure(error, repo_id, revision) or first_reason(error)}"
+    reason = hub_failure(error, repo_id, revision, revision_flag=f"{flag}_revision", thing="repo",
+                         local="file or folder")
+    if reason and reason.startswith(f"{flag}_revision "):
+        return reason
+    return f"{flag} {repo_id}: {reason or first_reason(error)}"
 
 
 def _weights_problem(folder: Path, variant: str | None) -> str | None:

@@ -25,3 +25,13 @@ def first_reason(error: BaseException, limit: int = 300) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     reason = next((line for line in lines if "mismatch" in line), lines[0] if lines else type(error).__name__)
     return reason if len(reason) <= limit else reason[:limit] + "..."
+
+
+def error_chain(error: BaseException, limit: int = 10) -> list[BaseException]:
+    """``error`` and the errors behind it (``raise ... from``, or raised while handling), nearest
+    first: the library error a wrapper's message hides."""
+    chain, cause = [], error
+    while cause is not None and len(chain) < limit:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    return chain

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 from safetensors import SafetensorError
 
-from .errors import DreamBoothError, first_reason
+from .errors import DreamBoothError, error_chain, first_reason
 
 logger = logging.getLogger(__name__)
 
@@ -94,9 +94,11 @@ def load_pretrained(what: str, loader, source: str, **kwargs):
         raise DreamBoothError(f"could not load the {what} of {source}: {reason}") from None
 
 
-def hub_failure(error: BaseException, source: str, revision: str | None = None) -> str | None:
+def hub_failure(error: BaseException, source: str, revision: str | None = None, revision_flag: str = "--revision",
+                thing: str = "model", local: str = "folder") -> str | None:
     """What to do about a Hub id that could not be fetched, from the huggingface_hub error behind
-    ``error`` (diffusers and transformers wrap it in messages of their own); None for other errors."""
+    ``error`` (diffusers and transformers wrap it in messages of their own); None for other errors.
+    ``thing`` is what the repo should hold, ``local`` what a local path would have been."""
     from huggingface_hub.errors import (
         GatedRepoError,
         LocalEntryNotFoundError,
@@ -105,11 +107,7 @@ def hub_failure(error: BaseException, source: str, revision: str | None = None) 
         RevisionNotFoundError,
     )
 
-    causes, cause = [], error
-    while cause is not None and len(causes) < 10:
-        causes.append(cause)
-        cause = cause.__cause__ or cause.__context__
-    kind = next((type(cause) for cause in causes if isinstance(cause, (
+    kind = next((type(cause) for cause in error_chain(error) if isinstance(cause, (
         GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled,
     ))), None)
     if kind is None or Path(source).expanduser().exists():
@@ -118,11 +116,13 @@ def hub_failure(error: BaseException, source: str, revision: str | None = None) 
         return (f"a gated repo: accept its conditions at https://huggingface.co/{source} with your account, "
                 "then log in with `hf auth login`")
     if issubclass(kind, RevisionNotFoundError):
-        return f"--revision {revision}: no such branch, tag or commit in the repo"
+        if revision is None:
+            return f"the repo has no main branch; name a branch, tag or commit with {revision_flag}"
+        return f"{revision_flag} {revision}: no such branch, tag or commit in {source}"
     # Without a revision, a mistyped local path ('runs/sks-dgo') reads as a Hub id: both are said.
-    neither, check = ("", "the id") if revision else ("no local folder of that name, and ", "the path or the id")
+    neither, check = ("", "the id") if revision else (f"no local {local} of that name, and ", "the path or the id")
     if issubclass(kind, RepositoryNotFoundError):
-        return f"{neither}no such model on the Hub (check {check}; a private repo needs `hf auth login`)"
+        return f"{neither}no such {thing} on the Hub (check {check}; a private repo needs `hf auth login`)"
     download = f"hf download {source}" + (f" --revision {revision}" if revision else "")
     return (f"{neither}not fully in the Hugging Face cache{' at revision ' + revision if revision else ''} with the "
             f"Hub unreachable (offline): check {check}, or download it first with `{download}`")

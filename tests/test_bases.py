@@ -430,8 +430,8 @@ def test_a_mistyped_lora_path_that_reads_as_a_hub_id_says_both(hub_cache, tmp_pa
     from dreambooth.bases import check_lora_source
 
     with pytest.raises(DreamBoothError, match=r"^--lora runs/sks-dgo: no local file or folder of that name, and "
-                                              r"not in the Hugging Face cache with the Hub unreachable \(offline\): "
-                                              r"check the path or the id, or download the repo first with "
+                                              r"not fully in the Hugging Face cache with the Hub unreachable "
+                                              r"\(offline\): check the path or the id, or download it first with "
                                               r"`hf download runs/sks-dgo`$"):
         check_lora_source("runs/sks-dgo", "--lora")
 

@@ -168,10 +168,9 @@ def test_every_config_runs_on_a_gpu_and_those_needing_cuda_say_why_on_the_cpu():
 
 def test_a_profile_that_fails_is_reported_and_keeps_the_configs_figures(monkeypatch):
     import torch
-    from accelerate import Accelerator
 
-    from conftest import ListDataset
-    from dreambooth.training import Schedule, Trainer
+    from conftest import linear_trainer
+    from dreambooth.training import Trainer
 
     class BrokenProfiler:
         def __init__(self, **kwargs):
@@ -185,16 +184,7 @@ def test_a_profile_that_fails_is_reported_and_keeps_the_configs_figures(monkeypa
     monkeypatch.setattr(torch.profiler, "profile", BrokenProfiler)
     marks = {}
     bench.watch_profiled_steps(3, 2, marks)
-    accelerator = Accelerator(cpu=True)
-    model = torch.nn.Linear(1, 1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    batches = torch.utils.data.DataLoader(ListDataset([1.0] * 4), batch_size=1,
-                                          collate_fn=lambda values: {"value": torch.tensor(values), "prompts": ["p"]})
-    model, optimizer, batches = accelerator.prepare(model, optimizer, batches)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    trainer = Trainer(accelerator, [model], optimizer, schedule, batches, Schedule(1, 4, 4, 1),
-                      lambda batch: {"loss": (model(batch["value"][:, None]) ** 2).mean()}, max_grad_norm=0,
-                      logging_steps=2)
+    trainer = linear_trainer(logging_steps=2)
     trainer.train()
     assert trainer.state.global_step == 4 and len(trainer.metrics.intervals) == 2  # the run and its figures
     assert marks["profile"] == {"error": "RuntimeError: no CUPTI"}

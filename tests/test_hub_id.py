@@ -170,8 +170,8 @@ def test_lora_given_as_a_hub_id_draws_and_is_named_as_its_local_folder(hub_cache
 
 
 @pytest.mark.parametrize("lora, message", [
-    ("someone/not-downloaded", r"--lora someone/not-downloaded: no local file or folder of that name, and not in "
-                               r"the Hugging Face cache .*offline.*`hf download someone/not-downloaded`"),
+    ("someone/not-downloaded", r"--lora someone/not-downloaded: no local file or folder of that name, and not fully "
+                               r"in the Hugging Face cache .*offline.*`hf download someone/not-downloaded`"),
     (HUB_ID, f"--lora {HUB_ID}: a full pipeline, not LoRA weights; pass it as --pretrained_model_name_or_path"),
     ("someone/readme-only", r"--lora someone/readme-only: the repo has no pytorch_lora_weights\.safetensors"),
     ("loras/sks.safetensors", r"--lora loras/sks\.safetensors: no such file or folder"),

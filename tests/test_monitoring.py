@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train_dreambooth
-from conftest import ListDataset, committed_files, train_args
+from conftest import ListDataset, committed_files, linear_trainer, train_args
 from dreambooth.errors import DreamBoothError
 
 TOKEN = "hf_PLANTEDsecretTOKEN1234567890abcdefXYZ"
@@ -501,22 +501,11 @@ def test_a_resumed_offline_wandb_run_logs_to_the_same_run(tiny_model, instance_d
 def test_a_log_line_during_training_goes_above_the_progress_bar_not_onto_its_line(capsys, monkeypatch):
     import logging
 
-    from accelerate import Accelerator
-
     from dreambooth.cli import setup_logging
-    from dreambooth.training import Schedule, Trainer
 
     monkeypatch.setattr(logging.root, "handlers", list(logging.root.handlers))
     setup_logging()
-    accelerator = Accelerator(cpu=True)
-    model = torch.nn.Linear(1, 1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    batches = torch.utils.data.DataLoader(ListDataset([1.0] * 4), batch_size=1,
-                                          collate_fn=lambda values: {"value": torch.tensor(values), "prompts": ["p"]})
-    model, optimizer, batches = accelerator.prepare(model, optimizer, batches)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    trainer = Trainer(accelerator, [model], optimizer, schedule, batches, Schedule(1, 4, 4, 1),
-                      lambda batch: {"loss": (model(batch["value"][:, None]) ** 2).mean()}, max_grad_norm=0)
+    trainer = linear_trainer(lr=0.0)
     trainer.step_callbacks.append(lambda state: logging.getLogger("dreambooth.checkpoints").info(
         "removing old checkpoint checkpoint-%d", state.global_step - 1) if state.global_step == 2 else None)
     trainer.train()
@@ -527,20 +516,8 @@ def test_a_log_line_during_training_goes_above_the_progress_bar_not_onto_its_lin
 def test_a_run_stopped_by_a_signal_logs_the_steps_since_its_last_logging_step():
     import signal
 
-    from accelerate import Accelerator
-
-    from dreambooth.training import Schedule, Trainer
-
-    accelerator = Accelerator(cpu=True)
-    model = torch.nn.Linear(1, 1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    batches = torch.utils.data.DataLoader(ListDataset([float(i + 1) for i in range(8)]), batch_size=1,
-                                          collate_fn=lambda values: {"value": torch.tensor(values), "prompts": ["p"]})
-    model, optimizer, batches = accelerator.prepare(model, optimizer, batches)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    trainer = Trainer(accelerator, [model], optimizer, schedule, batches, Schedule(1, 8, 8, 1),
-                      lambda batch: {"loss": batch["value"].mean() + 0 * model.weight.sum()}, max_grad_norm=0,
-                      logging_steps=4)
+    trainer = linear_trainer([float(i + 1) for i in range(8)], lr=0.0,
+                             loss=lambda model, batch: batch["value"].mean() + 0 * model.weight.sum(), logging_steps=4)
     trainer.step_callbacks.append(lambda state: signal.raise_signal(signal.SIGTERM) if state.global_step == 6 else None)
     trainer.train()
     assert trainer.interrupted and trainer.state.global_step == 6

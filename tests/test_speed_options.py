@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import train_dreambooth
-from conftest import TOY_SUBJECT, ListDataset, train_args
+from conftest import TOY_SUBJECT, linear_trainer, train_args
 
 BASE = ["--max_train_steps", "4", "--logging_steps", "1", "--save_precision", "fp32", "--center_crop",
         "--random_flip"]
@@ -503,23 +503,6 @@ def test_bf16_on_a_gpu_without_bf16_arithmetic_is_warned_about(monkeypatch, capl
 
 class Node:
     pass
-
-
-def linear_trainer():
-    """A Trainer of one Linear over 4 batches."""
-    from accelerate import Accelerator
-
-    from dreambooth.training import Schedule, Trainer
-
-    accelerator = Accelerator(cpu=True)
-    model = torch.nn.Linear(1, 1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    batches = torch.utils.data.DataLoader(ListDataset([1.0] * 4), batch_size=1,
-                                          collate_fn=lambda values: {"value": torch.tensor(values), "prompts": ["p"]})
-    model, optimizer, batches = accelerator.prepare(model, optimizer, batches)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    return Trainer(accelerator, [model], optimizer, schedule, batches, Schedule(1, 4, 4, 1),
-                   lambda batch: {"loss": (model(batch["value"][:, None]) ** 2).mean()}, max_grad_norm=0)
 
 
 def test_training_sets_the_objects_made_before_it_aside_from_the_garbage_collector():
