@@ -172,7 +172,8 @@ def latents_source(cfg: TrainConfig, accelerator, components: Components, datase
     """The VAE latents of each batch: cached once when the crops are fixed, else encoded each step."""
     if not (cfg.cache_latents and cfg.center_crop):
         return VaeLatents(components.vae)
-    cached = CachedLatents(components.vae, dataset, accelerator.device)
+    step_images = cfg.train_batch_size * (2 if cfg.with_prior_preservation else 1)
+    cached = CachedLatents(components.vae, dataset, accelerator.device, batch_size=step_images)
     dataset.yield_latent_keys = True
     components.vae.to("cpu")
     return cached

@@ -279,6 +279,21 @@ def test_cached_latents_are_used_only_with_fixed_crops(tiny_model, instance_dir,
     assert CachedLatents.__doc__
 
 
+def test_the_cache_encodes_no_more_images_at_once_than_a_training_step(tiny_model, instance_dir, tmp_path, prior,
+                                                                        monkeypatch):
+    """Its memory peak is then no higher than encoding every step would make it."""
+    from diffusers import AutoencoderKL
+
+    encoded = []
+    encode = AutoencoderKL.encode
+    monkeypatch.setattr(AutoencoderKL, "encode", lambda vae, pixels, *args, **kwargs: encoded.append(len(pixels)) or
+                        encode(vae, pixels, *args, **kwargs))
+    train_dreambooth.main(train_args(tiny_model, instance_dir, tmp_path / "out", "--center_crop", "--random_flip",
+                                     "--train_batch_size", "2", "--max_train_steps", "1", *prior))
+    # 5 instance and 5 class images, each unflipped and flipped: 20 variants, 2 + 2 images a step.
+    assert sum(encoded) == 20 and max(encoded) == 4
+
+
 @pytest.mark.slow
 def test_compiled_unet_trains_the_same(tiny_model, instance_dir, tmp_path):
     losses, weights = run(tiny_model, instance_dir, tmp_path / "compiled", "--compile")
