@@ -137,3 +137,11 @@ def test_the_quickstart_training_runs_again_in_its_own_folder(tiny_model, tmp_pa
     train_dreambooth.main(argv)
     second = (tmp_path / "quickstart-output" / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
     assert second > first
+
+
+def test_the_readme_layout_names_every_module_and_script():
+    layout = (ROOT / "README.md").read_text(encoding="utf-8").split("## Layout", 1)[1]
+    named = set(re.findall(r"`([^`]+)`", layout))
+    modules = {f"dreambooth/{path.name}" for path in (ROOT / "dreambooth").glob("*.py") if path.name != "__init__.py"}
+    assert modules - named == set()
+    assert set(SCRIPTS) - named == set()
