@@ -42,9 +42,9 @@ def latent_key(example: Example, size: tuple[int, int], flipped: bool) -> tuple[
 
 class CachedLatents:
     """Posteriors of every (image, size, flip) the dataset can yield, encoded once, ``batch_size``
-    images at a time. At the images of one training step (instance and class images) a time, the
-    cache needs no more memory than encoding every step would: the VAE's activations at 512 px
-    take about 0.4 GiB an image, and 8 at once made the start of a LoRA run its peak (5.0 GiB on an
+    images at a time. Given the images of one training step (instance and class images), the cache
+    needs no more memory than encoding at every step would: the VAE's activations at 512 px take
+    about 0.4 GiB an image, and 8 at once made the start of a LoRA run its peak (5.0 GiB on an
     H200, against 2.2 GiB while training)."""
 
     def __init__(self, vae, dataset: DreamBoothDataset, device: torch.device, batch_size: int):

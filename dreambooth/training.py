@@ -336,8 +336,9 @@ def collector_ignoring_setup():
     """The objects made before training (half a million: the libraries, the models' modules) set
     aside from Python's garbage collector while training runs. Its full passes walk every object,
     a pause of 0.25 s on a 2-core CPU, and one can come a few steps into training (when the objects
-    left from loading pass its threshold), in the middle of a GPU's queue of work. Training frees its own objects by reference counting, and its
-    cycles are still collected. A caller that froze objects itself is left to manage them."""
+    left from loading pass its threshold), in the middle of a GPU's queue of work. Training frees
+    its own objects by reference counting, and its cycles are still collected. A caller that froze
+    objects itself is left to manage them."""
     if gc.get_freeze_count():
         yield
         return
