@@ -337,12 +337,14 @@ def collector_ignoring_setup():
     aside from Python's garbage collector while training runs. Its full passes walk every object,
     a pause of 0.25 s on a 2-core CPU, and one can come a few steps into training (when the objects
     left from loading pass its threshold), in the middle of a GPU's queue of work. Training frees
-    its own objects by reference counting, and its cycles are still collected. A caller that froze
-    objects itself is left to manage them."""
+    its own objects by reference counting, and its cycles are still collected. Only the young
+    generations are collected first: a full collection there found 0 to 20 unreachable objects,
+    and took 0.26 s, on SD 1.5's architecture. A caller that froze objects itself is left to
+    manage them."""
     if gc.get_freeze_count():
         yield
         return
-    gc.collect()
+    gc.collect(1)
     gc.freeze()
     try:
         yield
