@@ -45,6 +45,8 @@ class Concept:
     class_prompt: Optional[str] = None
     num_class_images: int = 100
     repeats: int = 1
+    eval_identifier: Optional[str] = None  # for --eval_steps, where the prompts do not tell it
+    eval_class_noun: Optional[str] = None
 
 
 _REQUIRED = ("instance_data_dir", "instance_prompt")

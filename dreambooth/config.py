@@ -246,7 +246,8 @@ class TrainConfig:
     )
     concepts_list: Optional[str] = _field(
         None, "JSON or YAML list of concepts (instance_data_dir, instance_prompt, class_data_dir, class_prompt, "
-        "num_class_images, repeats) to train several subjects in one run, instead of the single-concept flags."
+        "num_class_images, repeats; eval_identifier, eval_class_noun for --eval_steps) to train several subjects in "
+        "one run, instead of the single-concept flags."
     )
     repeats: int = _field(1, "Times each instance image appears per epoch (weights small sets; also each "
                           "--concepts_list concept's that sets none).")
@@ -308,12 +309,13 @@ class TrainConfig:
     eval_identifier: Optional[str] = _field(
         None, "The identifier token for --eval_steps (default: the one word of the instance prompt that the class "
         "prompt lacks, else the word before the class noun in the instance prompt). "
-        "A --concepts_list of several concepts reads each concept's off its own prompts and refuses this flag."
+        "A --concepts_list of several concepts reads each concept's off its own prompts (or its eval_identifier "
+        "key) and refuses this flag."
     )
     eval_class_noun: Optional[str] = _field(
         None, "The class noun for --eval_steps (default: the word after the identifier where the class prompt lacks "
         "only the identifier, else the last word of the class prompt, else of the instance prompt). A --concepts_list "
-        "of several concepts reads each concept's off its own prompts and refuses this flag."
+        "of several concepts reads each concept's off its own prompts (or its eval_class_noun key) and refuses this flag."
     )
     eval_dino_model: str = _field("facebook/dino-vits16", "DINO model for --eval_steps (Hub id or local folder).")
     eval_clip_model: str = _field("openai/clip-vit-base-patch32", "CLIP model for --eval_steps (Hub id or local folder).")
@@ -580,24 +582,29 @@ class TrainConfig:
             if len(concepts) > 1 and getattr(self, flag) is not None:
                 raise DreamBoothError(
                     f"--{flag}: --concepts_list {self.concepts_list} has {len(concepts)} concepts, each scored with "
-                    "the identifier and class noun of its own prompts; leave out the flag")
-        for concept in concepts:
+                    f"the identifier and class noun of its own prompts (or its own {flag} key); leave out the flag")
+        for number, concept in enumerate(concepts):
             if not _prompt_words(concept.instance_prompt):
                 raise DreamBoothError(f"--eval_steps: the instance prompt '{concept.instance_prompt}' has no word beside "
                                       "[filewords] to read the identifier and class noun off; write them into it")
-        if self.eval_identifier is not None and self.eval_identifier not in _prompt_words(concepts[0].instance_prompt):
-            raise DreamBoothError(f"--eval_identifier {self.eval_identifier}: not a word of the instance prompt")
+            identifier = concept.eval_identifier or (self.eval_identifier if len(concepts) == 1 else None)
+            if identifier is not None and identifier not in _prompt_words(concept.instance_prompt):
+                given = (f"--eval_identifier {identifier}" if not concept.eval_identifier else
+                         f"--concepts_list {self.concepts_list}, concept {number}: eval_identifier {identifier}")
+                raise DreamBoothError(f"{given}: not a word of the instance prompt '{concept.instance_prompt}'")
         for flag in ("eval_dino_model", "eval_clip_model"):
             check_encoder_source(getattr(self, flag), f"--{flag}")
 
     def eval_subjects(self) -> list[tuple[str, str]]:
         """(identifier, class noun) of each concept for --eval_steps, read off its instance and class
-        prompts ('a photo of sks dog', 'a photo of a dog' -> 'sks', 'dog'); a single concept's
-        --eval_identifier and --eval_class_noun take precedence."""
+        prompts ('a photo of sks dog', 'a photo of a dog' -> 'sks', 'dog'); a concept's own
+        eval_identifier and eval_class_noun keys, or a single concept's flags, take precedence."""
         concepts = self.concepts()
         single = len(concepts) == 1
-        return [_eval_subject(concept.instance_prompt, concept.class_prompt, self.eval_identifier if single else None,
-                              self.eval_class_noun if single else None) for concept in concepts]
+        return [_eval_subject(concept.instance_prompt, concept.class_prompt,
+                              concept.eval_identifier or (self.eval_identifier if single else None),
+                              concept.eval_class_noun or (self.eval_class_noun if single else None))
+                for concept in concepts]
 
     def validation_prompts(self) -> list[str]:
         if self.validation_prompt:

@@ -356,7 +356,8 @@ def test_eval_subject_flags_are_refused_beside_a_list_of_several_concepts(tmp_pa
             "2", "--eval_dino_model", tiny_dino, "--eval_clip_model", tiny_clip, flag, value]
     several = parse_config(TrainConfig, [*base, "--concepts_list", two_concepts(tmp_path, instance_dir)])
     with pytest.raises(DreamBoothError, match=rf"^{flag}: --concepts_list .* has 2 concepts, each scored with "
-                                              r"the identifier and class noun of its own prompts; leave out"):
+                                              rf"the identifier and class noun of its own prompts \(or its own "
+                                              rf"{flag[2:]} key\); leave out"):
         several.validate()
     # A list of one concept is a single concept: the flag names its subject.
     one = tmp_path / "one.json"
@@ -364,6 +365,34 @@ def test_eval_subject_flags_are_refused_beside_a_list_of_several_concepts(tmp_pa
                                 "instance_prompt": "a photo of sks toy in a box"}]))
     assert parse_config(TrainConfig, ["--concepts_list", str(one)]).eval_subjects() == [("a", "box")]
     assert parse_config(TrainConfig, [*base, "--concepts_list", str(one)]).eval_subjects() == [subject]
+
+
+def test_a_concept_names_its_own_eval_subject_where_its_prompts_do_not(tmp_path, instance_dir, tiny_model, tiny_dino,
+                                                                        tiny_clip):
+    """'a photo of zwx' with no class prompt reads as 'of' and 'zwx': the concept's keys say it."""
+    import json
+    import shutil
+
+    from dreambooth.config import TrainConfig, parse_config
+
+    second = shutil.copytree(instance_dir, tmp_path / "zwx")
+
+    def concepts(**keys) -> str:
+        listed = tmp_path / "concepts.json"
+        listed.write_text(json.dumps([
+            {"instance_data_dir": str(instance_dir), "instance_prompt": "a photo of sks toy"},
+            {"instance_data_dir": str(second), "instance_prompt": "a photo of zwx", **keys}]))
+        return str(listed)
+
+    assert TrainConfig(concepts_list=concepts()).eval_subjects() == [("sks", "toy"), ("of", "zwx")]
+    assert TrainConfig(concepts_list=concepts(eval_identifier="zwx", eval_class_noun="cat")).eval_subjects() == [
+        ("sks", "toy"), ("zwx", "cat")]
+    base = ["--pretrained_model_name_or_path", tiny_model, "--output_dir", str(tmp_path / "out"), "--eval_steps", "2",
+            "--eval_dino_model", tiny_dino, "--eval_clip_model", tiny_clip]
+    parse_config(TrainConfig, [*base, "--concepts_list", concepts(eval_identifier="zwx")]).validate()
+    with pytest.raises(DreamBoothError, match=r"^--concepts_list .*, concept 1: eval_identifier zxw: not a word of "
+                                              r"the instance prompt 'a photo of zwx'$"):
+        parse_config(TrainConfig, [*base, "--concepts_list", concepts(eval_identifier="zxw")]).validate()
 
 
 @pytest.mark.parametrize("prior", [False, True])
