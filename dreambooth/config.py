@@ -583,15 +583,17 @@ class TrainConfig:
                 raise DreamBoothError(
                     f"--{flag}: --concepts_list {self.concepts_list} has {len(concepts)} concepts, each scored with "
                     f"the identifier and class noun of its own prompts (or its own {flag} key); leave out the flag")
-        for number, concept in enumerate(concepts):
+        for concept in concepts:
             if not _prompt_words(concept.instance_prompt):
                 raise DreamBoothError(f"--eval_steps: the instance prompt '{concept.instance_prompt}' has no word beside "
                                       "[filewords] to read the identifier and class noun off; write them into it")
-            identifier = concept.eval_identifier or (self.eval_identifier if len(concepts) == 1 else None)
-            if identifier is not None and identifier not in _prompt_words(concept.instance_prompt):
-                given = (f"--eval_identifier {identifier}" if not concept.eval_identifier else
-                         f"--concepts_list {self.concepts_list}, concept {number}: eval_identifier {identifier}")
-                raise DreamBoothError(f"{given}: not a word of the instance prompt '{concept.instance_prompt}'")
+        # One read off the prompt is a word of it; one given (a key, or the flag) may not be.
+        for number, (concept, (identifier, _)) in enumerate(zip(concepts, self.eval_subjects())):
+            if identifier not in _prompt_words(concept.instance_prompt):
+                given = (f"--concepts_list {self.concepts_list}, concept {number}: eval_identifier"
+                         if concept.eval_identifier else "--eval_identifier")
+                raise DreamBoothError(f"{given} {identifier}: not a word of the instance prompt "
+                                      f"'{concept.instance_prompt}'")
         for flag in ("eval_dino_model", "eval_clip_model"):
             check_encoder_source(getattr(self, flag), f"--{flag}")
 

@@ -393,6 +393,12 @@ def test_a_concept_names_its_own_eval_subject_where_its_prompts_do_not(tmp_path,
     with pytest.raises(DreamBoothError, match=r"^--concepts_list .*, concept 1: eval_identifier zxw: not a word of "
                                               r"the instance prompt 'a photo of zwx'$"):
         parse_config(TrainConfig, [*base, "--concepts_list", concepts(eval_identifier="zxw")]).validate()
+    # A single concept's flag, checked alike.
+    single = [*base, "--instance_data_dir", str(instance_dir), "--instance_prompt", "a photo of sks toy"]
+    parse_config(TrainConfig, [*single, "--eval_identifier", "sks"]).validate()
+    with pytest.raises(DreamBoothError, match=r"^--eval_identifier skz: not a word of the instance prompt "
+                                              r"'a photo of sks toy'$"):
+        parse_config(TrainConfig, [*single, "--eval_identifier", "skz"]).validate()
 
 
 @pytest.mark.parametrize("prior", [False, True])
