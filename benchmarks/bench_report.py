@@ -41,10 +41,27 @@ def verdict(name: str, summary: dict) -> str:
     return "met" if not missed else "not met: " + "; ".join(missed)
 
 
+def spread(result: dict) -> str:
+    """The measured steps' 10th to 90th percentile (runs from before per-step timing have none)."""
+    if result.get("step_p10_seconds") is None:
+        return "-"
+    return f"{result['step_p10_seconds']:.3f}-{result['step_p90_seconds']:.3f}"
+
+
+def interval_means(result: dict) -> str:
+    """Each logging interval's mean s/step over the measured steps: what runs before per-step timing reported."""
+    if "measured_steps" not in result:
+        return "-"
+    first, last = result["measured_steps"]
+    means = [interval["seconds_per_step"] for interval in result.get("intervals", [])
+             if interval["first_step"] >= first and interval["last_step"] <= last]
+    return " / ".join(f"{mean:.3f}" for mean in means) or "-"
+
+
 def config_table(summary: dict) -> str:
-    rows = ["| config | flags | s/step | steps/s | peak GiB | reserved GiB | UNet TFLOP/s | MFU | reference "
-            "(H200) | goal | goal met |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| config | flags | s/step | steps/s | p10-p90 s | 10-step means s | peak GiB | reserved GiB | UNet TFLOP/s "
+            "| MFU | reference (H200) | goal | goal met |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, result in summary["configs"].items():
         flags = " ".join(flag for flag in result["flags"]) or "(base)"
         # A variant (C1c, C4b, ...) shows the reference row of the config it varies, named by its first two characters.
@@ -52,11 +69,12 @@ def config_table(summary: dict) -> str:
         reference_cell = f"{reference['seconds_per_step']:.3f} s, {reference['peak_gib']:g} GiB" if reference else ""
         if "seconds_per_step" not in result:
             why = result.get("skipped") or f"failed: {result.get('error')}"
-            rows.append(f"| {name} | `{flags}` | {why} | | | | | | {reference_cell} | {goal_cell(name, summary)} | |")
+            rows.append(f"| {name} | `{flags}` | {why} | | | | | | | | {reference_cell} | {goal_cell(name, summary)} | |")
             continue
         mfu = result.get("mfu")
         rows.append(
             f"| {name} | `{flags}` | {result['seconds_per_step']:.3f} | {result['steps_per_second']:.2f} | "
+            f"{spread(result)} | {interval_means(result)} | "
             f"{fmt(result.get('peak_memory_gib'), '.1f')} | {fmt(result.get('peak_reserved_gib'), '.1f')} | "
             f"{fmt(result.get('unet_tflops'), '.3g')} | {'-' if mfu is None else f'{100 * mfu:.1f}%'} | "
             f"{reference_cell} | {goal_cell(name, summary)} | {verdict(name, summary)} |"

@@ -344,6 +344,58 @@ def watch_first_step(marks: dict) -> None:
     Trainer.train = train
 
 
+def watch_step_ends(marks: dict) -> None:
+    """Mark the end of every optimizer step without waiting for the GPU: a CUDA event recorded on
+    the stream after the step's work (its timeline then gives each step's length, the GPU's idle
+    waits for the host included), or the clock on a CPU, where work runs as it is called. Read by
+    ``step_seconds`` after the run."""
+    import torch
+
+    from dreambooth.training import Trainer
+
+    original = Trainer.train
+
+    def train(self):
+        ends = marks.setdefault("step_ends", {})
+
+        def mark(state) -> None:
+            if torch.cuda.is_available():
+                ends[state.global_step] = torch.cuda.Event(enable_timing=True)
+                ends[state.global_step].record()
+            else:
+                ends[state.global_step] = time.perf_counter()
+
+        self.step_callbacks.insert(0, mark)  # before any callback that waits or profiles
+        return original(self)
+
+    Trainer.train = train
+
+
+def step_seconds(ends: dict, first: int, last: int) -> dict[int, float]:
+    """The length of each step from ``first`` to ``last`` (from the end of the step before it), in seconds."""
+    synchronize()
+    lengths = {}
+    for step in range(max(first, min(ends) + 1), last + 1):
+        before, after = ends.get(step - 1), ends.get(step)
+        if before is None or after is None:
+            continue
+        lengths[step] = before.elapsed_time(after) / 1e3 if hasattr(before, "elapsed_time") else after - before
+    return lengths
+
+
+def summarize_steps(lengths: dict[int, float]) -> dict:
+    """The median s/step of the measured steps (the issue's measure), and how much they spread:
+    a median is not moved by a few slow steps (a logging step's read-back, a collector pass)."""
+    values = sorted(lengths.values())
+    if not values:
+        return {}
+    tenth = values[len(values) // 10]
+    ninetieth = values[min(len(values) - 1, len(values) * 9 // 10)]
+    return {"seconds_per_step": statistics.median(values), "steps_per_second": 1 / statistics.median(values),
+            "measured_steps": [min(lengths), max(lengths)], "step_p10_seconds": tenth, "step_p90_seconds": ninetieth,
+            "step_mean_seconds": statistics.fmean(values), "step_seconds": {str(k): v for k, v in lengths.items()}}
+
+
 # The step's phases, as the profile names them (train_worker wraps them in these labels).
 PHASES = {"forward": "step: forward and loss", "backward": "step: backward", "update": "step: clip, update, zero"}
 
@@ -497,6 +549,7 @@ def train_worker(config: BenchConfig, args: argparse.Namespace, workdir: Path) -
     cfg = parse_config(TrainConfig, argv)
     marks: dict = {}
     watch_first_step(marks)
+    watch_step_ends(marks)
     if args.profile_steps:
         watch_profiled_steps(args.steps + 1, args.profile_steps, marks)
     # The final save (a 2 GB pipeline), model card and loss plot are not training speed.
@@ -505,9 +558,13 @@ def train_worker(config: BenchConfig, args: argparse.Namespace, workdir: Path) -
     trainer = train_dreambooth.main(argv)
     run_seconds = time.perf_counter() - start
     intervals = trainer.metrics.intervals
-    result = {"config": config.name, "argv": argv, "run_seconds": run_seconds, **marks,
-              **summarize_intervals(intervals, args.steps), "final_loss": trainer.metrics.history[-1][1],
-              "intervals": intervals}
+    by_interval = summarize_intervals(intervals, args.steps)
+    ends = marks.pop("step_ends")
+    # Steps 11-40 of 40: the steps after the first logging interval (warm-up, compilation).
+    by_step = summarize_steps(step_seconds(ends, by_interval["measured_steps"][0], args.steps))
+    result = {"config": config.name, "argv": argv, "run_seconds": run_seconds, **marks, **by_interval,
+              "interval_seconds_per_step": by_interval["seconds_per_step"], **by_step,
+              "final_loss": trainer.metrics.history[-1][1], "intervals": intervals}
     device = trainer.accelerator.device
     flops = cached_unet_flops(cfg, device, trainer.accelerator.mixed_precision, workdir / "unet_flops.json")
     tflops = flops / 1e12 / result["seconds_per_step"]
@@ -734,6 +791,10 @@ def table(results: dict[str, dict]) -> str:
             notes.append(f"first step {result['first_step_seconds']:.1f} s (compile)")
         if result.get("interval_note"):
             notes.append(result["interval_note"])
+        if result.get("step_p10_seconds") is not None:
+            notes.append(f"steps {result['measured_steps'][0]}-{result['measured_steps'][1]}: p10 "
+                         f"{result['step_p10_seconds']:.3f}, p90 {result['step_p90_seconds']:.3f}, mean "
+                         f"{result['step_mean_seconds']:.3f} s")
         rows.append((name, fmt(result["seconds_per_step"], ".3f"), fmt(result["steps_per_second"], ".2f"),
                      fmt(result["peak_memory_gib"], ".1f"), fmt(result["peak_reserved_gib"], ".1f"),
                      fmt(result["unet_tflops"], ".3g"), fmt(result["mfu"] and 100 * result["mfu"], ".1f") +
