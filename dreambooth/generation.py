@@ -211,14 +211,57 @@ def native_size(pipeline) -> int:
 def generate(pipeline, prompt: str, seeds: Sequence[int], height: int, width: int, num_inference_steps: int = 25,
              guidance_scale: float = 7.5, negative_prompt: str | None = None) -> list[Image.Image]:
     """One image per seed, each from its own generator, so an image depends on its seed alone."""
+    return _sample(pipeline, prompt, seeds, height, width, num_inference_steps, guidance_scale, negative_prompt, "pil")
+
+
+def sample_latents(pipeline, prompt: str, seeds: Sequence[int], height: int, width: int, num_inference_steps: int = 25,
+                   guidance_scale: float = 7.5, negative_prompt: str | None = None) -> torch.Tensor:
+    """``generate``'s images as denoised latents, left on the device (``DecodedImages`` finishes them).
+    The call returns once the work is queued, not when the device has done it."""
+    return _sample(pipeline, prompt, seeds, height, width, num_inference_steps, guidance_scale, negative_prompt,
+                   "latent")
+
+
+def _sample(pipeline, prompt: str, seeds: Sequence[int], height: int, width: int, num_inference_steps: int,
+            guidance_scale: float, negative_prompt: str | None, output_type: str):
     generator_device = "cpu" if pipeline.device.type == "mps" else pipeline.device
     generators = [torch.Generator(generator_device).manual_seed(int(seed)) for seed in seeds]
     return pipeline(
         [prompt] * len(seeds),
         negative_prompt=[negative_prompt] * len(seeds) if negative_prompt else None,
         height=height, width=width, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-        generator=generators,
+        generator=generators, output_type=output_type,
     ).images
+
+
+class DecodedImages:
+    """A Stable Diffusion pipeline's latents made into its 8-bit images on the device (its VAE
+    decode and its post-processing's arithmetic: the pixels are bitwise its own "pil" output's),
+    then copied to the host without waiting for the device. The pipeline's own output waits for
+    the device and converts on the host while the device idles; this way the next batch can be
+    queued first, and the device works on it while this one reaches the host."""
+
+    def __init__(self, pipeline, latents: torch.Tensor):
+        vae = pipeline.vae
+        with torch.no_grad():
+            decoded = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+            # As VaeImageProcessor.postprocess does, in float32: denormalize, x 255, round half to even.
+            unit = pipeline.image_processor.denormalize(decoded).float()
+            pixels = (unit * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+        self._copied = None
+        if pixels.device.type == "cuda":
+            self._pixels = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
+            self._pixels.copy_(pixels, non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+        else:
+            self._pixels = pixels.cpu()
+
+    def images(self) -> list[Image.Image]:
+        """The images, once their copy is done (waiting for that alone, not for work queued after it)."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        return [Image.fromarray(array) for array in self._pixels.numpy()]
 
 
 def read_prompts(path: str | Path, flag: str) -> list[str]:
@@ -537,18 +580,34 @@ def _run_class_batches(job: ClassImageJob, batches: list[list[int]], state, pipe
     # Leaving the block waits for every write, so an error while generating keeps the images made.
     with ThreadPoolExecutor(_WRITER_THREADS, thread_name_prefix="class-image-writer") as writer:
         pending: deque[Future] = deque()
-        for batch in batches:
-            seeds = [class_image_seed(job.seed, index, job.concept) for index in batch]
-            images = generate(pipeline, job.class_prompt, seeds, size, size,
-                              job.num_inference_steps, job.guidance_scale, job.negative_prompt)
-            for index, seed, image in zip(batch, seeds, images):
+
+        def write(made: tuple[list[int], list[int], DecodedImages]) -> None:
+            for index, seed, image in zip(*made[:2], made[2].images()):
                 metadata = png_metadata(Sampling(job.class_prompt, seed, size, size,
                                                  job.num_inference_steps, job.guidance_scale, job.scheduler,
                                                  job.negative_prompt), weights)
                 pending.append(writer.submit(_save_class_image, image, folder, index, metadata))
-            while len(pending) > len(batch):  # at most one batch waits to be written
-                pending.popleft().result()
-                progress.update(1)
+
+        # One batch in flight: its images are taken from the device once the next batch is queued.
+        in_flight = None
+        try:
+            for batch in batches:
+                seeds = [class_image_seed(job.seed, index, job.concept) for index in batch]
+                latents = sample_latents(pipeline, job.class_prompt, seeds, size, size,
+                                         job.num_inference_steps, job.guidance_scale, job.negative_prompt)
+                done, in_flight = in_flight, (batch, seeds, DecodedImages(pipeline, latents))
+                if done:
+                    write(done)
+                while len(pending) > len(batch):  # at most one batch waits to be written
+                    pending.popleft().result()
+                    progress.update(1)
+        except BaseException:
+            if in_flight:  # made before the failure: written, as the batches before it are
+                with contextlib.suppress(Exception):
+                    write(in_flight)
+            raise
+        if in_flight:
+            write(in_flight)
         for future in pending:
             future.result()
             progress.update(1)

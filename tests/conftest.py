@@ -278,6 +278,22 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
+def draw_class_images(monkeypatch, draw) -> None:
+    """Class images drawn by ``draw(pipeline, prompt, seeds, height, width, *settings, **more)`` (a list
+    of images) instead of the pipeline's denoising steps and decoding."""
+    from dreambooth import generation
+
+    class Drawn:
+        def __init__(self, pipeline, images):
+            self._images = images
+
+        def images(self):
+            return self._images
+
+    monkeypatch.setattr(generation, "sample_latents", draw)
+    monkeypatch.setattr(generation, "DecodedImages", Drawn)
+
+
 class ListDataset(torch.utils.data.Dataset):
     """A dataset of given values, for loops that train on plain numbers."""
 

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 import generate_class_images
-from conftest import ROOT, one_thread
+from conftest import ROOT, draw_class_images, one_thread
 from dreambooth.data import derived_seed, load_image
 from dreambooth.errors import DreamBoothError
 
@@ -262,7 +262,7 @@ def test_a_batch_is_written_while_the_next_is_generated(tiny_model, tmp_path, mo
     from dreambooth import generation
 
     calls, second_batch_started, waits = [], threading.Event(), []
-    generate = generation.generate
+    generate = generation.sample_latents
     save = generation.save_png_atomically
 
     def counting_generate(*args, **kwargs):
@@ -276,7 +276,7 @@ def test_a_batch_is_written_while_the_next_is_generated(tiny_model, tmp_path, mo
         waits.append(second_batch_started.wait(timeout=20))
         return save(*args, **kwargs)
 
-    monkeypatch.setattr(generation, "generate", counting_generate)
+    monkeypatch.setattr(generation, "sample_latents", counting_generate)
     monkeypatch.setattr(generation, "save_png_atomically", save_after_the_next_batch_starts)
     written = generate_class_images.main(class_args(tiny_model, tmp_path / "threaded"))
     monkeypatch.undo()
@@ -287,10 +287,30 @@ def test_a_batch_is_written_while_the_next_is_generated(tiny_model, tmp_path, mo
     assert contents(tmp_path / "threaded") == contents(tmp_path / "plain")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_images_finished_on_the_device_are_the_pipelines_own_bitwise(tiny_model, dtype):
+    """Class images are decoded and made 8-bit on the device, so the next batch can be queued before
+    they reach the host: the same pixels as the pipeline's own "pil" output, in each precision."""
+    from dreambooth import generation
+
+    pipeline = generation.load_pipeline(tiny_model, torch.device("cpu"), dtype)
+    settings = ("a photo of a toy", [3, 11, 12], 32, 32, 3, 7.5, "blurry")
+    with one_thread():
+        own = generation.generate(pipeline, *settings)
+        latents = generation.sample_latents(pipeline, *settings)
+        finished = generation.DecodedImages(pipeline, latents).images()
+
+    assert latents.shape == (3, pipeline.unet.config.in_channels, 32 // pipeline.vae_scale_factor,
+                             32 // pipeline.vae_scale_factor)
+    assert [image.mode for image in finished] == ["RGB"] * 3
+    assert [image.tobytes() for image in finished] == [image.tobytes() for image in own]
+    assert len({image.tobytes() for image in finished}) == 3  # three seeds, three images
+
+
 def test_a_failure_mid_run_keeps_the_images_already_made(tiny_model, tmp_path, monkeypatch):
     from dreambooth import generation
 
-    generate = generation.generate
+    generate = generation.sample_latents
     calls = []
 
     def out_of_memory_on_the_second_batch(*args, **kwargs):
@@ -299,7 +319,7 @@ def test_a_failure_mid_run_keeps_the_images_already_made(tiny_model, tmp_path, m
             raise RuntimeError("CUDA out of memory")
         return generate(*args, **kwargs)
 
-    monkeypatch.setattr(generation, "generate", out_of_memory_on_the_second_batch)
+    monkeypatch.setattr(generation, "sample_latents", out_of_memory_on_the_second_batch)
     with pytest.raises(RuntimeError, match="out of memory"):
         generate_class_images.main(class_args(tiny_model, tmp_path / "class"))
 
@@ -410,7 +430,7 @@ def test_a_concepts_list_fills_each_class_folder_as_training_would(tiny_model, t
         return [Image.frombytes("RGB", (width, height), np.random.default_rng([seed, *key]).bytes(width * height * 3))
                 for seed in seeds]
 
-    monkeypatch.setattr(generation, "generate", draw)
+    draw_class_images(monkeypatch, draw)
     loads = []
     load_pipeline = generation.load_pipeline
     monkeypatch.setattr(generation, "load_pipeline", lambda *args, **kwargs: loads.append(args) or load_pipeline(

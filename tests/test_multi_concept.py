@@ -11,6 +11,8 @@ import pytest
 import yaml
 from PIL import Image
 
+from conftest import draw_class_images
+
 import train_dreambooth
 from dreambooth.concepts import (Concept, build_dataset, check_concepts, instance_examples, load_concepts_list,
                                  training_items, trigger_phrase)
@@ -216,7 +218,7 @@ def test_each_class_folder_is_topped_up_with_its_own_prompt_to_its_own_count(tin
         drawn.append((prompt, len(seeds)))
         return [Image.new("RGB", (width, height), (len(drawn), 0, 0)) for _ in seeds]
 
-    monkeypatch.setattr(generation, "generate", draw)
+    draw_class_images(monkeypatch, draw)
     concepts = cat_and_dog(tmp_path, cat_classes=0, dog_classes=1)  # the dog has a photo there already
     entries = json.loads((tmp_path / "concepts.json").read_text())
     entries[0]["num_class_images"], entries[1]["num_class_images"] = 2, 4
@@ -272,7 +274,7 @@ def test_the_top_up_draws_each_concept_s_class_images_from_seeds_of_its_own(tiny
         seeds_drawn.setdefault(len(seeds_drawn), list(seeds))
         return [Image.new("RGB", (width, height), (0, 0, 0)) for _ in seeds]
 
-    monkeypatch.setattr(generation, "generate", draw)
+    draw_class_images(monkeypatch, draw)
     concepts = cat_and_dog(tmp_path, cat_classes=0, dog_classes=0)
     entries = json.loads((tmp_path / "concepts.json").read_text())
     for entry in entries:  # two subjects of one class, a folder each
