@@ -43,6 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sample_batch_size=cfg.sample_batch_size, num_inference_steps=cfg.num_inference_steps,
         guidance_scale=cfg.guidance_scale, scheduler=cfg.scheduler, precision=cfg.prior_generation_precision,
         seed=cfg.seed, revision=cfg.revision, variant=cfg.variant, channels_last=cfg.channels_last, compile=cfg.compile,
+        cudnn_benchmark=cfg.cudnn_benchmark,
     )
     written = 0
     with SharedPipeline() as pipelines:

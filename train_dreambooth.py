@@ -84,7 +84,7 @@ def top_up_class_images(cfg: TrainConfig, accelerator) -> None:
     jobs = class_image_jobs(
         cfg.concepts(), model=cfg.pretrained_model_name_or_path, resolution=cfg.resolution,
         sample_batch_size=cfg.sample_batch_size, precision=cfg.prior_generation_precision, seed=cfg.seed or 0,
-        revision=cfg.revision, variant=cfg.variant,
+        revision=cfg.revision, variant=cfg.variant, cudnn_benchmark=cfg.cudnn_benchmark,
     )
     with SharedPipeline() as pipelines:
         for job in jobs:

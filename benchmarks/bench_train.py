@@ -47,7 +47,10 @@ GENERATION_GOAL = 2.5  # class images/s of the suite over the reference script's
 # The suite's class-image path is timed with its defaults and with these generate_class_images.py
 # speed flags (ClassImageJob fields): name -> fields.
 # The default is channels_last since it measured 1.3x the images/s of the plain layout on an H200.
-GEN_VARIANTS = {"default": {}, "no_channels_last": {"channels_last": False}, "compile": {"compile": True}}
+# The suite's class-image settings the benchmark can time: generate_class_images.py flags (ClassImageJob fields).
+GEN_VARIANTS = {"default": {}, "no_channels_last": {"channels_last": False}, "cudnn": {"cudnn_benchmark": True},
+                "batch8": {"sample_batch_size": 8}, "compile": {"compile": True}}
+DEFAULT_GEN_VARIANTS = "default,cudnn,batch8,compile"
 # SD 1.5's parameter counts in millions, checked to 0.1M.
 SD15_PARAMETERS = {"unet": 859.5, "text_encoder": 123.1, "vae": 83.7}
 NUM_INSTANCE_IMAGES, NUM_CLASS_IMAGES = 5, 8
@@ -124,9 +127,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--gen_images", type=int, default=16, help="images timed per generation path")
     parser.add_argument("--gen_batch_size", type=int, default=4,
                         help="batch of the suite's class-image path (4: generate_class_images.py's default)")
-    parser.add_argument("--gen_variants", default=",".join(GEN_VARIANTS),
+    parser.add_argument("--gen_variants", default=DEFAULT_GEN_VARIANTS,
                         help="the suite's class-image settings to time: default (its defaults, channels_last "
-                             "included), no_channels_last, compile")
+                             "included), no_channels_last, cudnn (--cudnn_benchmark), batch8 (--sample_batch_size 8), "
+                             f"compile (default: {DEFAULT_GEN_VARIANTS})")
     parser.add_argument("--output", default=None,
                         help="JSON results (default: benchmarks/results.json; results_tiny.json with --tiny)")
     parser.add_argument("--workdir", default=None, help="keep the model, images and logs here (default: temporary)")
@@ -583,14 +587,16 @@ def select_gen_variants(names: str) -> list[str]:
 
 def gen_flags(variant: str) -> str:
     """The generate_class_images.py flags of a variant, for the report."""
-    return " ".join(f"--{field}" if on else f"--no_{field}" for field, on in GEN_VARIANTS[variant].items()) \
-        or "(defaults)"
+    return " ".join(f"--{field} {value}" if not isinstance(value, bool) else f"--{field}" if value else f"--no_{field}"
+                    for field, value in GEN_VARIANTS[variant].items()) or "(defaults)"
 
 
 def time_suite_generation(args: argparse.Namespace, workdir: Path, variant: str) -> dict:
     """The suite's class-image path (generate_class_images with its defaults, plus the variant's
     flags) with one pipeline kept across two calls: the first loads it and makes one warm-up batch
     (compiling, with --compile), the second is timed."""
+    import torch
+
     from dreambooth import generation
 
     loaded: dict = {}
@@ -611,16 +617,18 @@ def time_suite_generation(args: argparse.Namespace, workdir: Path, variant: str)
 
     generation.load_pipeline, generation.release, generation.speed_up = load_once, lambda pipeline: None, prepare_once
     state = generation.launch_state()
+    chosen = {"sample_batch_size": args.gen_batch_size, **GEN_VARIANTS[variant]}
+    batch = chosen["sample_batch_size"]
     job = generation.ClassImageJob(model=str(workdir / "model"), class_prompt=CLASS_PROMPT,
                                    class_data_dir=str(workdir / "gen" / f"suite-{variant}"),
-                                   num_class_images=args.gen_batch_size, resolution=resolution(args),
-                                   sample_batch_size=args.gen_batch_size, **GEN_VARIANTS[variant])
+                                   num_class_images=batch, resolution=resolution(args), **chosen)
+    cudnn_benchmark = torch.backends.cudnn.benchmark  # a process-wide setting: restored for the next variant
     start = time.perf_counter()
     generation.generate_class_images(job, state)
     first_call = time.perf_counter() - start
     synchronize()
     start = time.perf_counter()
-    topped_up = dataclasses.replace(job, num_class_images=args.gen_batch_size + args.gen_images)
+    topped_up = dataclasses.replace(job, num_class_images=batch + args.gen_images)
     made = generation.generate_class_images(topped_up, state)
     synchronize()
     seconds = time.perf_counter() - start
@@ -631,6 +639,7 @@ def time_suite_generation(args: argparse.Namespace, workdir: Path, variant: str)
                 "flags": gen_flags(variant)}
     del pipeline
     free_gpu_memory()
+    torch.backends.cudnn.benchmark = cudnn_benchmark
     return {"images": made, "seconds": seconds, "images_per_second": made / seconds,
             "load_and_warmup_seconds": first_call, **settings}
 

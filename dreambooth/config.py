@@ -777,6 +777,10 @@ class GenerateClassImagesConfig:
         False, "torch.compile the UNet: faster images after a compilation of a minute or so, so worth it for "
         "hundreds of images."
     )
+    cudnn_benchmark: bool = _field(
+        False, "Let cuDNN time its convolution algorithms for the batch's shapes and keep the fastest (CUDA; "
+        "the first batch is slower). Not bit-reproducible from run to run."
+    )
 
     def validate(self) -> None:
         from .bases import check_base_model

@@ -85,10 +85,13 @@ def load_pipeline(model: str, device: torch.device, dtype: torch.dtype, schedule
     return pipeline.to(device)
 
 
-def speed_up(pipeline, channels_last: bool = False, compile: bool = False) -> None:
+def speed_up(pipeline, channels_last: bool = False, compile: bool = False, cudnn_benchmark: bool = False) -> None:
     """Same images, sooner: the UNet and VAE in channels_last (the layout of tensor-core
-    convolutions), and the UNet compiled (the first call compiles, and a batch of another size
-    compiles again)."""
+    convolutions), the UNet compiled (the first call compiles, and a batch of another size
+    compiles again), and on a CUDA device cuDNN's convolution algorithms timed for the batch's
+    shapes (for the whole process: the same images up to cuDNN's rounding)."""
+    if cudnn_benchmark and pipeline.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     if channels_last:
         pipeline.unet.to(memory_format=torch.channels_last)
         pipeline.vae.to(memory_format=torch.channels_last)
@@ -329,6 +332,7 @@ class ClassImageJob:
     variant: str | None = None
     channels_last: bool = True  # 1.3x the images/s of the default layout on an H200 (benchmarks/RESULTS.md)
     compile: bool = False
+    cudnn_benchmark: bool = False
     negative_prompt: str | None = None
     concept: int = 0  # the place in its --concepts_list of the first concept with this class folder
 
@@ -521,11 +525,11 @@ class SharedPipeline:
 
     def get(self, job: ClassImageJob, device: torch.device):
         key = (job.model, device, pick_dtype(device, job.precision), job.scheduler, job.revision, job.variant,
-               job.channels_last, job.compile)
+               job.channels_last, job.compile, job.cudnn_benchmark)
         if key != self._key:
             self.release()
             self._pipeline = load_pipeline(job.model, device, key[2], job.scheduler, job.revision, job.variant)
-            speed_up(self._pipeline, job.channels_last, job.compile)
+            speed_up(self._pipeline, job.channels_last, job.compile, job.cudnn_benchmark)
             self._key = key
         return self._pipeline
 

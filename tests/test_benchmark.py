@@ -19,7 +19,7 @@ def test_tiny_benchmark_writes_results_for_each_config(tmp_path):
     output = tmp_path / "results.json"
     command = [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--tiny", "--cpu", "--configs", "C1,L1",
                "--steps", "6", "--profile_steps", "2", "--extra_flags=--logging_steps 3", "--gen", "--gen_images", "4", "--gen_batch_size", "2",
-               "--gen_variants", "default,no_channels_last", "--output", str(output)]
+               "--gen_variants", "default,no_channels_last,batch8", "--output", str(output)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     finished = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
@@ -54,12 +54,13 @@ def test_tiny_benchmark_writes_results_for_each_config(tmp_path):
     assert "C1" in finished.stdout and "s/step" in finished.stdout and "C1 heaviest" in finished.stdout
 
     generation = results["generation"]
-    assert set(generation["suite"]) == {"default", "no_channels_last"} and generation["best"] in generation["suite"]
+    assert set(generation["suite"]) == {"default", "no_channels_last", "batch8"} and generation["best"] in generation["suite"]
     assert generation["reference"]["scheduler"] == "PNDMScheduler" and generation["reference"]["steps"] == 50
-    for part in generation["suite"].values():
-        assert part["images"] == 4 and part["batch_size"] == 2 and part["steps"] == 25
+    for name, part in generation["suite"].items():
+        assert part["images"] == 4 and part["batch_size"] == (8 if name == "batch8" else 2) and part["steps"] == 25
         assert part["speedup"] == pytest.approx(part["images_per_second"] / generation["reference"]["images_per_second"])
     assert generation["suite"]["no_channels_last"]["flags"] == "--no_channels_last"
+    assert generation["suite"]["batch8"]["flags"] == "--sample_batch_size 8"
     assert generation["speedup"] == generation["suite"]["default"]["speedup"]
 
 

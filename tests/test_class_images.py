@@ -357,8 +357,8 @@ def test_speed_flags_make_the_same_images(tiny_model, tmp_path, flag):
     prepared = []
     speed_up = generation.speed_up
 
-    def recording_speed_up(pipeline, channels_last=False, compile=False):
-        speed_up(pipeline, channels_last, compile)
+    def recording_speed_up(pipeline, *flags):
+        speed_up(pipeline, *flags)
         prepared.append((pipeline.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last),
                          isinstance(pipeline.unet, torch._dynamo.eval_frame.OptimizedModule)))
 
@@ -510,3 +510,40 @@ def test_a_list_concept_without_a_class_folder_is_named(tiny_model, tmp_path):
     with pytest.raises(DreamBoothError, match=re.escape(
             f"--concepts_list {listed}, concept 0: class_data_dir (missing): prior preservation needs it")):
         generate_class_images.main(list_args(tiny_model, str(listed)))
+
+
+@pytest.mark.parametrize("device, applied", [("cuda", True), ("cpu", False)])
+def test_cudnn_benchmark_is_set_for_class_images_on_a_cuda_device_only(device, applied):
+    from types import SimpleNamespace
+
+    from dreambooth.generation import speed_up
+
+    before = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = False
+        speed_up(SimpleNamespace(device=torch.device(device)))
+        assert torch.backends.cudnn.benchmark is False  # off unless asked
+        speed_up(SimpleNamespace(device=torch.device(device)), cudnn_benchmark=True)
+        assert torch.backends.cudnn.benchmark is applied
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+@pytest.mark.parametrize("flags, expected", [([], False), (["--cudnn_benchmark"], True)])
+def test_the_scripts_give_their_cudnn_benchmark_flag_to_the_class_image_jobs(tiny_model, instance_dir, tmp_path,
+                                                                             monkeypatch, flags, expected):
+    from types import SimpleNamespace
+
+    import train_dreambooth
+    from conftest import train_args
+    from dreambooth.config import TrainConfig, parse_config
+
+    jobs = []
+    monkeypatch.setattr(generate_class_images, "generate_class_images", lambda job, **kwargs: jobs.append(job) or 0)
+    monkeypatch.setattr(train_dreambooth, "generate_class_images", lambda job, *args: jobs.append(job) or 0)
+    generate_class_images.main(class_args(tiny_model, tmp_path / "script", *flags))
+    config = parse_config(TrainConfig, train_args(
+        tiny_model, instance_dir, tmp_path / "out", "--with_prior_preservation", "--class_data_dir",
+        str(tmp_path / "training"), "--class_prompt", "a photo of a toy", *flags))
+    train_dreambooth.top_up_class_images(config, SimpleNamespace(state=None))
+    assert [job.cudnn_benchmark for job in jobs] == [expected, expected]

@@ -210,7 +210,6 @@ def test_an_uncaptioned_image_trains_with_the_trigger_phrase_samples_and_card_us
 def test_each_class_folder_is_topped_up_with_its_own_prompt_to_its_own_count(tiny_model, tmp_path, monkeypatch):
     from accelerate import PartialState
 
-    from dreambooth import generation
 
     drawn = []
 
@@ -265,7 +264,6 @@ def test_class_folders_of_a_list_without_prior_preservation_are_named_in_a_warni
 def test_the_top_up_draws_each_concept_s_class_images_from_seeds_of_its_own(tiny_model, tmp_path, monkeypatch):
     from accelerate import PartialState
 
-    from dreambooth import generation
     from dreambooth.data import derived_seed
 
     seeds_drawn = {}
