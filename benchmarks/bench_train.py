@@ -62,6 +62,7 @@ class BenchConfig:
     name: str
     flags: tuple[str, ...]  # train_dreambooth.py flags on top of the common base
     description: str
+    lean: bool = False  # run the plain loop (lean_worker) instead of the suite: of its flags, it reads --channels_last
 
 
 CONFIGS = [
@@ -87,12 +88,16 @@ CONFIGS = [
                 "C4 + gradients held in bf16"),
     BenchConfig("C1b", ("--bf16_gradients",), "C1 + gradients held in bf16"),
     BenchConfig("C1n", ("--cudnn_benchmark",), "C1 + cuDNN's timed choice of convolution algorithms"),
+    # C1's work in a plain PyTorch loop with no suite code (the issue's "plain lean loop"): beside C1 and C1l
+    # on the same card, what the suite's loop costs beyond the arithmetic.
+    BenchConfig("lean", ("--channels_last",), "plain loop, C1's work, channels_last", lean=True),
+    BenchConfig("lean_nchw", (), "plain loop, C1's work", lean=True),
 ]
 
 
 # The run order: the configs with goals, then class-image generation ("gen"), then the extras, so
 # a run cut short by --deadline loses the least.
-DEFAULT_ORDER = "C1,C2,C3,C4,L1,C1c,gen,C4b,C1l,C1b,C2o,C4o,C1g,C1n"
+DEFAULT_ORDER = "C1,C2,C3,C4,L1,C1c,gen,C4b,C1l,C1b,C2o,C4o,C1g,C1n,lean,lean_nchw"
 GEN = "gen"
 
 
@@ -697,6 +702,62 @@ def generation_worker(args: argparse.Namespace, workdir: Path) -> dict:
             "speedup": suite["default"]["speedup"] if "default" in suite else None}
 
 
+def lean_worker(config: BenchConfig, args: argparse.Namespace, workdir: Path) -> dict:
+    """C1's work as a plain PyTorch loop, none of the suite's code in it: the same UNet, batch
+    (2 images), objective, optimizer and clipping, with latents and text states made once on the
+    device, bf16 autocast (on CUDA), fused AdamW and gradients set to None. Timed as the suite's
+    configs are; its steps have no logging, so steps 11-40 are those after the first 10."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    from dreambooth.config import TrainConfig, parse_config
+
+    cfg = parse_config(TrainConfig, train_argv(CONFIGS[0], args, workdir))  # C1's settings
+    device = torch.device("cuda" if use_cuda(args) else "cpu")
+    model = workdir / "model"
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", dtype=torch.float32).to(device).train()
+    if "--channels_last" in config.flags:
+        unet.to(memory_format=torch.channels_last)
+    alphas = DDPMScheduler.from_pretrained(model, subfolder="scheduler").alphas_cumprod.to(device)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon, fused=True)
+    vae_config = json.loads((model / "vae" / "config.json").read_text())
+    side = cfg.resolution // 2 ** (len(vae_config["block_out_channels"]) - 1)
+    latents = torch.randn(2, unet.config.in_channels, side, side, device=device)
+    states = torch.randn(2, 77, unet.config.cross_attention_dim, device=device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    ends, losses = {}, []
+    for step in range(1, args.steps + 1):
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, len(alphas), (latents.shape[0],), device=device)
+        alpha = alphas[timesteps].view(-1, 1, 1, 1)
+        noisy = alpha.sqrt() * latents + (1 - alpha).sqrt() * noise
+        with autocast:
+            prediction = unet(noisy, timesteps, states, return_dict=False)[0]
+        loss = F.mse_loss(prediction.float(), noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+        if device.type == "cuda":
+            ends[step] = torch.cuda.Event(enable_timing=True)
+            ends[step].record()
+        else:
+            ends[step] = time.perf_counter()
+    first = 11 if args.steps > 10 else args.steps // 2 + 1
+    result = {"config": config.name, **summarize_steps(step_seconds(ends, first, args.steps)),
+              "final_loss": losses[-1].item(), "first_step_seconds": None}
+    cuda = device.type == "cuda"
+    result.update(peak_memory_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+                  peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30 if cuda else None)
+    flops = cached_unet_flops(cfg, device, "bf16" if cuda else "no", workdir / "unet_flops.json")
+    tflops = flops / 1e12 / result["seconds_per_step"]
+    result.update(unet_tflop_per_step=flops / 1e12, unet_tflops=tflops, mfu=tflops / args.peak_tflops if cuda else None)
+    return result
+
+
 def run_worker(args: argparse.Namespace) -> int:
     """In a worker process: do one job and print its result as the last line of stdout."""
     workdir = Path(args.workdir)
@@ -706,7 +767,8 @@ def run_worker(args: argparse.Namespace) -> int:
         elif args.worker == "gen":
             result = generation_worker(args, workdir)
         else:
-            result = train_worker(select_configs(args.worker)[0], args, workdir)
+            config = select_configs(args.worker)[0]
+            result = (lean_worker if config.lean else train_worker)(config, args, workdir)
     except Exception as error:  # reported to the parent, which goes on with the next config
         import traceback
 
@@ -876,7 +938,7 @@ def generation_lines(generation: dict) -> str:
 
 
 def run_config(config: BenchConfig, args: argparse.Namespace, workdir: Path, cuda: bool, timeout: float) -> dict:
-    flags = list(config.flags) + shlex.split(args.extra_flags)
+    flags = list(config.flags) + ([] if config.lean else shlex.split(args.extra_flags))
     entry = {"description": config.description, "flags": flags}
     reason = skip_reason(config, train_fields(), "cuda" if cuda else "cpu")
     if reason:

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_tiny_benchmark_writes_results_for_each_config(tmp_path):
     output = tmp_path / "results.json"
-    command = [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--tiny", "--cpu", "--configs", "C1,L1",
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--tiny", "--cpu", "--configs", "C1,L1,lean",
                "--steps", "6", "--profile_steps", "2", "--extra_flags=--logging_steps 3", "--gen", "--gen_images", "4", "--gen_batch_size", "2",
                "--gen_variants", "default,no_channels_last,batch8", "--output", str(output)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -25,7 +25,7 @@ def test_tiny_benchmark_writes_results_for_each_config(tmp_path):
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
 
     results = json.loads(output.read_text())
-    assert set(results["configs"]) == {"C1", "L1"}
+    assert set(results["configs"]) == {"C1", "L1", "lean"}
     assert results["device"] == "cpu" and results["tiny"] is True
     assert results["versions"]["torch"] and results["versions"]["diffusers"]
     for name, flags in (("C1", ["--logging_steps", "3"]), ("L1", ["--gradient_checkpointing", "--use_lora"])):
@@ -49,6 +49,12 @@ def test_tiny_benchmark_writes_results_for_each_config(tmp_path):
         assert set(phases) == {"forward", "backward", "update"} and all(ms > 0 for ms in phases.values())
         assert sum(phases.values()) < profile["wall_ms_per_step"]  # the phases are parts of the step
         assert profile["top_ops"][0]["name"].startswith("aten::") and profile["top_ops"][0]["calls_per_step"] >= 1
+    # The plain loop does C1's work (the same UNet FLOPs) and is timed the same way.
+    lean = results["configs"]["lean"]
+    assert "error" not in lean, lean
+    assert lean["flags"] == ["--channels_last"] and lean["unet_tflop_per_step"] == results["configs"]["C1"]["unet_tflop_per_step"]
+    assert list(lean["step_seconds"]) == ["4", "5", "6"] and lean["seconds_per_step"] == sorted(lean["step_seconds"].values())[1]
+    assert 0 < lean["final_loss"] < 10
     # LoRA trains no weight gradients of the base UNet: fewer FLOPs than the full fine-tune.
     assert results["configs"]["L1"]["unet_tflop_per_step"] < results["configs"]["C1"]["unet_tflop_per_step"]
     assert "C1" in finished.stdout and "s/step" in finished.stdout and "C1 heaviest" in finished.stdout
@@ -124,8 +130,10 @@ def test_generation_is_timed_with_the_suites_defaults():
 
 
 @pytest.mark.parametrize("flags, cuda, order", [
-    ([], True, ["C1", "C2", "C3", "C4", "L1", "C1c", "gen", "C4b", "C1l", "C1b", "C2o", "C4o", "C1g", "C1n"]),
-    ([], False, ["C1", "C2", "C3", "C4", "L1", "C1c", "C4b", "C1l", "C1b", "C2o", "C4o", "C1g", "C1n"]),  # generation is on by default with CUDA only
+    ([], True, ["C1", "C2", "C3", "C4", "L1", "C1c", "gen", "C4b", "C1l", "C1b", "C2o", "C4o", "C1g", "C1n", "lean",
+                "lean_nchw"]),
+    ([], False, ["C1", "C2", "C3", "C4", "L1", "C1c", "C4b", "C1l", "C1b", "C2o", "C4o", "C1g", "C1n", "lean",
+                 "lean_nchw"]),  # generation is on by default with CUDA only
     (["--configs", "L1,gen,C1"], True, ["L1", "gen", "C1"]),
     (["--configs", "L1,gen,C1", "--no-gen"], True, ["L1", "C1"]),
     (["--configs", "C2,C1", "--gen"], False, ["C2", "C1", "gen"]),
