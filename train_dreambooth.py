@@ -61,6 +61,7 @@ from dreambooth.monitor import (
     SampleSettings,
     TrainingEvaluation,
     ValidationSampler,
+    init_trackers,
     plot_loss_curve,
     tracker_config,
     tracker_init_kwargs,
@@ -334,8 +335,8 @@ def main(argv: Sequence[str] | None = None) -> Trainer:
     if accelerator.is_main_process:
         save_train_config(cfg)
         trackers = [str(tracker) for tracker in accelerator.log_with]
-        accelerator.init_trackers("dreambooth", config=tracker_config(config_to_dict(cfg)),
-                                  init_kwargs=tracker_init_kwargs(state.global_step, accelerator.logging_dir, trackers))
+        init_trackers(accelerator, tracker_config(config_to_dict(cfg)),
+                      tracker_init_kwargs(state.global_step, accelerator.logging_dir, trackers))
     trainer.train()
     finish(cfg, accelerator, trainer, components, sampler)
     accelerator.end_training()

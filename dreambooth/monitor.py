@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -333,23 +334,97 @@ def tracker_init_kwargs(resumed_step: int, logging_dir: str | Path, trackers: li
     """What ``init_trackers`` passes each tracker (main process), so that a resumed run goes on with the
     curves of the run it continues. TensorBoard hides what the interrupted run logged after the checkpoint
     (SummaryWriter's purge_step): after a kill 40 steps past it, those steps would be on the curves twice.
-    wandb goes on in the same run, the one whose id the first start kept in the logging folder; wandb takes
-    no step below the last one it has (a warning says so), so it keeps the interrupted run's steps past the
-    checkpoint, which the resumed run repeats. Its files go to the logging folder too, unless WANDB_DIR says
+    wandb and Comet go on in the same run, whose id the first start chose and kept in the logging folder;
+    MLflow, which chooses its runs' ids, in the run whose id the first start kept there
+    (``remember_tracker_runs``). wandb takes no step below the last one it has (a warning says so), and
+    MLflow and Comet keep every value logged, so each keeps the interrupted run's steps past the checkpoint,
+    which the resumed run logs again. wandb's files go to the logging folder too, unless WANDB_DIR says
     otherwise."""
     kwargs: dict[str, dict] = {}
     if resumed_step:
         kwargs["tensorboard"] = {"purge_step": resumed_step + 1}
+    run_id = tracker_run_id(logging_dir, resumed=bool(resumed_step)) if {"wandb", "comet_ml"} & set(trackers) else None
     if "wandb" in trackers:
-        kwargs["wandb"] = {"id": tracker_run_id(logging_dir, resumed=bool(resumed_step)), "resume": "allow"}
+        kwargs["wandb"] = {"id": run_id, "resume": "allow"}
         if not os.environ.get("WANDB_DIR"):
             kwargs["wandb"]["dir"] = str(logging_dir)
+    if "comet_ml" in trackers and comet_takes_experiment_keys():
+        kwargs["comet_ml"] = {"experiment_key": comet_experiment_key(run_id), "mode": "get_or_create"}
+    if "mlflow" in trackers and resumed_step:
+        mlflow_run = _kept_runs(logging_dir).get("mlflow_run_id")
+        if isinstance(mlflow_run, str) and mlflow_run:
+            kwargs["mlflow"] = {"run_id": mlflow_run}
+        else:
+            logger.info("%s keeps no MLflow run: MLflow logs this resumed run as a new one",
+                        Path(logging_dir) / TRACKER_RUN_FILE)
     return kwargs
+
+
+def comet_experiment_key(run_id: str) -> str:
+    """The run's Comet experiment key: Comet takes 32 to 50 letters and digits."""
+    return hashlib.sha256(f"dreambooth-{run_id}".encode()).hexdigest()[:32]
+
+
+def comet_takes_experiment_keys() -> bool:
+    """Whether accelerate starts Comet with ``comet_ml.start`` (comet_ml 3.41 and later), which takes an
+    experiment key and continues the experiment of that key; with an older comet_ml, a resumed run is a
+    new experiment."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+
+    try:
+        return Version(version("comet_ml")) >= Version("3.41.0")
+    except PackageNotFoundError:
+        return False
+
+
+def init_trackers(accelerator, config: dict[str, Any], init_kwargs: dict[str, dict]) -> None:
+    """``accelerator.init_trackers`` with the run's config, and its tracker runs kept for a resume
+    (``remember_tracker_runs``). An MLflow run that is continued keeps the parameters its first start
+    logged: MLflow refuses a parameter logged again with another value (--resume_from_checkpoint has
+    one, and a resume may change --max_train_steps), so the config goes to the other trackers only."""
+    continued = "run_id" in init_kwargs.get("mlflow", {})
+    accelerator.init_trackers("dreambooth", config=None if continued else config, init_kwargs=init_kwargs)
+    if continued:
+        for tracker in accelerator.trackers:
+            if tracker.name != "mlflow":
+                tracker.store_init_configuration(config)
+    remember_tracker_runs(accelerator, accelerator.logging_dir)
+
+
+def remember_tracker_runs(accelerator, logging_dir: str | Path) -> None:
+    """Keep the MLflow run's id in ``<logging_dir>/tracker_run.json`` (MLflow chooses it when the run
+    starts), for a resumed run to continue it."""
+    if "mlflow" not in {tracker.name for tracker in accelerator.trackers}:
+        return
+    run_id = getattr(getattr(accelerator.get_tracker("mlflow", unwrap=True), "info", None), "run_id", None)
+    if run_id:
+        _keep_runs(logging_dir, {**_kept_runs(logging_dir), "mlflow_run_id": run_id})
+
+
+def _kept_runs(logging_dir: str | Path) -> dict[str, Any]:
+    """What ``tracker_run.json`` holds; nothing where it is missing or unreadable."""
+    try:
+        kept = json.loads((Path(logging_dir) / TRACKER_RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return kept if isinstance(kept, dict) else {}
+
+
+def _keep_runs(logging_dir: str | Path, runs: dict[str, Any]) -> None:
+    path = Path(logging_dir) / TRACKER_RUN_FILE
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(runs))
+    except OSError as error:
+        logger.warning("%s: could not write it (%s); a resumed run will log to a new tracker run", path,
+                       error.strerror or error)
 
 
 def tracker_run_id(logging_dir: str | Path, resumed: bool) -> str:
     """The run's id: on a resume, the one kept in ``<logging_dir>/tracker_run.json``; at a first start (or
-    where the file is gone), a new one, kept there."""
+    where the file is gone), a new one, kept there (a first start forgets the runs of an earlier one)."""
     path = Path(logging_dir) / TRACKER_RUN_FILE
     if resumed and not path.is_file():
         logger.info("no %s: the trackers log this resumed run as a new one", path)
@@ -365,12 +440,7 @@ def tracker_run_id(logging_dir: str | Path, resumed: bool) -> str:
             problem = f"is malformed ({error})"
         logger.warning("%s: %s; the trackers log this run as a new one", path, problem)
     run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(12))
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"id": run_id}))
-    except OSError as error:
-        logger.warning("%s: could not write it (%s); a resumed run will log to a new tracker run", path,
-                       error.strerror or error)
+    _keep_runs(logging_dir, {"id": run_id})
     return run_id
 
 

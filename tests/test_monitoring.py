@@ -486,6 +486,91 @@ def test_a_resumed_run_continues_the_wandb_run_its_first_start_chose(tmp_path, m
     assert not (tmp_path / "tb").exists()
 
 
+FAKE_MLFLOW = Path(__file__).parent / "fixtures" / "fake_mlflow"
+
+
+def test_a_resumed_run_continues_the_mlflow_run_of_its_first_start(tiny_model, instance_dir, tmp_path):
+    """Against a stand-in for MLflow's API (tests/fixtures/fake_mlflow, which refuses what MLflow
+    refuses): one run from step 1 to the end, its parameters those of the first start."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    from dreambooth.monitor import TRACKER_RUN_FILE
+
+    store, output = tmp_path / "mlflow.json", tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FAKE_MLFLOW_STORE": str(store), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(FAKE_MLFLOW), os.environ.get("PYTHONPATH", "")])}
+    args = train_args(tiny_model, instance_dir, output, "--report_to", "mlflow", "--logging_steps", "1",
+                      "--checkpointing_steps", "2")
+
+    def train(*extra: str) -> None:
+        finished = subprocess.run([sys.executable, str(ROOT / "train_dreambooth.py"), *args, *extra], cwd=ROOT,
+                                  env=env, capture_output=True, text=True, timeout=300)
+        assert finished.returncode == 0, finished.stderr[-3000:]
+
+    train("--max_train_steps", "4")
+    train("--max_train_steps", "6", "--resume_from_checkpoint", "latest")
+
+    runs = json.loads(store.read_text())["runs"]
+    assert len(runs) == 1
+    (run_id, run), = runs.items()
+    assert run["starts"] == 2
+    assert [step for name, _, step in run["metrics"] if name == "loss"] == [1, 2, 3, 4, 5, 6]
+    # MLflow refuses a parameter logged again with another value: the continued run keeps the first start's.
+    assert run["params"]["max_train_steps"] == "4" and "resume_from_checkpoint" not in run["params"]
+    assert json.loads((output / "logs" / TRACKER_RUN_FILE).read_text()) == {"mlflow_run_id": run_id}
+    # A fresh start in the folder is a new run.
+    train("--max_train_steps", "2", "--overwrite_output_dir")
+    assert len(json.loads(store.read_text())["runs"]) == 2
+
+
+def test_a_resumed_run_without_a_kept_mlflow_run_starts_a_new_one(tmp_path, caplog):
+    from dreambooth.monitor import tracker_init_kwargs
+
+    with caplog.at_level("INFO", logger="dreambooth.monitor"):
+        assert tracker_init_kwargs(300, tmp_path, ["mlflow"]) == {"tensorboard": {"purge_step": 301}}
+    assert "keeps no MLflow run" in caplog.text
+    (tmp_path / "tracker_run.json").write_text('{"mlflow_run_id": "0123abcd"}')
+    assert tracker_init_kwargs(300, tmp_path, ["mlflow"])["mlflow"] == {"run_id": "0123abcd"}
+    assert "mlflow" not in tracker_init_kwargs(0, tmp_path, ["mlflow"])  # a first start: MLflow chooses
+
+
+@pytest.mark.parametrize("takes_keys", [True, False])
+def test_a_resumed_run_continues_the_comet_experiment_of_its_first_start(tmp_path, monkeypatch, takes_keys):
+    from dreambooth import monitor
+
+    monkeypatch.setattr(monitor, "comet_takes_experiment_keys", lambda: takes_keys)
+    fresh = monitor.tracker_init_kwargs(0, tmp_path, ["comet_ml"])
+    if not takes_keys:  # an older comet_ml: accelerate gives its keyword arguments to comet_ml.Experiment
+        assert fresh == {}
+        return
+    key = fresh["comet_ml"]["experiment_key"]
+    # Comet takes 32 to 50 letters and digits.
+    assert fresh == {"comet_ml": {"experiment_key": key, "mode": "get_or_create"}}
+    assert len(key) == 32 and key.isalnum()
+    assert monitor.tracker_init_kwargs(300, tmp_path, ["comet_ml"])["comet_ml"]["experiment_key"] == key
+    assert monitor.tracker_init_kwargs(0, tmp_path, ["comet_ml"])["comet_ml"]["experiment_key"] != key
+
+
+@pytest.mark.parametrize("installed, takes_keys", [("3.41.0", True), ("3.47.2", True), ("3.40.9", False),
+                                                  (None, False)])
+def test_experiment_keys_go_to_a_comet_ml_that_accelerate_starts_with_comet_ml_start(monkeypatch, installed,
+                                                                                      takes_keys):
+    import importlib.metadata
+
+    from dreambooth.monitor import comet_takes_experiment_keys
+
+    def version(name):
+        if installed is None:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return installed if name == "comet_ml" else "0"
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    assert comet_takes_experiment_keys() is takes_keys
+
+
 def _wandb_offline_steps(run_file: Path) -> tuple[set[str], list[int]]:
     """The run ids and the history steps an offline run file (``run-<id>.wandb``) records: a log of
     length-prefixed records in 32 KiB blocks (LevelDB's log format) after a 7-byte header."""
