@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .errors import DreamBoothError
+from .errors import DreamBoothError, first_reason, redact
 from .generation import fit_text, generate, make_grid, save_png_atomically, set_scheduler
 from .models import on_device
 
@@ -350,7 +350,9 @@ def tracker_init_kwargs(resumed_step: int, logging_dir: str | Path, trackers: li
             kwargs["wandb"]["dir"] = str(logging_dir)
     if "comet_ml" in trackers and comet_takes_experiment_keys():
         kwargs["comet_ml"] = {"experiment_key": comet_experiment_key(run_id), "mode": "get_or_create"}
-    if "mlflow" in trackers and resumed_step:
+    if "mlflow" in trackers and not resumed_step and run_id is None:
+        _keep_runs(logging_dir, {})  # a first start: the runs of an earlier one are forgotten
+    elif "mlflow" in trackers and resumed_step:
         mlflow_run = _kept_runs(logging_dir).get("mlflow_run_id")
         if isinstance(mlflow_run, str) and mlflow_run:
             kwargs["mlflow"] = {"run_id": mlflow_run}
@@ -385,11 +387,18 @@ def init_trackers(accelerator, config: dict[str, Any], init_kwargs: dict[str, di
     logged: MLflow refuses a parameter logged again with another value (--resume_from_checkpoint has
     one, and a resume may change --max_train_steps), so the config goes to the other trackers only."""
     continued = "run_id" in init_kwargs.get("mlflow", {})
-    accelerator.init_trackers("dreambooth", config=None if continued else config, init_kwargs=init_kwargs)
-    if continued:
-        for tracker in accelerator.trackers:
-            if tracker.name != "mlflow":
-                tracker.store_init_configuration(config)
+    try:
+        accelerator.init_trackers("dreambooth", config=None if continued else config, init_kwargs=init_kwargs)
+        if continued:
+            for tracker in accelerator.trackers:
+                if tracker.name != "mlflow":
+                    tracker.store_init_configuration(config)
+    except Exception as error:  # noqa: BLE001 - whatever a tracker's library raises, said in one line
+        names = ", ".join(str(getattr(tracker, "value", tracker)) for tracker in accelerator.log_with)
+        kept = (f"; this resume continues the MLflow run kept in {Path(accelerator.logging_dir) / TRACKER_RUN_FILE}"
+                ": delete that file to log it as a new run") if continued else ""
+        raise DreamBoothError(f"--report_to {names}: the tracker could not start "
+                              f"({redact(first_reason(error), None)}){kept}") from None
     remember_tracker_runs(accelerator, accelerator.logging_dir)
 
 

@@ -522,8 +522,18 @@ def test_a_resumed_run_continues_the_mlflow_run_of_its_first_start(tiny_model, i
     assert run["params"]["max_train_steps"] == "4" and "resume_from_checkpoint" not in run["params"]
     assert json.loads((output / "logs" / TRACKER_RUN_FILE).read_text()) == {"mlflow_run_id": run_id}
     # A fresh start in the folder is a new run.
-    train("--max_train_steps", "2", "--overwrite_output_dir")
+    train("--max_train_steps", "2", "--checkpointing_steps", "1", "--overwrite_output_dir")
     assert len(json.loads(store.read_text())["runs"]) == 2
+
+    # A kept run the tracking server no longer has: one line saying so, and how to go on.
+    store.unlink()
+    failed = subprocess.run([sys.executable, str(ROOT / "train_dreambooth.py"), *args, "--max_train_steps", "3",
+                             "--resume_from_checkpoint", "latest"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)
+    last = failed.stderr.strip().splitlines()[-1]
+    assert failed.returncode == 1 and "Traceback" not in failed.stderr
+    assert last.startswith("error: --report_to mlflow: the tracker could not start (Run with id=") and last.endswith(
+        f"continues the MLflow run kept in {output / 'logs' / TRACKER_RUN_FILE}: delete that file to log it as a new run")
 
 
 def test_a_resumed_run_without_a_kept_mlflow_run_starts_a_new_one(tmp_path, caplog):
@@ -534,7 +544,9 @@ def test_a_resumed_run_without_a_kept_mlflow_run_starts_a_new_one(tmp_path, capl
     assert "keeps no MLflow run" in caplog.text
     (tmp_path / "tracker_run.json").write_text('{"mlflow_run_id": "0123abcd"}')
     assert tracker_init_kwargs(300, tmp_path, ["mlflow"])["mlflow"] == {"run_id": "0123abcd"}
-    assert "mlflow" not in tracker_init_kwargs(0, tmp_path, ["mlflow"])  # a first start: MLflow chooses
+    # A first start: MLflow chooses, and the run of an earlier start is forgotten.
+    assert "mlflow" not in tracker_init_kwargs(0, tmp_path, ["mlflow"])
+    assert "mlflow" not in tracker_init_kwargs(300, tmp_path, ["mlflow"])
 
 
 @pytest.mark.parametrize("takes_keys", [True, False])
