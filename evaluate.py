@@ -22,8 +22,12 @@ Score images that infer.py (or anything writing prompts.json) made, without gene
     python evaluate.py --generated_dir samples --instance_data_dir dog --identifier sks
 
 The default DINO (facebook/dino-vits16) and CLIP (openai/clip-vit-base-patch32) models are
-downloaded once; offline, point --dino_model and --clip_model at local folders. One process is
-enough; `accelerate launch --num_processes 1 evaluate.py ...` works too.
+downloaded once; offline, point --dino_model and --clip_model at local folders.
+
+On several GPUs, the batches are dealt out among the processes and the main process scores them
+all (the same images and numbers as one process):
+    accelerate launch --num_processes 4 evaluate.py --pretrained_model_name_or_path sks-dog \
+        --instance_data_dir dog --identifier sks --class_noun dog
 """
 
 from __future__ import annotations
@@ -46,31 +50,66 @@ from dreambooth.evaluation import (
     score_real_images,
     write_report,
 )
-from dreambooth.generation import load_inference_pipeline, pick_device, release
+from dreambooth.errors import DreamBoothError
+from dreambooth.generation import (
+    decided_by_main,
+    hide_library_progress_bars,
+    launch_state,
+    load_inference_pipeline,
+    pick_device,
+    process_device,
+    release,
+)
 
 
-def generate_images(cfg: EvaluateConfig):
-    pipeline = load_inference_pipeline(cfg.model_source())
+def generate_images(cfg: EvaluateConfig, state):
+    pipeline = load_inference_pipeline(cfg.model_source(), process_device(cfg.device, state))
     generations = generate_evaluation_set(
         pipeline, cfg.templates(), cfg.identifier, cfg.class_noun, cfg.num_images_per_prompt, cfg.seed,
-        cfg.resolution, cfg.num_inference_steps, cfg.guidance_scale, cfg.batch_size,
+        cfg.resolution, cfg.num_inference_steps, cfg.guidance_scale, cfg.batch_size, state=state,
     )
     release(pipeline)
     return generations
 
 
+def load_scoring_models(cfg: EvaluateConfig, state):
+    """The real images and the scoring models, on the main process, which scores. They load
+    before generating: a bad image or a missing download fails before minutes of generation,
+    in every process (the others would otherwise wait for the main one's images)."""
+    loaded, problem = (None, None), None
+    if state.is_main_process:
+        try:
+            loaded = (load_real_images(cfg.instance_data_dir),
+                      load_encoders(cfg.dino_model, cfg.clip_model, pick_device(cfg.device)))
+        except DreamBoothError as error:
+            problem = str(error)
+    problem = decided_by_main(state, lambda: problem)
+    if problem:
+        raise DreamBoothError(problem)
+    return loaded
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
+    """Returns the metrics (on the main process; an empty dict on the others)."""
     setup_logging()
     cfg = parse_config(EvaluateConfig, argv, __doc__)
     cfg.validate()
-    save_config(cfg, Path(cfg.output_dir) / "evaluate_config.yaml")
-    real_images = load_real_images(cfg.instance_data_dir)
-    # The scoring models load first: a missing download fails before minutes of generation.
-    encoders = load_encoders(cfg.dino_model, cfg.clip_model, pick_device(cfg.device))
+    state = launch_state()
+    if not state.is_main_process:
+        hide_library_progress_bars()
+    if state.is_main_process:
+        save_config(cfg, Path(cfg.output_dir) / "evaluate_config.yaml")
     if cfg.generated_dir:
+        if not state.is_main_process:
+            return {}  # nothing to draw: the main process scores the folder alone
+        real_images = load_real_images(cfg.instance_data_dir)
+        encoders = load_encoders(cfg.dino_model, cfg.clip_model, pick_device(cfg.device))
         generations = read_generated_dir(cfg.generated_dir, cfg.identifier)
     else:
-        generations = generate_images(cfg)
+        real_images, encoders = load_scoring_models(cfg, state)
+        generations = generate_images(cfg, state)
+        if not state.is_main_process:
+            return {}
         save_generations(generations, Path(cfg.output_dir) / "images")
     metrics = score(generations, real_images, encoders, cfg.identifier)
     real = score_real_images(real_images, encoders)

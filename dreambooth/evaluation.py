@@ -321,25 +321,37 @@ def without_identifier(prompt: str, identifier: str) -> str:
 def generate_evaluation_set(pipeline, templates: Sequence[str], identifier: str, class_noun: str,
                             num_images_per_prompt: int = 4, seed: int = 0, resolution: int | None = None,
                             num_inference_steps: int = 25, guidance_scale: float = 7.5, batch_size: int = 4,
-                            with_class_prompts: bool = True, progress: bool = True) -> list[Generation]:
+                            with_class_prompts: bool = True, progress: bool = True, state=None) -> list[Generation]:
     """K images per subject prompt ('a sks dog in the snow') and, for PRES, per class prompt
-    ('a dog in the snow'), with the same seeds: image j of every prompt uses seed + j."""
-    from .generation import generate, native_size
+    ('a dog in the snow'), with the same seeds: image j of every prompt uses seed + j.
+
+    Under `accelerate launch` (``state``, an accelerate PartialState of several processes) the
+    batches are dealt out among the processes, each drawing its own on its own device, and every
+    process gets all the generations back, in the order one process draws them: the same images."""
+    from .generation import deal, generate, native_size
 
     size = resolution or native_size(pipeline)
-    jobs = [(template.replace("{}", f"{identifier} {class_noun}"), True) for template in templates]
+    prompts = [(template.replace("{}", f"{identifier} {class_noun}"), True) for template in templates]
     if with_class_prompts:
-        jobs += [(template.replace("{}", class_noun), False) for template in templates]
+        prompts += [(template.replace("{}", class_noun), False) for template in templates]
     seeds = [seed + j for j in range(num_images_per_prompt)]
-    bar = tqdm(total=len(jobs) * len(seeds), desc="Generating", unit="img", disable=not progress)
-    generations = []
-    for prompt, subject in jobs:
-        for batch in _batches(seeds, batch_size):
-            images = generate(pipeline, prompt, batch, size, size, num_inference_steps, guidance_scale)
-            generations += [Generation(image, prompt, s, subject) for s, image in zip(batch, images)]
-            bar.update(len(batch))
+    jobs = list(enumerate((prompt, subject, batch) for prompt, subject in prompts
+                          for batch in _batches(seeds, batch_size)))
+    shared = state is not None and state.num_processes > 1
+    mine = deal(jobs, state) if shared else jobs
+    bar = tqdm(total=sum(len(batch) for _, (_, _, batch) in mine), desc="Generating", unit="img",
+               disable=not progress or (shared and not state.is_local_main_process))
+    made = []
+    for number, (prompt, subject, batch) in mine:
+        images = generate(pipeline, prompt, batch, size, size, num_inference_steps, guidance_scale)
+        made.append((number, [Generation(image, prompt, s, subject) for s, image in zip(batch, images)]))
+        bar.update(len(batch))
     bar.close()
-    return generations
+    if shared:
+        from accelerate.utils import gather_object
+
+        made = sorted(gather_object(made), key=lambda job: job[0])
+    return [generation for _, generations in made for generation in generations]
 
 
 def save_generations(generations: Sequence[Generation], folder: Path) -> Path:

@@ -14,7 +14,7 @@ from PIL import Image
 
 import evaluate
 import infer
-from conftest import TOY_SUBJECT
+from conftest import ROOT, TOY_SUBJECT
 from dreambooth.config import EvaluateConfig
 from dreambooth.errors import DreamBoothError
 from dreambooth.evaluation import (
@@ -394,3 +394,78 @@ def test_bad_input_is_a_one_line_error(tiny_model, tiny_dino, tiny_clip, tmp_pat
         evaluate.main(eval_args(tiny_dino, tiny_clip, tmp_path / "eval", *base,
                                 *[value.format(**values) for value in change]))
     assert "\n" not in str(error.value)
+
+
+# evaluate.py, each process noting the batches it draws.
+NOTING_EVALUATE = """
+import json, sys
+sys.path.insert(0, {root!r})
+import evaluate
+from dreambooth import generation
+from dreambooth.cli import run_cli
+
+generate = generation.generate
+
+def noted(pipeline, prompt, seeds, *args, **kwargs):
+    with open(f"{notes}-{{generation.launch_state().process_index}}.jsonl", "a", encoding="utf-8") as file:
+        file.write(json.dumps([prompt, list(seeds)]) + "\\n")
+    return generate(pipeline, prompt, seeds, *args, **kwargs)
+
+generation.generate = noted
+sys.exit(run_cli(evaluate.main))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_drawing_and_score_what_one_process_would(tiny_model, tiny_dino, tiny_clip, tmp_path):
+    from conftest import one_thread
+    from test_multiprocess import launch
+
+    templates = tmp_path / "templates.txt"
+    templates.write_text("a {} in the snow\na red {}\n", encoding="utf-8")
+    notes, script = tmp_path / "draws", tmp_path / "noting_evaluate.py"
+    script.write_text(NOTING_EVALUATE.format(root=str(ROOT), notes=str(notes)), encoding="utf-8")
+    flags = ["--pretrained_model_name_or_path", tiny_model, "--class_noun", "toy", "--prompts_file", str(templates),
+             "--num_images_per_prompt", "3", "--batch_size", "2", "--resolution", "32", "--num_inference_steps", "2",
+             "--seed", "5"]
+
+    launched = launch(eval_args(tiny_dino, tiny_clip, tmp_path / "two", *flags), script=script)
+    with one_thread():  # as each launched process runs (OMP_NUM_THREADS=1)
+        metrics = evaluate.main(eval_args(tiny_dino, tiny_clip, tmp_path / "one", *flags))
+
+    # Batches of 2 of 3 seeds, [5, 6] and [7], for each of 2 subject and 2 class prompts, dealt in turn.
+    prompts = ["a sks toy in the snow", "a red sks toy", "a toy in the snow", "a red toy"]
+    for process, seeds in ((0, [5, 6]), (1, [7])):
+        lines = Path(f"{notes}-{process}.jsonl").read_text(encoding="utf-8").splitlines()
+        assert [json.loads(line) for line in lines] == [[prompt, seeds] for prompt in prompts]
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text(encoding="utf-8"))
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text(encoding="utf-8"))
+    assert two["metrics"] == one["metrics"] == pytest.approx(metrics, abs=1e-6)
+    assert two["counts"] == one["counts"] and one["counts"]["subject_images"] == 6
+    made_by_two = {path.name: path.read_bytes() for path in sorted((tmp_path / "two" / "images").iterdir())}
+    made_by_one = {path.name: path.read_bytes() for path in sorted((tmp_path / "one" / "images").iterdir())}
+    assert made_by_two == made_by_one and len(made_by_one) == 12 + 1  # and prompts.json
+    assert launched.stdout.count("wrote ") == 1, launched.stdout  # the main process alone reports
+
+
+@pytest.mark.slow
+def test_a_bad_real_image_stops_every_process_before_drawing(tiny_model, tiny_dino, tiny_clip, tmp_path):
+    import shutil
+
+    from test_multiprocess import launch
+
+    subject = tmp_path / "subject"
+    shutil.copytree(TOY_SUBJECT, subject)
+    (subject / "broken.jpg").write_bytes(b"not a JPEG")
+    flags = ["--pretrained_model_name_or_path", tiny_model, "--class_noun", "toy", "--num_prompts", "1",
+             "--num_images_per_prompt", "2", "--resolution", "32", "--num_inference_steps", "2"]
+    args = eval_args(tiny_dino, tiny_clip, tmp_path / "out", *flags)
+    args[args.index("--instance_data_dir") + 1] = str(subject)
+
+    launched = launch(args, script=ROOT / "evaluate.py", check=False)  # the main process alone reads the images
+
+    errors = [line for line in launched.stderr.splitlines() if line.startswith("error: ")]
+    assert launched.returncode == 1 and len(errors) == 2 and "broken.jpg" in errors[0], launched.stderr[-3000:]
+    # Each process says it in one line (the launcher then reports its failed process with a traceback of its own).
+    assert errors[0] == errors[1] and "DreamBoothError" not in launched.stderr
+    assert not (tmp_path / "out" / "images").exists()
