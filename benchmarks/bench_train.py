@@ -358,26 +358,28 @@ def watch_step_ends(marks: dict) -> None:
     the stream after the step's work (its timeline then gives each step's length, the GPU's idle
     waits for the host included), or the clock on a CPU, where work runs as it is called. Read by
     ``step_seconds`` after the run."""
-    import torch
-
     from dreambooth.training import Trainer
 
     original = Trainer.train
 
     def train(self):
         ends = marks.setdefault("step_ends", {})
-
-        def mark(state) -> None:
-            if torch.cuda.is_available():
-                ends[state.global_step] = torch.cuda.Event(enable_timing=True)
-                ends[state.global_step].record()
-            else:
-                ends[state.global_step] = time.perf_counter()
-
-        self.step_callbacks.insert(0, mark)  # before any callback that waits or profiles
+        # First, before any callback that waits or profiles.
+        self.step_callbacks.insert(0, lambda state: mark_step_end(ends, state.global_step))
         return original(self)
 
     Trainer.train = train
+
+
+def mark_step_end(ends: dict, step: int) -> None:
+    """Step ``step`` ends now: a CUDA event on the stream (queued after the step's work), or the CPU clock."""
+    import torch
+
+    if torch.cuda.is_available():
+        ends[step] = torch.cuda.Event(enable_timing=True)
+        ends[step].record()
+    else:
+        ends[step] = time.perf_counter()
 
 
 def step_seconds(ends: dict, first: int, last: int) -> dict[int, float]:
@@ -741,11 +743,7 @@ def lean_worker(config: BenchConfig, args: argparse.Namespace, workdir: Path) ->
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.detach())
-        if device.type == "cuda":
-            ends[step] = torch.cuda.Event(enable_timing=True)
-            ends[step].record()
-        else:
-            ends[step] = time.perf_counter()
+        mark_step_end(ends, step)
     first = 11 if args.steps > 10 else args.steps // 2 + 1
     result = {"config": config.name, **summarize_steps(step_seconds(ends, first, args.steps)),
               "final_loss": losses[-1].item(), "first_step_seconds": None}

@@ -585,8 +585,8 @@ def _run_class_batches(job: ClassImageJob, batches: list[list[int]], state, pipe
     with ThreadPoolExecutor(_WRITER_THREADS, thread_name_prefix="class-image-writer") as writer:
         pending: deque[Future] = deque()
 
-        def write(made: tuple[list[int], list[int], DecodedImages]) -> None:
-            for index, seed, image in zip(*made[:2], made[2].images()):
+        def write(batch: list[int], seeds: list[int], decoded: DecodedImages) -> None:
+            for index, seed, image in zip(batch, seeds, decoded.images()):
                 metadata = png_metadata(Sampling(job.class_prompt, seed, size, size,
                                                  job.num_inference_steps, job.guidance_scale, job.scheduler,
                                                  job.negative_prompt), weights)
@@ -601,17 +601,17 @@ def _run_class_batches(job: ClassImageJob, batches: list[list[int]], state, pipe
                                          job.num_inference_steps, job.guidance_scale, job.negative_prompt)
                 done, in_flight = in_flight, (batch, seeds, DecodedImages(pipeline, latents))
                 if done:
-                    write(done)
+                    write(*done)
                 while len(pending) > len(batch):  # at most one batch waits to be written
                     pending.popleft().result()
                     progress.update(1)
         except BaseException:
             if in_flight:  # made before the failure: written, as the batches before it are
                 with contextlib.suppress(Exception):
-                    write(in_flight)
+                    write(*in_flight)
             raise
         if in_flight:
-            write(in_flight)
+            write(*in_flight)
         for future in pending:
             future.result()
             progress.update(1)
