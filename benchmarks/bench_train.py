@@ -47,7 +47,6 @@ GENERATION_GOAL = 2.5  # class images/s of the suite over the reference script's
 # The suite's class-image path is timed with its defaults and with these generate_class_images.py
 # speed flags (ClassImageJob fields): name -> fields.
 # The default is channels_last since it measured 1.3x the images/s of the plain layout on an H200.
-# The suite's class-image settings the benchmark can time: generate_class_images.py flags (ClassImageJob fields).
 GEN_VARIANTS = {"default": {}, "no_channels_last": {"channels_last": False}, "cudnn": {"cudnn_benchmark": True},
                 "batch8": {"sample_batch_size": 8}, "compile": {"compile": True}}
 DEFAULT_GEN_VARIANTS = "default,cudnn,batch8,compile"
