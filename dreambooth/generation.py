@@ -260,6 +260,11 @@ class DecodedImages:
         else:
             self._pixels = pixels.cpu()
 
+    @property
+    def on_host(self) -> bool:
+        """Whether the pixels are on the host already (no copy under way: a CPU's)."""
+        return self._copied is None
+
     def images(self) -> list[Image.Image]:
         """The images, once their copy is done (waiting for that alone, not for work queued after it)."""
         if self._copied is not None:
@@ -592,7 +597,8 @@ def _run_class_batches(job: ClassImageJob, batches: list[list[int]], state, pipe
                                                  job.negative_prompt), weights)
                 pending.append(writer.submit(_save_class_image, image, folder, index, metadata))
 
-        # One batch in flight: its images are taken from the device once the next batch is queued.
+        # At most one batch in flight: its images are taken from the device once the next batch is
+        # queued (a CPU's are on the host at once, and written at once).
         in_flight = None
         try:
             for batch in batches:
@@ -601,6 +607,9 @@ def _run_class_batches(job: ClassImageJob, batches: list[list[int]], state, pipe
                                          job.num_inference_steps, job.guidance_scale, job.negative_prompt)
                 done, in_flight = in_flight, (batch, seeds, DecodedImages(pipeline, latents))
                 if done:
+                    write(*done)
+                if in_flight[2].on_host:
+                    done, in_flight = in_flight, None
                     write(*done)
                 while len(pending) > len(batch):  # at most one batch waits to be written
                     pending.popleft().result()

@@ -284,6 +284,8 @@ def draw_class_images(monkeypatch, draw) -> None:
     from dreambooth import generation
 
     class Drawn:
+        on_host = True
+
         def __init__(self, pipeline, images):
             self._images = images
 

@@ -307,9 +307,16 @@ def test_images_finished_on_the_device_are_the_pipelines_own_bitwise(tiny_model,
     assert len({image.tobytes() for image in finished}) == 3  # three seeds, three images
 
 
-def test_a_failure_mid_run_keeps_the_images_already_made(tiny_model, tmp_path, monkeypatch):
+@pytest.mark.parametrize("on_host", [True, False], ids=["cpu", "copy_under_way"])
+def test_a_failure_mid_run_keeps_the_images_already_made(tiny_model, tmp_path, monkeypatch, on_host):
+    """Including a batch still on its way to the host (on a GPU) when the next one fails."""
     from dreambooth import generation
 
+    class Decoded(generation.DecodedImages):
+        pass
+
+    Decoded.on_host = on_host
+    monkeypatch.setattr(generation, "DecodedImages", Decoded)
     generate = generation.sample_latents
     calls = []
 
