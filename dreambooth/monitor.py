@@ -172,9 +172,9 @@ class ValidationSampler:
         path = self._save(grid, f"{name}.png")
         try:
             self._log(step, rows, grid)
-        except OSError as error:
-            logger.warning("could not log the samples %s to the trackers (%s); training goes on", name,
-                           error.strerror or error)
+        except Exception as error:  # noqa: BLE001 - samples are optional: whatever a tracker raises, training goes on
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else first_reason(error)
+            logger.warning("could not log the samples %s to the trackers (%s); training goes on", name, reason)
         self._latest = _Drawn(step, grid, tuple((prompt, images[0]) for prompt, images in rows))
         return path
 
@@ -192,8 +192,9 @@ class ValidationSampler:
         return metrics
 
     def _log(self, step: int | None, rows, grid: Image.Image) -> None:
-        """TensorBoard gets the labelled grid under one tag, so its step slider goes through the run;
-        wandb gets each image with its prompt as caption."""
+        """TensorBoard gets the labelled grid under one tag, so its step slider goes through the run,
+        and so do MLflow (an image key with steps) and Comet; wandb gets each image with its prompt as
+        caption."""
         for tracker in self.accelerator.trackers:
             if tracker.name == "tensorboard":
                 tracker.writer.add_image("samples", np.asarray(grid.convert("RGB")), step, dataformats="HWC")
@@ -202,6 +203,12 @@ class ValidationSampler:
 
                 tracker.log({"samples": [wandb.Image(image, caption=prompt) for prompt, images in rows
                                          for image in images]}, step=step)
+            elif tracker.name == "mlflow":
+                import mlflow
+
+                mlflow.log_image(grid, key="samples", step=step)
+            elif tracker.name == "comet_ml":
+                tracker.writer.log_image(grid, name="samples", step=step)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from pathlib import Path
@@ -84,6 +85,48 @@ def test_a_sample_that_cannot_be_written_or_logged_is_a_warning_and_training_goe
         "final.png", "final_0.png", "final_1.png", "step_2.png"]
     assert f"{output / 'samples'}: could not write step_1.png (No space left on device)" in caplog.text
     assert "could not log the samples step_1 to the trackers (Input/output error)" in caplog.text
+
+
+def test_mlflow_and_comet_get_the_sample_grid_at_its_step(monkeypatch):
+    import sys
+    from types import ModuleType, SimpleNamespace
+
+    from dreambooth.monitor import ValidationSampler, labelled_grid
+
+    logged = []
+    mlflow = ModuleType("mlflow")
+    mlflow.log_image = lambda image, key=None, step=None, artifact_file=None: logged.append(("mlflow", image, key, step))
+    monkeypatch.setitem(sys.modules, "mlflow", mlflow)
+    comet = SimpleNamespace(name="comet_ml", writer=SimpleNamespace(
+        log_image=lambda image, name=None, step=None: logged.append(("comet_ml", image, name, step))))
+    sampler = SimpleNamespace(accelerator=SimpleNamespace(trackers=[SimpleNamespace(name="mlflow"), comet]))
+    rows = [("a photo of sks toy", [Image.new("RGB", (32, 32), (200, 0, 0))] * 2)]
+    grid = labelled_grid(rows)
+
+    ValidationSampler._log(sampler, 40, rows, grid)
+    assert logged == [("mlflow", grid, "samples", 40), ("comet_ml", grid, "samples", 40)]
+
+
+def test_a_tracker_library_that_fails_to_log_the_samples_is_a_warning(monkeypatch, caplog):
+    from types import SimpleNamespace
+
+    from dreambooth.monitor import ValidationSampler
+
+    def old_library(image, name=None):  # takes no step
+        pass
+
+    sampler = ValidationSampler.__new__(ValidationSampler)
+    sampler.accelerator = SimpleNamespace(trackers=[SimpleNamespace(name="comet_ml",
+                                                                    writer=SimpleNamespace(log_image=old_library))])
+    sampler.settings = SimpleNamespace(seed=0, num_images=1, prompts=["a toy"], resolution=32, num_inference_steps=1)
+    sampler.samples_dir = Path("unused")
+    monkeypatch.setattr(ValidationSampler, "sampling", lambda self: contextlib.nullcontext(None))
+    monkeypatch.setattr("dreambooth.monitor.generate", lambda *args: [Image.new("RGB", (32, 32))])
+    monkeypatch.setattr(ValidationSampler, "_save", lambda self, image, name: None)
+    with caplog.at_level("WARNING", logger="dreambooth.monitor"):
+        sampler._sample_on_main("step_3", 3)
+    assert "could not log the samples step_3 to the trackers (" in caplog.text
+    assert "old_library() got an unexpected keyword argument 'step'); training goes on" in caplog.text
 
 
 def assert_first_images_of_rows(grid_path, samples, rows: int, size: int = 32) -> None:
