@@ -271,7 +271,8 @@ class TrainConfig:
     output_dir: str = _field("dreambooth-model", "Folder for the trained pipeline, checkpoints and logs.")
     logging_dir: str = _field("logs", "Tracker log folder, relative to --output_dir.")
     report_to: str = _field(
-        "tensorboard", "Tracker: tensorboard, wandb, any other Accelerate tracker (comet_ml, mlflow, ...), all or none."
+        "tensorboard", "Tracker: tensorboard, wandb, any other Accelerate tracker (comet_ml, mlflow, ...), several "
+        "of them comma-separated (tensorboard,wandb), all or none."
     )
     seed: Optional[int] = _field(None, "Random seed for a reproducible run.")
     # LoRA
@@ -505,15 +506,27 @@ class TrainConfig:
             return self.learning_rate
         return 1e-4 if self.use_lora else 5e-6
 
+    def trackers(self) -> list[str] | str:
+        """The trackers --report_to names: a list (empty for none), or "all" (every one installed)."""
+        if self.report_to.strip() == "all":
+            return "all"
+        names = [name.strip() for name in self.report_to.split(",") if name.strip()]
+        return [] if names == ["none"] else list(dict.fromkeys(names))
+
     def _check_tracker(self) -> None:
         from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 
-        if self.report_to in ("all", "none"):
+        trackers = self.trackers()
+        if trackers == "all":
             return
-        if self.report_to not in LOGGER_TYPE_TO_CLASS:
-            raise DreamBoothError(f"--report_to {self.report_to}: choose {', '.join(LOGGER_TYPE_TO_CLASS)}, all or none")
-        if self.report_to not in {str(tracker.value) for tracker in get_available_trackers()}:
-            raise DreamBoothError(f"--report_to {self.report_to}: it is not installed (pip install {self.report_to})")
+        unknown = [name for name in trackers if name not in LOGGER_TYPE_TO_CLASS]
+        if unknown:
+            raise DreamBoothError(f"--report_to {self.report_to}: {unknown[0]!r} is not a tracker; choose "
+                                  f"{', '.join(LOGGER_TYPE_TO_CLASS)} (several comma-separated), all or none")
+        installed = {str(tracker.value) for tracker in get_available_trackers()}
+        missing = [name for name in trackers if name not in installed]
+        if missing:
+            raise DreamBoothError(f"--report_to {self.report_to}: {missing[0]} is not installed (pip install {missing[0]})")
 
     def hub_repo_id(self) -> str:
         """The repo a push goes to: --hub_model_id, else the output folder's name."""

@@ -20,7 +20,7 @@ def create_accelerator(cfg: TrainConfig):
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration
 
     check_precision_supported(cfg.mixed_precision)
-    trackers = {"none": None, "all": "all"}.get(cfg.report_to, cfg.report_to)
+    trackers = cfg.trackers() or None
     project = ProjectConfiguration(project_dir=cfg.output_dir, logging_dir=os.path.join(cfg.output_dir, cfg.logging_dir))
     accelerator = Accelerator(
         cpu=cpu_only(),

@@ -730,3 +730,36 @@ def test_a_row_label_longer_than_its_row_is_cut_with_an_ellipsis():
     expected = Image.new("RGB", grid.size, "white")
     ImageDraw.Draw(expected).text((4, 4), fit_text(draw, prompt, 64 - 8), fill="black")
     assert list(grid.crop((0, 0, 64, 20)).getdata()) == list(expected.crop((0, 0, 64, 20)).getdata())
+
+
+def test_several_trackers_comma_separated_each_log_the_run(tiny_model, instance_dir, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from conftest import ROOT
+
+    store, output = tmp_path / "mlflow.json", tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "FAKE_MLFLOW_STORE": str(store), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(FAKE_MLFLOW), os.environ.get("PYTHONPATH", "")])}
+    args = train_args(tiny_model, instance_dir, output, "--logging_steps", "1", "--report_to",
+                      " tensorboard, mlflow,tensorboard")
+    finished = subprocess.run([sys.executable, str(ROOT / "train_dreambooth.py"), *args], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+
+    events = EventAccumulator(str(output / "logs" / "dreambooth")).Reload()
+    assert [event.step for event in events.Scalars("loss")] == [1, 2]
+    (run,) = json.loads(store.read_text())["runs"].values()
+    assert [step for name, _, step in run["metrics"] if name == "loss"] == [1, 2]
+
+
+def test_report_to_names_the_trackers_of_the_run():
+    from dreambooth.config import TrainConfig
+
+    assert TrainConfig(report_to="none").trackers() == []
+    assert TrainConfig(report_to="all").trackers() == "all"
+    assert TrainConfig(report_to="wandb").trackers() == ["wandb"]
+    assert TrainConfig(report_to="tensorboard,wandb, mlflow").trackers() == ["tensorboard", "wandb", "mlflow"]

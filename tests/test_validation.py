@@ -161,8 +161,10 @@ def test_compile_on_a_cuda_gpu_without_triton_is_named(tiny_model, instance_dir,
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--report_to", "neptune"], "--report_to neptune: choose aim, comet_ml, mlflow, tensorboard, wandb"),
-    (["--report_to", "comet_ml"], r"--report_to comet_ml: it is not installed \(pip install comet_ml\)"),
+    (["--report_to", "neptune"], "--report_to neptune: 'neptune' is not a tracker; choose aim, comet_ml, mlflow, "
+                                 "tensorboard, wandb"),
+    (["--report_to", "comet_ml"], r"--report_to comet_ml: comet_ml is not installed \(pip install comet_ml\)"),
+    (["--report_to", "tensorboard,nope"], "--report_to tensorboard,nope: 'nope' is not a tracker"),
     (["--push_to_hub", "--hub_model_id", "me/bad id!", "--hub_token", "hf_x"], "--hub_model_id me/bad id!: not a repo id"),
     (["--push_to_hub"], "--push_to_hub: no Hub token"),
 ])
