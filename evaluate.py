@@ -95,18 +95,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     cfg = parse_config(EvaluateConfig, argv, __doc__)
     cfg.validate()
     state = launch_state()
-    if not state.is_main_process:
-        hide_library_progress_bars()
     if state.is_main_process:
         save_config(cfg, Path(cfg.output_dir) / "evaluate_config.yaml")
+    else:
+        hide_library_progress_bars()
+    real_images, encoders = load_scoring_models(cfg, state)
     if cfg.generated_dir:
         if not state.is_main_process:
             return {}  # nothing to draw: the main process scores the folder alone
-        real_images = load_real_images(cfg.instance_data_dir)
-        encoders = load_encoders(cfg.dino_model, cfg.clip_model, pick_device(cfg.device))
         generations = read_generated_dir(cfg.generated_dir, cfg.identifier)
     else:
-        real_images, encoders = load_scoring_models(cfg, state)
         generations = generate_images(cfg, state)
         if not state.is_main_process:
             return {}

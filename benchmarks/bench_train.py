@@ -401,7 +401,8 @@ def summarize_steps(lengths: dict[int, float]) -> dict:
         return {}
     tenth = values[len(values) // 10]
     ninetieth = values[min(len(values) - 1, len(values) * 9 // 10)]
-    return {"seconds_per_step": statistics.median(values), "steps_per_second": 1 / statistics.median(values),
+    median = statistics.median(values)
+    return {"seconds_per_step": median, "steps_per_second": 1 / median,
             "measured_steps": [min(lengths), max(lengths)], "step_p10_seconds": tenth, "step_p90_seconds": ninetieth,
             "step_mean_seconds": statistics.fmean(values), "step_seconds": {str(k): v for k, v in lengths.items()}}
 
