@@ -66,6 +66,7 @@ from dreambooth.monitor import (
     tracker_config,
     tracker_init_kwargs,
 )
+from dreambooth.optimizers import build_optimizer
 from dreambooth.training import (
     BatchDraws,
     GracefulStop,
@@ -73,7 +74,6 @@ from dreambooth.training import (
     PromptEncoder,
     Schedule,
     Trainer,
-    build_optimizer,
     training_loss,
 )
 

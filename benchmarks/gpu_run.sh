@@ -8,8 +8,8 @@
 # "run" installs the wheels beside the machine's own packages (torch, transformers and accelerate
 # are used as found; peft comes along because diffusers 0.42 cannot import its LoRA loaders with
 # peft 0.17 under transformers 5, nor load LoRA weights with 0.18), prints the card, runs
-# bench_train.py with a --deadline (DEADLINE, default 480 s) so that it ends inside a 10-minute
-# job with its results written, and leaves results.json, bench.log and the workers' logs in $OUT
+# bench_optimizer.py, then bench_train.py with a --deadline (DEADLINE, default 480 s) so that it ends inside a 10-minute
+# job with its results written, and leaves results.json, bench.log, optimizer.json and the workers' logs in $OUT
 # (benchmarks/gpu-run/ when OUT is unset).
 # PYTHON names the interpreter (default python3).
 set -euo pipefail
@@ -41,6 +41,8 @@ run)
     export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
     { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || echo "no nvidia-smi"; } \
         | tee "$out/card.txt"
+    # The optimizer step alone first (seconds): bitsandbytes' 8-bit AdamW against the suite's.
+    "$PYTHON" benchmarks/bench_optimizer.py --output "$out/optimizer.json" 2>&1 | tee "$out/optimizer.log" || true
     status=0
     "$PYTHON" benchmarks/bench_train.py --deadline "${DEADLINE:-480}" --timeout 300 --workdir /tmp/bench-train \
         --output "$out/results.json" "$@" 2>&1 | tee "$out/bench.log" || status=$?

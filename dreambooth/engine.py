@@ -11,7 +11,7 @@ from .config import TrainConfig
 from .errors import DreamBoothError
 from .gradients import Bf16Gradients, StepInBackward
 from .models import check_precision_supported, cpu_only
-from .training import load_bitsandbytes
+from .optimizers import load_bitsandbytes
 
 
 def create_accelerator(cfg: TrainConfig):

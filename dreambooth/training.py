@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .checkpoints import Checkpointer, TrainState, find_checkpoints
-from .errors import DreamBoothError, first_reason
+from .errors import DreamBoothError
 from .gradients import Bf16Gradients, StepInBackward, inner_optimizer, steps_on_device
 from .monitor import Metrics
 
@@ -169,42 +169,6 @@ def training_loss(batch: dict, unet, latents_source, noise_scheduler, encode_pro
 
 
 # ---------------------------------------------------------------- optimisation
-
-
-def build_optimizer(parameters: Sequence[torch.nn.Parameter] | Sequence[dict], learning_rate: float, betas: tuple[float, float],
-                    weight_decay: float, eps: float, use_8bit_adam: bool, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW: bitsandbytes' 8-bit version when asked on a CUDA GPU, else torch's fused one.
-
-    Elsewhere --use_8bit_adam falls back to torch's AdamW, even where bitsandbytes (0.50 and later) can
-    step its 8-bit AdamW on the CPU: there its kernel dequantizes each weight's two moments to fp32 for
-    the update and quantizes them back, a step 10 to 20 times as slow as fused AdamW's, for a saving of
-    host memory, which a CPU seldom lacks, not of GPU memory, which the flag is for; and a CPU run then
-    follows exact AdamW whether or not bitsandbytes is installed."""
-    kwargs = dict(lr=learning_rate, betas=betas, weight_decay=weight_decay, eps=eps)
-    if use_8bit_adam:
-        if device.type != "cuda":
-            logger.warning("--use_8bit_adam needs a CUDA GPU; using torch.optim.AdamW on %s instead", device.type)
-        else:
-            return load_bitsandbytes().optim.AdamW8bit(parameters, **kwargs)
-    # Fused AdamW: one kernel per step, and it can skip a non-finite step on the device.
-    return torch.optim.AdamW(parameters, fused=device.type in ("cuda", "cpu"), **kwargs)
-
-
-def load_bitsandbytes():
-    """bitsandbytes for --use_8bit_adam on a CUDA GPU. A build for another CUDA or torch fails on import
-    (an ImportError, or a RuntimeError or OSError of its CUDA set-up, in many lines): said in one."""
-    try:
-        import bitsandbytes
-    except ModuleNotFoundError as error:
-        if error.name != "bitsandbytes":  # installed, but something it imports is not
-            raise DreamBoothError(f"--use_8bit_adam: bitsandbytes cannot be loaded ({first_reason(error)}); "
-                                  "install what it names, or drop the flag") from None
-        raise DreamBoothError("--use_8bit_adam: bitsandbytes is not installed, and this CUDA run needs it; "
-                              "pip install bitsandbytes, or drop the flag") from None
-    except Exception as error:  # noqa: BLE001 - whatever its import raises
-        raise DreamBoothError(f"--use_8bit_adam: bitsandbytes cannot be loaded ({first_reason(error)}); install the "
-                              "build for this torch and CUDA (pip install -U bitsandbytes), or drop the flag") from None
-    return bitsandbytes
 
 
 def freeze_module(optimizer, module: torch.nn.Module) -> None:

@@ -22,6 +22,18 @@ from dreambooth.tiny_model import make_tiny_pipeline  # noqa: E402
 TOY_SUBJECT = ROOT / "examples" / "toy_subject"
 
 
+def bitsandbytes_adamw_8bit_on_cpu():
+    """bitsandbytes' AdamW8bit class, where this bitsandbytes can step it on the CPU (0.50 and later)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    probe = torch.nn.Parameter(torch.ones(64, 64))
+    probe.grad = torch.ones_like(probe)
+    try:
+        bnb.optim.AdamW8bit([probe]).step()
+    except Exception as error:  # noqa: BLE001 - any failure means: no CPU support in this version
+        pytest.skip(f"this bitsandbytes cannot step 8-bit AdamW on the CPU ({type(error).__name__})")
+    return bnb.optim.AdamW8bit
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
     return str(make_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd"))

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import bitsandbytes_adamw_8bit_on_cpu
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -243,3 +244,26 @@ def test_a_profile_that_fails_is_reported_and_keeps_the_configs_figures(monkeypa
     results = {"C1": {"seconds_per_step": 0.1, "profile": {"error": "RuntimeError: no CUPTI"}}, "C2": {}}
     assert bench.profile_lines(results) == "  C1: profile failed: RuntimeError: no CUPTI"
     assert bench.profile_lines({"C2": {}}) == ""
+
+
+def test_optimizer_benchmark_compares_the_8bit_steps_on_the_same_weights(tmp_path):
+    bitsandbytes_adamw_8bit_on_cpu()
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_optimizer
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    output = tmp_path / "optimizer.json"
+    assert bench_optimizer.main(["--tiny", "--cpu", "--steps", "2", "--output", str(output)]) == 0
+    summary = json.loads(output.read_text())
+    variants = summary["variants"]
+    assert list(variants) == ["bitsandbytes", "suite", "torch_fused"] and summary["device"] == "cpu"
+    # bitsandbytes' own step waits after every weight (all have gradients here); the suite's never,
+    # and it ends on the same weights to the bit.
+    assert variants["bitsandbytes"]["waits_per_step"] == summary["weights"] > 100
+    assert variants["suite"]["waits_per_step"] == variants["torch_fused"]["waits_per_step"] == 0
+    assert variants["suite"]["max_abs_difference_from_bitsandbytes"] == 0
+    assert "max_abs_difference_from_bitsandbytes" not in variants["torch_fused"]
+    assert all(row["host_ms_per_step"] > 0 for row in variants.values())
+    from bitsandbytes.optim import optimizer as bitsandbytes_optimizer
+    assert bitsandbytes_optimizer.sync_gpu.__name__ == "sync_gpu"  # the counter is gone again

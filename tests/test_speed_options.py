@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import train_dreambooth
-from conftest import TOY_SUBJECT, linear_trainer, train_args
+from conftest import TOY_SUBJECT, bitsandbytes_adamw_8bit_on_cpu, linear_trainer, train_args
 
 BASE = ["--max_train_steps", "4", "--logging_steps", "1", "--save_precision", "fp32", "--center_crop",
         "--random_flip"]
@@ -105,16 +105,13 @@ def test_optimizer_in_backward_frees_each_bucket_of_gradients_as_it_goes(tiny_mo
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
 
 
-def bitsandbytes_adamw_8bit_on_cpu():
-    """bitsandbytes' AdamW8bit class, where this bitsandbytes can step it on the CPU (0.50 and later)."""
-    bnb = pytest.importorskip("bitsandbytes")
-    probe = torch.nn.Parameter(torch.ones(64, 64))
-    probe.grad = torch.ones_like(probe)
-    try:
-        bnb.optim.AdamW8bit([probe]).step()
-    except Exception as error:  # noqa: BLE001 - any failure means: no CPU support in this version
-        pytest.skip(f"this bitsandbytes cannot step 8-bit AdamW on the CPU ({type(error).__name__})")
-    return bnb.optim.AdamW8bit
+def adamw_8bit_stepping_without_waits():
+    """The suite's 8-bit AdamW (``dreambooth.optimizers.adamw_8bit``), the one training uses on a GPU."""
+    import bitsandbytes
+
+    from dreambooth.optimizers import adamw_8bit
+
+    return adamw_8bit(bitsandbytes)
 
 
 def test_optimizer_in_backward_steps_8bit_adamw_as_after_backward():
@@ -123,13 +120,14 @@ def test_optimizer_in_backward_steps_8bit_adamw_as_after_backward():
     from dreambooth.gradients import StepInBackward
 
     adamw_8bit = bitsandbytes_adamw_8bit_on_cpu()
+    suite_adamw_8bit = adamw_8bit_stepping_without_waits()
     torch.manual_seed(0)
     # 8-bit state for the weights (>= 4096 values), 32-bit for the biases, as on a GPU.
     model = torch.nn.Sequential(torch.nn.Linear(96, 128), torch.nn.GELU(), torch.nn.Linear(128, 64))
     twin, initial = copy.deepcopy(model), copy.deepcopy(model)
     inputs = [torch.randn(8, 96) for _ in range(4)]
     after_backward = adamw_8bit(twin.parameters(), lr=1e-2, weight_decay=1e-2)
-    in_backward = adamw_8bit(model.parameters(), lr=1e-2, weight_decay=1e-2)
+    in_backward = suite_adamw_8bit(model.parameters(), lr=1e-2, weight_decay=1e-2)
     hooks = StepInBackward(in_backward, list(model.parameters()))
     for step, batch in enumerate(inputs):
         loss = model(batch).pow(2).mean() * (float("nan") if step == 2 else 1.0)
@@ -227,10 +225,11 @@ def test_bf16_gradients_clip_and_step_8bit_adamw_as_fp32_gradients_do(monkeypatc
     monkeypatch.setattr(gradients, "BUCKET", 128 * 96 + 128)
 
     adamw_8bit = bitsandbytes_adamw_8bit_on_cpu()
+    suite_adamw_8bit = adamw_8bit_stepping_without_waits()
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(96, 128), torch.nn.LayerNorm(128), torch.nn.Linear(128, 64))
     twin = copy.deepcopy(model)
-    held_optimizer = adamw_8bit(model.parameters(), lr=1e-2, weight_decay=1e-2)
+    held_optimizer = suite_adamw_8bit(model.parameters(), lr=1e-2, weight_decay=1e-2)
     reference_optimizer = adamw_8bit(twin.parameters(), lr=1e-2, weight_decay=1e-2)
     held = Bf16Gradients(held_optimizer, [model], max_grad_norm=0.1)
     norms = []
@@ -426,7 +425,7 @@ def test_bitsandbytes_that_cannot_load_is_one_line_naming_the_flag(tmp_path, mon
     said before any model loads (check_cuda_libraries) and where the optimizer is built."""
     from dreambooth.config import TrainConfig
     from dreambooth.errors import DreamBoothError
-    from dreambooth.training import build_optimizer
+    from dreambooth.optimizers import build_optimizer
 
     broken = tmp_path / "site" / "bitsandbytes"
     broken.mkdir(parents=True)
