@@ -51,12 +51,17 @@ def pick_device(device: str | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def pick_dtype(device: torch.device, precision: str | None = None) -> torch.dtype:
+def pick_dtype(device: torch.device, precision: str | None = None, flag: str = "--dtype") -> torch.dtype:
     """The requested precision, or fp16 on a GPU and fp32 on the CPU (where half is slow). "no" is the
-    default too, as in diffusers' --prior_generation_precision."""
+    default too, as in diffusers' --prior_generation_precision. fp16 on the CPU is refused, as
+    training refuses it: PyTorch computes half there slowly, and diffusers warns at every load that
+    it may fail."""
     if precision and precision not in ("auto", "no"):
         if precision not in PRECISIONS:
-            raise DreamBoothError(f"unknown precision '{precision}': choose fp32, fp16 or bf16")
+            raise DreamBoothError(f"{flag} {precision}: choose fp32, fp16 or bf16")
+        if precision == "fp16" and device.type == "cpu":
+            raise DreamBoothError(f"{flag} fp16 needs a GPU, and this run uses the CPU; use fp32 or bf16 "
+                                  "(or leave the flag out: fp32 on the CPU)")
         return PRECISIONS[precision]
     return torch.float32 if device.type == "cpu" else torch.float16
 
@@ -521,6 +526,9 @@ def deal(batches: Sequence, state) -> list:
     return list(batches[state.process_index::state.num_processes])
 
 
+PRECISION_FLAG = "--prior_generation_precision"
+
+
 class SharedPipeline:
     """The class-image pipeline of one job, kept for the next job with the same model and settings:
     the class folders of a --concepts_list load the model once. Released when the block ends."""
@@ -529,8 +537,9 @@ class SharedPipeline:
         self._key, self._pipeline = None, None
 
     def get(self, job: ClassImageJob, device: torch.device):
-        key = (job.model, device, pick_dtype(device, job.precision), job.scheduler, job.revision, job.variant,
-               job.channels_last, job.compile, job.cudnn_benchmark)
+        dtype = pick_dtype(device, job.precision, PRECISION_FLAG)
+        key = (job.model, device, dtype, job.scheduler, job.revision, job.variant, job.channels_last, job.compile,
+               job.cudnn_benchmark)
         if key != self._key:
             self.release()
             self._pipeline = load_pipeline(job.model, device, key[2], job.scheduler, job.revision, job.variant)
@@ -555,6 +564,8 @@ def generate_class_images(job: ClassImageJob, state=None, pipelines: SharedPipel
     (an accelerate PartialState), with the pipeline of ``pipelines`` (else one loaded for this job).
     Returns how many this process wrote."""
     state = state or launch_state()
+    # Before any process waits for another: every one refuses alike (fp16 on the CPU).
+    pick_dtype(state.device, job.precision, PRECISION_FLAG)
     if state.is_main_process:
         missing_class_indices(job, remove_corrupt=True, check_prompts=True)
     state.wait_for_everyone()

@@ -554,3 +554,25 @@ def test_the_scripts_give_their_cudnn_benchmark_flag_to_the_class_image_jobs(tin
         str(tmp_path / "training"), "--class_prompt", "a photo of a toy", *flags))
     train_dreambooth.top_up_class_images(config, SimpleNamespace(state=None))
     assert [job.cudnn_benchmark for job in jobs] == [expected, expected]
+
+
+@pytest.mark.parametrize("script", ["generate", "train"])
+def test_fp16_class_images_on_the_cpu_are_refused_in_one_line_before_any_image(tiny_model, instance_dir, tmp_path,
+                                                                                script):
+    import train_dreambooth
+    from conftest import train_args
+
+    folder = tmp_path / "class"
+    fp16 = ["--prior_generation_precision", "fp16"]
+    message = (r"^--prior_generation_precision fp16 needs a GPU, and this run uses the CPU; use fp32 or bf16 "
+               r"\(or leave the flag out: fp32 on the CPU\)$")
+    with pytest.raises(DreamBoothError, match=message):
+        if script == "generate":
+            generate_class_images.main(class_args(tiny_model, folder, *fp16))
+        else:
+            train_dreambooth.main(train_args(tiny_model, instance_dir, tmp_path / "out", "--with_prior_preservation",
+                                             "--class_prompt", "a photo of a toy", "--class_data_dir", str(folder),
+                                             "--num_class_images", "2", *fp16))
+    assert not folder.exists() or not any(folder.iterdir())
+    # bf16 is fine on the CPU.
+    assert generate_class_images.main(class_args(tiny_model, folder, "--prior_generation_precision", "bf16")) == 4

@@ -203,6 +203,7 @@ def bad_inputs(tmp_path) -> dict[str, Path]:
     ([], r"--prompt .*--prompts_file"),
     (["--prompt", "a toy", "--device", "bogus"], r"--device bogus: choose cuda, mps, cpu or auto"),
     (["--prompt", "a toy", "--device", "cuda:99"], r"--device cuda:99: not present on this machine"),
+    (["--prompt", "a toy", "--device", "cpu", "--dtype", "fp16"], r"^--dtype fp16 needs a GPU, and this run uses the CPU"),
 ])
 def test_bad_input_is_a_one_line_error_naming_the_flag(tiny_model, tmp_path, bad_inputs, change, message):
     extra = [value.format(**bad_inputs) for value in change]
