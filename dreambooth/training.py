@@ -283,6 +283,13 @@ class StopAgreement:
         return total.item() > 0
 
 
+def _read(host: torch.Tensor, copied) -> bool:
+    """A flag copied by ``_copy_to_host``, once its copy is done."""
+    if copied is not None:
+        copied.synchronize()
+    return bool(host)
+
+
 def _copy_to_host(tensor: torch.Tensor) -> tuple[torch.Tensor, Any]:
     """``tensor`` copied to pinned host memory without waiting, and the event that marks the copy
     done (None where the tensor is already on the CPU)."""
@@ -388,20 +395,30 @@ class Trainer:
             self._window_losses.append(torch.stack([losses["loss"], *parts]).detach().float())
             if self.step_in_backward:
                 self.step_in_backward.arm((~torch.isfinite(self._window_losses[-1][0])).float())
+            skip = self._window_skip() if accelerator.sync_gradients else None
             accelerator.backward(losses["loss"])
             if self.step_in_backward:
                 self.step_in_backward.flush()
-            if accelerator.sync_gradients:
-                self._update()
+            if skip is not None:
+                self._update(*skip)
         return losses
 
-    def _update(self) -> None:
-        accelerator = self.accelerator
+    def _window_skip(self) -> tuple[torch.Tensor, bool | None]:
+        """Whether to skip this window's update: a loss of the window, on any process, not finite.
+        Made before the window's last backward. For an optimizer that cannot skip on the device, it
+        is also copied to the host then, and read at the update: that waits for the forward pass
+        alone, so the host queues the update while the GPU still runs the backward. (Read after
+        backward, it would wait for the backward, and the GPU would idle while the host queued the
+        update: 8-bit AdamW launches a kernel or two per weight.)"""
         nonfinite = (~torch.isfinite(torch.stack(self._window_losses)[:, 0])).float().sum()
-        skip = (accelerator.reduce(nonfinite, reduction="sum") > 0).float()
+        skip = (self.accelerator.reduce(nonfinite, reduction="sum") > 0).float()
+        return skip, None if steps_on_device(self.optimizer) else _copy_to_host(skip)
+
+    def _update(self, skip: torch.Tensor, on_host: tuple[torch.Tensor, Any] | None) -> None:
+        accelerator = self.accelerator
         self._skipped.append(skip)
-        on_device = steps_on_device(self.optimizer)
-        if not on_device and bool(skip):
+        on_device = on_host is None
+        if not on_device and _read(*on_host):
             self.optimizer.zero_grad(set_to_none=True)
             if self.bf16_gradients:
                 self.bf16_gradients.discard()

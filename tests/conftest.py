@@ -324,14 +324,15 @@ class ListDataset(torch.utils.data.Dataset):
         pass
 
 
-def linear_trainer(values=(1.0,) * 4, lr: float = 0.1, loss=None, **trainer_kwargs):
-    """A Trainer of one Linear over ``values``, one per batch, on the CPU: ``loss(model, batch)``
-    (default: the mean square of the model's outputs), no clipping unless ``trainer_kwargs`` say."""
+def linear_trainer(values=(1.0,) * 4, lr: float = 0.1, loss=None, accumulation: int = 1, **trainer_kwargs):
+    """A Trainer of one Linear over ``values``, one per batch, on the CPU, with plain SGD (which
+    cannot skip a step on the device): ``loss(model, batch)`` (default: the mean square of the
+    model's outputs), ``accumulation`` batches a step, no clipping unless ``trainer_kwargs`` say."""
     from accelerate import Accelerator
 
     from dreambooth.training import Schedule, Trainer
 
-    accelerator = Accelerator(cpu=True)
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation)
     model = torch.nn.Linear(1, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     batches = torch.utils.data.DataLoader(ListDataset(list(values)), batch_size=1,
@@ -339,5 +340,6 @@ def linear_trainer(values=(1.0,) * 4, lr: float = 0.1, loss=None, **trainer_kwar
     model, optimizer, batches = accelerator.prepare(model, optimizer, batches)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     loss = loss or (lambda model, batch: (model(batch["value"][:, None]) ** 2).mean())
-    return Trainer(accelerator, [model], optimizer, schedule, batches, Schedule(1, len(values), len(values), 1),
+    steps = len(values) // accumulation
+    return Trainer(accelerator, [model], optimizer, schedule, batches, Schedule(accumulation, steps, steps, 1),
                    lambda batch: {"loss": loss(model, batch)}, **{"max_grad_norm": 0, **trainer_kwargs})

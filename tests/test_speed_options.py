@@ -571,3 +571,23 @@ def test_objects_the_caller_set_aside_from_the_garbage_collector_stay_aside_afte
         assert gc.get_freeze_count() > 0 and id(set_aside) not in {id(tracked) for tracked in gc.get_objects()}
     finally:
         gc.unfreeze()
+
+
+def test_an_optimizer_that_cannot_skip_on_the_device_skips_a_window_with_a_nonfinite_loss(caplog):
+    """SGD has no ``found_inf``: the skip is read back on the host, from a flag made before the
+    window's last backward, and it covers every loss of the window (here the first of two)."""
+    def loss(model, batch):
+        value = batch["value"][:, None]
+        return (model(value) ** 2).mean() * (float("nan") if batch["value"].item() == 3.0 else 1.0)
+
+    trainer = linear_trainer([float(i + 1) for i in range(8)], loss=loss, accumulation=2, logging_steps=1)
+    weights = {}
+    trainer.step_callbacks.append(lambda state: weights.update(
+        {state.global_step: [p.detach().clone() for p in trainer.parameters()]}))
+    with caplog.at_level(logging.WARNING, logger="dreambooth"):
+        trainer.train()
+    assert sorted(weights) == [1, 2, 3, 4]
+    changed = {step: not all(torch.equal(a, b) for a, b in zip(weights[step - 1], weights[step])) for step in (2, 3, 4)}
+    assert changed == {2: False, 3: True, 4: True}  # batches 3 and 4 made step 2: skipped
+    assert all(torch.isfinite(p).all() for p in trainer.parameters())
+    assert [r.getMessage() for r in caplog.records] == ["step 2: loss is not finite; the update was skipped"]
