@@ -467,11 +467,17 @@ def watch_profiled_steps(first: int, count: int, marks: dict) -> None:
     Trainer.train = train
 
 
+# CUDA runtime calls that make the host wait for the GPU (cudaMemcpy: the blocking copy).
+HOST_WAITS = ("cudaDeviceSynchronize", "cudaStreamSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+
+
 def profile_summary(averages, steps: int, wall_seconds: float, top: int = 12) -> dict:
     """Per step, in ms: the wall time, the host time inside each phase, the time the device was
-    busy (its kernels' time: work on one stream does not overlap), kernel launches, and the
-    operators that took the most device time (host time on the CPU). The device idles for the
-    wall time minus its busy time: where that is most of the step, the host is the bottleneck."""
+    busy (its kernels' time: work on one stream does not overlap), kernel launches, the host's
+    waits for the GPU, and the operators that took the most device time (host time on the CPU).
+    The device idles for the wall time minus its busy time: where that is most of the step, the
+    host is the bottleneck. (The profiled window's last step waits once more, for the profiler, and
+    logs: a fraction of a wait a step.)"""
     from torch.autograd import DeviceType
 
     labels = set(PHASES.values())
@@ -482,6 +488,7 @@ def profile_summary(averages, steps: int, wall_seconds: float, top: int = 12) ->
                            if event.key == label and event.device_type == DeviceType.CPU), None)
               for phase, label in PHASES.items()}
     launches = sum(event.count for event in ops if "LaunchKernel" in event.key) / steps
+    waits = sum(event.count for event in ops if event.key in HOST_WAITS) / steps
     by_device = device_ms > 0
     ranked = sorted(ops, key=lambda event: event.self_device_time_total if by_device else event.self_cpu_time_total,
                     reverse=True)
@@ -491,6 +498,7 @@ def profile_summary(averages, steps: int, wall_seconds: float, top: int = 12) ->
         "device_busy_ms_per_step": device_ms if by_device else None,
         "device_busy_fraction": device_ms / wall_ms if by_device else None,
         "kernel_launches_per_step": launches if by_device else None,
+        "host_waits_per_step": waits if by_device else None,
         "top_ops": [{"name": event.key, "kind": "kernel" if event.device_type != DeviceType.CPU else "operator",
                      "calls_per_step": event.count / steps,
                      "self_host_ms_per_step": event.self_cpu_time_total / 1e3 / steps,
@@ -890,17 +898,17 @@ def profile_lines(results: dict[str, dict]) -> str:
     profiled = {name: found for name, found in profiled.items() if "error" not in found}
     if not profiled:
         return "\n".join(failed)
-    rows = [("config", "wall", *PHASES, "device busy", "busy %", "launches")]
+    rows = [("config", "wall", *PHASES, "device busy", "busy %", "launches", "waits")]
     for name, found in profiled.items():
         busy = found["device_busy_fraction"]
         rows.append((name, fmt(found["wall_ms_per_step"], ".1f"),
                      *(fmt(found["host_ms_per_step"][phase], ".1f") for phase in PHASES),
                      fmt(found["device_busy_ms_per_step"], ".1f"), fmt(busy and 100 * busy, ".0f"),
-                     fmt(found["kernel_launches_per_step"], ".0f")))
+                     fmt(found["kernel_launches_per_step"], ".0f"), fmt(found.get("host_waits_per_step"), ".1f")))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     steps = next(iter(profiled.values()))["steps"]
     lines = [f"profile of {steps} steps after the timed ones (ms per step; each phase's host time, "
-             "the device's busy time, kernel launches):"]
+             "the device's busy time; kernel launches and the host's waits for the GPU a step):"]
     lines += ["  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
     for name, found in profiled.items():
         column = "self_device_ms_per_step" if found["device_busy_ms_per_step"] else "self_host_ms_per_step"

@@ -46,6 +46,7 @@ def test_tiny_benchmark_writes_results_for_each_config(tmp_path):
         assert config["argv"][config["argv"].index("--max_train_steps") + 1] == "8"  # 6 timed + 2 profiled
         profile = config["profile"]
         assert profile["steps"] == 2 and profile["device_busy_ms_per_step"] is None  # no device on the CPU
+        assert profile["host_waits_per_step"] is None
         phases = profile["host_ms_per_step"]
         assert set(phases) == {"forward", "backward", "update"} and all(ms > 0 for ms in phases.values())
         assert sum(phases.values()) < profile["wall_ms_per_step"]  # the phases are parts of the step
@@ -269,3 +270,32 @@ def test_optimizer_benchmark_compares_the_8bit_steps_on_the_same_weights(tmp_pat
     assert all(row["host_ms_per_step"] > 0 for row in variants.values())
     from bitsandbytes.optim import optimizer as bitsandbytes_optimizer
     assert bitsandbytes_optimizer.sync_gpu.__name__ == "sync_gpu"  # the counter is gone again
+
+
+def test_a_cuda_profile_counts_the_device_time_launches_and_the_host_s_waits_per_step():
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    bench = load_bench()
+
+    def event(key, count, device=DeviceType.CPU, device_us=0.0, cpu_us=0.0, annotation=False):
+        return SimpleNamespace(key=key, count=count, device_type=device, self_device_time_total=device_us,
+                               self_cpu_time_total=cpu_us, cpu_time_total=cpu_us, is_user_annotation=annotation)
+
+    averages = [event(bench.PHASES["forward"], 10, cpu_us=30_000.0, annotation=True),
+                event("ampere_bf16_gemm", 200, DeviceType.CUDA, device_us=40_000.0),
+                event("aten::mm", 200, cpu_us=8_000.0),
+                event("cudaLaunchKernel", 600, cpu_us=3_000.0),
+                event("cudaStreamSynchronize", 2, cpu_us=900.0),
+                event("cudaEventSynchronize", 10, cpu_us=500.0),
+                event("cudaDeviceSynchronize", 1, cpu_us=100.0),
+                event("cudaMemcpyAsync", 12, cpu_us=50.0)]  # not a wait by itself
+    summary = bench.profile_summary(averages, steps=10, wall_seconds=0.1)
+    assert summary["wall_ms_per_step"] == pytest.approx(10.0)
+    assert summary["device_busy_ms_per_step"] == pytest.approx(4.0) and summary["device_busy_fraction"] == pytest.approx(0.4)
+    assert summary["kernel_launches_per_step"] == 60 and summary["host_waits_per_step"] == pytest.approx(1.3)
+    assert summary["host_ms_per_step"]["forward"] == pytest.approx(3.0)
+    assert summary["top_ops"][0]["name"] == "ampere_bf16_gemm" and summary["top_ops"][0]["kind"] == "kernel"
+    lines = bench.profile_lines({"C4": {"profile": summary}})
+    assert "waits" in lines and lines.splitlines()[2].split()[-1] == "1.3"
