@@ -211,18 +211,18 @@ def add_validation(cfg: TrainConfig, accelerator, components: Components, traine
     return sampler
 
 
-def training_evaluation(cfg: TrainConfig, accelerator) -> TrainingEvaluation | None:
-    """The scoring models and every concept's real images for --eval_steps, loaded once on the main process."""
-    if not accelerator.is_main_process:
-        return None
+def training_evaluation(cfg: TrainConfig, accelerator) -> TrainingEvaluation:
+    """What --eval_steps draws (every process) and scores with (the scoring models and every
+    concept's real images, loaded once on the main process)."""
     from dreambooth.evaluation import PROMPT_SETS, PROMPTS_DIR, load_encoders, load_real_images, read_templates
     from dreambooth.monitor import EvalSubject
 
-    subjects = [EvalSubject(identifier, class_noun, tuple(load_real_images(concept.instance_data_dir)))
+    main = accelerator.is_main_process
+    subjects = [EvalSubject(identifier, class_noun, tuple(load_real_images(concept.instance_data_dir)) if main else ())
                 for (identifier, class_noun), concept in zip(cfg.eval_subjects(), cfg.concepts())]
     path = PROMPTS_DIR / PROMPT_SETS[cfg.eval_prompt_set]
     return TrainingEvaluation(
-        load_encoders(cfg.eval_dino_model, cfg.eval_clip_model, accelerator.device), subjects,
+        load_encoders(cfg.eval_dino_model, cfg.eval_clip_model, accelerator.device) if main else None, subjects,
         read_templates(path, f"--eval_prompt_set {cfg.eval_prompt_set}")[: cfg.eval_num_prompts],
         cfg.eval_images_per_prompt, cfg.with_prior_preservation,
     )

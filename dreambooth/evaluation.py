@@ -459,12 +459,14 @@ def score_real_images(real_images: Sequence[Image.Image], encoders: Encoders) ->
             "clip_i": mean_similarity_within(encoders.clip.embed_images(real_images))}
 
 
-def evaluate_pipeline(pipeline, encoders: Encoders, real_images: Sequence[Image.Image], templates: Sequence[str],
-                      identifier: str, class_noun: str, **generation) -> tuple[dict, list[Generation]]:
+def evaluate_pipeline(pipeline, encoders: Encoders | None, real_images: Sequence[Image.Image], templates: Sequence[str],
+                      identifier: str, class_noun: str, **generation) -> tuple[dict | None, list[Generation]]:
     """Generate the evaluation set with ``pipeline`` and score it: what a training loop calls every
-    N steps with a few templates, a fixed seed and encoders loaded once."""
+    N steps with a few templates, a fixed seed and encoders loaded once. With several processes
+    (``state`` in ``generation``) each draws its share; a process without ``encoders`` draws only
+    (the metrics None)."""
     generations = generate_evaluation_set(pipeline, templates, identifier, class_noun, **generation)
-    return score(generations, real_images, encoders, identifier), generations
+    return (None if encoders is None else score(generations, real_images, encoders, identifier)), generations
 
 
 def load_real_images(folder: str | Path) -> list[Image.Image]:

@@ -180,11 +180,12 @@ class ValidationSampler:
 
     def evaluate(self, step: int, evaluation: "TrainingEvaluation") -> dict[str, float] | None:
         """The paper's metrics on a small fixed-seed set, logged as eval/<metric>, or with several concepts
-        eval/<concept>/<metric> and eval/mean/<metric> (main process)."""
-        metrics = None
+        eval/<concept>/<metric> and eval/mean/<metric>. Every process draws its share of the images
+        from its own copy of the weights (as evaluate.py deals them out); the main process scores
+        and logs them (None on the others)."""
+        with self.sampling() as pipeline:
+            metrics = evaluation.run(pipeline, self.settings, self.accelerator.state)
         if self.accelerator.is_main_process:
-            with self.sampling() as pipeline:
-                metrics = evaluation.run(pipeline, self.settings)
             logged = {f"eval/{name}": value for name, value in metrics.items() if value is not None}
             self.accelerator.log(logged, step=step)
             logger.info("step %d: %s", step, ", ".join(f"{k} {v:.3f}" for k, v in logged.items()))
@@ -233,7 +234,8 @@ class TrainingEvaluation:
     """What ``--eval_steps`` measures: the first prompts of the paper's set, a few images each, for
     every concept with its own identifier and class noun, scored against its own real images with
     DINO and CLIP loaded once. A single concept's metrics are named as evaluate.py names them
-    ('dino'); several concepts' are '<concept>/dino' (``subject_names``), with 'mean/dino' their mean."""
+    ('dino'); several concepts' are '<concept>/dino' (``subject_names``), with 'mean/dino' their mean.
+    Every process draws; the one with ``encoders`` (the main process) scores."""
 
     def __init__(self, encoders, subjects: list[EvalSubject], templates: list[str], images_per_prompt: int,
                  with_class_prompts: bool):
@@ -241,8 +243,11 @@ class TrainingEvaluation:
         self.names = subject_names(subjects)
         self.images_per_prompt, self.with_class_prompts = images_per_prompt, with_class_prompts
 
-    def run(self, pipeline, settings: SampleSettings) -> dict[str, float | None]:
-        scored = [self._score(pipeline, settings, subject) for subject in self.subjects]
+    def run(self, pipeline, settings: SampleSettings, state=None) -> dict[str, float | None] | None:
+        """The metrics (None on a process that draws only); ``state`` (accelerate's) deals the images out."""
+        scored = [self._score(pipeline, settings, subject, state) for subject in self.subjects]
+        if self.encoders is None:
+            return None
         if len(scored) == 1:
             return scored[0]
         metrics = {f"{name}/{key}": value for name, each in zip(self.names, scored) for key, value in each.items()}
@@ -251,14 +256,14 @@ class TrainingEvaluation:
             metrics[f"mean/{key}"] = None if None in values else sum(values) / len(values)
         return metrics
 
-    def _score(self, pipeline, settings: SampleSettings, subject: EvalSubject) -> dict[str, float | None]:
+    def _score(self, pipeline, settings: SampleSettings, subject: EvalSubject, state) -> dict[str, float | None] | None:
         from .evaluation import evaluate_pipeline
 
         metrics, _ = evaluate_pipeline(
             pipeline, self.encoders, subject.real_images, self.templates, subject.identifier, subject.class_noun,
             num_images_per_prompt=self.images_per_prompt, seed=settings.seed, resolution=settings.resolution,
             num_inference_steps=settings.num_inference_steps, with_class_prompts=self.with_class_prompts,
-            progress=False,
+            progress=False, state=state,
         )
         return metrics
 

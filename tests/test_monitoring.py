@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train_dreambooth
-from conftest import ListDataset, committed_files, linear_trainer, train_args
+from conftest import ListDataset, committed_files, linear_trainer, one_thread, train_args
 from dreambooth.errors import DreamBoothError
 
 TOKEN = "hf_PLANTEDsecretTOKEN1234567890abcdefXYZ"
@@ -763,3 +764,60 @@ def test_report_to_names_the_trackers_of_the_run():
     assert TrainConfig(report_to="all").trackers() == "all"
     assert TrainConfig(report_to="wandb").trackers() == ["wandb"]
     assert TrainConfig(report_to="tensorboard,wandb, mlflow").trackers() == ["tensorboard", "wandb", "mlflow"]
+
+
+# train_dreambooth.py, each process noting the images it draws (prompt and seeds).
+NOTING_TRAIN = """
+import json, sys
+sys.path.insert(0, {root!r})
+import train_dreambooth
+from dreambooth import generation
+from dreambooth.cli import run_cli
+
+generate = generation.generate
+
+def noted(pipeline, prompt, seeds, *args, **kwargs):
+    with open(f"{notes}-{{generation.launch_state().process_index}}.jsonl", "a", encoding="utf-8") as file:
+        file.write(json.dumps([prompt, list(seeds)]) + "\\n")
+    return generate(pipeline, prompt, seeds, *args, **kwargs)
+
+generation.generate = noted
+sys.exit(run_cli(train_dreambooth.main))
+"""
+
+
+@pytest.mark.slow
+def test_eval_steps_on_two_processes_share_the_drawing_and_the_main_process_scores(tiny_model, instance_dir, tmp_path,
+                                                                                  tiny_dino, tiny_clip):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from test_multiprocess import ROOT, launch
+
+    from dreambooth.evaluation import evaluate_pipeline, load_encoders, load_real_images
+    from dreambooth.generation import load_pipeline
+
+    notes, script, output = tmp_path / "draws", tmp_path / "noting_train.py", tmp_path / "out"
+    script.write_text(NOTING_TRAIN.format(root=str(ROOT), notes=str(notes)), encoding="utf-8")
+    launched = launch(train_args(tiny_model, instance_dir, output, "--save_precision", "fp32",
+                                 "--validation_inference_steps", "1", "--eval_steps", "2", "--eval_num_prompts", "2",
+                                 "--eval_images_per_prompt", "2", "--eval_dino_model", tiny_dino,
+                                 "--eval_clip_model", tiny_clip, "--report_to", "tensorboard"), script=script)
+
+    # Two subject prompts of 2 seeds each, one batch a prompt, dealt in turn.
+    drawn = [[json.loads(line) for line in Path(f"{notes}-{process}.jsonl").read_text(encoding="utf-8").splitlines()]
+             for process in (0, 1)]
+    assert [len(each) for each in drawn] == [1, 1] and drawn[0][0][0] != drawn[1][0][0], drawn
+    assert drawn[0][0][1] == drawn[1][0][1] == [0, 1]
+    assert launched.stdout.count("step 2: eval/dino") + launched.stderr.count("step 2: eval/dino") == 1
+
+    # The main process scored what one process draws from the trained weights.
+    events = EventAccumulator(str(next((output / "logs").rglob("events.out.tfevents.*")).parent)).Reload()
+    pipeline = load_pipeline(str(output), torch.device("cpu"), torch.float32)
+    with one_thread():
+        expected, _ = evaluate_pipeline(pipeline, load_encoders(tiny_dino, tiny_clip, torch.device("cpu")),
+                                        load_real_images(instance_dir), [prompt.replace("sks toy", "{}") for
+                                                                         prompt in (drawn[0][0][0], drawn[1][0][0])],
+                                        "sks", "toy", num_images_per_prompt=2, seed=0, resolution=32,
+                                        num_inference_steps=1, with_class_prompts=False, progress=False)
+    for metric in ("dino", "clip_i", "clip_t", "div"):
+        assert [(event.step, event.value) for event in events.Scalars(f"eval/{metric}")] == [
+            (2, pytest.approx(expected[metric], abs=1e-5))], metric
