@@ -88,8 +88,8 @@ def check_engine_support(cfg: TrainConfig, accelerator) -> None:
         raise DreamBoothError("--use_lora trains adapters of a few MB, which FSDP has no need to shard; "
                               "use a DDP config (examples/accelerate/multi_gpu.yaml)")
     if engine == "FSDP" and (cfg.num_validation_images or cfg.eval_steps):
-        raise DreamBoothError("validation samples and --eval_steps are drawn by the main process alone, which "
-                              "sharded FSDP models cannot do; drop --num_validation_images and --eval_steps "
+        raise DreamBoothError("validation samples and --eval_steps draw from a whole copy of the weights in a "
+                              "process, which sharded FSDP models do not have; drop --num_validation_images and --eval_steps "
                               "(sample and score checkpoints with infer.py and evaluate.py instead)")
 
 
