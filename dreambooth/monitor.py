@@ -21,7 +21,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .errors import DreamBoothError, first_reason, redact
-from .generation import fit_text, generate, make_grid, save_png_atomically, set_scheduler
+from .generation import deal, fit_text, generate, make_grid, save_png_atomically, set_scheduler
 from .models import on_device
 
 logger = logging.getLogger(__name__)
@@ -72,13 +72,16 @@ class ValidationSampler:
     """Draws validation samples from the models being trained, leaving training undisturbed:
     every random number comes from the samples' own seeded generators (and the global RNG
     state is restored regardless), and the models go back to train mode. Samples are optional:
-    one that cannot be written or logged (a full disk) is a warning, and training goes on."""
+    one that cannot be written or logged (a full disk) is a warning, and training goes on. Under
+    `accelerate launch` each prompt's row is drawn by one process, from its own copy of the
+    weights, and the main process writes and logs the grid."""
 
     def __init__(self, accelerator, components, trained: list[torch.nn.Module], settings: SampleSettings,
                  output_dir: str | Path):
         self.accelerator, self.components, self.trained = accelerator, components, trained
         self.settings, self.samples_dir = settings, Path(output_dir).resolve() / "samples"
         self._latest: _Drawn | None = None  # the last grid drawn (main process)
+        self._drawn_step: int | None = None  # the step of the last grid drawn (every process)
 
     def _pipeline(self):
         from diffusers import StableDiffusionPipeline
@@ -117,23 +120,20 @@ class ValidationSampler:
                 torch.cuda.empty_cache()
 
     def sample(self, name: str, step: int | None = None) -> Path | None:
-        """Write ``samples/<name>.png`` (main process) and log it to the trackers at ``step``; others wait."""
-        path = None
-        if self.accelerator.is_main_process:
-            path = self._sample_on_main(name, step)
+        """Write ``samples/<name>.png`` (main process) and log it to the trackers at ``step``."""
+        path = self._sample(name, step)
         self.accelerator.wait_for_everyone()
         return path
 
     def final(self, step: int) -> FinalSamples | None:
         """``samples/final.png``, the grid of the last step (a copy where that step already drew one),
         and ``samples/final_<i>.png``, the first image of prompt i's row; None on other processes."""
-        samples = None
-        if self.accelerator.is_main_process:
-            if self._latest is None or self._latest.step != step:
-                grid = self._sample_on_main("final", step)
-            else:
-                grid = self._save(self._latest.grid, "final.png")
-            samples = self._final_samples(grid)
+        grid = None
+        if self._drawn_step is None or self._drawn_step != step:
+            grid = self._sample("final", step)
+        elif self.accelerator.is_main_process:
+            grid = self._save(self._latest.grid, "final.png")
+        samples = self._final_samples(grid) if self.accelerator.is_main_process else None
         self.accelerator.wait_for_everyone()
         return samples
 
@@ -162,12 +162,31 @@ class ValidationSampler:
         logger.warning("%s; the run goes on without it", problem)
         return None
 
-    def _sample_on_main(self, name: str, step: int | None) -> Path | None:
-        settings = self.settings
+    def _draw_rows(self) -> list[tuple[str, list[Image.Image]]]:
+        """Each prompt's row of images. With several processes the rows are dealt out in turn, each
+        drawn whole by one process (the images one process draws), and gathered in prompt order."""
+        settings, state = self.settings, self.accelerator.state
         seeds = [settings.seed + j for j in range(settings.num_images)]
-        with self.sampling() as pipeline:
-            rows = [(prompt, generate(pipeline, prompt, seeds, settings.resolution, settings.resolution,
-                                      settings.num_inference_steps)) for prompt in settings.prompts]
+        shared = state.num_processes > 1
+        rows = list(enumerate(settings.prompts))
+        mine = deal(rows, state) if shared else rows
+        drawn = []
+        if mine:
+            with self.sampling() as pipeline:
+                drawn = [(index, prompt, generate(pipeline, prompt, seeds, settings.resolution, settings.resolution,
+                                                  settings.num_inference_steps)) for index, prompt in mine]
+        if shared:
+            from accelerate.utils import gather_object
+
+            drawn = sorted(gather_object(drawn), key=lambda row: row[0])
+        return [(prompt, images) for _, prompt, images in drawn]
+
+    def _sample(self, name: str, step: int | None) -> Path | None:
+        """Draw the grid (every process its share), then save and log it (main process; None on the others)."""
+        rows = self._draw_rows()
+        self._drawn_step = step
+        if not self.accelerator.is_main_process:
+            return None
         grid = labelled_grid(rows)
         path = self._save(grid, f"{name}.png")
         try:

@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard
@@ -39,8 +40,8 @@ def test_sample_grids_at_the_validation_steps(tiny_model, instance_dir, tmp_path
     from dreambooth.monitor import ValidationSampler
 
     drawn = []
-    original = ValidationSampler._sample_on_main
-    monkeypatch.setattr(ValidationSampler, "_sample_on_main",
+    original = ValidationSampler._sample
+    monkeypatch.setattr(ValidationSampler, "_sample",
                         lambda self, name, step: drawn.append(name) or original(self, name, step))
     output = tmp_path / "out"
     prompts = ["--validation_prompt", "a photo of sks toy", "--validation_prompt", "sks toy in the snow",
@@ -118,14 +119,15 @@ def test_a_tracker_library_that_fails_to_log_the_samples_is_a_warning(monkeypatc
 
     sampler = ValidationSampler.__new__(ValidationSampler)
     sampler.accelerator = SimpleNamespace(trackers=[SimpleNamespace(name="comet_ml",
-                                                                    writer=SimpleNamespace(log_image=old_library))])
+                                                                    writer=SimpleNamespace(log_image=old_library))],
+                                          is_main_process=True, state=SimpleNamespace(num_processes=1))
     sampler.settings = SimpleNamespace(seed=0, num_images=1, prompts=["a toy"], resolution=32, num_inference_steps=1)
     sampler.samples_dir = Path("unused")
     monkeypatch.setattr(ValidationSampler, "sampling", lambda self: contextlib.nullcontext(None))
     monkeypatch.setattr("dreambooth.monitor.generate", lambda *args: [Image.new("RGB", (32, 32))])
     monkeypatch.setattr(ValidationSampler, "_save", lambda self, image, name: None)
     with caplog.at_level("WARNING", logger="dreambooth.monitor"):
-        sampler._sample_on_main("step_3", 3)
+        sampler._sample("step_3", 3)
     assert "could not log the samples step_3 to the trackers (" in caplog.text
     assert "old_library() got an unexpected keyword argument 'step'); training goes on" in caplog.text
 
@@ -771,7 +773,7 @@ NOTING_TRAIN = """
 import json, sys
 sys.path.insert(0, {root!r})
 import train_dreambooth
-from dreambooth import generation
+from dreambooth import generation, monitor
 from dreambooth.cli import run_cli
 
 generate = generation.generate
@@ -781,43 +783,56 @@ def noted(pipeline, prompt, seeds, *args, **kwargs):
         file.write(json.dumps([prompt, list(seeds)]) + "\\n")
     return generate(pipeline, prompt, seeds, *args, **kwargs)
 
-generation.generate = noted
+generation.generate = monitor.generate = noted
 sys.exit(run_cli(train_dreambooth.main))
 """
 
 
 @pytest.mark.slow
-def test_eval_steps_on_two_processes_share_the_drawing_and_the_main_process_scores(tiny_model, instance_dir, tmp_path,
-                                                                                  tiny_dino, tiny_clip):
+def test_two_processes_share_the_validation_and_eval_drawing_and_the_main_process_keeps_it(
+        tiny_model, instance_dir, tmp_path, tiny_dino, tiny_clip):
+    """The grid's rows and the evaluation's batches are dealt out in turn; the main process writes
+    and scores what one process draws from the trained weights."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from test_multiprocess import ROOT, launch
 
     from dreambooth.evaluation import evaluate_pipeline, load_encoders, load_real_images
-    from dreambooth.generation import load_pipeline
+    from dreambooth.generation import generate, load_pipeline
+    from dreambooth.monitor import labelled_grid
 
     notes, script, output = tmp_path / "draws", tmp_path / "noting_train.py", tmp_path / "out"
     script.write_text(NOTING_TRAIN.format(root=str(ROOT), notes=str(notes)), encoding="utf-8")
+    validation_prompts = ["a photo of sks toy", "sks toy in the snow"]
     launched = launch(train_args(tiny_model, instance_dir, output, "--save_precision", "fp32",
-                                 "--validation_inference_steps", "1", "--eval_steps", "2", "--eval_num_prompts", "2",
-                                 "--eval_images_per_prompt", "2", "--eval_dino_model", tiny_dino,
-                                 "--eval_clip_model", tiny_clip, "--report_to", "tensorboard"), script=script)
+                                 "--num_validation_images", "2", "--validation_steps", "2",
+                                 "--validation_prompt", validation_prompts[0], "--validation_prompt",
+                                 validation_prompts[1], "--validation_inference_steps", "1", "--eval_steps", "2",
+                                 "--eval_num_prompts", "2", "--eval_images_per_prompt", "2", "--eval_dino_model",
+                                 tiny_dino, "--eval_clip_model", tiny_clip, "--report_to", "tensorboard"),
+                      script=script)
 
-    # Two subject prompts of 2 seeds each, one batch a prompt, dealt in turn.
+    # Step 2 draws the grid (final.png is a copy of it) and the evaluation: each process one grid row
+    # and one evaluation prompt's batch, seeds 0 and 1.
     drawn = [[json.loads(line) for line in Path(f"{notes}-{process}.jsonl").read_text(encoding="utf-8").splitlines()]
              for process in (0, 1)]
-    assert [len(each) for each in drawn] == [1, 1] and drawn[0][0][0] != drawn[1][0][0], drawn
-    assert drawn[0][0][1] == drawn[1][0][1] == [0, 1]
-    assert launched.stdout.count("step 2: eval/dino") + launched.stderr.count("step 2: eval/dino") == 1
+    assert [[prompt for prompt, _ in each[:1]] for each in drawn] == [[validation_prompts[0]], [validation_prompts[1]]], drawn
+    assert [len(each) for each in drawn] == [2, 2] and all(seeds == [0, 1] for each in drawn for _, seeds in each)
+    eval_prompts = [drawn[0][1][0], drawn[1][1][0]]
+    assert eval_prompts[0] != eval_prompts[1] and all("sks toy" in prompt for prompt in eval_prompts)
+    assert (launched.stdout + launched.stderr).count("step 2: eval/dino") == 1
 
-    # The main process scored what one process draws from the trained weights.
-    events = EventAccumulator(str(next((output / "logs").rglob("events.out.tfevents.*")).parent)).Reload()
     pipeline = load_pipeline(str(output), torch.device("cpu"), torch.float32)
     with one_thread():
+        rows = [(prompt, generate(pipeline, prompt, [0, 1], 32, 32, 1)) for prompt in validation_prompts]
         expected, _ = evaluate_pipeline(pipeline, load_encoders(tiny_dino, tiny_clip, torch.device("cpu")),
-                                        load_real_images(instance_dir), [prompt.replace("sks toy", "{}") for
-                                                                         prompt in (drawn[0][0][0], drawn[1][0][0])],
-                                        "sks", "toy", num_images_per_prompt=2, seed=0, resolution=32,
-                                        num_inference_steps=1, with_class_prompts=False, progress=False)
+                                        load_real_images(instance_dir),
+                                        [prompt.replace("sks toy", "{}") for prompt in eval_prompts], "sks", "toy",
+                                        num_images_per_prompt=2, seed=0, resolution=32, num_inference_steps=1,
+                                        with_class_prompts=False, progress=False)
+    grid = np.asarray(labelled_grid(rows).convert("RGB"))
+    for name in ("step_2.png", "final.png"):
+        assert np.array_equal(np.asarray(Image.open(output / "samples" / name).convert("RGB")), grid), name
+    events = EventAccumulator(str(next((output / "logs").rglob("events.out.tfevents.*")).parent)).Reload()
     for metric in ("dino", "clip_i", "clip_t", "div"):
         assert [(event.step, event.value) for event in events.Scalars(f"eval/{metric}")] == [
             (2, pytest.approx(expected[metric], abs=1e-5))], metric
