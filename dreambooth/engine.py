@@ -56,7 +56,7 @@ def use_backend_flags(cfg: TrainConfig, device) -> None:
 
 def with_engine_defaults(cfg: TrainConfig, accelerator) -> TrainConfig:
     """The config with the defaults that depend on the engine filled in: 4 validation samples per
-    prompt, or none under FSDP, whose sharded weights the main process cannot sample alone."""
+    prompt, or none under FSDP, whose sharded weights no process can sample from alone."""
     from accelerate.utils import DistributedType
 
     if cfg.num_validation_images is not None:
