@@ -42,7 +42,7 @@ run)
     { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || echo "no nvidia-smi"; } \
         | tee "$out/card.txt"
     # The optimizer step alone first (seconds): bitsandbytes' 8-bit AdamW against the suite's.
-    "$PYTHON" benchmarks/bench_optimizer.py --output "$out/optimizer.json" 2>&1 | tee "$out/optimizer.log" || true
+    timeout 150 "$PYTHON" benchmarks/bench_optimizer.py --output "$out/optimizer.json" 2>&1 | tee "$out/optimizer.log" || true
     status=0
     "$PYTHON" benchmarks/bench_train.py --deadline "${DEADLINE:-480}" --timeout 300 --workdir /tmp/bench-train \
         --output "$out/results.json" "$@" 2>&1 | tee "$out/bench.log" || status=$?
