@@ -510,7 +510,16 @@ def profile_summary(averages, steps: int, wall_seconds: float, top: int = 12) ->
 def summarize_intervals(intervals: list[dict], last_step: int | None = None) -> dict:
     """Median s/step over the intervals after the first (warm-up, compilation) up to ``last_step``
     (the profiled steps after it are slower); peak memory over all."""
-    intervals = [interval for interval in intervals if last_step is None or interval["last_step"] <= last_step]
+    timed = [interval for interval in intervals if last_step is None or interval["last_step"] <= last_step]
+    if not timed:
+        # No logging step among the timed steps (--steps under the logging interval, the profiled
+        # steps after them): the steps' own lengths give s/step, from the first step.
+        peak = {key: max((interval[key] for interval in intervals if interval.get(key) is not None), default=None)
+                for key in ("peak_memory_gib", "peak_reserved_gib")}
+        return {"seconds_per_step": None, "steps_per_second": None, "measured_steps": [1, last_step], **peak,
+                "steady_peak_memory_gib": None, "interval_note": "no logging interval among the timed steps: "
+                                                                 "start-up included"}
+    intervals = timed
     measured = [interval for interval in intervals if interval["first_step"] > intervals[0]["last_step"]]
     note = None
     if not measured:

@@ -299,3 +299,24 @@ def test_a_cuda_profile_counts_the_device_time_launches_and_the_host_s_waits_per
     assert summary["top_ops"][0]["name"] == "ampere_bf16_gemm" and summary["top_ops"][0]["kind"] == "kernel"
     lines = bench.profile_lines({"C4": {"profile": summary}})
     assert "waits" in lines and lines.splitlines()[2].split()[-1] == "1.3"
+
+
+def test_logging_intervals_give_the_warm_up_and_the_peaks_even_with_none_among_the_timed_steps():
+    bench = load_bench()
+
+    def interval(first, last, seconds, peak):
+        return {"first_step": first, "last_step": last, "seconds_per_step": seconds, "peak_memory_gib": peak,
+                "peak_reserved_gib": peak + 1}
+
+    # Steps 1-10 warm up, 11-40 are timed, 41-50 profiled (slower, left out).
+    logged = [interval(1, 10, 0.9, 9.0), interval(11, 20, 0.2, 5.0), interval(21, 30, 0.3, 5.5),
+              interval(31, 40, 0.25, 5.2), interval(41, 50, 2.0, 6.0)]
+    summary = bench.summarize_intervals(logged, last_step=40)
+    assert summary["seconds_per_step"] == 0.25 and summary["measured_steps"] == [11, 40]
+    assert summary["peak_memory_gib"] == 9.0 and summary["steady_peak_memory_gib"] == 5.5
+    assert summary["interval_note"] is None
+    # 6 timed steps under a logging interval of 10, then 2 profiled: the first logging step is the 8th.
+    summary = bench.summarize_intervals([interval(1, 8, 0.5, 4.0)], last_step=6)
+    assert summary["seconds_per_step"] is None and summary["measured_steps"] == [1, 6]
+    assert summary["peak_memory_gib"] == 4.0 and summary["peak_reserved_gib"] == 5.0
+    assert "no logging interval among the timed steps" in summary["interval_note"]
