@@ -283,7 +283,7 @@ class StopAgreement:
         return total.item() > 0
 
 
-def _read(host: torch.Tensor, copied) -> bool:
+def _read_flag(host: torch.Tensor, copied) -> bool:
     """A flag copied by ``_copy_to_host``, once its copy is done."""
     if copied is not None:
         copied.synchronize()
@@ -418,7 +418,7 @@ class Trainer:
         accelerator = self.accelerator
         self._skipped.append(skip)
         on_device = on_host is None
-        if not on_device and _read(*on_host):
+        if not on_device and _read_flag(*on_host):
             self.optimizer.zero_grad(set_to_none=True)
             if self.bf16_gradients:
                 self.bf16_gradients.discard()
