@@ -330,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> Trainer:
                                   pin_memory=accelerator.device.type == "cuda")
     trainer = build_trainer(cfg, accelerator, components, trained, dataloader, state)
     if resume is not None:
-        trainer.metrics.history = trainer.checkpointer.load(resume, trainer.lr_scheduler)
+        trainer.metrics.history = trainer.checkpointer.load(resume, trainer.lr_scheduler, trainer.optimizer)
     sampler = add_validation(cfg, accelerator, components, trainer)
     if accelerator.is_main_process:
         save_train_config(cfg)

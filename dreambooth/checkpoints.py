@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 
 from .errors import DreamBoothError, first_reason
 from .models import WRITE_ERRORS, seal, sync_folder, whole_model, write_failure, writing
+from .optimizers import check_resumed_state
 
 logger = logging.getLogger(__name__)
 
@@ -347,9 +348,9 @@ class Checkpointer:
             logger.info("removing old checkpoint %s (--checkpoints_total_limit %d)", path, self.total_limit)
             shutil.rmtree(path)
 
-    def load(self, checkpoint: Path, lr_scheduler=None) -> list[tuple[int, float]]:
+    def load(self, checkpoint: Path, lr_scheduler=None, optimizer=None) -> list[tuple[int, float]]:
         """Restore the models, optimizer, schedule and RNG states saved in ``checkpoint``; returns
-        the loss history saved with it."""
+        the loss history saved with it. ``optimizer``: checked to have loaded state of its own kind."""
         state, history = read_state(checkpoint), read_loss_history(checkpoint)
         try:
             self.accelerator.load_state(str(checkpoint))
@@ -361,6 +362,8 @@ class Checkpointer:
                 ) from None
             raise DreamBoothError(f"--resume_from_checkpoint {checkpoint}: its files cannot be read "
                                   f"({first_reason(error)}); resume from another checkpoint") from None
+        if optimizer is not None:
+            check_resumed_state(optimizer, checkpoint)
         if lr_scheduler is not None and state.num_processes != self.accelerator.num_processes:
             _rescale_schedule(lr_scheduler, state.global_step * self.accelerator.num_processes)
         logger.info("resumed from %s at step %d", checkpoint, state.global_step)

@@ -10,6 +10,7 @@ from typing import Sequence
 import torch
 
 from .errors import DreamBoothError, first_reason
+from .gradients import inner_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -97,3 +98,39 @@ def _no_wait(base: type) -> type:
             return loss
 
     return AdamW8bit
+
+
+TORCH_ADAMW, EIGHT_BIT_ADAMW = "torch's AdamW", "bitsandbytes' 8-bit AdamW"
+
+
+def steps_kind(optimizer) -> str:
+    """Which AdamW ``optimizer`` steps."""
+    kind = type(inner_optimizer(optimizer))
+    return EIGHT_BIT_ADAMW if any(cls.__module__.startswith("bitsandbytes") for cls in kind.__mro__) else TORCH_ADAMW
+
+
+def state_kind(optimizer) -> str | None:
+    """Which AdamW made ``optimizer``'s state (as loaded from a checkpoint): None with no state yet,
+    or state of another form (an engine's own optimizer)."""
+    for state in inner_optimizer(optimizer).state.values():
+        if not isinstance(state, dict):
+            return None
+        # bitsandbytes' moments, or the packed form of its state_dict, which another optimizer keeps as it is.
+        if "state1" in state or "__bnb_optimizer_quant_state__" in state:
+            return EIGHT_BIT_ADAMW
+        if "exp_avg" in state:
+            return TORCH_ADAMW
+    return None
+
+
+def check_resumed_state(optimizer, checkpoint) -> None:
+    """The optimizer state loaded from ``checkpoint`` is of the AdamW this run steps. The two keep
+    different state (8-bit moments and their scales, or fp32 moments), and loading one into the
+    other succeeds, then fails at the first step with a KeyError."""
+    saved, stepping = state_kind(optimizer), steps_kind(optimizer)
+    if saved is None or saved == stepping:
+        return
+    advice = ("pass --use_8bit_adam, on a CUDA GPU" if saved == EIGHT_BIT_ADAMW else
+              "drop --use_8bit_adam (a run on a CPU, where the flag falls back to torch's AdamW, saves torch's state)")
+    raise DreamBoothError(f"--resume_from_checkpoint {checkpoint}: its optimizer state is {saved}'s and this run "
+                          f"steps {stepping}; resume with the optimizer it was saved with: {advice}")

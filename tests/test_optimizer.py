@@ -114,3 +114,40 @@ def test_8bit_adamw_steps_as_bitsandbytes_does_without_waiting_for_the_gpu(monke
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: side_stream)
     ours.step()
     assert len(waits) == 3
+
+
+def test_a_checkpoint_resumes_only_with_the_adamw_that_saved_it(tiny_model, instance_dir, tmp_path, monkeypatch):
+    """torch's AdamW and 8-bit AdamW keep different state, and loading one into the other succeeds,
+    then fails at the first step with a KeyError: refused in one line naming the flag, nothing lost."""
+    import bitsandbytes
+
+    from dreambooth import optimizers
+
+    bitsandbytes_adamw_8bit_on_cpu()
+
+    def eight_bit(parameters, learning_rate, betas, weight_decay, eps, use_8bit_adam, device):
+        # 8-bit AdamW on the CPU, as a CUDA run steps it (the script falls back to torch's AdamW here).
+        return optimizers.adamw_8bit(bitsandbytes)(parameters, lr=learning_rate, betas=betas,
+                                                   weight_decay=weight_decay, eps=eps)
+
+    runs = {"torch": tmp_path / "torch", "8bit": tmp_path / "8bit"}
+    common = ["--max_train_steps", "1", "--checkpointing_steps", "1"]
+    train_dreambooth.main(train_args(tiny_model, instance_dir, runs["torch"], *common))
+    with monkeypatch.context() as patch:
+        patch.setattr(train_dreambooth, "build_optimizer", eight_bit)
+        train_dreambooth.main(train_args(tiny_model, instance_dir, runs["8bit"], *common))
+    resume = [*common, "--max_train_steps", "2", "--resume_from_checkpoint", "checkpoint-1"]
+    for saved, stepping, advice in (("torch", "8bit", "drop --use_8bit_adam"), ("8bit", "torch", "pass --use_8bit_adam")):
+        before = sorted(path.name for path in runs[saved].iterdir())
+        with monkeypatch.context() as patch:
+            if stepping == "8bit":
+                patch.setattr(train_dreambooth, "build_optimizer", eight_bit)
+            with pytest.raises(DreamBoothError, match=rf"checkpoint-1: its optimizer state is .*'s and this run steps "
+                                                      rf".*; resume with the optimizer it was saved with: {advice}"):
+                train_dreambooth.main(train_args(tiny_model, instance_dir, runs[saved], *resume))
+        assert sorted(path.name for path in runs[saved].iterdir()) == before
+    # With the optimizer it was saved with, the 8-bit checkpoint resumes and trains on.
+    with monkeypatch.context() as patch:
+        patch.setattr(train_dreambooth, "build_optimizer", eight_bit)
+        resumed = train_dreambooth.main(train_args(tiny_model, instance_dir, runs["8bit"], *resume))
+    assert resumed.state.global_step == 2
