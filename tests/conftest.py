@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -343,3 +344,37 @@ def linear_trainer(values=(1.0,) * 4, lr: float = 0.1, loss=None, accumulation: 
     steps = len(values) // accumulation
     return Trainer(accelerator, [model], optimizer, schedule, batches, Schedule(accumulation, steps, steps, 1),
                    lambda batch: {"loss": loss(model, batch)}, **{"max_grad_norm": 0, **trainer_kwargs})
+
+
+# A script's main under `accelerate launch`, each process noting every image batch it draws.
+_NOTING_SCRIPT = """
+import json, sys
+sys.path.insert(0, {root!r})
+import {module}
+from dreambooth import generation, monitor
+from dreambooth.cli import run_cli
+
+generate = generation.generate
+
+def noted(pipeline, prompt, seeds, *args, **kwargs):
+    with open(f"{notes}-{{generation.launch_state().process_index}}.jsonl", "a", encoding="utf-8") as file:
+        file.write(json.dumps([prompt, list(seeds)]) + "\\n")
+    return generate(pipeline, prompt, seeds, *args, **kwargs)
+
+generation.generate = monitor.generate = noted
+sys.exit(run_cli({module}.main))
+"""
+
+
+def noting_script(folder: Path, module: str) -> tuple[Path, Path]:
+    """A copy of ``module``'s entry point (evaluate, train_dreambooth) whose processes each note
+    the batches they draw, [prompt, seeds] a line, in ``notes-<process>.jsonl``; returns the
+    script and ``notes``."""
+    script, notes = folder / f"noting_{module}.py", folder / "draws"
+    script.write_text(_NOTING_SCRIPT.format(root=str(ROOT), module=module, notes=str(notes)), encoding="utf-8")
+    return script, notes
+
+
+def drawn_batches(notes: Path, process: int) -> list[list]:
+    """What ``noting_script``'s process ``process`` drew, in order."""
+    return [json.loads(line) for line in Path(f"{notes}-{process}.jsonl").read_text(encoding="utf-8").splitlines()]

@@ -14,7 +14,7 @@ from PIL import Image
 
 import evaluate
 import infer
-from conftest import ROOT, TOY_SUBJECT
+from conftest import ROOT, TOY_SUBJECT, drawn_batches, noting_script
 from dreambooth.config import EvaluateConfig
 from dreambooth.errors import DreamBoothError
 from dreambooth.evaluation import (
@@ -396,26 +396,6 @@ def test_bad_input_is_a_one_line_error(tiny_model, tiny_dino, tiny_clip, tmp_pat
     assert "\n" not in str(error.value)
 
 
-# evaluate.py, each process noting the batches it draws.
-NOTING_EVALUATE = """
-import json, sys
-sys.path.insert(0, {root!r})
-import evaluate
-from dreambooth import generation
-from dreambooth.cli import run_cli
-
-generate = generation.generate
-
-def noted(pipeline, prompt, seeds, *args, **kwargs):
-    with open(f"{notes}-{{generation.launch_state().process_index}}.jsonl", "a", encoding="utf-8") as file:
-        file.write(json.dumps([prompt, list(seeds)]) + "\\n")
-    return generate(pipeline, prompt, seeds, *args, **kwargs)
-
-generation.generate = noted
-sys.exit(run_cli(evaluate.main))
-"""
-
-
 @pytest.mark.slow
 def test_two_processes_share_the_drawing_and_score_what_one_process_would(tiny_model, tiny_dino, tiny_clip, tmp_path):
     from conftest import one_thread
@@ -423,8 +403,7 @@ def test_two_processes_share_the_drawing_and_score_what_one_process_would(tiny_m
 
     templates = tmp_path / "templates.txt"
     templates.write_text("a {} in the snow\na red {}\n", encoding="utf-8")
-    notes, script = tmp_path / "draws", tmp_path / "noting_evaluate.py"
-    script.write_text(NOTING_EVALUATE.format(root=str(ROOT), notes=str(notes)), encoding="utf-8")
+    script, notes = noting_script(tmp_path, "evaluate")
     flags = ["--pretrained_model_name_or_path", tiny_model, "--class_noun", "toy", "--prompts_file", str(templates),
              "--num_images_per_prompt", "3", "--batch_size", "2", "--resolution", "32", "--num_inference_steps", "2",
              "--seed", "5"]
@@ -436,8 +415,7 @@ def test_two_processes_share_the_drawing_and_score_what_one_process_would(tiny_m
     # Batches of 2 of 3 seeds, [5, 6] and [7], for each of 2 subject and 2 class prompts, dealt in turn.
     prompts = ["a sks toy in the snow", "a red sks toy", "a toy in the snow", "a red toy"]
     for process, seeds in ((0, [5, 6]), (1, [7])):
-        lines = Path(f"{notes}-{process}.jsonl").read_text(encoding="utf-8").splitlines()
-        assert [json.loads(line) for line in lines] == [[prompt, seeds] for prompt in prompts]
+        assert drawn_batches(notes, process) == [[prompt, seeds] for prompt in prompts]
     two = json.loads((tmp_path / "two" / "metrics.json").read_text(encoding="utf-8"))
     one = json.loads((tmp_path / "one" / "metrics.json").read_text(encoding="utf-8"))
     assert two["metrics"] == one["metrics"] == pytest.approx(metrics, abs=1e-6)

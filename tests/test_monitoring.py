@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train_dreambooth
-from conftest import ListDataset, committed_files, linear_trainer, one_thread, train_args
+from conftest import ListDataset, committed_files, drawn_batches, linear_trainer, noting_script, one_thread, train_args
 from dreambooth.errors import DreamBoothError
 
 TOKEN = "hf_PLANTEDsecretTOKEN1234567890abcdefXYZ"
@@ -768,40 +767,20 @@ def test_report_to_names_the_trackers_of_the_run():
     assert TrainConfig(report_to="tensorboard,wandb, mlflow").trackers() == ["tensorboard", "wandb", "mlflow"]
 
 
-# train_dreambooth.py, each process noting the images it draws (prompt and seeds).
-NOTING_TRAIN = """
-import json, sys
-sys.path.insert(0, {root!r})
-import train_dreambooth
-from dreambooth import generation, monitor
-from dreambooth.cli import run_cli
-
-generate = generation.generate
-
-def noted(pipeline, prompt, seeds, *args, **kwargs):
-    with open(f"{notes}-{{generation.launch_state().process_index}}.jsonl", "a", encoding="utf-8") as file:
-        file.write(json.dumps([prompt, list(seeds)]) + "\\n")
-    return generate(pipeline, prompt, seeds, *args, **kwargs)
-
-generation.generate = monitor.generate = noted
-sys.exit(run_cli(train_dreambooth.main))
-"""
-
-
 @pytest.mark.slow
 def test_two_processes_share_the_validation_and_eval_drawing_and_the_main_process_keeps_it(
         tiny_model, instance_dir, tmp_path, tiny_dino, tiny_clip):
     """The grid's rows and the evaluation's batches are dealt out in turn; the main process writes
     and scores what one process draws from the trained weights."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from test_multiprocess import ROOT, launch
+    from test_multiprocess import launch
 
     from dreambooth.evaluation import evaluate_pipeline, load_encoders, load_real_images
     from dreambooth.generation import generate, load_pipeline
     from dreambooth.monitor import labelled_grid
 
-    notes, script, output = tmp_path / "draws", tmp_path / "noting_train.py", tmp_path / "out"
-    script.write_text(NOTING_TRAIN.format(root=str(ROOT), notes=str(notes)), encoding="utf-8")
+    output = tmp_path / "out"
+    script, notes = noting_script(tmp_path, "train_dreambooth")
     validation_prompts = ["a photo of sks toy", "sks toy in the snow"]
     launched = launch(train_args(tiny_model, instance_dir, output, "--save_precision", "fp32",
                                  "--num_validation_images", "2", "--validation_steps", "2",
@@ -813,8 +792,7 @@ def test_two_processes_share_the_validation_and_eval_drawing_and_the_main_proces
 
     # Step 2 draws the grid (final.png is a copy of it) and the evaluation: each process one grid row
     # and one evaluation prompt's batch, seeds 0 and 1.
-    drawn = [[json.loads(line) for line in Path(f"{notes}-{process}.jsonl").read_text(encoding="utf-8").splitlines()]
-             for process in (0, 1)]
+    drawn = [drawn_batches(notes, process) for process in (0, 1)]
     assert [[prompt for prompt, _ in each[:1]] for each in drawn] == [[validation_prompts[0]], [validation_prompts[1]]], drawn
     assert [len(each) for each in drawn] == [2, 2] and all(seeds == [0, 1] for each in drawn for _, seeds in each)
     eval_prompts = [drawn[0][1][0], drawn[1][1][0]]
