@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_train import SD15_UNET, versions  # noqa: E402
+from bench_train import SD15_UNET, synchronize, versions  # noqa: E402
 
 from dreambooth.optimizers import adamw_8bit  # noqa: E402
 
@@ -86,11 +86,6 @@ def counting_waits() -> Iterator[list[int]]:
         module.sync_gpu = original
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_variant(variant: str, weights: list[torch.Tensor], gradients: list[torch.Tensor], steps: int,
                  device: torch.device, waits: list[int]) -> tuple[dict, list[torch.Tensor]]:
     parameters = [torch.nn.Parameter(w.clone()) for w in weights]
@@ -99,7 +94,7 @@ def time_variant(variant: str, weights: list[torch.Tensor], gradients: list[torc
     optimizer = make_optimizer(variant, parameters)
     for _ in range(2):  # the states are made at the first step
         optimizer.step()
-    synchronize(device)
+    synchronize()
     waits[0] = 0
     host, wall = [], []
     for _ in range(steps):
