@@ -328,30 +328,27 @@ def generate_evaluation_set(pipeline, templates: Sequence[str], identifier: str,
     Under `accelerate launch` (``state``, an accelerate PartialState of several processes) the
     batches are dealt out among the processes, each drawing its own on its own device, and every
     process gets all the generations back, in the order one process draws them: the same images."""
-    from .generation import deal, generate, native_size
+    from .generation import generate, native_size, shared_out
 
     size = resolution or native_size(pipeline)
     prompts = [(template.replace("{}", f"{identifier} {class_noun}"), True) for template in templates]
     if with_class_prompts:
         prompts += [(template.replace("{}", class_noun), False) for template in templates]
     seeds = [seed + j for j in range(num_images_per_prompt)]
-    jobs = list(enumerate((prompt, subject, batch) for prompt, subject in prompts
-                          for batch in _batches(seeds, batch_size)))
-    shared = state is not None and state.num_processes > 1
-    mine = deal(jobs, state) if shared else jobs
-    bar = tqdm(total=sum(len(batch) for _, (_, _, batch) in mine), desc="Generating", unit="img",
-               disable=not progress or (shared and not state.is_local_main_process))
-    made = []
-    for number, (prompt, subject, batch) in mine:
-        images = generate(pipeline, prompt, batch, size, size, num_inference_steps, guidance_scale)
-        made.append((number, [Generation(image, prompt, s, subject) for s, image in zip(batch, images)]))
-        bar.update(len(batch))
-    bar.close()
-    if shared:
-        from accelerate.utils import gather_object
+    jobs = [(prompt, subject, batch) for prompt, subject in prompts for batch in _batches(seeds, batch_size)]
+    helper = state is not None and state.num_processes > 1 and not state.is_local_main_process
 
-        made = sorted(gather_object(made), key=lambda job: job[0])
-    return [generation for _, generations in made for generation in generations]
+    def draw(mine: list) -> list[list[Generation]]:
+        made = []
+        with tqdm(total=sum(len(batch) for _, _, batch in mine), desc="Generating", unit="img",
+                  disable=not progress or helper) as bar:
+            for prompt, subject, batch in mine:
+                images = generate(pipeline, prompt, batch, size, size, num_inference_steps, guidance_scale)
+                made.append([Generation(image, prompt, s, subject) for s, image in zip(batch, images)])
+                bar.update(len(batch))
+        return made
+
+    return [generation for generations in shared_out(jobs, state, draw) for generation in generations]
 
 
 def save_generations(generations: Sequence[Generation], folder: Path) -> Path:

@@ -14,7 +14,7 @@ from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from PIL import Image, ImageDraw
@@ -524,6 +524,21 @@ def deal(batches: Sequence, state) -> list:
     same batch (and so bitwise the same) whatever the number of processes. On a CPU the thread
     count matters too: torchrun sets OMP_NUM_THREADS=1, which moves some pixels by 1 level."""
     return list(batches[state.process_index::state.num_processes])
+
+
+def shared_out(jobs: Sequence, state, draw: Callable[[list], list]) -> list:
+    """``draw``'s result for each of ``jobs`` (``draw`` takes a list of jobs and returns one result
+    for each), the jobs dealt out among the processes of ``state`` (accelerate's; None or one
+    process: all drawn here). Every process gets every result back, in the jobs' order."""
+    shared = state is not None and state.num_processes > 1
+    numbered = list(enumerate(jobs))
+    mine = deal(numbered, state) if shared else numbered
+    made = list(zip([number for number, _ in mine], draw([job for _, job in mine]) if mine else []))
+    if shared:
+        from accelerate.utils import gather_object
+
+        made = sorted(gather_object(made), key=lambda result: result[0])
+    return [result for _, result in made]
 
 
 PRECISION_FLAG = "--prior_generation_precision"

@@ -21,7 +21,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from .errors import DreamBoothError, first_reason, redact
-from .generation import deal, fit_text, generate, make_grid, save_png_atomically, set_scheduler
+from .generation import fit_text, generate, make_grid, save_png_atomically, set_scheduler, shared_out
 from .models import on_device
 
 logger = logging.getLogger(__name__)
@@ -165,21 +165,16 @@ class ValidationSampler:
     def _draw_rows(self) -> list[tuple[str, list[Image.Image]]]:
         """Each prompt's row of images. With several processes the rows are dealt out in turn, each
         drawn whole by one process (the images one process draws), and gathered in prompt order."""
-        settings, state = self.settings, self.accelerator.state
+        settings = self.settings
         seeds = [settings.seed + j for j in range(settings.num_images)]
-        shared = state.num_processes > 1
-        rows = list(enumerate(settings.prompts))
-        mine = deal(rows, state) if shared else rows
-        drawn = []
-        if mine:
-            with self.sampling() as pipeline:
-                drawn = [(index, prompt, generate(pipeline, prompt, seeds, settings.resolution, settings.resolution,
-                                                  settings.num_inference_steps)) for index, prompt in mine]
-        if shared:
-            from accelerate.utils import gather_object
 
-            drawn = sorted(gather_object(drawn), key=lambda row: row[0])
-        return [(prompt, images) for _, prompt, images in drawn]
+        def draw(prompts: list[str]) -> list[list[Image.Image]]:
+            with self.sampling() as pipeline:
+                return [generate(pipeline, prompt, seeds, settings.resolution, settings.resolution,
+                                 settings.num_inference_steps) for prompt in prompts]
+
+        rows = shared_out(list(settings.prompts), self.accelerator.state, draw)
+        return list(zip(settings.prompts, rows))
 
     def _sample(self, name: str, step: int | None) -> Path | None:
         """Draw the grid (every process its share), then save and log it (main process; None on the others)."""
