@@ -156,7 +156,12 @@ class Bf16Gradients:
     gradients (as ``torch.nn.utils.clip_grad_norm_``) and steps the optimizer a bucket of weights
     at a time, each bucket's gradients back in fp32 only for its step: the same values, the same
     clipping and the same AdamW step as with fp32 gradients. Other weights (norms, embeddings) keep
-    fp32 gradients."""
+    fp32 gradients.
+
+    The work goes by buckets of about ``BUCKET`` values, not weight by weight: a bucket's completed
+    fp32 gradients are converted together (so at most a bucket of them waits in fp32), and at the
+    update a bucket is converted back and clipped together. A UNet's ~700 weights then take a few
+    dozen multi-tensor kernels for what took three kernels a weight (conversion, norm, scaling)."""
 
     def __init__(self, optimizer, modules: Sequence[torch.nn.Module], max_grad_norm: float):
         self.optimizer = inner_optimizer(optimizer)
@@ -167,17 +172,32 @@ class Bf16Gradients:
                 for p in layer.parameters(recurse=False)}
         self._held: dict[torch.nn.Parameter, torch.Tensor] = {}
         self._norms: dict[torch.nn.Parameter, torch.Tensor] = {}
+        self._waiting: dict[torch.nn.Parameter, None] = {}  # completed fp32 gradients, in arrival order
+        self._waiting_size = 0
         self._handles = [p.register_post_accumulate_grad_hook(self._hold) for p in self.parameters if id(p) in held]
 
     def _hold(self, parameter: torch.nn.Parameter) -> None:
-        if parameter in self._held:
+        if parameter in self._held or parameter in self._waiting:
             raise DreamBoothError("--bf16_gradients: a weight received two gradients in one step, which bf16 "
                                   "cannot hold exactly; drop the flag")
-        gradient = parameter.grad.to(torch.bfloat16)
-        parameter.grad = None
+        self._waiting[parameter] = None
+        self._waiting_size += parameter.numel()
+        if self._waiting_size >= BUCKET:
+            self._convert_waiting()
+
+    def _convert_waiting(self) -> None:
+        """Hold the waiting gradients in bf16 (their norms first, in fp32, when clipping)."""
+        waiting, self._waiting, self._waiting_size = list(self._waiting), {}, 0
+        if not waiting:
+            return
+        gradients = [p.grad for p in waiting]
         if self.max_grad_norm > 0:
-            self._norms[parameter] = torch.linalg.vector_norm(gradient, dtype=torch.float32)
-        self._held[parameter] = gradient
+            self._norms.update(zip(waiting, torch._foreach_norm(gradients)))
+        held = [torch.empty_like(g, dtype=torch.bfloat16) for g in gradients]
+        torch._foreach_copy_(held, gradients)
+        for parameter, gradient in zip(waiting, held):
+            parameter.grad = None
+            self._held[parameter] = gradient
 
     def _with_gradients(self) -> list[torch.nn.Parameter]:
         return [p for p in self.parameters if p in self._held or p.grad is not None]
@@ -185,19 +205,25 @@ class Bf16Gradients:
     def update(self, skip: torch.Tensor | bool) -> torch.Tensor | None:
         """Clip and step every weight with a gradient, a bucket at a time (``skip`` as for
         ``step_some``); the gradients' total norm when clipping, as ``clip_grad_norm_`` returns it."""
+        self._convert_waiting()
         parameters = self._with_gradients()
         total_norm = clip_coefficient = None
         if self.max_grad_norm > 0 and parameters:
-            norms = [self._norms.pop(p) if p in self._norms else torch.linalg.vector_norm(p.grad) for p in parameters]
-            total_norm = torch.linalg.vector_norm(torch.stack(norms))
+            unheld = [p for p in parameters if p not in self._norms]
+            if unheld:
+                self._norms.update(zip(unheld, torch._foreach_norm([p.grad for p in unheld])))
+            total_norm = torch.linalg.vector_norm(torch.stack([self._norms.pop(p) for p in parameters]))
             # As clip_grad_norm_: scale by min(1, max_norm / (norm + 1e-6)) without a read-back.
             clip_coefficient = torch.clamp(self.max_grad_norm / (total_norm + 1e-6), max=1.0)
         for bucket in _buckets(parameters):
-            for parameter in bucket:
-                if parameter in self._held:
-                    parameter.grad = self._held.pop(parameter).float()
-                if clip_coefficient is not None:
-                    parameter.grad.mul_(clip_coefficient)
+            held = [p for p in bucket if p in self._held]
+            if held:
+                gradients = [torch.empty_like(p) for p in held]
+                torch._foreach_copy_(gradients, [self._held.pop(p) for p in held])
+                for parameter, gradient in zip(held, gradients):
+                    parameter.grad = gradient
+            if clip_coefficient is not None:
+                torch._foreach_mul_([p.grad for p in bucket], clip_coefficient)
             step_some(self.optimizer, bucket, self._group_of, skip)
             for parameter in bucket:
                 parameter.grad = None
@@ -207,6 +233,8 @@ class Bf16Gradients:
         """Drop this step's gradients (a skipped update)."""
         self._held.clear()
         self._norms.clear()
+        self._waiting.clear()
+        self._waiting_size = 0
 
     @staticmethod
     def check_support(accelerator, optimizer_in_backward: bool) -> None:

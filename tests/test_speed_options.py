@@ -188,17 +188,22 @@ def test_under_bf16_autocast_linear_and_conv_gradients_are_bf16_values(tiny_mode
                          ids=["unet", "text_encoder_checkpointing", "lora"])
 def test_bf16_gradients_train_like_fp32_gradients_with_clipping(tiny_model, instance_dir, tmp_path, monkeypatch,
                                                                 extra):
+    from dreambooth import gradients
     from dreambooth.gradients import Bf16Gradients
 
+    # Buckets of 1024 values: the tiny UNet's gradients are converted in several buckets during backward.
+    monkeypatch.setattr(gradients, "BUCKET", 1024)
     updates, update = [], Bf16Gradients.update
 
     def watched_update(self, skip):
         held = list(self._held)
         updates.append({"bytes": sum(g.numel() * g.element_size() for g in self._held.values()),
                         "weights": sum(p.numel() for p in held),
-                        "fp32_left": any(p.grad is not None for p in held)})
+                        "fp32_left": any(p.grad is not None for p in held),
+                        "waiting": sum(p.numel() for p in self._waiting)})
         total_norm = update(self, skip)
         updates[-1]["norm"] = float(total_norm)
+        updates[-1]["left"] = len(self._held) + len(self._waiting) + sum(p.grad is not None for p in self.parameters)
         return total_norm
 
     monkeypatch.setattr(Bf16Gradients, "update", watched_update)
@@ -208,17 +213,19 @@ def test_bf16_gradients_train_like_fp32_gradients_with_clipping(tiny_model, inst
 
     assert len(updates) == 4
     for update_seen in updates:
-        # 2 bytes per held gradient and no fp32 copy left; the norm exceeds 0.05, so clipping acted.
+        # 2 bytes per held gradient and no fp32 copy of them left; at most a bucket's worth waits in
+        # fp32 for the update to convert; the norm exceeds 0.05, so clipping acted; nothing is left after.
         assert update_seen["bytes"] == 2 * update_seen["weights"] > 0 and not update_seen["fp32_left"]
-        assert update_seen["norm"] > 0.05
+        assert update_seen["waiting"] < 1024 < update_seen["weights"]
+        assert update_seen["norm"] > 0.05 and update_seen["left"] == 0
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference_losses), rtol=1e-6, atol=0)
     for key in weights:
         torch.testing.assert_close(weights[key], reference_weights[key], rtol=1e-6, atol=1e-9)
 
 
 def test_bf16_gradients_clip_and_step_8bit_adamw_as_fp32_gradients_do(monkeypatch):
-    # --use_8bit_adam --bf16_gradients (C4b): bitsandbytes' 8-bit AdamW stepped a bucket at a time
-    # (buckets of 2 tensors here) after clipping with the norm of all the gradients held in bf16.
+    # --use_8bit_adam --bf16_gradients (C4b): bitsandbytes' 8-bit AdamW stepped a bucket at a time (the
+    # first layer's weight and bias, then the rest) after clipping with the norm of all the gradients.
     from dreambooth import gradients
     from dreambooth.gradients import Bf16Gradients
 
@@ -239,7 +246,10 @@ def test_bf16_gradients_clip_and_step_8bit_adamw_as_fp32_gradients_do(monkeypatc
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 prediction = network(batch)
             prediction.float().pow(2).mean().backward()
-        assert [p.grad is None for p in model.parameters()] == [True, True, False, False, True, True]  # LayerNorm: fp32
+        # Converted to bf16 during backward, a bucket at a time: the last layer's weight and bias, then
+        # the first layer's weight; its bias (arriving last, under a bucket) waits in fp32 for the
+        # update, as do the LayerNorm's gradients, which stay fp32.
+        assert [p.grad is None for p in model.parameters()] == [True, False, False, False, True, True]
         norms.append(held.update(skip=False))
         reference_norm = torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.1)
         reference_optimizer.step()
