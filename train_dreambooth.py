@@ -24,6 +24,7 @@ from typing import Sequence
 import torch
 from torch.utils.data import DataLoader
 
+from dreambooth.casting import CastWeightsOnce
 from dreambooth.checkpoints import (
     Checkpointer,
     check_checkpoint_fits,
@@ -163,7 +164,9 @@ def build_trainer(cfg: TrainConfig, accelerator, components: Components, trained
     checkpointer = Checkpointer(accelerator, cfg.output_dir, save, load, cfg.checkpoints_total_limit)
     trainer = Trainer(accelerator, trained, optimizer, lr_scheduler, dataloader, schedule, loss_fn, cfg.max_grad_norm,
                       cfg.set_grads_to_none, checkpointer, cfg.checkpointing_steps, state, cfg.logging_steps,
-                      optimizer_in_backward=cfg.optimizer_in_backward, bf16_gradients=cfg.bf16_gradients)
+                      optimizer_in_backward=cfg.optimizer_in_backward, bf16_gradients=cfg.bf16_gradients,
+                      cast_weights=CastWeightsOnce(trained, mixed_precision_dtype(accelerator.mixed_precision))
+                      if cfg.cast_weights_once else None)
     if cfg.stop_text_encoder_training is not None:
         trainer.before_step_callbacks.append(lambda state: stop_text_encoder(cfg, accelerator, trainer, encoder))
     return trainer

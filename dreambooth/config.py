@@ -373,6 +373,12 @@ class TrainConfig:
         "bf16 values, so this halves their memory and keeps clipping and the update the same; one process, "
         "no accumulation."
     )
+    cast_weights_once: bool = _field(
+        False, "Cast the trained Linear and Conv weights to the mixed-precision dtype once a step, 64 MB of "
+        "weights per kernel, and their gradients back the same way, instead of autocast's cast at every "
+        "layer (and again at each gradient-checkpointing recompute): fewer kernels, the same values; "
+        "needs --mixed_precision bf16 or fp16, not with --compile, DeepSpeed or FSDP."
+    )
     mixed_precision: Optional[MixedPrecision] = _field(
         None, "no, fp16 or bf16 (default: the accelerate config's). Trainable weights stay in fp32."
     )

@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import os
 
+from .casting import CastWeightsOnce
 from .config import TrainConfig
 from .errors import DreamBoothError
 from .gradients import Bf16Gradients, StepInBackward
@@ -75,6 +76,8 @@ def check_engine_support(cfg: TrainConfig, accelerator) -> None:
         StepInBackward.check_support(accelerator, cfg.max_grad_norm)
     if cfg.bf16_gradients:
         Bf16Gradients.check_support(accelerator, cfg.optimizer_in_backward)
+    if cfg.cast_weights_once:
+        CastWeightsOnce.check_support(accelerator, cfg.compile)
     engine = {DistributedType.DEEPSPEED: "DeepSpeed", DistributedType.FSDP: "FSDP"}.get(accelerator.distributed_type)
     if engine is None:
         return

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from .casting import CastWeightsOnce
 from .checkpoints import Checkpointer, TrainState, find_checkpoints
 from .errors import DreamBoothError
 from .gradients import Bf16Gradients, StepInBackward, inner_optimizer, steps_on_device
@@ -332,7 +333,8 @@ class Trainer:
                  max_grad_norm: float = 1.0, set_grads_to_none: bool = False,
                  checkpointer: Checkpointer | None = None, checkpointing_steps: int | None = None,
                  state: TrainState | None = None, logging_steps: int = 10, max_nonfinite_steps: int = 3,
-                 optimizer_in_backward: bool = False, bf16_gradients: bool = False):
+                 optimizer_in_backward: bool = False, bf16_gradients: bool = False,
+                 cast_weights: CastWeightsOnce | None = None):
         self.accelerator, self.trained = accelerator, trained
         self.optimizer, self.lr_scheduler, self.dataloader = optimizer, lr_scheduler, dataloader
         self.schedule, self.loss_fn = schedule, loss_fn
@@ -354,6 +356,7 @@ class Trainer:
         # The script checks support before loading (StepInBackward/Bf16Gradients.check_support).
         self.step_in_backward = StepInBackward(optimizer, self.parameters()) if optimizer_in_backward else None
         self.bf16_gradients = Bf16Gradients(optimizer, trained, max_grad_norm) if bf16_gradients else None
+        self.cast_weights = cast_weights
 
     def _trained_parameters(self) -> list[torch.nn.Parameter]:
         return [p for module in self.trained for p in module.parameters() if p.requires_grad]
@@ -388,15 +391,16 @@ class Trainer:
         optimizer without that, with one read-back."""
         accelerator = self.accelerator
         with accelerator.accumulate(*self.trained):
-            losses = self.loss_fn(batch)
-            self._window_images += len(batch["prompts"])
-            # With prior preservation, the step's instance and prior losses are logged beside the total.
-            parts = [losses[name] for name in Metrics.PARTS] if "prior_loss" in losses else []
-            self._window_losses.append(torch.stack([losses["loss"], *parts]).detach().float())
-            if self.step_in_backward:
-                self.step_in_backward.arm((~torch.isfinite(self._window_losses[-1][0])).float())
-            skip = self._window_skip() if accelerator.sync_gradients else None
-            accelerator.backward(losses["loss"])
+            with self.cast_weights.during_step() if self.cast_weights else contextlib.nullcontext():
+                losses = self.loss_fn(batch)
+                self._window_images += len(batch["prompts"])
+                # With prior preservation, the step's instance and prior losses are logged beside the total.
+                parts = [losses[name] for name in Metrics.PARTS] if "prior_loss" in losses else []
+                self._window_losses.append(torch.stack([losses["loss"], *parts]).detach().float())
+                if self.step_in_backward:
+                    self.step_in_backward.arm((~torch.isfinite(self._window_losses[-1][0])).float())
+                skip = self._window_skip() if accelerator.sync_gradients else None
+                accelerator.backward(losses["loss"])
             if self.step_in_backward:
                 self.step_in_backward.flush()
             if skip is not None:

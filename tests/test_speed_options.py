@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import logging
@@ -301,6 +302,87 @@ def test_the_cache_encodes_no_more_images_at_once_than_a_training_step(tiny_mode
                                      "--train_batch_size", "2", "--max_train_steps", "1", *prior))
     # 5 instance and 5 class images, each unflipped and flipped: 20 variants, 2 + 2 images a step.
     assert sum(encoded) == 20 and max(encoded) == 4
+
+
+@pytest.mark.parametrize("extra", [[], ["--train_text_encoder", "--gradient_checkpointing"], ["--use_lora"],
+                                   ["--gradient_accumulation_steps", "2", "--max_train_steps", "2"]],
+                         ids=["unet", "text_encoder_checkpointing", "lora", "accumulation"])
+def test_weights_cast_once_train_as_autocast_casts_them(tiny_model, instance_dir, tmp_path, extra):
+    flags = ["--mixed_precision", "bf16", "--learning_rate", "1e-3", "--max_grad_norm", "0.05", *extra]
+    losses, weights = run(tiny_model, instance_dir, tmp_path / "once", *flags, "--cast_weights_once")
+    reference_losses, reference_weights = run(tiny_model, instance_dir, tmp_path / "autocast", *flags)
+    assert losses == reference_losses
+    for key in weights:
+        torch.testing.assert_close(weights[key], reference_weights[key], rtol=0, atol=0)
+
+
+def test_weights_cast_once_take_no_cast_per_layer_and_are_let_go_during_backward(tiny_model, monkeypatch):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dreambooth import casting
+    from dreambooth.casting import CastWeightsOnce
+    from dreambooth.gradients import BF16_LAYERS
+    from dreambooth.models import load_components
+
+    monkeypatch.setattr(casting, "BUCKET", 4096)
+    unet = load_components(tiny_model).unet.train()
+    unet.enable_gradient_checkpointing()
+    slots = [(layer, name) for layer in unet.modules() if isinstance(layer, BF16_LAYERS)
+             for name, weight in layer._parameters.items() if weight is not None]
+    trained = {id(layer._parameters[name]) for layer, name in slots}
+    generator = torch.Generator().manual_seed(0)
+    inputs = (torch.randn(2, 4, 32, 32, generator=generator), torch.tensor([10, 900]),
+              torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator))
+    target = torch.randn(2, 4, 32, 32, generator=generator)
+
+    class WeightCasts(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ in ("_to_copy", "copy_") and any(id(a) in trained for a in args):
+                self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    def step(context):
+        unet.zero_grad(set_to_none=True)
+        casts = WeightCasts()
+        with casts, context:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                prediction = unet(*inputs).sample
+            torch.nn.functional.mse_loss(prediction.float(), target).backward()
+        return casts.count, {name: p.grad.clone() for name, p in unet.named_parameters()}
+
+    reference_casts, reference = step(contextlib.nullcontext())
+    once = CastWeightsOnce([unet], torch.bfloat16)
+    assert len(once.buckets) > 3
+    copies, freed_before_the_end = [], []
+    first = once.buckets[0][0][2]  # used first in forward: its gradient comes last
+    first.register_post_accumulate_grad_hook(lambda _: freed_before_the_end.append(sum(c() is None for c in copies)))
+    with once.during_step():
+        copies.extend(weakref.ref(layer._parameters[name]) for layer, name in slots)
+    casts, gradients = step(once.during_step())
+
+    # Autocast casts every weight in each forward and recompute; cast once, no weight is cast on its own.
+    assert reference_casts >= len(slots) and casts == 0
+    assert gradients.keys() == reference.keys()
+    for name in gradients:
+        torch.testing.assert_close(gradients[name], reference[name], rtol=0, atol=0)
+    # The copies of the last layers were freed while backward went on; afterwards the layers hold their weights.
+    assert freed_before_the_end and freed_before_the_end[-1] > 0
+    assert all(layer._parameters[name].dtype == torch.float32 and id(layer._parameters[name]) in trained
+               for layer, name in slots)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--mixed_precision", "no"], "needs --mixed_precision bf16 or fp16"),
+    (["--mixed_precision", "bf16", "--compile"], "--compile cannot be combined"),
+])
+def test_weights_cast_once_refuses_what_it_cannot_replace(tiny_model, instance_dir, tmp_path, flags, message):
+    from dreambooth.errors import DreamBoothError
+
+    with pytest.raises(DreamBoothError, match=message):
+        train_dreambooth.main(train_args(tiny_model, instance_dir, tmp_path / "out", "--cast_weights_once", *flags))
+    assert not (tmp_path / "out" / "unet").exists()
 
 
 @pytest.mark.slow
