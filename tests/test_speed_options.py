@@ -343,10 +343,11 @@ def test_weights_cast_once_take_no_cast_per_layer_and_are_let_go_during_backward
                 self.count += 1
             return func(*args, **(kwargs or {}))
 
-    def step(context):
+    def step(context, on_entry=lambda: None):
         unet.zero_grad(set_to_none=True)
         casts = WeightCasts()
         with casts, context:
+            on_entry()
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 prediction = unet(*inputs).sample
             torch.nn.functional.mse_loss(prediction.float(), target).backward()
@@ -358,9 +359,8 @@ def test_weights_cast_once_take_no_cast_per_layer_and_are_let_go_during_backward
     copies, freed_before_the_end = [], []
     first = once.buckets[0][0][2]  # used first in forward: its gradient comes last
     first.register_post_accumulate_grad_hook(lambda _: freed_before_the_end.append(sum(c() is None for c in copies)))
-    with once.during_step():
-        copies.extend(weakref.ref(layer._parameters[name]) for layer, name in slots)
-    casts, gradients = step(once.during_step())
+    casts, gradients = step(once.during_step(),
+                            lambda: copies.extend(weakref.ref(layer._parameters[name]) for layer, name in slots))
 
     # Autocast casts every weight in each forward and recompute; cast once, no weight is cast on its own.
     assert reference_casts >= len(slots) and casts == 0
@@ -368,7 +368,8 @@ def test_weights_cast_once_take_no_cast_per_layer_and_are_let_go_during_backward
     for name in gradients:
         torch.testing.assert_close(gradients[name], reference[name], rtol=0, atol=0)
     # The copies of the last layers were freed while backward went on; afterwards the layers hold their weights.
-    assert freed_before_the_end and freed_before_the_end[-1] > 0
+    assert len(copies) == len(slots) and len(freed_before_the_end) == 1
+    assert 0 < freed_before_the_end[0] < len(slots)
     assert all(layer._parameters[name].dtype == torch.float32 and id(layer._parameters[name]) in trained
                for layer, name in slots)
 
