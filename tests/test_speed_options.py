@@ -357,8 +357,8 @@ def test_weights_cast_once_take_no_cast_per_layer_and_are_let_go_during_backward
     once = CastWeightsOnce([unet], torch.bfloat16)
     assert len(once.buckets) > 3
     copies, freed_before_the_end = [], []
-    first = once.buckets[0][0][2]  # used first in forward: its gradient comes last
-    first.register_post_accumulate_grad_hook(lambda _: freed_before_the_end.append(sum(c() is None for c in copies)))
+    last = once.buckets[-1][0][2]  # used last in forward: its gradient comes first
+    last.register_post_accumulate_grad_hook(lambda _: freed_before_the_end.append(sum(c() is None for c in copies)))
     casts, gradients = step(once.during_step(),
                             lambda: copies.extend(weakref.ref(layer._parameters[name]) for layer, name in slots))
 
@@ -367,7 +367,8 @@ def test_weights_cast_once_take_no_cast_per_layer_and_are_let_go_during_backward
     assert gradients.keys() == reference.keys()
     for name in gradients:
         torch.testing.assert_close(gradients[name], reference[name], rtol=0, atol=0)
-    # The copies of the last layers were freed while backward went on; afterwards the layers hold their weights.
+    # The last bucket's copies were freed while backward went on, the others still held for it;
+    # afterwards the layers hold their weights.
     assert len(copies) == len(slots) and len(freed_before_the_end) == 1
     assert 0 < freed_before_the_end[0] < len(slots)
     assert all(layer._parameters[name].dtype == torch.float32 and id(layer._parameters[name]) in trained
