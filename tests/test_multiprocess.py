@@ -113,6 +113,21 @@ def test_two_processes_of_one_equal_one_process_of_two(tiny_model, tmp_path, cap
     )
 
 
+def test_weights_cast_once_train_under_ddp_as_autocast_casts_them(tiny_model, tmp_path):
+    """--cast_weights_once over 2 DDP processes: DDP reduces the fp32 gradients the casts give back
+    as it reduces autocast's, so the weights end bitwise the same (gradient checkpointing on)."""
+    data = tmp_path / "instance"
+    shutil.copytree(TOY_SUBJECT, data)
+    common = ["--center_crop", "--save_precision", "fp32", "--mixed_precision", "bf16", "--learning_rate", "1e-3",
+              "--gradient_checkpointing", "--max_train_steps", "2"]
+    launch(train_args(tiny_model, data, tmp_path / "once", *common, "--cast_weights_once"))
+    launch(train_args(tiny_model, data, tmp_path / "autocast", *common))
+    once = unet_weights(tmp_path / "once")
+    base = load_file(Path(tiny_model) / "unet" / "diffusion_pytorch_model.safetensors")
+    assert max((once[name].float() - base[name].float()).abs().max() for name in base) > 1e-4, "no training"
+    assert_bitwise_equal(once, unet_weights(tmp_path / "autocast"))
+
+
 def ddp_and_sharded_runs(tiny_model, tmp_path, config: str, engine_files: str, resume_atol: float = 0.0):
     """A DDP run and a run under ``config`` (tests/engine_on_cpu.py), 4 steps with checkpoints at
     2 and 4: the two end with the same UNet to float precision, the engine saved its own state
@@ -433,6 +448,8 @@ def assert_fsdp2_can_wrap_what_the_policy_picks(plugin) -> None:
     ("FSDP", ["--eval_steps", "100"], "drop --num_validation_images and --eval_steps"),
     ("DEEPSPEED", ["--use_8bit_adam"], "--use_8bit_adam cannot be combined with DeepSpeed"),
     ("DEEPSPEED", ["--train_text_encoder"], "Accelerate's DeepSpeed engine takes one"),
+    ("FSDP", ["--cast_weights_once"], "--cast_weights_once cannot be combined with DeepSpeed or FSDP"),
+    ("DEEPSPEED", ["--cast_weights_once"], "--cast_weights_once cannot be combined with DeepSpeed or FSDP"),
 ])
 def test_engines_refuse_what_they_cannot_run_before_loading(tiny_model, tmp_path, engine, flags, message):
     from accelerate.utils import DistributedType
@@ -440,11 +457,11 @@ def test_engines_refuse_what_they_cannot_run_before_loading(tiny_model, tmp_path
     cfg = parse_config(TrainConfig, train_args(tiny_model, TOY_SUBJECT, tmp_path / "out", *flags))
     cfg.validate()
     with pytest.raises(DreamBoothError, match=re.escape(message)):
-        check_engine_support(cfg, SimpleNamespace(distributed_type=DistributedType[engine],
-                                                                   num_processes=2))
+        check_engine_support(cfg, SimpleNamespace(distributed_type=DistributedType[engine], num_processes=2,
+                                                  mixed_precision="bf16"))
     # DDP runs them all.
-    check_engine_support(cfg, SimpleNamespace(distributed_type=DistributedType.MULTI_GPU,
-                                                               num_processes=2))
+    check_engine_support(cfg, SimpleNamespace(distributed_type=DistributedType.MULTI_GPU, num_processes=2,
+                                              mixed_precision="bf16"))
 
 
 def test_fsdp_runs_without_validation_samples_unless_asked(tiny_model, tmp_path):
