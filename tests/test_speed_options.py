@@ -305,8 +305,10 @@ def test_the_cache_encodes_no_more_images_at_once_than_a_training_step(tiny_mode
 
 
 @pytest.mark.parametrize("extra", [[], ["--train_text_encoder", "--gradient_checkpointing"], ["--use_lora"],
-                                   ["--gradient_accumulation_steps", "2", "--max_train_steps", "2"]],
-                         ids=["unet", "text_encoder_checkpointing", "lora", "accumulation"])
+                                   ["--gradient_accumulation_steps", "2", "--max_train_steps", "2"],
+                                   ["--bf16_gradients"], ["--optimizer_in_backward", "--max_grad_norm", "0"]],
+                         ids=["unet", "text_encoder_checkpointing", "lora", "accumulation", "bf16_gradients",
+                              "optimizer_in_backward"])
 def test_weights_cast_once_train_as_autocast_casts_them(tiny_model, instance_dir, tmp_path, extra):
     flags = ["--mixed_precision", "bf16", "--learning_rate", "1e-3", "--max_grad_norm", "0.05", *extra]
     losses, weights = run(tiny_model, instance_dir, tmp_path / "once", *flags, "--cast_weights_once")
