@@ -59,11 +59,16 @@ class CastWeightsOnce:
     compute dtype while a step's forward and backward run (``during_step``)."""
 
     def __init__(self, modules: Sequence[torch.nn.Module], dtype: torch.dtype):
-        self.dtype = dtype
-        slots = [(layer, name, weight) for module in modules for layer in module.modules()
+        self.modules, self.dtype = list(modules), dtype
+        self.buckets: list[list[tuple[torch.nn.Module, str, torch.nn.Parameter]]] = []
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Bucket the weights trained now (after a module stopped training, without its weights)."""
+        slots = [(layer, name, weight) for module in self.modules for layer in module.modules()
                  if isinstance(layer, BF16_LAYERS) for name, weight in layer._parameters.items()
                  if weight is not None and weight.requires_grad and weight.dtype == torch.float32]
-        self.buckets: list[list[tuple[torch.nn.Module, str, torch.nn.Parameter]]] = []
+        self.buckets = []
         size = BUCKET
         for slot in slots:
             if size >= BUCKET:

@@ -368,6 +368,8 @@ class Trainer:
         """Stop training ``module`` mid-run (``freeze_module``)."""
         freeze_module(self.optimizer, module)
         self._parameters = self._trained_parameters()
+        if self.cast_weights:
+            self.cast_weights.refresh()
 
     def _epoch_batches(self):
         """This epoch's batches, skipping those a resumed run already trained on."""

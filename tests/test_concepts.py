@@ -231,14 +231,16 @@ def test_bucketed_training_with_prior_preservation(tiny_model, tmp_path):
     assert trainer.state.global_step == 3
 
 
-def test_text_encoder_stops_after_the_given_step(tiny_model, instance_dir, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--mixed_precision", "bf16", "--cast_weights_once"]],
+                         ids=["fp32", "weights_cast_once"])
+def test_text_encoder_stops_after_the_given_step(tiny_model, instance_dir, tmp_path, extra):
     from safetensors.torch import load_file
 
     output = tmp_path / "out"
     trainer = train_dreambooth.main(train_args(
         tiny_model, instance_dir, output, "--train_text_encoder", "--stop_text_encoder_training", "2",
         "--max_train_steps", "4", "--checkpointing_steps", "2", "--text_encoder_lr", "3e-4", "--learning_rate",
-        "1e-3", "--save_precision", "fp32"))
+        "1e-3", "--save_precision", "fp32", *extra))
     at_stop = load_file(output / "checkpoint-2" / "text_encoder" / "model.safetensors")
     final = load_file(output / "text_encoder" / "model.safetensors")
     assert all(torch.equal(at_stop[key], final[key]) for key in at_stop)
@@ -250,6 +252,9 @@ def test_text_encoder_stops_after_the_given_step(tiny_model, instance_dir, tmp_p
     assert {id(p) for p in text_params}.isdisjoint(id(p) for p in trainer.parameters())  # no longer clipped
     assert not any(p in trainer.optimizer.optimizer.state for p in text_params)
     assert [group["initial_lr"] for group in trainer.optimizer.param_groups] == [1e-3, 3e-4]
+    if trainer.cast_weights:  # the frozen text encoder's weights are no longer cast for the step
+        cast = {id(weight) for bucket in trainer.cast_weights.buckets for _, _, weight in bucket}
+        assert cast and cast.isdisjoint(id(p) for p in text_params)
 
 
 @pytest.mark.parametrize("entry, message", [
