@@ -6,11 +6,12 @@ uses it, and casts its gradient back to fp32 in backward: for SD 1.5's UNet abou
 way, a third of the step's kernels, and with gradient checkpointing the casts again in each
 recompute. When the GPU waits for the host to queue kernels (a step well under the card's
 arithmetic rate), each of those launches is time. Here the step starts by casting every such
-weight in buckets of about ``BUCKET`` values, and the layers read those copies (autocast does not
-cast what is already in its dtype); in backward each bucket's gradients come back to fp32 in one
-kernel once the last of them is complete, and the bucket's copies are let go then, as autocast's
-copies are as backward uses them. The copies are the values autocast would make (one rounding of
-the same fp32 weight) and the gradients the same values, so the training is unchanged."""
+weight in buckets of about ``gradients.BUCKET`` values, and the layers read those copies
+(autocast does not cast what is already in its dtype); in backward each bucket's gradients come
+back to fp32 in one kernel once the last of them is complete, and the bucket's copies are let go
+then, as autocast's copies are as backward uses them. The copies are the values autocast would
+make (one rounding of the same fp32 weight) and the gradients the same values, so the training
+is unchanged."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .errors import DreamBoothError
-from .gradients import BF16_LAYERS, BUCKET
+from .gradients import BF16_LAYERS, in_buckets
 
 
 class _CastBucket(torch.autograd.Function):
@@ -68,14 +69,7 @@ class CastWeightsOnce:
         slots = [(layer, name, weight) for module in self.modules for layer in module.modules()
                  if isinstance(layer, BF16_LAYERS) for name, weight in layer._parameters.items()
                  if weight is not None and weight.requires_grad and weight.dtype == torch.float32]
-        self.buckets = []
-        size = BUCKET
-        for slot in slots:
-            if size >= BUCKET:
-                self.buckets.append([])
-                size = 0
-            self.buckets[-1].append(slot)
-            size += slot[2].numel()
+        self.buckets = list(in_buckets(slots, numel=lambda slot: slot[2].numel()))
 
     @contextmanager
     def during_step(self) -> Iterator[None]:

@@ -5,11 +5,13 @@ gradients complete (``--optimizer_in_backward``), or hold the gradients in bf16 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence, TypeVar
 
 import torch
 
 from .errors import DreamBoothError
+
+T = TypeVar("T")
 
 
 def inner_optimizer(optimizer) -> torch.optim.Optimizer:
@@ -64,12 +66,13 @@ def _group_index(optimizer: torch.optim.Optimizer) -> dict[int, int]:
     return {id(p): index for index, group in enumerate(optimizer.param_groups) for p in group["params"]}
 
 
-def _buckets(parameters: Sequence[torch.nn.Parameter]) -> Iterator[list[torch.nn.Parameter]]:
-    """``parameters`` in order, in runs of at least ``BUCKET`` values (the last one shorter)."""
+def in_buckets(items: Sequence[T], numel: Callable[[T], int] = torch.Tensor.numel) -> Iterator[list[T]]:
+    """``items`` (weights, or what holds them) in order, in runs of at least ``BUCKET`` values
+    (the last one shorter)."""
     bucket, size = [], 0
-    for parameter in parameters:
-        bucket.append(parameter)
-        size += parameter.numel()
+    for item in items:
+        bucket.append(item)
+        size += numel(item)
         if size >= BUCKET:
             yield bucket
             bucket, size = [], 0
@@ -215,7 +218,7 @@ class Bf16Gradients:
             total_norm = torch.linalg.vector_norm(torch.stack([self._norms.pop(p) for p in parameters]))
             # As clip_grad_norm_: scale by min(1, max_norm / (norm + 1e-6)) without a read-back.
             clip_coefficient = torch.clamp(self.max_grad_norm / (total_norm + 1e-6), max=1.0)
-        for bucket in _buckets(parameters):
+        for bucket in in_buckets(parameters):
             held = [p for p in bucket if p in self._held]
             if held:
                 gradients = [torch.empty_like(p) for p in held]

@@ -321,12 +321,12 @@ def test_weights_cast_once_train_as_autocast_casts_them(tiny_model, instance_dir
 def test_weights_cast_once_take_no_cast_per_layer_and_are_let_go_during_backward(tiny_model, monkeypatch):
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from dreambooth import casting
+    from dreambooth import gradients
     from dreambooth.casting import CastWeightsOnce
     from dreambooth.gradients import BF16_LAYERS
     from dreambooth.models import load_components
 
-    monkeypatch.setattr(casting, "BUCKET", 4096)
+    monkeypatch.setattr(gradients, "BUCKET", 4096)
     unet = load_components(tiny_model).unet.train()
     unet.enable_gradient_checkpointing()
     slots = [(layer, name) for layer in unet.modules() if isinstance(layer, BF16_LAYERS)
