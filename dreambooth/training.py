@@ -357,6 +357,10 @@ class Trainer:
         self.step_in_backward = StepInBackward(optimizer, self.parameters()) if optimizer_in_backward else None
         self.bf16_gradients = Bf16Gradients(optimizer, trained, max_grad_norm) if bf16_gradients else None
         self.cast_weights = cast_weights
+        from accelerate.utils import DistributedType
+
+        # DeepSpeed applies the update inside accelerator.backward, where no skip can reach it.
+        self.updates_in_backward = accelerator.distributed_type == DistributedType.DEEPSPEED
 
     def _trained_parameters(self) -> list[torch.nn.Parameter]:
         return [p for module in self.trained for p in module.parameters() if p.requires_grad]
@@ -402,12 +406,26 @@ class Trainer:
                 if self.step_in_backward:
                     self.step_in_backward.arm((~torch.isfinite(self._window_losses[-1][0])).float())
                 skip = self._window_skip() if accelerator.sync_gradients else None
+                if self.updates_in_backward:
+                    self._stop_before_a_nonfinite_backward()
                 accelerator.backward(losses["loss"])
             if self.step_in_backward:
                 self.step_in_backward.flush()
             if skip is not None:
                 self._update(*skip)
         return losses
+
+    def _stop_before_a_nonfinite_backward(self) -> None:
+        """Under DeepSpeed, which updates the weights inside backward: a loss not finite on any
+        process stops the run before backward, the weights as they were (one read-back a batch)."""
+        nonfinite = (~torch.isfinite(self._window_losses[-1][0])).float()
+        if self.accelerator.reduce(nonfinite, reduction="sum").item() > 0:
+            raise DreamBoothError(
+                f"step {self.state.global_step + 1}: the loss is not finite, and DeepSpeed updates the weights inside "
+                "backward, where the update cannot be skipped: stopped before it, so the weights and earlier "
+                "checkpoints are intact. Resume with --resume_from_checkpoint latest (with a lower --learning_rate "
+                "if it happens again)"
+            )
 
     def _window_skip(self) -> tuple[torch.Tensor, bool | None]:
         """Whether to skip this window's update: a loss of the window, on any process, not finite.

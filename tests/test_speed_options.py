@@ -687,3 +687,25 @@ def test_an_optimizer_that_cannot_skip_on_the_device_skips_a_window_with_a_nonfi
     assert changed == {2: False, 3: True, 4: True}  # batches 3 and 4 made step 2: skipped
     assert all(torch.isfinite(p).all() for p in trainer.parameters())
     assert [r.getMessage() for r in caplog.records] == ["step 2: loss is not finite; the update was skipped"]
+
+
+def test_under_deepspeed_a_nonfinite_loss_stops_the_run_before_backward_reaches_the_weights():
+    """DeepSpeed updates the weights inside accelerator.backward, where no skip can reach: the run
+    stops before that backward, with the weights of the step before."""
+    from dreambooth.errors import DreamBoothError
+
+    def loss(model, batch):
+        value = batch["value"][:, None]
+        return (model(value) ** 2).mean() * (float("nan") if batch["value"].item() == 3.0 else 1.0)
+
+    trainer = linear_trainer([float(i + 1) for i in range(4)], loss=loss, logging_steps=1)
+    assert not trainer.updates_in_backward  # a plain CPU run skips such a step instead
+    trainer.updates_in_backward = True
+    weights = {}
+    trainer.step_callbacks.append(lambda state: weights.update(
+        {state.global_step: [p.detach().clone() for p in trainer.parameters()]}))
+    with pytest.raises(DreamBoothError, match=r"^step 3: the loss is not finite, and DeepSpeed updates the weights "
+                                              r"inside backward.*--resume_from_checkpoint latest"):
+        trainer.train()
+    assert trainer.state.global_step == 2 and not any(p.grad is not None and p.grad.any() for p in trainer.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(weights[2], trainer.parameters()))
