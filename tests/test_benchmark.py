@@ -134,7 +134,7 @@ def test_generation_is_timed_with_the_suites_defaults():
 @pytest.mark.parametrize("flags, cuda, order", [
     ([], True, ["C1", "C2", "C3", "C4", "L1", "C1c", "gen"]),  # the configs
     ([], False, ["C1", "C2", "C3", "C4", "L1", "C1c"]),  # generation is on by default with CUDA only
-    (["--configs", "all"], True, ["C1", "C2", "C3", "C4", "L1", "C1c", "gen", "C1w", "C2w", "C4w", "C3w", "C4b", "C1l",
+    (["--configs", "all"], True, ["C1", "C2", "C3", "C4", "L1", "C1c", "gen", "C1w", "C2w", "C4w", "C3w", "L1w", "C4b", "C1l",
                                   "C1b", "C2o", "C4o", "C1g", "C1n", "lean", "lean_nchw", "C2c", "C3c", "C4c", "C4bc"]),
     (["--configs", "L1,gen,C1"], True, ["L1", "gen", "C1"]),
     (["--configs", "L1,gen,C1", "--no-gen"], True, ["L1", "C1"]),
@@ -216,7 +216,7 @@ def test_every_config_runs_on_a_gpu_and_those_needing_cuda_say_why_on_the_cpu():
     assert not [config.name for config in bench.CONFIGS if bench.skip_reason(config, fields, "cuda")]
     on_cpu = {config.name: bench.skip_reason(config, fields, "cpu") for config in bench.CONFIGS}
     assert {name for name, reason in on_cpu.items() if reason} == {"C4", "C4o", "C4b", "C4c", "C4bc", "C1b", "C1w",
-                                                                   "C2w", "C3w", "C4w"}
+                                                                   "C2w", "C3w", "C4w", "L1w"}
     assert "needs CUDA" in on_cpu["C4b"] and "bf16" in on_cpu["C1b"] and "bf16" in on_cpu["C2w"]
     assert set(bench.GOALS) <= {config.name for config in bench.CONFIGS}
     everything = bench.select_configs("all")
