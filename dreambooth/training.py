@@ -335,6 +335,8 @@ class Trainer:
                  state: TrainState | None = None, logging_steps: int = 10, max_nonfinite_steps: int = 3,
                  optimizer_in_backward: bool = False, bf16_gradients: bool = False,
                  cast_weights: CastWeightsOnce | None = None):
+        from accelerate.utils import DistributedType
+
         self.accelerator, self.trained = accelerator, trained
         self.optimizer, self.lr_scheduler, self.dataloader = optimizer, lr_scheduler, dataloader
         self.schedule, self.loss_fn = schedule, loss_fn
@@ -357,8 +359,6 @@ class Trainer:
         self.step_in_backward = StepInBackward(optimizer, self.parameters()) if optimizer_in_backward else None
         self.bf16_gradients = Bf16Gradients(optimizer, trained, max_grad_norm) if bf16_gradients else None
         self.cast_weights = cast_weights
-        from accelerate.utils import DistributedType
-
         # DeepSpeed applies the update inside accelerator.backward, where no skip can reach it.
         self.updates_in_backward = accelerator.distributed_type == DistributedType.DEEPSPEED
 
