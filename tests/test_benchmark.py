@@ -321,3 +321,37 @@ def test_logging_intervals_give_the_warm_up_and_the_peaks_even_with_none_among_t
     assert summary["seconds_per_step"] is None and summary["measured_steps"] == [1, 6]
     assert summary["peak_memory_gib"] == 4.0 and summary["peak_reserved_gib"] == 5.0
     assert "no logging interval among the timed steps" in summary["interval_note"]
+
+
+def test_the_operator_count_sees_the_weights_cast_once_replace_autocasts_casts(tiny_model, tmp_path):
+    """benchmarks/count_ops.py on the tiny model, in this process: step 2 of C1 and of C1w. With the
+    flag, the casts of each trained Linear and Conv weight (forward, and backward for its gradient)
+    are gone and a multi-tensor copy each way takes their place; nothing else changes."""
+    import shutil
+
+    from accelerate.state import AcceleratorState, GradientState
+    from diffusers import UNet2DConditionModel
+
+    from dreambooth.gradients import BF16_LAYERS
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import count_ops
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    args = count_ops.parse_args(["--tiny"])
+    shutil.copytree(tiny_model, tmp_path / "model")
+    count_ops.bench_train.write_images(tmp_path, 32)
+    counts = {}
+    for name in ("C1", "C1w"):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        counts[name] = count_ops.count_worker(count_ops.bench_train.select_configs(name)[0], args, tmp_path)
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    weights = sum(1 for layer in unet.modules() if isinstance(layer, BF16_LAYERS) for p in layer.parameters(False))
+    plain, once = counts["C1"], counts["C1w"]
+    assert plain["weight_casts"] - once["weight_casts"] >= 2 * weights > 0
+    assert once["multi_tensor"] - plain["multi_tensor"] == 2  # the tiny UNet is one bucket: a copy each way
+    assert plain["computing"] - once["computing"] == (plain["weight_casts"] - once["weight_casts"]) - 2
+    assert "| C1w | `--cast_weights_once` |" in count_ops.table(counts)
