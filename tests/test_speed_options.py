@@ -361,14 +361,14 @@ def test_weights_cast_once_take_no_cast_per_layer_and_are_let_go_during_backward
     copies, freed_before_the_end = [], []
     last = once.buckets[-1][0][2]  # used last in forward: its gradient comes first
     last.register_post_accumulate_grad_hook(lambda _: freed_before_the_end.append(sum(c() is None for c in copies)))
-    casts, gradients = step(once.during_step(),
+    casts, cast_once = step(once.during_step(),
                             lambda: copies.extend(weakref.ref(layer._parameters[name]) for layer, name in slots))
 
     # Autocast casts every weight in each forward and recompute; cast once, no weight is cast on its own.
     assert reference_casts >= len(slots) and casts == 0
-    assert gradients.keys() == reference.keys()
-    for name in gradients:
-        torch.testing.assert_close(gradients[name], reference[name], rtol=0, atol=0)
+    assert cast_once.keys() == reference.keys()
+    for name in cast_once:
+        torch.testing.assert_close(cast_once[name], reference[name], rtol=0, atol=0)
     # The last bucket's copies were freed while backward went on, the others still held for it;
     # afterwards the layers hold their weights.
     assert len(copies) == len(slots) and len(freed_before_the_end) == 1
