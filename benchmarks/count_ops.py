@@ -2,7 +2,7 @@
 
 Where the GPU waits for the host to queue its kernels (C1 to C4 ran at 1.7-3.9% of an H200's bf16
 rate), a step's time follows the number of operators it launches, and that number is the same on
-any machine. This runs the project's training (``train_dreambooth.main``) for 2 steps of each
+any machine. This runs the project's training (``train_dreambooth.main``) for 3 steps of each
 config of bench_train.py, each in its own process, under bf16 mixed precision (on the CPU too),
 and counts every operator PyTorch dispatches in step 2: forward, backward, clipping and the update.
 It counts below autograd and after composite operators are split, where an operator is a kernel
@@ -54,7 +54,8 @@ def bench_args(args: argparse.Namespace) -> argparse.Namespace:
 def count_argv(config: bench_train.BenchConfig, args: argparse.Namespace, workdir: Path) -> list[str]:
     resolution = args.resolution or (32 if args.tiny else 64)
     return bench_train.train_argv(config, bench_args(args), workdir) + [
-        "--mixed_precision", "bf16", "--resolution", str(resolution), "--max_train_steps", str(COUNTED_STEP)]
+        # One step more than counted: the run's last step also logs, which is not a step's work.
+        "--mixed_precision", "bf16", "--resolution", str(resolution), "--max_train_steps", str(COUNTED_STEP + 1)]
 
 
 def operator_counter():
@@ -78,7 +79,7 @@ def operator_counter():
 
 
 def count_worker(config: bench_train.BenchConfig, args: argparse.Namespace, workdir: Path) -> dict:
-    """Train 2 steps of ``config`` and count step 2's operators (step 1 warms the caches up)."""
+    """Train 3 steps of ``config`` and count step 2's operators (step 1 warms the caches up)."""
     import train_dreambooth
     from dreambooth.training import Trainer
 
